@@ -1,0 +1,421 @@
+"""GatedMultiHeadAttention: a drop-in flax.nnx.MultiHeadAttention whose heads are gated.
+
+A router reads each sequence and scores the heads; a selection rule turns the scores into
+a Gate; the layer then computes its heads on one of two paths (see compute.py):
+'masked' computes all H heads and scales each by its weight (differentiable everywhere,
+the training path); 'gathered' gathers the weights of each sequence's K heads and
+computes only those (FLOPs and K/V activations scale as K/H).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+from flax.nnx.nn.linear import default_kernel_init
+
+from gating import compute, selection
+from gating.router import POOLS, HeadRouter, StaticRouter
+from gating.state import GateStats, GateTemperature
+
+PATHS = ('masked', 'gathered')
+ROUTERS = POOLS + ('static',)
+
+
+def check_active_heads(active_heads, num_heads: int, gate: str, path: str) -> None:
+  """Validates a budget K against H, the rule and the path (ValueError naming the problem)."""
+  if active_heads is not None:
+    if isinstance(active_heads, bool) or not isinstance(active_heads, (int, np.integer)):
+      raise ValueError(f'active_heads must be an int (K), got {active_heads!r}')
+    if not 1 <= active_heads <= num_heads:
+      raise ValueError(f'active_heads must be in [1, num_heads={num_heads}], got {active_heads}')
+  if path not in PATHS:
+    raise ValueError(f'path must be one of {PATHS}, got {path!r}')
+  if active_heads is None and path == 'gathered':
+    raise ValueError("path='gathered' needs a static budget: pass active_heads=K")
+  if active_heads is None and gate == 'topk':
+    raise ValueError("gate='topk' needs a budget: pass active_heads=K")
+  if gate == 'dense' and active_heads not in (None, num_heads):
+    raise ValueError(f"gate='dense' opens all {num_heads} heads; active_heads must be None "
+                     f'or {num_heads}, got {active_heads}')
+
+
+def valid_tokens(mask, batch: int, length: int):
+  """valid_BxL from an attention mask [..., 1|H, L, S]: a query row attending to nothing.
+
+  Rows of padding tokens are all False in masks made by nnx.make_attention_mask, so
+  padding never moves the router. None stays None (every token valid).
+  """
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask).astype(bool)
+  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  return jnp.broadcast_to(jnp.any(mask, axis=(-3, -1)), (batch, length))
+
+
+class GatedMultiHeadAttention(nnx.Module):
+  """Multi-head attention with a learned per-sequence head gate.
+
+  Arguments shared with `flax.nnx.MultiHeadAttention` keep its names and meaning:
+  num_heads, in_features, qkv_features, out_features, in_kv_features, dtype, param_dtype,
+  broadcast_dropout, dropout_rate, deterministic, precision, kernel_init, out_kernel_init,
+  bias_init, out_bias_init, use_bias, keep_rngs, kernel_metadata, out_kernel_metadata,
+  bias_metadata, out_bias_metadata, rngs. The parameters have the same names and shapes
+  (query/key/value/out, each a LinearGeneral), so its weights load from a dense layer.
+
+  Refused with a ValueError, never ignored: num_kv_heads other than num_heads (GQA),
+  attention_fn other than the default, normalize_qk=True, decode=True (one-token cached
+  decoding is `gating.decode`'s job, with GatedLM), and the promote_dtype and dot_general
+  customizations. At call: sow_weights=True, out_sharding and qkv_sharding.
+
+  Gate arguments:
+    gate: selection rule, one of selection.RULES: 'dense', 'topk', 'hard_concrete',
+      'sigmoid', 'static' (hard_concrete on a static router: the Voita baseline).
+    active_heads: static budget K (required by 'topk' and by path='gathered').
+    path: 'masked' (all heads computed, each times its weight) or 'gathered' (only the K
+      selected heads computed; at K = H, every head with the shared weights, as gathering
+      them all would only copy the weights). Also accepted at call time as an override.
+    router: how the router pools the sequence: 'mean' | 'prefix' | 'first' | 'static'
+      (default 'static' for gate='static', else 'mean'). 'prefix' needs prefix_len=P.
+    router_hidden_features, router_init_logit: the router MLP's hidden width and the
+      initial value of every logit.
+    temperature: the rule's temperature (beta for hard_concrete; default: the literature
+      value in selection.DEFAULT_TEMPERATURE). It is state: `gating.set_temperature`.
+    noise, noise_scale: exploration noise on the logits in training ('gumbel', 'jitter').
+    scaled_weights: weigh open heads by the rule's value instead of exactly 1.
+    threshold: the sigmoid rule's open threshold.
+    stretch: hard-concrete (gamma, zeta).
+
+  State: GateStats variables `head_usage` [H] (fraction of the batch's sequences that use
+  each head), `head_prob` [H] (mean open probability, differentiable) and `router_z_loss`
+  [] written on every call; `gating.gate_stats(model)` collects them. Randomness (attention
+  dropout, gate noise, hard-concrete samples) is drawn from the 'dropout' rng stream.
+  """
+
+  def __init__(
+      self,
+      num_heads: int,
+      in_features: int,
+      qkv_features: int | None = None,
+      out_features: int | None = None,
+      num_kv_heads: int | None = None,
+      in_kv_features: int | None = None,
+      *,
+      gate: str = 'topk',
+      active_heads: int | None = None,
+      path: str = 'masked',
+      router: str | None = None,
+      prefix_len: int | None = None,
+      router_hidden_features: int | None = None,
+      router_init_logit: float = 0.0,
+      temperature: float | None = None,
+      noise: str | None = None,
+      noise_scale: float = 1.0,
+      scaled_weights: bool = False,
+      threshold: float = 0.5,
+      stretch: tuple[float, float] = selection.HARD_CONCRETE_STRETCH,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      broadcast_dropout: bool = True,
+      dropout_rate: float = 0.0,
+      deterministic: bool | None = None,
+      precision: jax.lax.PrecisionLike = None,
+      kernel_init=default_kernel_init,
+      out_kernel_init=None,
+      bias_init=initializers.zeros_init(),
+      out_bias_init=None,
+      use_bias: bool = True,
+      attention_fn=None,
+      decode: bool | None = None,
+      normalize_qk: bool = False,
+      keep_rngs: bool = True,
+      kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+      out_kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      out_bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      rngs: nnx.Rngs,
+      **unsupported,
+  ):
+    qkv_features = in_features if qkv_features is None else qkv_features
+    refused = sorted(unsupported)
+    if num_kv_heads is not None and num_kv_heads != num_heads:
+      refused.append(f'num_kv_heads={num_kv_heads} (only num_kv_heads == num_heads)')
+    if attention_fn is not None and attention_fn is not nnx.dot_product_attention:
+      refused.append('attention_fn')
+    if normalize_qk:
+      refused.append('normalize_qk=True')
+    if decode:
+      refused.append('decode=True (cached decoding lives in gating.decode, for GatedLM)')
+    if refused:
+      raise ValueError(f'GatedMultiHeadAttention does not support: {", ".join(refused)}. '
+                       'See its docstring for what is supported.')
+    if gate not in selection.RULES:
+      raise ValueError(f'gate must be one of {selection.RULES}, got {gate!r}')
+    if qkv_features % num_heads:
+      raise ValueError(f'qkv_features ({qkv_features}) must be divisible by '
+                       f'num_heads ({num_heads})')
+    check_active_heads(active_heads, num_heads, gate, path)
+    router = router or ('static' if gate == 'static' else 'mean')
+    if router not in ROUTERS:
+      raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
+    if gate == 'static' and router != 'static':
+      raise ValueError(f"gate='static' uses the static router; got router={router!r}")
+    if noise not in selection.NOISES:
+      raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
+    if not 0.0 <= dropout_rate < 1.0:
+      raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate}')
+
+    self.num_heads = num_heads
+    self.in_features = in_features
+    self.qkv_features = qkv_features
+    self.out_features = in_features if out_features is None else out_features
+    self.in_kv_features = in_features if in_kv_features is None else in_kv_features
+    self.num_kv_heads = num_heads
+    self.head_dim = qkv_features // num_heads
+    self.gate_rule = gate
+    self.active_heads = active_heads
+    self.path = path
+    self.noise = noise
+    self.noise_scale = noise_scale
+    self.scaled_weights = scaled_weights
+    self.threshold = threshold
+    self.stretch = tuple(stretch)
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.broadcast_dropout = broadcast_dropout
+    self.dropout_rate = dropout_rate
+    self.deterministic = deterministic
+    self.precision = precision
+    self.use_bias = use_bias
+
+    def linear(in_f, out_f, **kw):
+      return nnx.LinearGeneral(in_f, out_f, dtype=dtype, param_dtype=param_dtype,
+                               use_bias=use_bias, precision=precision, rngs=rngs, **kw)
+
+    heads = (num_heads, self.head_dim)
+    qkv_kw = dict(kernel_init=kernel_init, bias_init=bias_init,
+                  kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
+    self.query = linear(in_features, heads, **qkv_kw)
+    self.key = linear(self.in_kv_features, heads, **qkv_kw)
+    self.value = linear(self.in_kv_features, heads, **qkv_kw)
+    self.out = linear(heads, self.out_features, axis=(-2, -1),
+                      kernel_init=out_kernel_init or kernel_init,
+                      bias_init=out_bias_init or bias_init,
+                      kernel_metadata=out_kernel_metadata or kernel_metadata,
+                      bias_metadata=out_bias_metadata or bias_metadata)
+
+    self.router: HeadRouter | StaticRouter | None
+    if gate == 'dense':
+      self.router = nnx.data(None)
+    elif router == 'static':
+      self.router = StaticRouter(num_heads, init_logit=router_init_logit, rngs=rngs)
+    else:
+      self.router = HeadRouter(in_features, num_heads, pool=router, prefix_len=prefix_len,
+                               hidden_features=router_hidden_features,
+                               init_logit=router_init_logit, rngs=rngs)
+    default_t = selection.DEFAULT_TEMPERATURE[gate]
+    self.temperature = GateTemperature(jnp.asarray(
+        default_t if temperature is None else temperature, jnp.float32))
+    self.head_usage = GateStats(jnp.zeros((num_heads,), jnp.float32))
+    self.head_prob = GateStats(jnp.zeros((num_heads,), jnp.float32))
+    self.router_z_loss = GateStats(jnp.zeros((), jnp.float32))
+    needs_rng = dropout_rate > 0 or self.stochastic_gate
+    self.rngs = rngs.dropout.fork() if keep_rngs and needs_rng else nnx.data(None)
+
+  @property
+  def stochastic_gate(self) -> bool:
+    """True when the gate samples in training (hard-concrete, or noise on the logits)."""
+    return self.gate_rule in ('hard_concrete', 'static') or self.noise is not None
+
+  @classmethod
+  def from_dense(cls, mha: nnx.MultiHeadAttention, *, rngs: nnx.Rngs, **kwargs):
+    """A gated layer carrying the weights of a trained `nnx.MultiHeadAttention`.
+
+    Copies its query/key/value/out LinearGeneral modules (weights, and any sharding
+    metadata) and its configuration; `kwargs` are constructor arguments (gate=,
+    active_heads=, path=, ... or overrides). With gate='dense' the output is unchanged.
+    """
+    if not isinstance(mha, nnx.MultiHeadAttention):
+      raise ValueError(f'from_dense needs an nnx.MultiHeadAttention, got {type(mha).__name__}')
+    config = dict(
+        num_heads=mha.num_heads, in_features=mha.in_features,
+        qkv_features=mha.qkv_features, out_features=mha.out_features,
+        num_kv_heads=mha.num_kv_heads, in_kv_features=mha.in_kv_features,
+        dtype=mha.dtype, param_dtype=mha.param_dtype,
+        broadcast_dropout=mha.broadcast_dropout, dropout_rate=mha.dropout_rate,
+        deterministic=mha.deterministic, precision=mha.precision, use_bias=mha.use_bias,
+        attention_fn=mha.attention_fn, normalize_qk=mha.normalize_qk, decode=mha.decode)
+    gated = cls(**(config | kwargs), rngs=rngs)
+    for name in ('query', 'key', 'value', 'out'):
+      setattr(gated, name, nnx.clone(getattr(mha, name)))
+    return gated
+
+  def set_view(self, deterministic: bool | None = None, decode: bool | None = None):
+    """For `nnx.view`: sets deterministic; refuses decode=True (see gating.decode)."""
+    if decode:
+      raise ValueError('GatedMultiHeadAttention does not support decode=True; use '
+                       'gating.decode.generate with a GatedLM for cached decoding')
+    if deterministic is not None:
+      self.deterministic = deterministic
+
+  # -- the gate -----------------------------------------------------------------------
+
+  def head_weights(self) -> compute.HeadWeights:
+    """The projection weights as arrays, in nnx.MultiHeadAttention's layout."""
+    b = (lambda lin: lin.bias[...]) if self.use_bias else (lambda lin: None)
+    return compute.HeadWeights(
+        self.query.kernel[...], self.key.kernel[...], self.value.kernel[...],
+        self.out.kernel[...], b(self.query), b(self.key), b(self.value), b(self.out))
+
+  def router_logits(self, inputs_q, valid_BxL=None):
+    """logits_BxH (float32); zeros for the dense gate, which has no router."""
+    if self.router is None:
+      return jnp.zeros((inputs_q.shape[0], self.num_heads), jnp.float32)
+    return self.router(inputs_q, valid_BxL)
+
+  def gate(self, inputs_q, mask=None, *, deterministic: bool | None = None,
+           rngs=None, active_heads: int | None = None) -> selection.Gate:
+    """The per-sequence decision: Gate(weights_BxH, idx_BxK | None, probs_BxH).
+
+    Same conventions as the call: `mask` is the attention mask (padding rows are ignored
+    by the router), `active_heads` overrides K. Writes no state.
+    """
+    self._check_inputs(inputs_q)
+    k = self.active_heads if active_heads is None else active_heads
+    check_active_heads(k, self.num_heads, self.gate_rule, 'masked')
+    deterministic = self._deterministic(deterministic)
+    rng = None
+    if self.stochastic_gate and not deterministic:
+      rng = self._rng(rngs, deterministic)()
+    valid_BxL = valid_tokens(mask, *inputs_q.shape[:2])
+    return self._select(self.router_logits(inputs_q, valid_BxL), k, deterministic, rng)
+
+  def _select(self, logits_BxH, k, deterministic, rng) -> selection.Gate:
+    return selection.select(
+        self.gate_rule, logits_BxH, k=k, temperature=self.temperature[...],
+        deterministic=deterministic, rng=rng, noise=self.noise, noise_scale=self.noise_scale,
+        scaled_weights=self.scaled_weights, threshold=self.threshold, stretch=self.stretch)
+
+  def _record(self, logits_BxH, gate: selection.Gate) -> None:
+    open_BxH = jax.lax.stop_gradient(gate.weights_BxH) != 0
+    self.head_usage[...] = open_BxH.mean(axis=0, dtype=jnp.float32)
+    self.head_prob[...] = gate.probs_BxH.mean(axis=0)
+    if self.router is None:
+      self.router_z_loss[...] = jnp.zeros((), jnp.float32)
+    else:
+      self.router_z_loss[...] = jnp.mean(jax.nn.logsumexp(logits_BxH, axis=-1) ** 2)
+
+  # -- the call -------------------------------------------------------------------------
+
+  def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
+               deterministic: bool | None = None, rngs=None, sow_weights: bool = False,
+               decode: bool | None = None, is_causal: bool = False, path: str | None = None,
+               active_heads: int | None = None, out_sharding=None, qkv_sharding=None):
+    """y_BxLxDo = gated attention of inputs_q over inputs_k/inputs_v (default inputs_q).
+
+    Call arguments as in nnx.MultiHeadAttention (inputs_q, inputs_k, inputs_v, mask,
+    deterministic, rngs, decode=False, is_causal), plus the overrides `path` and
+    `active_heads` (the budget knob: evaluate at another K without retraining).
+    """
+    if decode:
+      raise ValueError('GatedMultiHeadAttention does not support decode=True; use '
+                       'gating.decode.generate with a GatedLM for cached decoding')
+    if sow_weights:
+      raise ValueError('GatedMultiHeadAttention does not support sow_weights=True')
+    if out_sharding is not None or qkv_sharding is not None:
+      raise ValueError('GatedMultiHeadAttention does not support out_sharding/qkv_sharding')
+    if inputs_k is None:
+      if inputs_v is not None:
+        raise ValueError('inputs_k cannot be None if inputs_v is not None '
+                         '(as in nnx.MultiHeadAttention)')
+      inputs_k = inputs_q
+    if inputs_v is None:
+      inputs_v = inputs_k
+    self._check_inputs(inputs_q, inputs_k, inputs_v, mask)
+    path = self.path if path is None else path
+    k = self.active_heads if active_heads is None else active_heads
+    check_active_heads(k, self.num_heads, self.gate_rule, path)
+
+    deterministic = self._deterministic(deterministic)
+    dropout_rng = gate_rng = None
+    if not deterministic:
+      stream = self._rng(rngs, deterministic)
+      dropout_rng = stream() if self.dropout_rate > 0 else None
+      gate_rng = stream() if self.stochastic_gate else None
+
+    valid_BxL = valid_tokens(mask, *inputs_q.shape[:2])
+    logits_BxH = self.router_logits(inputs_q, valid_BxL)
+    gate = self._select(logits_BxH, k, deterministic, gate_rng)
+    self._record(logits_BxH, gate)
+
+    xq, xk, xv, *weights = dtypes.promote_dtype(
+        (inputs_q, inputs_k, inputs_v, *self.head_weights()), dtype=self.dtype)
+    w = compute.HeadWeights(*weights)
+    options = compute.AttendOptions(
+        mask=None if mask is None else jnp.asarray(mask).astype(bool), is_causal=is_causal,
+        dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+        broadcast_dropout=self.broadcast_dropout, deterministic=deterministic,
+        precision=self.precision)
+    if path == 'masked' or k == self.num_heads:
+      # With K = H every head is selected: gathering would copy all the weights only to
+      # compute every head, so the gathered path computes them with the shared weights.
+      return compute.masked_attention(xq, xk, xv, w, gate.weights_BxH, options)
+    weights_BxK = jnp.take_along_axis(gate.weights_BxH, gate.idx_BxK, axis=1)
+    return compute.gathered_attention(xq, xk, xv, w, gate.idx_BxK, weights_BxK, options)
+
+  # -- checks -----------------------------------------------------------------------------
+
+  def _deterministic(self, deterministic):
+    if not (self.dropout_rate > 0 or self.stochastic_gate):
+      return True
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if deterministic is None:
+      raise ValueError('GatedMultiHeadAttention with dropout or a stochastic gate needs '
+                       '`deterministic` (as a call argument, constructor argument, or via '
+                       'model.train() / model.eval())')
+    return deterministic
+
+  def _rng(self, rngs, deterministic):
+    if deterministic:
+      return None
+    if rngs is None:
+      rngs = self.rngs
+    if rngs is None:
+      raise ValueError('GatedMultiHeadAttention needs `rngs` at call time when built with '
+                       'keep_rngs=False and run with deterministic=False')
+    return rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+
+  def _check_inputs(self, inputs_q, inputs_k=None, inputs_v=None, mask=None):
+    for name, x, width in (('inputs_q', inputs_q, self.in_features),
+                           ('inputs_k', inputs_k, self.in_kv_features),
+                           ('inputs_v', inputs_v, self.in_kv_features)):
+      if x is None:
+        continue
+      if x.ndim != 3:
+        raise ValueError(f'{name} must have rank 3 [batch, length, features], got shape '
+                         f'{x.shape}')
+      if x.shape[-1] != width:
+        raise ValueError(f'{name} has {x.shape[-1]} features; this layer expects {width}')
+    if inputs_k is not None:
+      if inputs_k.shape[0] != inputs_q.shape[0]:
+        raise ValueError(f'inputs_k batch {inputs_k.shape[0]} != inputs_q batch '
+                         f'{inputs_q.shape[0]}')
+      if inputs_v.shape[:2] != inputs_k.shape[:2]:
+        raise ValueError(f'inputs_v shape {inputs_v.shape} does not match inputs_k '
+                         f'{inputs_k.shape} in batch and length')
+    if mask is not None:
+      B, L = inputs_q.shape[:2]
+      S = L if inputs_k is None else inputs_k.shape[1]
+      want = (B, self.num_heads, L, S)
+      try:
+        ok = np.ndim(mask) <= 4 and np.broadcast_shapes(np.shape(mask), want) == want
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ValueError(f'mask of shape {np.shape(mask)} does not broadcast to '
+                         f'[batch, num_heads, q_length, kv_length] = {list(want)}')

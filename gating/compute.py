@@ -1,0 +1,123 @@
+"""The two compute paths of gated attention, as pure functions (no modules, no state).
+
+With o_bh head h's attention output for sequence b and w_bh its gate weight:
+
+  masked:    y_b = sum_h  w_bh  o_bh Wo_h + bo             every head computed
+  gathered:  y_b = sum_j  w_b,idx_bj  o_b,idx_bj Wo_idx_bj + bo   only K heads computed
+
+The gathered path gathers the Q/K/V/O weights of each sequence's K heads,
+[D, H, Dh] -> [B, D, K, Dh], so its projection and attention FLOPs and its K/V
+activations scale as K/H. The gather itself reads B K/H times a layer's weight bytes:
+it pays when L is long (training, prefill) and loses for one-token decode steps with
+B > H/K, where `decode.py` projects with the full weights and gathers activations instead.
+
+Contract: masked equals gathered when the gate has the same K heads open with the same
+weights; with all weights 1, masked equals `flax.nnx.MultiHeadAttention` with the same
+weights (the attention itself is `flax.nnx.dot_product_attention`, which calls
+`jax.nn.dot_product_attention` when there is no dropout, and an explicit softmax with
+dropout otherwise).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class HeadWeights(NamedTuple):
+  """Projection weights in flax.nnx.MultiHeadAttention's layout (biases may be None)."""
+  wq_DxHxDh: jax.Array
+  wk_DxHxDh: jax.Array
+  wv_DxHxDh: jax.Array
+  wo_HxDhxDo: jax.Array
+  bq_HxDh: jax.Array | None = None
+  bk_HxDh: jax.Array | None = None
+  bv_HxDh: jax.Array | None = None
+  bo_Do: jax.Array | None = None
+
+
+class AttendOptions(NamedTuple):
+  """Arguments of the attention kernel that are the same for both paths."""
+  mask: jax.Array | None = None      # boolean, broadcastable to [B, N, L, S]
+  is_causal: bool = False
+  dropout_rate: float = 0.0
+  dropout_rng: jax.Array | None = None
+  broadcast_dropout: bool = True
+  deterministic: bool = True
+  precision: jax.lax.PrecisionLike = None
+
+
+def attend(q_BxLxNxDh, k_BxSxNxDh, v_BxSxNxDh, options: AttendOptions):
+  """Softmax attention over N heads (N = H or K); flax's kernel, so it matches nnx MHA."""
+  return nnx.dot_product_attention(
+      q_BxLxNxDh, k_BxSxNxDh, v_BxSxNxDh, mask=options.mask, is_causal=options.is_causal,
+      dropout_rng=options.dropout_rng, dropout_rate=options.dropout_rate,
+      broadcast_dropout=options.broadcast_dropout, deterministic=options.deterministic,
+      precision=options.precision)
+
+
+def _add(x, bias):
+  """x + bias, the bias broadcast over x's leading axes (explicitly: no rank promotion)."""
+  if bias is None:
+    return x
+  return x + bias.reshape((1,) * (x.ndim - bias.ndim) + bias.shape)
+
+
+def project_all(x_BxLxD, w_DxHxDh, b_HxDh, precision=None):
+  """Every head: [B, L, D] x [D, H, Dh] -> [B, L, H, Dh]."""
+  return _add(jnp.einsum('BLD,DHE->BLHE', x_BxLxD, w_DxHxDh, precision=precision), b_HxDh)
+
+
+def gather_heads(w_DxHxDh, idx_BxK):
+  """Each sequence's heads: [D, H, Dh] -> [B, D, K, Dh] (a clean batched-matmul layout)."""
+  return jnp.take(w_DxHxDh, idx_BxK, axis=1, mode='clip').transpose(1, 0, 2, 3)
+
+
+def project_gathered(x_BxLxD, w_BxDxKxDh, b_BxKxDh, precision=None):
+  """Per-sequence heads: [B, L, D] x [B, D, K, Dh] -> [B, L, K, Dh]."""
+  q_BxLxKxDh = jnp.einsum('BLD,BDKE->BLKE', x_BxLxD, w_BxDxKxDh, precision=precision)
+  return q_BxLxKxDh if b_BxKxDh is None else q_BxLxKxDh + b_BxKxDh[:, None, :, :]
+
+
+def take_heads(b_HxE, idx_BxK):
+  """[H, ...] -> [B, K, ...] (biases, output weights); None stays None."""
+  return None if b_HxE is None else jnp.take(b_HxE, idx_BxK, axis=0, mode='clip')
+
+
+def masked_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, weights_BxH,
+                     options: AttendOptions = AttendOptions()):
+  """All H heads computed; head h's output scaled by weights_BxH[:, h]. -> y_BxLxDo."""
+  p = options.precision
+  q_BxLxHxDh = project_all(xq_BxLxD, w.wq_DxHxDh, w.bq_HxDh, p)
+  k_BxSxHxDh = project_all(xk_BxSxD, w.wk_DxHxDh, w.bk_HxDh, p)
+  v_BxSxHxDh = project_all(xv_BxSxD, w.wv_DxHxDh, w.bv_HxDh, p)
+  o_BxLxHxDh = attend(q_BxLxHxDh, k_BxSxHxDh, v_BxSxHxDh, options)
+  o_BxLxHxDh = o_BxLxHxDh * weights_BxH[:, None, :, None].astype(o_BxLxHxDh.dtype)
+  return _add(jnp.einsum('BLHE,HEO->BLO', o_BxLxHxDh, w.wo_HxDhxDo, precision=p), w.bo_Do)
+
+
+def gathered_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, idx_BxK, weights_BxK,
+                       options: AttendOptions = AttendOptions()):
+  """Only each sequence's K heads idx_BxK computed, scaled by weights_BxK. -> y_BxLxDo.
+
+  A mask with a head axis of size H is gathered to the K heads like the weights.
+  """
+  p = options.precision
+  if options.mask is not None and options.mask.shape[-3] != 1:
+    B, L, S, H = xq_BxLxD.shape[0], xq_BxLxD.shape[1], xk_BxSxD.shape[1], w.wq_DxHxDh.shape[1]
+    mask_BxHxLxS = jnp.broadcast_to(options.mask, (B, H, L, S))
+    options = options._replace(
+        mask=jnp.take_along_axis(mask_BxHxLxS, idx_BxK[:, :, None, None], axis=1))
+  q_BxLxKxDh = project_gathered(xq_BxLxD, gather_heads(w.wq_DxHxDh, idx_BxK),
+                                take_heads(w.bq_HxDh, idx_BxK), p)
+  k_BxSxKxDh = project_gathered(xk_BxSxD, gather_heads(w.wk_DxHxDh, idx_BxK),
+                                take_heads(w.bk_HxDh, idx_BxK), p)
+  v_BxSxKxDh = project_gathered(xv_BxSxD, gather_heads(w.wv_DxHxDh, idx_BxK),
+                                take_heads(w.bv_HxDh, idx_BxK), p)
+  o_BxLxKxDh = attend(q_BxLxKxDh, k_BxSxKxDh, v_BxSxKxDh, options)
+  o_BxLxKxDh = o_BxLxKxDh * weights_BxK[:, None, :, None].astype(o_BxLxKxDh.dtype)
+  wo_BxKxDhxDo = take_heads(w.wo_HxDhxDo, idx_BxK)
+  return _add(jnp.einsum('BLKE,BKEO->BLO', o_BxLxKxDh, wo_BxKxDhxDo, precision=p), w.bo_Do)

@@ -1,0 +1,52 @@
+"""NNX Variable types of our own, and helpers that read or set them anywhere in a model.
+
+`GateStats` holds what a gated layer measured on its last call: per-head usage `[H]`,
+per-head open probability `[H]` and the router z-loss (a scalar). Shapes never depend on
+the batch, so nothing retraces when it changes. The values written inside a
+differentiated function are traced, so regularizers built from them carry gradients to
+the router. Checkpoints store `nnx.Param` state only, so these are left out of them.
+Linen models (through `gating.linen`) see them in the `gate_stats` collection.
+
+`GateTemperature` is the rule's temperature (softmax temperature for topk and sigmoid,
+beta for hard_concrete). It is state rather than a Python constant, so a schedule that
+changes it between steps never recompiles: `set_temperature(model, t)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class GateStats(nnx.Variable):
+  """Statistics of a gate's last call (usage, open probability, z-loss); not a parameter."""
+
+
+class GateTemperature(nnx.Variable):
+  """The selection rule's temperature; changing it never recompiles."""
+
+
+nnx.register_variable_name('gate_stats', GateStats)
+nnx.register_variable_name('gate_temperature', GateTemperature)
+
+
+def gate_stats(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
+  """Collects the GateStats of every gated layer in `model`.
+
+  Returns {layer path: {'head_usage': [H], 'head_prob': [H], 'router_z_loss': []}}, in a
+  stable order, with the path as '/'-joined attribute names (e.g. 'blocks/0/attention').
+  Works on any NNX model: a user's model needs no change to carry the statistics.
+  """
+  layers: dict[str, dict[str, jax.Array]] = {}
+  for path, value in nnx.to_flat_state(nnx.state(model, GateStats)):
+    *layer, name = (str(p) for p in path)
+    layers.setdefault('/'.join(layer), {})[name] = value[...]
+  return layers
+
+
+def set_temperature(model: nnx.Module, temperature: float | jax.Array) -> None:
+  """Sets the temperature of every gated layer in `model` (in place; never recompiles)."""
+  for _, variable in nnx.iter_graph(model):
+    if isinstance(variable, GateTemperature):
+      variable[...] = jnp.asarray(temperature, variable[...].dtype)
