@@ -1,0 +1,243 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gating
+from gating import GatedMultiHeadAttention
+
+B, L, D, H = 3, 16, 32, 4
+RULES_WITH_K = ['topk', 'hard_concrete', 'sigmoid', 'static']
+
+
+def inputs(seed=0, b=B, l=L):
+  return jax.random.normal(jax.random.key(seed), (b, l, D))
+
+
+def padding_mask(lengths=(16, 10, 5)):
+  valid = jnp.arange(L)[None, :] < jnp.array(lengths)[:, None]
+  return nnx.make_attention_mask(valid, valid), valid
+
+
+def layer(gate='topk', k=2, **kw):
+  kw.setdefault('deterministic', True)
+  return GatedMultiHeadAttention(H, D, gate=gate, active_heads=k, rngs=nnx.Rngs(0), **kw)
+
+
+# -- equality with nnx.MultiHeadAttention -------------------------------------------------
+
+@pytest.mark.parametrize('use_mask', [False, True])
+@pytest.mark.parametrize('is_causal', [False, True])
+def test_from_dense_with_dense_gate_equals_mha(use_mask, is_causal):
+  mha = nnx.MultiHeadAttention(H, D, qkv_features=48, out_features=24, decode=False,
+                               rngs=nnx.Rngs(3))
+  gated = GatedMultiHeadAttention.from_dense(mha, gate='dense', rngs=nnx.Rngs(0))
+  x = inputs()
+  mask = padding_mask()[0] if use_mask else None
+  want = mha(x, mask=mask, is_causal=is_causal)
+  for path, k in (('masked', None), ('gathered', H)):
+    got = gated(x, mask=mask, is_causal=is_causal, path=path, active_heads=k)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_from_dense_copies_weights_and_refuses_other_modules():
+  mha = nnx.MultiHeadAttention(H, D, decode=False, rngs=nnx.Rngs(3))
+  gated = GatedMultiHeadAttention.from_dense(mha, gate='topk', active_heads=2,
+                                             rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(gated.query.kernel[...], mha.query.kernel[...])
+  gated.query.kernel[...] = gated.query.kernel[...] * 0  # a copy, not a shared reference
+  assert np.abs(mha.query.kernel[...]).sum() > 0
+  with pytest.raises(ValueError, match='nnx.MultiHeadAttention'):
+    GatedMultiHeadAttention.from_dense(nnx.Linear(D, D, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+
+
+# -- path equivalence ---------------------------------------------------------------------
+
+@pytest.mark.parametrize('rule', RULES_WITH_K)
+@pytest.mark.parametrize('jit', [False, True])
+def test_masked_equals_gathered_for_every_rule(rule, jit):
+  attn = layer(rule, k=2)
+  x = inputs()
+  mask, _ = padding_mask()
+
+  def run(attn, x, path):
+    return attn(x, mask=mask, is_causal=True, path=path)
+  run = nnx.jit(run, static_argnums=2) if jit else run
+  masked, gathered = run(attn, x, 'masked'), run(attn, x, 'gathered')
+  np.testing.assert_allclose(masked, gathered, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('rule', ['topk', 'hard_concrete'])
+def test_masked_equals_gathered_in_training_with_the_same_rng(rule):
+  attn = layer(rule, k=2, noise='gumbel', dropout_rate=0.2, deterministic=False)
+  x = inputs()
+  masked = attn(x, rngs=nnx.Rngs(dropout=7))
+  gathered = attn(x, rngs=nnx.Rngs(dropout=7), path='gathered')
+  np.testing.assert_allclose(masked, gathered, atol=1e-5, rtol=1e-5)
+  other = attn(x, rngs=nnx.Rngs(dropout=8))
+  assert np.abs(np.asarray(masked - other)).max() > 1e-3
+
+
+def test_cross_attention_paths_agree():
+  attn = GatedMultiHeadAttention(H, D, in_kv_features=24, gate='topk', active_heads=2,
+                                 rngs=nnx.Rngs(0))
+  x, context = inputs(), jax.random.normal(jax.random.key(1), (B, 7, 24))
+  np.testing.assert_allclose(attn(x, context), attn(x, context, path='gathered'), atol=1e-5)
+  assert attn(x, context).shape == (B, L, D)
+
+
+def test_budget_knob_runs_a_topk_layer_at_another_k():
+  attn = layer('topk', k=2)
+  x = inputs()
+  gate3 = attn.gate(x, active_heads=3)
+  assert gate3.idx_BxK.shape == (B, 3)
+  np.testing.assert_allclose(attn(x, active_heads=3), attn(x, active_heads=3, path='gathered'),
+                             atol=1e-5)
+  assert np.asarray(gate3.weights_BxH).sum() == B * 3
+
+
+def test_bfloat16_compute():
+  attn = layer('topk', k=2, dtype=jnp.bfloat16)
+  y = attn(inputs(), path='gathered')
+  assert y.dtype == jnp.bfloat16
+
+
+# -- gradients, padding, static, determinism ------------------------------------------------
+
+@pytest.mark.parametrize('rule,path', [('topk', 'masked'), ('hard_concrete', 'masked'),
+                                       ('sigmoid', 'masked'), ('topk', 'gathered')])
+def test_gradients_reach_the_router(rule, path):
+  attn = layer(rule, k=2, path=path, deterministic=False)
+  x, target = inputs(), inputs(seed=5)
+
+  def loss(attn):
+    return jnp.mean((attn(x, rngs=nnx.Rngs(dropout=0)) - target) ** 2)
+  grads = nnx.grad(loss)(attn)
+  router_grads = jax.tree.leaves(grads['router'])
+  assert router_grads and max(float(jnp.abs(g).max()) for g in router_grads) > 0
+
+
+def test_padding_does_not_move_the_gate():
+  attn = layer('topk', k=2)
+  mask, valid = padding_mask()
+  x = inputs()
+  other = jnp.where(valid[:, :, None], x, 1e3 * inputs(seed=9))
+  a, b = attn.gate(x, mask=mask), attn.gate(other, mask=mask)
+  np.testing.assert_array_equal(a.idx_BxK, b.idx_BxK)
+  np.testing.assert_array_equal(a.weights_BxH, b.weights_BxH)
+  ya, yb = attn(x, mask=mask), attn(other, mask=mask)
+  np.testing.assert_allclose(ya[1, :10], yb[1, :10], atol=1e-5)
+
+
+def test_static_router_gives_every_sequence_the_same_heads():
+  attn = layer('static', k=2)
+  attn.router.logits_H[...] = jnp.array([0.0, 3.0, -2.0, 1.0])
+  gate = attn.gate(inputs(b=6))
+  assert (np.sort(gate.idx_BxK, axis=1) == [1, 3]).all()
+
+
+def test_hard_concrete_is_deterministic_in_eval_and_random_in_training():
+  attn = layer('hard_concrete', k=None)
+  x = inputs()
+  np.testing.assert_array_equal(attn(x), attn(x))
+  attn.train()
+  gates = [attn.gate(x).weights_BxH for _ in range(4)]
+  assert any(np.any(gates[0] != g) for g in gates[1:])
+  attn.eval()
+  np.testing.assert_array_equal(attn.gate(x).weights_BxH, attn.gate(x).weights_BxH)
+
+
+# -- state: statistics, temperature, traces ---------------------------------------------------
+
+def test_gate_stats_are_collected_from_a_user_model():
+  class UserModel(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Linear(8, D, rngs=rngs)
+      self.layers = nnx.List([layer('topk', k=1), layer('sigmoid', k=None)])
+
+    def __call__(self, x):
+      x = self.embed(x)
+      for attn in self.layers:
+        x = x + attn(x)
+      return x
+
+  model = UserModel(nnx.Rngs(0))
+  model(jnp.ones((5, L, 8)))
+  stats = gating.gate_stats(model)
+  assert sorted(stats) == ['layers/0', 'layers/1']
+  assert stats['layers/0']['head_usage'].shape == (H,)
+  np.testing.assert_allclose(stats['layers/0']['head_usage'].sum(), 1.0)
+  assert stats['layers/0']['router_z_loss'].shape == ()
+  assert 'gate_stats' not in str(nnx.state(model, nnx.Param))
+
+
+def test_jit_compiles_once_for_the_same_shapes_and_temperature_is_traced():
+  attn = layer('hard_concrete', k=2, path='gathered', deterministic=False)
+  traces = []
+
+  @nnx.jit
+  def step(attn, x):
+    traces.append(1)
+    return attn(x)
+
+  for seed in range(3):
+    step(attn, inputs(seed))
+  gating.set_temperature(attn, 0.3)
+  assert float(attn.temperature[...]) == pytest.approx(0.3)
+  step(attn, inputs(4))
+  assert len(traces) == 1
+  step(attn, inputs(5, b=5))  # a new batch size compiles once more; stats keep their shape
+  step(attn, inputs(6))
+  assert len(traces) == 2
+  assert attn.head_usage[...].shape == (H,)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(active_heads=0), r'active_heads must be in \[1, num_heads=4\]'),
+    (dict(active_heads=5), r'active_heads must be in \[1, num_heads=4\]'),
+    (dict(active_heads=2.0), 'active_heads must be an int'),
+    (dict(gate='hard_concrete', path='gathered'), "path='gathered' needs a static budget"),
+    (dict(gate='topk'), "gate='topk' needs a budget"),
+    (dict(gate='top2', active_heads=2), 'gate must be one of'),
+    (dict(gate='topk', active_heads=2, path='sparse'), 'path must be one of'),
+    (dict(gate='dense', active_heads=2), "gate='dense' opens all 4 heads"),
+    (dict(gate='topk', active_heads=2, qkv_features=30), r'qkv_features \(30\) must be divisible'),
+    (dict(gate='topk', active_heads=2, num_kv_heads=2), 'num_kv_heads=2'),
+    (dict(gate='topk', active_heads=2, attention_fn=lambda *a, **k: None), 'attention_fn'),
+    (dict(gate='topk', active_heads=2, normalize_qk=True), 'normalize_qk'),
+    (dict(gate='topk', active_heads=2, decode=True), 'gating.decode'),
+    (dict(gate='topk', active_heads=2, qkv_promote_dtype=None), 'qkv_promote_dtype'),
+    (dict(gate='topk', active_heads=2, router='max'), 'router must be one of'),
+    (dict(gate='topk', active_heads=2, noise='salt'), 'noise must be one of'),
+    (dict(gate='static', active_heads=2, router='mean'), 'static router'),
+])
+def test_bad_construction_raises(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    GatedMultiHeadAttention(H, D, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_bad_calls_raise():
+  attn = layer('topk', k=2)
+  x = inputs()
+  with pytest.raises(ValueError, match='rank 3'):
+    attn(x[0])
+  with pytest.raises(ValueError, match='has 8 features; this layer expects 32'):
+    attn(jnp.ones((B, L, 8)))
+  with pytest.raises(ValueError, match='does not broadcast'):
+    attn(x, mask=jnp.ones((B, 1, L, L + 1), bool))
+  with pytest.raises(ValueError, match='does not broadcast'):
+    attn(x, mask=jnp.ones((2, 1, L, L), bool))
+  with pytest.raises(ValueError, match='gating.decode'):
+    attn(x, decode=True)
+  with pytest.raises(ValueError, match=r'active_heads must be in \[1, num_heads=4\]'):
+    attn(x, active_heads=9)
+  with pytest.raises(ValueError, match='path must be one of'):
+    attn(x, path='fast')
+  with pytest.raises(ValueError, match='sow_weights'):
+    attn(x, sow_weights=True)
+  stochastic = layer('hard_concrete', k=2, deterministic=None)
+  with pytest.raises(ValueError, match='needs `deterministic`'):
+    stochastic(x)
