@@ -1,0 +1,53 @@
+"""All speed and memory figures in one place: a table on screen and JSON on disk.
+
+  python -m experiments.benchmark [--quick] [--sections attention,...] [--out DIR]
+
+Sections: attention (nnx.MultiHeadAttention vs the masked and gathered paths, forward and
+forward+backward). Every ratio is against the dense baseline measured in the same run,
+with candidates interleaved over repeated trials. Benchmarks never run in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from experiments import bench_attention
+from gating.provenance import provenance
+
+SECTIONS = {'attention': bench_attention}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--quick', action='store_true',
+                      help='fewer sizes and trials: a short run (about a minute)')
+  parser.add_argument('--sections', default=','.join(SECTIONS),
+                      help=f'comma-separated subset of: {", ".join(SECTIONS)}')
+  parser.add_argument('--out', default='runs/benchmark',
+                      help='folder for benchmark.json (default: runs/benchmark)')
+  args = parser.parse_args(argv)
+  names = [s for s in args.sections.split(',') if s]
+  unknown = sorted(set(names) - set(SECTIONS))
+  if unknown:
+    parser.error(f'unknown sections {unknown}; known: {sorted(SECTIONS)}')
+
+  result = {'provenance': provenance(), 'quick': args.quick, 'sections': {}}
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, 'benchmark.json')
+  for name in names:
+    start = time.time()
+    rows = SECTIONS[name].run(quick=args.quick)
+    print(SECTIONS[name].format_table(rows), flush=True)
+    print(f'  ({name}: {time.time() - start:.0f} s)\n', flush=True)
+    result['sections'][name] = rows
+    with open(path, 'w') as f:  # rewritten after each section: a long run keeps its progress
+      json.dump(result, f, indent=1)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  main()
