@@ -2,19 +2,22 @@
 
 Shape legend (tensor names carry their shape; einsum strings use the same letters):
   B batch, L sequence length, S key length, D model width, H heads, K active heads
-  (static), Dh head width, V vocabulary, P gate prefix length.
+  (static), Dh head width, V vocabulary, P gate prefix length, N layers, C classes.
 
 Importing `gating` needs only jax, flax, optax and numpy.
 """
 
 from gating.attention import GatedMultiHeadAttention
+from gating.block import GatedTransformerBlock
 from gating.compute import HeadWeights, gathered_attention, masked_attention
+from gating.models import EncoderOutput, GatedEncoder, GatedLM, LMOutput
 from gating.router import HeadRouter, StaticRouter
 from gating.selection import RULES, Gate, select
 from gating.state import GateStats, GateTemperature, gate_stats, set_temperature
 
 __all__ = [
-    'Gate', 'GateStats', 'GateTemperature', 'GatedMultiHeadAttention', 'HeadRouter',
+    'EncoderOutput', 'Gate', 'GateStats', 'GateTemperature', 'GatedEncoder', 'GatedLM',
+    'GatedMultiHeadAttention', 'GatedTransformerBlock', 'HeadRouter', 'LMOutput',
     'HeadWeights', 'RULES', 'StaticRouter', 'gate_stats', 'gathered_attention',
     'masked_attention', 'select', 'set_temperature',
 ]

@@ -90,6 +90,9 @@ class GatedMultiHeadAttention(nnx.Module):
     scaled_weights: weigh open heads by the rule's value instead of exactly 1.
     threshold: the sigmoid rule's open threshold.
     stretch: hard-concrete (gamma, zeta).
+    rotary_base: rotate queries and keys by position (RoPE) with this base; None (the
+      default, as in nnx.MultiHeadAttention) for none. Positions are arange(L) unless the
+      call passes `positions`.
 
   State: GateStats variables `head_usage` [H] (fraction of the batch's sequences that use
   each head), `head_prob` [H] (mean open probability, differentiable) and `router_z_loss`
@@ -119,6 +122,7 @@ class GatedMultiHeadAttention(nnx.Module):
       scaled_weights: bool = False,
       threshold: float = 0.5,
       stretch: tuple[float, float] = selection.HARD_CONCRETE_STRETCH,
+      rotary_base: float | None = None,
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
       broadcast_dropout: bool = True,
@@ -169,6 +173,9 @@ class GatedMultiHeadAttention(nnx.Module):
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate}')
+    if rotary_base is not None and (qkv_features // num_heads) % 2:
+      raise ValueError(f'rotary_base needs an even head width, got '
+                       f'{qkv_features // num_heads}')
 
     self.num_heads = num_heads
     self.in_features = in_features
@@ -192,6 +199,7 @@ class GatedMultiHeadAttention(nnx.Module):
     self.deterministic = deterministic
     self.precision = precision
     self.use_bias = use_bias
+    self.rotary_base = rotary_base
 
     def linear(in_f, out_f, **kw):
       return nnx.LinearGeneral(in_f, out_f, dtype=dtype, param_dtype=param_dtype,
@@ -315,12 +323,15 @@ class GatedMultiHeadAttention(nnx.Module):
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
                deterministic: bool | None = None, rngs=None, sow_weights: bool = False,
                decode: bool | None = None, is_causal: bool = False, path: str | None = None,
-               active_heads: int | None = None, out_sharding=None, qkv_sharding=None):
+               active_heads: int | None = None, positions=None, return_gate: bool = False,
+               out_sharding=None, qkv_sharding=None):
     """y_BxLxDo = gated attention of inputs_q over inputs_k/inputs_v (default inputs_q).
 
     Call arguments as in nnx.MultiHeadAttention (inputs_q, inputs_k, inputs_v, mask,
     deterministic, rngs, decode=False, is_causal), plus the overrides `path` and
-    `active_heads` (the budget knob: evaluate at another K without retraining).
+    `active_heads` (the budget knob: evaluate at another K without retraining),
+    `positions` (int [B, L] for rotary self-attention; default arange(L)) and
+    `return_gate` (return (y, Gate) instead of y, for models that report decisions).
     """
     if decode:
       raise ValueError('GatedMultiHeadAttention does not support decode=True; use '
@@ -360,13 +371,16 @@ class GatedMultiHeadAttention(nnx.Module):
         mask=None if mask is None else jnp.asarray(mask).astype(bool), is_causal=is_causal,
         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
         broadcast_dropout=self.broadcast_dropout, deterministic=deterministic,
-        precision=self.precision)
+        precision=self.precision, rotary_base=self.rotary_base,
+        positions_q_BxL=positions, positions_k_BxS=positions)
     if path == 'masked' or k == self.num_heads:
       # With K = H every head is selected: gathering would copy all the weights only to
       # compute every head, so the gathered path computes them with the shared weights.
-      return compute.masked_attention(xq, xk, xv, w, gate.weights_BxH, options)
-    weights_BxK = jnp.take_along_axis(gate.weights_BxH, gate.idx_BxK, axis=1)
-    return compute.gathered_attention(xq, xk, xv, w, gate.idx_BxK, weights_BxK, options)
+      y = compute.masked_attention(xq, xk, xv, w, gate.weights_BxH, options)
+    else:
+      weights_BxK = jnp.take_along_axis(gate.weights_BxH, gate.idx_BxK, axis=1)
+      y = compute.gathered_attention(xq, xk, xv, w, gate.idx_BxK, weights_BxK, options)
+    return (y, gate) if return_gate else y
 
   # -- checks -----------------------------------------------------------------------------
 

@@ -40,7 +40,11 @@ class HeadWeights(NamedTuple):
 
 
 class AttendOptions(NamedTuple):
-  """Arguments of the attention kernel that are the same for both paths."""
+  """Arguments of the attention kernel that are the same for both paths.
+
+  With `rotary_base` set, queries and keys are rotated by their positions (RoPE, Su et
+  al. 2021) before the dot product: positions_q_BxL and positions_k_BxS (default arange).
+  """
   mask: jax.Array | None = None      # boolean, broadcastable to [B, N, L, S]
   is_causal: bool = False
   dropout_rate: float = 0.0
@@ -48,10 +52,32 @@ class AttendOptions(NamedTuple):
   broadcast_dropout: bool = True
   deterministic: bool = True
   precision: jax.lax.PrecisionLike = None
+  rotary_base: float | None = None
+  positions_q_BxL: jax.Array | None = None
+  positions_k_BxS: jax.Array | None = None
+
+
+def rotate(x_BxLxNxDh, positions_BxL, base: float):
+  """RoPE, half-split form: each pair (x_i, x_{i+Dh/2}) is rotated by angle pos * base^(-2i/Dh)."""
+  half = x_BxLxNxDh.shape[-1] // 2
+  freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xF = (positions_BxL.astype(jnp.float32)[:, :, None] * freq_F[None, None, :])[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxLx1xF), jnp.cos(angle_BxLx1xF)
+  x1, x2 = x_BxLxNxDh[..., :half].astype(jnp.float32), x_BxLxNxDh[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxDh.dtype)
 
 
 def attend(q_BxLxNxDh, k_BxSxNxDh, v_BxSxNxDh, options: AttendOptions):
   """Softmax attention over N heads (N = H or K); flax's kernel, so it matches nnx MHA."""
+  if options.rotary_base is not None:
+    B, L, S = q_BxLxNxDh.shape[0], q_BxLxNxDh.shape[1], k_BxSxNxDh.shape[1]
+    pos_q = options.positions_q_BxL
+    pos_k = options.positions_k_BxS
+    pos_q = jnp.broadcast_to(jnp.arange(L)[None, :], (B, L)) if pos_q is None else pos_q
+    pos_k = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S)) if pos_k is None else pos_k
+    q_BxLxNxDh = rotate(q_BxLxNxDh, pos_q, options.rotary_base)
+    k_BxSxNxDh = rotate(k_BxSxNxDh, pos_k, options.rotary_base)
   return nnx.dot_product_attention(
       q_BxLxNxDh, k_BxSxNxDh, v_BxSxNxDh, mask=options.mask, is_causal=options.is_causal,
       dropout_rng=options.dropout_rng, dropout_rate=options.dropout_rate,

@@ -1,0 +1,252 @@
+"""Gated Transformer models: a causal LM (GatedLM) and a bidirectional encoder (GatedEncoder).
+
+GatedLM's gate reads a prefix of P tokens, and causality is a contract: any logit at
+position t that is scored or sampled depends only on tokens <= t. Every layer's router
+pools tokens 0..P-1 of its input, so the gate (and through it every position's output)
+depends on tokens 0..P-1. The logit at position t predicts token t+1 and is scored only if
+t >= P-1: then t's dependencies, tokens <= t and the prefix 0..P-1, are all <= t. Earlier
+positions are context. `LMOutput.scored_BxL` marks the scored positions.
+
+GatedEncoder's gate reads all valid tokens (mean pooling); it returns the classification
+logits of the mean-pooled final states and the per-token states.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gating.block import GatedTransformerBlock
+
+POSITIONS = ('learned', 'rotary')
+
+
+class LMOutput(NamedTuple):
+  logits_BxLxV: jax.Array   # logits at position t predict token t+1
+  scored_BxL: jax.Array     # bool: position t is scored (t >= P-1, target t+1 is valid)
+  gate_weights_BxNxH: jax.Array  # every layer's gate weights per sequence (N = layers)
+
+
+class EncoderOutput(NamedTuple):
+  class_logits_BxC: jax.Array   # classification of the mean-pooled final states
+  hidden_BxLxD: jax.Array       # per-token final states (after the final LayerNorm)
+  gate_weights_BxNxH: jax.Array
+
+
+def per_layer(active_heads, num_layers: int) -> list[int | None]:
+  """An int (or None) for every layer, or a list with one K per layer."""
+  if isinstance(active_heads, Sequence) and not isinstance(active_heads, str):
+    if len(active_heads) != num_layers:
+      raise ValueError(f'active_heads has {len(active_heads)} entries for '
+                       f'{num_layers} layers')
+    return list(active_heads)
+  return [active_heads] * num_layers
+
+
+def padding_mask(valid_BxL, is_causal: bool):
+  """Attention mask [B, 1, L, L]: a query attends to valid keys (and to keys <= it if causal)."""
+  mask_Bx1xLxL = valid_BxL[:, None, :, None] & valid_BxL[:, None, None, :]
+  if is_causal:
+    L = valid_BxL.shape[1]
+    mask_Bx1xLxL = mask_Bx1xLxL & jnp.tril(jnp.ones((L, L), bool))[None, None]
+  return mask_Bx1xLxL
+
+
+class _Trunk(nnx.Module):
+  """Token embeddings, positions, N gated blocks and a final LayerNorm (shared by both)."""
+
+  def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads: int,
+               max_length: int, positions: str, mlp_features: int | None,
+               dropout_rate: float, attention_dropout_rate: float, active_heads,
+               rotary_base: float, dtype, param_dtype, rngs: nnx.Rngs, **attention_kwargs):
+    if positions not in POSITIONS:
+      raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}')
+    for name, value in (('vocab_size', vocab_size), ('num_layers', num_layers),
+                        ('features', features), ('max_length', max_length)):
+      if value < 1:
+        raise ValueError(f'{name} must be >= 1, got {value}')
+    self.vocab_size = vocab_size
+    self.max_length = max_length
+    self.num_heads = num_heads
+    self.positions = positions
+    self.token_embed = nnx.Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs)
+    self.position_embed = (
+        nnx.Embed(max_length, features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if positions == 'learned' else nnx.data(None))
+    self.blocks = nnx.List([
+        GatedTransformerBlock(
+            features, num_heads, mlp_features=mlp_features, dropout_rate=dropout_rate,
+            attention_dropout_rate=attention_dropout_rate, active_heads=k,
+            rotary_base=rotary_base if positions == 'rotary' else None, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs, **attention_kwargs)
+        for k in per_layer(active_heads, num_layers)])
+    self.final_norm = nnx.LayerNorm(features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  def check_tokens(self, tokens_BxL, valid_BxL):
+    if tokens_BxL.ndim != 2:
+      raise ValueError(f'tokens must have shape [batch, length], got {tokens_BxL.shape}')
+    if tokens_BxL.shape[1] > self.max_length:
+      raise ValueError(f'sequence length {tokens_BxL.shape[1]} exceeds max_length '
+                       f'{self.max_length}')
+    if valid_BxL is not None and valid_BxL.shape != tokens_BxL.shape:
+      raise ValueError(f'valid_BxL shape {valid_BxL.shape} != tokens shape {tokens_BxL.shape}')
+
+  def __call__(self, tokens_BxL, valid_BxL, *, is_causal, deterministic, rngs, path,
+               active_heads, positions_BxL=None):
+    B, L = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(L)[None, :], (B, L))
+    x_BxLxD = self.token_embed(tokens_BxL)
+    if self.position_embed is not None:
+      x_BxLxD = x_BxLxD + self.position_embed(positions_BxL)
+    x_BxLxD = self.dropout(x_BxLxD, deterministic=deterministic, rngs=rngs)
+    mask = None if valid_BxL is None else padding_mask(valid_BxL, is_causal)
+    weights = []
+    for layer, k in zip(self.blocks, per_layer(active_heads, len(self.blocks))):
+      x_BxLxD, gate = layer(
+          x_BxLxD, mask=mask, is_causal=is_causal and mask is None,
+          deterministic=deterministic, rngs=rngs, path=path, active_heads=k,
+          positions=positions_BxL if self.positions == 'rotary' else None, return_gate=True)
+      weights.append(gate.weights_BxH)
+    return self.final_norm(x_BxLxD), jnp.stack(weights, axis=1)
+
+
+class GatedLM(nnx.Module):
+  """A causal decoder whose every layer gates its heads from the first P tokens.
+
+  Args:
+    vocab_size: V.
+    num_layers, features, num_heads: N, D and H.
+    max_length: the longest sequence (learned positions are a table of this size).
+    prefix_len: P, the tokens every layer's gate reads; positions < P-1 are not scored.
+    positions: 'learned' or 'rotary'.
+    tie_embeddings: the output projection is the token embedding (transposed).
+    mlp_features, dropout_rate, attention_dropout_rate: as in GatedTransformerBlock.
+    gate, active_heads, path: the gate rule, K (an int, or a list with one K per layer),
+      and the compute path; see GatedMultiHeadAttention.
+    rotary_base: RoPE base for positions='rotary'.
+    **attention_kwargs: other GatedMultiHeadAttention arguments (noise=, temperature=,
+      scaled_weights=, router_hidden_features=, ...). The router is always 'prefix'.
+  """
+
+  def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads: int,
+               max_length: int, prefix_len: int, positions: str = 'learned',
+               tie_embeddings: bool = True, mlp_features: int | None = None,
+               dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
+               gate: str = 'topk', active_heads=None, path: str = 'masked',
+               rotary_base: float = 10_000.0, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs, **attention_kwargs):
+    if not 1 <= prefix_len <= max_length:
+      raise ValueError(f'prefix_len must be in [1, max_length={max_length}], got {prefix_len}')
+    if 'router' in attention_kwargs and attention_kwargs['router'] not in ('prefix', 'static'):
+      raise ValueError("GatedLM's gate reads the prefix: router must be 'prefix' (or "
+                       f"'static'), got {attention_kwargs['router']!r}")
+    attention_kwargs.setdefault('router', 'static' if gate == 'static' else 'prefix')
+    self.prefix_len = prefix_len
+    self.tie_embeddings = tie_embeddings
+    self.trunk = _Trunk(
+        vocab_size, num_layers=num_layers, features=features, num_heads=num_heads,
+        max_length=max_length, positions=positions, mlp_features=mlp_features,
+        dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
+        active_heads=active_heads, rotary_base=rotary_base, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs, gate=gate, path=path, prefix_len=prefix_len,
+        **attention_kwargs)
+    self.unembed = (nnx.data(None) if tie_embeddings else
+                    nnx.Linear(features, vocab_size, use_bias=False, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs))
+
+  @property
+  def vocab_size(self) -> int:
+    return self.trunk.vocab_size
+
+  @property
+  def blocks(self):
+    return self.trunk.blocks
+
+  def logits(self, h_BxLxD):
+    if self.unembed is not None:
+      return self.unembed(h_BxLxD)
+    return self.trunk.token_embed.attend(h_BxLxD)
+
+  def __call__(self, tokens_BxL, *, valid_BxL=None, deterministic: bool | None = None,
+               rngs=None, path: str | None = None, active_heads=None) -> LMOutput:
+    """tokens_BxL (int) -> LMOutput. valid_BxL marks real tokens (default: all).
+
+    Sequences are left-aligned: token 0 is the first of the prefix. `path` and
+    `active_heads` (an int or a list per layer) override the constructor's.
+    """
+    self.trunk.check_tokens(tokens_BxL, valid_BxL)
+    if tokens_BxL.shape[1] < self.prefix_len:
+      raise ValueError(f'sequence length {tokens_BxL.shape[1]} is shorter than the gate '
+                       f'prefix P={self.prefix_len}')
+    h_BxLxD, weights_BxNxH = self.trunk(
+        tokens_BxL, valid_BxL, is_causal=True, deterministic=deterministic, rngs=rngs,
+        path=path, active_heads=active_heads)
+    return LMOutput(self.logits(h_BxLxD), self.scored(tokens_BxL, valid_BxL), weights_BxNxH)
+
+  def scored(self, tokens_BxL, valid_BxL=None):
+    """scored_BxL: t >= P-1, t < L-1 and token t+1 is valid (position t predicts it)."""
+    B, L = tokens_BxL.shape
+    t_L = jnp.arange(L)
+    scored_L = (t_L >= self.prefix_len - 1) & (t_L < L - 1)
+    scored_BxL = jnp.broadcast_to(scored_L[None, :], (B, L))
+    if valid_BxL is not None:
+      next_valid_BxL = jnp.concatenate([valid_BxL[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
+      scored_BxL = scored_BxL & next_valid_BxL & valid_BxL
+    return scored_BxL
+
+
+class GatedEncoder(nnx.Module):
+  """A bidirectional encoder with gated heads, a pooled classifier and per-token states.
+
+  Args as GatedLM, plus num_classes (C) for the classification head; `router` is 'mean'
+  (all valid tokens; the default), 'first' or 'static'.
+  """
+
+  def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads: int,
+               max_length: int, num_classes: int, positions: str = 'learned',
+               mlp_features: int | None = None, dropout_rate: float = 0.0,
+               attention_dropout_rate: float = 0.0, gate: str = 'topk', active_heads=None,
+               path: str = 'masked', rotary_base: float = 10_000.0, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs, **attention_kwargs):
+    if num_classes < 1:
+      raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+    if attention_kwargs.get('router') == 'prefix':
+      raise ValueError("GatedEncoder's gate reads all valid tokens: router='prefix' is for "
+                       'causal models')
+    attention_kwargs.setdefault('router', 'static' if gate == 'static' else 'mean')
+    self.trunk = _Trunk(
+        vocab_size, num_layers=num_layers, features=features, num_heads=num_heads,
+        max_length=max_length, positions=positions, mlp_features=mlp_features,
+        dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
+        active_heads=active_heads, rotary_base=rotary_base, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs, gate=gate, path=path, **attention_kwargs)
+    self.classifier = nnx.Linear(features, num_classes, dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.trunk.vocab_size
+
+  @property
+  def blocks(self):
+    return self.trunk.blocks
+
+  def __call__(self, tokens_BxL, *, valid_BxL=None, deterministic: bool | None = None,
+               rngs=None, path: str | None = None, active_heads=None) -> EncoderOutput:
+    self.trunk.check_tokens(tokens_BxL, valid_BxL)
+    h_BxLxD, weights_BxNxH = self.trunk(
+        tokens_BxL, valid_BxL, is_causal=False, deterministic=deterministic, rngs=rngs,
+        path=path, active_heads=active_heads)
+    if valid_BxL is None:
+      pooled_BxD = h_BxLxD.mean(axis=1)
+    else:
+      w_BxL = valid_BxL.astype(h_BxLxD.dtype)
+      pooled_BxD = (jnp.einsum('BLD,BL->BD', h_BxLxD, w_BxL)
+                    / jnp.maximum(w_BxL.sum(axis=1, keepdims=True), 1))
+    return EncoderOutput(self.classifier(pooled_BxD), h_BxLxD, weights_BxNxH)
