@@ -95,8 +95,9 @@ class GatedMultiHeadAttention(nnx.Module):
       call passes `positions`.
 
   State: GateStats variables `head_usage` [H] (fraction of the batch's sequences that use
-  each head), `head_prob` [H] (mean open probability, differentiable) and `router_z_loss`
-  [] written on every call; `gating.gate_stats(model)` collects them. Randomness (attention
+  each head), `head_prob` [H] (mean open probability), `head_weight` [H] (mean gate
+  weight) and `router_z_loss` [] (mean squared logsumexp of the logits), written on every
+  call and differentiable where they can be (all but head_usage); `gating.gate_stats(model)` collects them. Randomness (attention
   dropout, gate noise, hard-concrete samples) is drawn from the 'dropout' rng stream.
   """
 
@@ -231,6 +232,7 @@ class GatedMultiHeadAttention(nnx.Module):
         default_t if temperature is None else temperature, jnp.float32))
     self.head_usage = GateStats(jnp.zeros((num_heads,), jnp.float32))
     self.head_prob = GateStats(jnp.zeros((num_heads,), jnp.float32))
+    self.head_weight = GateStats(jnp.zeros((num_heads,), jnp.float32))
     self.router_z_loss = GateStats(jnp.zeros((), jnp.float32))
     needs_rng = dropout_rate > 0 or self.stochastic_gate
     self.rngs = rngs.dropout.fork() if keep_rngs and needs_rng else nnx.data(None)
@@ -313,6 +315,7 @@ class GatedMultiHeadAttention(nnx.Module):
     open_BxH = jax.lax.stop_gradient(gate.weights_BxH) != 0
     self.head_usage[...] = open_BxH.mean(axis=0, dtype=jnp.float32)
     self.head_prob[...] = gate.probs_BxH.mean(axis=0)
+    self.head_weight[...] = gate.weights_BxH.mean(axis=0)
     if self.router is None:
       self.router_z_loss[...] = jnp.zeros((), jnp.float32)
     else:

@@ -1,7 +1,8 @@
 """NNX Variable types of our own, and helpers that read or set them anywhere in a model.
 
 `GateStats` holds what a gated layer measured on its last call: per-head usage `[H]`,
-per-head open probability `[H]` and the router z-loss (a scalar). Shapes never depend on
+per-head open probability `[H]`, per-head mean weight `[H]` and the router z-loss (a
+scalar). Shapes never depend on
 the batch, so nothing retraces when it changes. The values written inside a
 differentiated function are traced, so regularizers built from them carry gradients to
 the router. Checkpoints store `nnx.Param` state only, so these are left out of them.
@@ -34,7 +35,8 @@ nnx.register_variable_name('gate_temperature', GateTemperature)
 def gate_stats(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
   """Collects the GateStats of every gated layer in `model`.
 
-  Returns {layer path: {'head_usage': [H], 'head_prob': [H], 'router_z_loss': []}}, in a
+  Returns {layer path: {'head_usage': [H], 'head_prob': [H], 'head_weight': [H],
+  'router_z_loss': []}}, in a
   stable order, with the path as '/'-joined attribute names (e.g. 'blocks/0/attention').
   Works on any NNX model: a user's model needs no change to carry the statistics.
   """

@@ -1,0 +1,158 @@
+"""PNG plots of a run folder: python -m experiments.plots DIR [DIR ...]
+
+For a run (a folder with metrics.jsonl) it writes into DIR/plots/:
+  training_curves.png   train loss and task loss per step, validation loss and accuracy
+  active_heads.png      mean active heads per sequence in every layer over training
+  usage_heatmap.png     per-layer x per-head usage at the last evaluation (fraction of
+                        sequences that run each head)
+  usage_by_label.png    the same heatmap split by task (synthetic) or domain (text)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no metrics.jsonl in {run_dir}')
+  train, evals = [], []
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        (evals if record.get('kind') == 'eval' else train).append(record)
+  if not train:
+    raise ValueError(f'{path} holds no training steps')
+  return train, evals
+
+
+def _title(run_dir: str) -> str:
+  try:
+    cfg = json.load(open(os.path.join(run_dir, 'config.json')))
+    m = cfg['model']
+    return (f"{os.path.basename(os.path.normpath(run_dir))}: {m['gate']} K={m['active_heads']} "
+            f"of H={m['num_heads']}, {m['num_layers']} layers, D={m['features']}")
+  except (OSError, KeyError, json.JSONDecodeError):
+    return os.path.basename(os.path.normpath(run_dir))
+
+
+def plot_training_curves(run_dir, train, evals, out):
+  plt = _pyplot()
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  steps = [r['step'] for r in train]
+  ax_loss.plot(steps, [r['loss'] for r in train], lw=0.8, alpha=0.6, label='train loss (total)')
+  ax_loss.plot(steps, [r['task_loss'] for r in train], lw=0.8, label='train task loss')
+  val = [r for r in evals if r.get('split') == 'validation']
+  if val:
+    ax_loss.plot([r['step'] for r in val], [r['loss'] for r in val], 'o-', label='validation loss')
+    ax_acc.plot([r['step'] for r in val], [r['accuracy'] for r in val], 'o-',
+                label='validation accuracy')
+  ax_acc.plot(steps, [r['accuracy'] for r in train], lw=0.8, alpha=0.6, label='train accuracy')
+  ax_loss.set(xlabel='step', ylabel='cross-entropy (nats per target token)', title='loss')
+  ax_acc.set(xlabel='step', ylabel='next-token accuracy on targets', title='accuracy',
+             ylim=(0, 1.02))
+  for ax in (ax_loss, ax_acc):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(_title(run_dir))
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
+def plot_active_heads(run_dir, train, out):
+  plt = _pyplot()
+  active = np.asarray([r['active_heads'] for r in train])  # [steps, layers]
+  steps = [r['step'] for r in train]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for layer in range(active.shape[1]):
+    ax.plot(steps, active[:, layer], lw=1, label=f'layer {layer}')
+  if 'K' in train[-1] and train[-1]['K'] is not None:
+    ks = [r['K'] if isinstance(r['K'], (int, float)) else np.mean(r['K']) for r in train]
+    ax.plot(steps, ks, 'k--', lw=1, label='budget K')
+  ax.set(xlabel='step', ylabel='active heads per sequence (mean over the batch)',
+         title='active heads over training', ylim=(0, None))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.suptitle(_title(run_dir), fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
+def _heatmap(ax, usage_NxH, title):
+  image = ax.imshow(np.asarray(usage_NxH, float), vmin=0, vmax=1, cmap='viridis', aspect='auto')
+  ax.set(xlabel='head', ylabel='layer', title=title)
+  ax.set_xticks(range(np.shape(usage_NxH)[1]))
+  ax.set_yticks(range(np.shape(usage_NxH)[0]))
+  return image
+
+
+def plot_usage(run_dir, evals, out_all, out_by_label):
+  plt = _pyplot()
+  val = [r for r in evals if r.get('split') == 'validation' and r.get('usage') is not None]
+  if not val:
+    return []
+  last = val[-1]
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  image = _heatmap(ax, last['usage'], f"head usage at step {last['step']} ({last['path']} path)")
+  fig.colorbar(image, ax=ax, label='fraction of sequences using the head')
+  fig.suptitle(_title(run_dir), fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out_all, dpi=110)
+  plt.close(fig)
+  labels = {k: v for k, v in last.get('per_label', {}).items() if v.get('usage') is not None}
+  if not labels:
+    return [out_all]
+  cols = min(4, len(labels))
+  rows = int(np.ceil(len(labels) / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+  for ax, (name, block) in zip(axes.flat, labels.items()):
+    image = _heatmap(ax, block['usage'], f"{name} (acc {block['accuracy']:.2f})")
+  for ax in list(axes.flat)[len(labels):]:
+    ax.axis('off')
+  fig.colorbar(image, ax=axes, label='fraction of sequences using the head', shrink=0.8)
+  fig.suptitle(f"head usage by label at step {last['step']}: {_title(run_dir)}", fontsize=9)
+  fig.savefig(out_by_label, dpi=110)
+  plt.close(fig)
+  return [out_all, out_by_label]
+
+
+def plot_run(run_dir: str) -> list[str]:
+  """Writes the run's plots into run_dir/plots and returns their paths."""
+  train, evals = read_metrics(run_dir)
+  out = os.path.join(run_dir, 'plots')
+  os.makedirs(out, exist_ok=True)
+  written = [os.path.join(out, 'training_curves.png'), os.path.join(out, 'active_heads.png')]
+  plot_training_curves(run_dir, train, evals, written[0])
+  plot_active_heads(run_dir, train, written[1])
+  written += plot_usage(run_dir, evals, os.path.join(out, 'usage_heatmap.png'),
+                        os.path.join(out, 'usage_by_label.png'))
+  return written
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('dirs', nargs='+', help='run folders (with metrics.jsonl)')
+  args = parser.parse_args(argv)
+  for run_dir in args.dirs:
+    for path in plot_run(run_dir):
+      print(path)
+
+
+if __name__ == '__main__':
+  main()

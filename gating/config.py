@@ -1,0 +1,334 @@
+"""Frozen dataclass configs, validated on construction; `override` applies 'a.b=value' strings.
+
+A run is a `TrainConfig` (model, data, loss, optim and the loop's own settings). Variants
+are `dataclasses.replace` calls or command-line overrides such as `model.active_heads=2`.
+Every check raises a ValueError that names the bad field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+from gating.selection import NOISES, RULES
+
+PATHS = ('masked', 'gathered')
+DTYPES = ('float32', 'bfloat16')
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    raise ValueError(f'{field}: {message}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The gated Transformer (GatedLM for kind='lm', GatedEncoder for kind='encoder')."""
+  kind: str = 'lm'
+  num_layers: int = 2
+  features: int = 64
+  num_heads: int = 8
+  mlp_features: int | None = None        # default 4 * features
+  positions: str = 'learned'             # 'learned' | 'rotary'
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  prefix_len: int | None = None          # P; None: the data's prompt length (synthetic)
+  gate: str = 'topk'
+  active_heads: int | tuple[int, ...] | None = 2   # K, or one K per layer
+  path: str = 'masked'                   # the training path
+  eval_path: str = 'gathered'            # the path of evaluation (needs K; dense: masked)
+  noise: str | None = None               # 'gumbel' | 'jitter' exploration noise in training
+  noise_scale: float = 1.0
+  scaled_weights: bool = False
+  temperature: float | None = None       # the rule's default when None
+  router_hidden_features: int | None = None
+  router_init_logit: float = 0.0
+  dtype: str = 'float32'                 # compute dtype; parameters stay float32
+
+  def __post_init__(self):
+    _check(self.kind in ('lm', 'encoder'), 'model.kind', f"must be 'lm' or 'encoder', got {self.kind!r}")
+    for name in ('num_layers', 'features', 'num_heads'):
+      _check(getattr(self, name) >= 1, f'model.{name}', f'must be >= 1, got {getattr(self, name)}')
+    _check(self.features % self.num_heads == 0, 'model.features',
+           f'{self.features} is not divisible by num_heads={self.num_heads}')
+    _check(self.positions in ('learned', 'rotary'), 'model.positions',
+           f"must be 'learned' or 'rotary', got {self.positions!r}")
+    _check(0.0 <= self.dropout_rate < 1.0, 'model.dropout_rate',
+           f'must be in [0, 1), got {self.dropout_rate}')
+    _check(self.prefix_len is None or self.prefix_len >= 1, 'model.prefix_len',
+           f'must be >= 1, got {self.prefix_len}')
+    _check(self.gate in RULES, 'model.gate', f'must be one of {RULES}, got {self.gate!r}')
+    _check(self.path in PATHS, 'model.path', f'must be one of {PATHS}, got {self.path!r}')
+    _check(self.eval_path in PATHS, 'model.eval_path',
+           f'must be one of {PATHS}, got {self.eval_path!r}')
+    _check(self.noise in NOISES, 'model.noise', f'must be one of {NOISES}, got {self.noise!r}')
+    _check(self.dtype in DTYPES, 'model.dtype', f'must be one of {DTYPES}, got {self.dtype!r}')
+    ks = self.active_heads if isinstance(self.active_heads, tuple) else (self.active_heads,)
+    if isinstance(self.active_heads, tuple):
+      _check(len(ks) == self.num_layers, 'model.active_heads',
+             f'has {len(ks)} entries for num_layers={self.num_layers}')
+    for k in ks:
+      _check(k is None or 1 <= k <= self.num_heads, 'model.active_heads',
+             f'K={k} must be in [1, num_heads={self.num_heads}]')
+    _check(self.gate != 'topk' or None not in ks, 'model.active_heads', "gate='topk' needs K")
+    _check(self.gate != 'dense' or all(k in (None, self.num_heads) for k in ks),
+           'model.active_heads', f"gate='dense' opens all heads: K must be None or {self.num_heads}")
+    needs_k = 'gathered' in (self.path, self.eval_path) and self.gate != 'dense'
+    _check(not needs_k or None not in ks, 'model.active_heads',
+           "the gathered path (model.path or model.eval_path) needs K; set "
+           "model.eval_path='masked' for a rule without a budget")
+
+  @property
+  def effective_eval_path(self) -> str:
+    """The dense gate has no budget, so it evaluates on the masked path."""
+    return 'masked' if self.gate == 'dense' else self.eval_path
+
+  @property
+  def budget(self) -> tuple[int, ...]:
+    """K per layer (num_heads where no budget is set)."""
+    ks = self.active_heads if isinstance(self.active_heads, tuple) else (
+        (self.active_heads,) * self.num_layers)
+    return tuple(self.num_heads if k is None else k for k in ks)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which data (see gating/data.py for the meaning of each knob)."""
+  kind: str = 'synthetic'                # 'synthetic' | 'text'
+  # synthetic benchmark
+  num_tasks: int = 16                    # permutation tasks
+  input_len: int = 12                    # digits of input (and output) per sequence
+  num_digits: int = 10                   # digit vocabulary
+  num_recall_tasks: int = 1
+  num_induction_tasks: int = 1
+  num_train: int = 50_000
+  num_validation: int = 2_000
+  num_test: int = 2_000
+  task_seed: int = 0
+  # text
+  sources: tuple[str, ...] = ('python', 'pydoc', 'shakespeare')
+  seq_len: int = 128
+  max_bytes_per_domain: int | None = 1_000_000
+  tokenizer: str | None = None           # an HF tokenizer name; None: bytes
+  # both
+  classify: bool = False                 # classification form (for model.kind='encoder')
+
+  def __post_init__(self):
+    _check(self.kind in ('synthetic', 'text'), 'data.kind',
+           f"must be 'synthetic' or 'text', got {self.kind!r}")
+    for name in ('num_tasks', 'input_len', 'num_digits', 'num_train', 'num_validation',
+                 'num_test', 'seq_len'):
+      _check(getattr(self, name) >= 1, f'data.{name}', f'must be >= 1, got {getattr(self, name)}')
+    for name in ('num_recall_tasks', 'num_induction_tasks'):
+      _check(getattr(self, name) >= 0, f'data.{name}', f'must be >= 0, got {getattr(self, name)}')
+    _check(self.kind != 'text' or len(self.sources) >= 1, 'data.sources', 'must name a source')
+    _check(self.max_bytes_per_domain is None or self.max_bytes_per_domain > 0,
+           'data.max_bytes_per_domain', f'must be > 0, got {self.max_bytes_per_domain}')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Weights of the sparsity terms (DESIGN 4); 0 switches a term off."""
+  l0_weight: float = 0.0                 # expected L0: sum of P(open) per layer, / H
+  l1_weight: float = 0.0                 # L1 of the gate weights, / H
+  target_fraction: float | None = None   # Lagrangian target t of the active-head fraction
+  target_warmup_steps: int = 0           # t ramps from 1 to target_fraction over these steps
+  load_balance_weight: float = 0.0       # Switch: H sum_h f_h P_h, per micro-batch
+  z_loss_weight: float = 0.0             # ST-MoE router z-loss
+
+  def __post_init__(self):
+    for name in ('l0_weight', 'l1_weight', 'load_balance_weight', 'z_loss_weight',
+                 'target_warmup_steps'):
+      _check(getattr(self, name) >= 0, f'loss.{name}', f'must be >= 0, got {getattr(self, name)}')
+    _check(self.target_fraction is None or 0 < self.target_fraction <= 1,
+           'loss.target_fraction', f'must be in (0, 1], got {self.target_fraction}')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with clipping, linear warmup and cosine decay; separate router and multiplier rates."""
+  learning_rate: float = 3e-3
+  router_learning_rate: float | None = None   # default: learning_rate
+  lagrange_learning_rate: float = 1e-2        # gradient ascent on the Lagrange multipliers
+  warmup_steps: int = 100
+  final_learning_rate_fraction: float = 0.1   # cosine decays to this fraction
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.98
+
+  def __post_init__(self):
+    _check(self.learning_rate > 0, 'optim.learning_rate', f'must be > 0, got {self.learning_rate}')
+    _check(self.router_learning_rate is None or self.router_learning_rate > 0,
+           'optim.router_learning_rate', f'must be > 0, got {self.router_learning_rate}')
+    _check(self.lagrange_learning_rate >= 0, 'optim.lagrange_learning_rate',
+           f'must be >= 0, got {self.lagrange_learning_rate}')
+    _check(self.warmup_steps >= 0, 'optim.warmup_steps', f'must be >= 0, got {self.warmup_steps}')
+    _check(0 <= self.final_learning_rate_fraction <= 1, 'optim.final_learning_rate_fraction',
+           f'must be in [0, 1], got {self.final_learning_rate_fraction}')
+    _check(self.weight_decay >= 0, 'optim.weight_decay', f'must be >= 0, got {self.weight_decay}')
+    _check(self.clip_norm > 0, 'optim.clip_norm', f'must be > 0, got {self.clip_norm}')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  loss: LossConfig = LossConfig()
+  optim: OptimConfig = OptimConfig()
+  steps: int = 1000
+  batch_size: int = 64
+  grad_accum: int = 1                    # micro-batches per step
+  seed: int = 0
+  eval_every: int | None = None          # default: a fifth of the run
+  eval_batches: int = 8
+  checkpoint_every: int | None = None    # default: a tenth of the run
+  keep_checkpoints: int = 3
+  temperature_start: float | None = None # anneal the rule's temperature ...
+  temperature_end: float | None = None   # ... geometrically to this value ...
+  temperature_steps: int = 0             # ... over these steps (traced: no recompilation)
+  k_schedule: tuple[tuple[int, int], ...] = ()  # ((K, until_step), ...), then model.active_heads
+  init_from: str | None = None           # a run folder: warm start from its final parameters
+
+  def __post_init__(self):
+    for name in ('steps', 'batch_size', 'grad_accum', 'eval_batches', 'keep_checkpoints'):
+      _check(getattr(self, name) >= 1, name, f'must be >= 1, got {getattr(self, name)}')
+    _check(self.batch_size % self.grad_accum == 0, 'batch_size',
+           f'{self.batch_size} is not divisible by grad_accum={self.grad_accum}')
+    for name in ('eval_every', 'checkpoint_every'):
+      value = getattr(self, name)
+      _check(value is None or value >= 1, name, f'must be >= 1, got {value}')
+    _check((self.temperature_start is None) == (self.temperature_end is None),
+           'temperature_start', 'set both temperature_start and temperature_end, or neither')
+    _check(self.temperature_start is None or (self.temperature_start > 0 and
+                                              self.temperature_end > 0),
+           'temperature_start', 'temperatures must be > 0')
+    last = 0
+    for k, until in self.k_schedule:
+      _check(1 <= k <= self.model.num_heads, 'k_schedule',
+             f'K={k} must be in [1, num_heads={self.model.num_heads}]')
+      _check(until > last, 'k_schedule', f'steps must increase, got {self.k_schedule}')
+      last = until
+    _check(not self.k_schedule or self.model.gate != 'dense', 'k_schedule',
+           "the dense gate has no budget to schedule")
+
+  @property
+  def eval_interval(self) -> int:
+    return self.eval_every or max(1, self.steps // 5)
+
+  @property
+  def checkpoint_interval(self) -> int:
+    return self.checkpoint_every or max(1, self.steps // 10)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'loss': LossConfig, 'optim': OptimConfig}
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+  """The inverse of TrainConfig.to_dict (e.g. a run folder's config.json)."""
+  sections = {name: _from_fields(cls, values.get(name, {})) for name, cls in SECTIONS.items()}
+  top = {k: v for k, v in values.items() if k not in SECTIONS}
+  return _from_fields(TrainConfig, top, **sections)
+
+
+def _from_fields(cls, values, **extra):
+  hints = typing.get_type_hints(cls)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f'unknown {cls.__name__} keys {unknown}; known: {sorted(known)}')
+  return cls(**{k: _as_type(v, hints[k]) for k, v in values.items()}, **extra)
+
+
+def _as_type(value, hint):
+  """JSON values back to the field's type (lists -> tuples)."""
+  if isinstance(value, list):
+    return tuple(_as_type(v, _tuple_item(hint)) for v in value)
+  return value
+
+
+def _tuple_item(hint):
+  for arg in typing.get_args(hint) or ():
+    if typing.get_origin(arg) is tuple:
+      return typing.get_args(arg)[0]
+  if typing.get_origin(hint) is tuple:
+    return typing.get_args(hint)[0]
+  return Any
+
+
+def override(config: TrainConfig, assignments: list[str]) -> TrainConfig:
+  """Applies 'key=value' strings, e.g. 'model.active_heads=2', 'steps=500',
+  'model.active_heads=1,2' (a tuple), 'k_schedule=8:200,4:400', 'model.noise=none'."""
+  for assignment in assignments:
+    if '=' not in assignment:
+      raise ValueError(f'override {assignment!r} is not of the form key=value')
+    key, text = assignment.split('=', 1)
+    section, _, field = key.strip().rpartition('.')
+    if section and section not in SECTIONS:
+      raise ValueError(f'unknown config section {section!r} in {key!r}; known: '
+                       f'{sorted(SECTIONS)}')
+    cls = SECTIONS[section] if section else TrainConfig
+    hints = typing.get_type_hints(cls)
+    if field not in hints:
+      raise ValueError(f'unknown config key {key!r}; known {section or "top-level"} keys: '
+                       f'{sorted(f.name for f in dataclasses.fields(cls))}')
+    value = parse_value(text.strip(), hints[field], key)
+    if section:
+      config = dataclasses.replace(
+          config, **{section: dataclasses.replace(getattr(config, section), **{field: value})})
+    else:
+      config = dataclasses.replace(config, **{field: value})
+  return config
+
+
+def parse_value(text: str, hint, key: str):
+  """Parses a command-line string into a value of the field's type hint."""
+  options = typing.get_args(hint) if _is_union(hint) else (hint,)
+  if text.lower() in ('none', 'null') and type(None) in options:
+    return None
+  errors = []
+  for option in options:
+    if option is type(None):
+      continue
+    try:
+      return _parse_one(text, option)
+    except (ValueError, TypeError) as e:
+      errors.append(str(e))
+  raise ValueError(f'cannot parse {key}={text!r} as {hint}: {"; ".join(errors)}')
+
+
+def _is_union(hint) -> bool:
+  return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _parse_one(text: str, hint):
+  if hint is bool:
+    if text.lower() in ('true', '1', 'yes'):
+      return True
+    if text.lower() in ('false', '0', 'no'):
+      return False
+    raise ValueError(f'{text!r} is not a bool')
+  if hint is int:
+    return int(text)
+  if hint is float:
+    return float(text)
+  if hint is str:
+    return text
+  if typing.get_origin(hint) is tuple:
+    item = typing.get_args(hint)[0]
+    if typing.get_origin(item) is tuple:  # pairs 'a:b,c:d'
+      pair = typing.get_args(item)
+      return tuple(tuple(_parse_one(p, t) for p, t in zip(chunk.split(':'), pair))
+                   for chunk in text.split(',') if chunk)
+    return tuple(_parse_one(chunk, item) for chunk in text.split(',') if chunk)
+  raise TypeError(f'unsupported type {hint}')

@@ -1,0 +1,488 @@
+"""Training: a pure jitted train step, an eval step, and the loop (checkpoints, metrics).
+
+The step is a pure function of (state, batch, step): the batch is `data.batch_at(step)`,
+randomness is `fold_in(key(seed), step)`, schedules are functions of the step. So a run
+restored from the checkpoint of step s continues exactly as the uninterrupted run would:
+on the CPU, bit for bit with the same device count.
+
+Loop order at every step s: run the step; fetch the previous step's metrics (one step
+late, so the host never stalls the device) and stop on a NaN or Inf; every `eval_every`
+steps evaluate; every `checkpoint_every` steps and at the end, fetch this step's metrics
+(NaN check first), then checkpoint. Files in the run folder: config.json (the resolved
+config), provenance.json, metrics.jsonl (one JSON line per train step and per eval),
+checkpoints/, summary.json (written last: the run is complete).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gating import checkpoint, data, losses
+from gating.config import ModelConfig, TrainConfig, from_dict
+from gating.models import GatedEncoder, GatedLM
+from gating.provenance import provenance
+from gating.state import gate_stats, set_temperature
+
+
+class Lagrange(nnx.Param):
+  """A Lagrange multiplier: trained by gradient ascent (its optimizer negates the update)."""
+
+
+class Learner(nnx.Module):
+  """What the optimizer trains: the model and the multipliers of the target Lagrangian."""
+
+  def __init__(self, model: nnx.Module):
+    self.model = model
+    self.lambda1 = Lagrange(jnp.zeros((), jnp.float32))
+    self.lambda2 = Lagrange(jnp.zeros((), jnp.float32))
+
+
+# -- building ----------------------------------------------------------------------------------
+
+def load_data(cfg: TrainConfig) -> data.Splits:
+  d = cfg.data
+  if d.kind == 'synthetic':
+    return data.synthetic(
+        num_tasks=d.num_tasks, input_len=d.input_len, num_digits=d.num_digits,
+        num_recall_tasks=d.num_recall_tasks, num_induction_tasks=d.num_induction_tasks,
+        num_train=d.num_train, num_validation=d.num_validation, num_test=d.num_test,
+        task_seed=d.task_seed, seed=cfg.seed, classify=d.classify)
+  return data.text(d.sources, seq_len=d.seq_len, seed=cfg.seed,
+                   max_bytes_per_domain=d.max_bytes_per_domain, tokenizer=d.tokenizer)
+
+
+def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx.Module:
+  """GatedLM or GatedEncoder from a ModelConfig and the data's vocabulary and length."""
+  common = dict(
+      num_layers=cfg.num_layers, features=cfg.features, num_heads=cfg.num_heads,
+      max_length=info.seq_len, positions=cfg.positions, mlp_features=cfg.mlp_features,
+      dropout_rate=cfg.dropout_rate, gate=cfg.gate, active_heads=cfg.active_heads,
+      path=cfg.path, noise=cfg.noise, noise_scale=cfg.noise_scale,
+      scaled_weights=cfg.scaled_weights, temperature=cfg.temperature,
+      router_hidden_features=cfg.router_hidden_features,
+      router_init_logit=cfg.router_init_logit, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+  if cfg.kind == 'encoder':
+    return GatedEncoder(info.vocab_size, num_classes=len(info.label_names), **common)
+  prefix_len = cfg.prefix_len or info.prompt_len
+  if not prefix_len:
+    raise ValueError('model.prefix_len: this data has no prompt; set the gate prefix P')
+  if prefix_len >= info.seq_len:
+    raise ValueError(f'model.prefix_len: P={prefix_len} leaves nothing to score in sequences '
+                     f'of length {info.seq_len}')
+  return GatedLM(info.vocab_size, prefix_len=prefix_len, tie_embeddings=cfg.tie_embeddings,
+                 **common)
+
+
+def _label(path, _) -> str:
+  names = [str(getattr(p, 'key', getattr(p, 'name', p))) for p in path]
+  if names and names[0] in ('lambda1', 'lambda2'):
+    return 'lagrange'
+  return 'router' if 'router' in names else 'default'
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Clipping, then AdamW with warmup and cosine decay (router: its own rate); the
+  Lagrange multipliers take plain gradient ascent."""
+  o = cfg.optim
+
+  def adamw(peak):
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, peak, min(o.warmup_steps, cfg.steps - 1), cfg.steps,
+        end_value=peak * o.final_learning_rate_fraction)
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+
+  return optax.chain(
+      optax.clip_by_global_norm(o.clip_norm),
+      optax.multi_transform(
+          {'default': adamw(o.learning_rate),
+           'router': adamw(o.router_learning_rate or o.learning_rate),
+           'lagrange': optax.sgd(-o.lagrange_learning_rate)},
+          lambda params: jax.tree_util.tree_map_with_path(_label, params)))
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+  o = cfg.optim
+  return float(optax.warmup_cosine_decay_schedule(
+      0.0, o.learning_rate, min(o.warmup_steps, cfg.steps - 1), cfg.steps,
+      end_value=o.learning_rate * o.final_learning_rate_fraction)(step))
+
+
+def create(cfg: TrainConfig, info: data.DataInfo):
+  """(graphdef, state) of (Learner, nnx.Optimizer), freshly initialized from cfg.seed."""
+  learner = Learner(build_model(cfg.model, info, rngs=nnx.Rngs(cfg.seed)))
+  optimizer = nnx.Optimizer(learner, make_optimizer(cfg), wrt=nnx.Param)
+  return nnx.split((learner, optimizer))
+
+
+# -- the steps ---------------------------------------------------------------------------------
+
+def task_outputs(model, batch, *, deterministic, rngs=None, path=None, active_heads=None):
+  """Per-position losses of one batch: (ce, correct, weight, gate_weights_BxNxH).
+
+  LM: next-token cross-entropy at every position, weighted by scored & next-is-target.
+  Encoder: one classification loss per sequence (shapes [B]).
+  """
+  kw = dict(valid_BxL=batch['valid'], deterministic=deterministic, rngs=rngs, path=path,
+            active_heads=active_heads)
+  if isinstance(model, GatedEncoder):
+    out = model(batch['tokens'], **kw)
+    ce_B, correct_B = losses.classification_losses(out.class_logits_BxC, batch['label'])
+    return ce_B, correct_B, jnp.ones_like(ce_B), out.gate_weights_BxNxH
+  out = model(batch['tokens'], **kw)
+  ce_BxL, correct_BxL = losses.next_token_losses(out.logits_BxLxV, batch['tokens'])
+  weight_BxL = losses.next_token_weights(out.scored_BxL, batch['target_mask'])
+  return ce_BxL, correct_BxL, weight_BxL, out.gate_weights_BxNxH
+
+
+def total_loss(learner: Learner, batch, cfg: TrainConfig, *, target, rngs, active_heads):
+  """Task loss plus the weighted sparsity terms; returns (loss, metrics)."""
+  ce, correct, weight, _ = task_outputs(learner.model, batch, deterministic=False, rngs=rngs,
+                                        active_heads=active_heads)
+  task = losses.weighted_mean(ce, weight)
+  stats = gate_stats(learner.model)
+  l = cfg.loss
+  s_hat = losses.expected_l0(stats)
+  terms = {'l0': (l.l0_weight, s_hat), 'l1': (l.l1_weight, losses.l1(stats)),
+           'load_balance': (l.load_balance_weight, losses.load_balance(stats)),
+           'z_loss': (l.z_loss_weight, losses.z_loss(stats))}
+  loss = task + sum(w * v for w, v in terms.values() if w)
+  if l.target_fraction is not None:
+    lagrangian = losses.lagrangian(s_hat, target, learner.lambda1[...], learner.lambda2[...])
+    loss = loss + lagrangian
+    terms['lagrangian'] = (1.0, lagrangian)
+  metrics = {
+      'loss': loss, 'task_loss': task,
+      'accuracy': losses.weighted_mean(correct.astype(jnp.float32), weight),
+      'expected_active_fraction': s_hat,
+      'active_heads': losses.active_heads_per_layer(stats),
+      'usage': jnp.stack([s['head_usage'] for s in stats.values()]),
+      'usage_entropy': losses.usage_entropy(stats),
+      **{f'reg/{name}': value for name, (_, value) in terms.items()},
+  }
+  return loss, metrics
+
+
+def train_step(state, batch, step, *, graphdef, cfg: TrainConfig, active_heads):
+  """One optimizer step on `batch` (arrays [A, B/A, ...]: A micro-batches). Pure."""
+  learner, optimizer = nnx.merge(graphdef, state)
+  if cfg.temperature_start is not None:
+    temperature = losses.temperature_at(step, cfg.temperature_start, cfg.temperature_end,
+                                        cfg.temperature_steps)
+    set_temperature(learner.model, temperature)
+  target = (losses.target_at(step, cfg.loss.target_fraction, cfg.loss.target_warmup_steps)
+            if cfg.loss.target_fraction is not None else 0.0)
+  learner_def, params, rest = nnx.split(learner, nnx.Param, ...)
+  step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+  def micro_loss(params, micro, index):
+    micro_learner = nnx.merge(learner_def, params, rest, copy=True)
+    rngs = nnx.Rngs(dropout=jax.random.fold_in(step_key, index))
+    return total_loss(micro_learner, micro, cfg, target=target, rngs=rngs,
+                      active_heads=active_heads)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def accumulate(grads_sum, micro_and_index):
+    micro, index = micro_and_index
+    (_, metrics), grads = grad_fn(params, micro, index)
+    return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+  accum = cfg.grad_accum
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, metrics = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(accum)))
+  grads = jax.tree.map(lambda g: g / accum, grads)
+  metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+  optimizer.update(learner, grads)
+  metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                 lambda1=learner.lambda1[...], lambda2=learner.lambda2[...],
+                 target=jnp.asarray(target, jnp.float32))
+  if cfg.temperature_start is not None:
+    metrics['temperature'] = temperature
+  return nnx.state((learner, optimizer)), metrics
+
+
+def eval_step(state, batch, *, graphdef, path, active_heads):
+  """Per-sequence sums on one batch with the deterministic gate: loss, hits, count, heads."""
+  learner, _ = nnx.merge(graphdef, state)
+  ce, correct, weight, gate_weights_BxNxH = task_outputs(
+      learner.model, batch, deterministic=True, path=path, active_heads=active_heads)
+  if ce.ndim == 1:
+    ce, correct, weight = ce[:, None], correct[:, None], weight[:, None]
+  hits = correct.astype(jnp.float32) * weight
+  return {'loss_sum': jnp.sum(ce * weight, axis=1), 'hits': jnp.sum(hits, axis=1),
+          'count': jnp.sum(weight, axis=1),
+          'exact': jnp.all((hits == weight), axis=1).astype(jnp.float32),
+          'open_BxNxH': (gate_weights_BxNxH != 0).astype(jnp.float32)}
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+def evaluate(eval_fn, state, dataset, info: data.DataInfo, batch_size: int,
+             max_batches: int | None, shard=lambda b: b) -> dict[str, Any]:
+  """Loss, accuracy and head usage overall and per label, over the first full batches.
+
+  Rows are read in order; the last partial batch is dropped (at most batch_size - 1 rows).
+  """
+  n = len(dataset) // batch_size
+  if n == 0:
+    raise ValueError(f'evaluation split has {len(dataset)} rows, fewer than the batch '
+                     f'size {batch_size}')
+  n = n if max_batches is None else min(n, max_batches)
+  columns = dataset.with_format('numpy')
+  sums = None
+  for i in range(n):
+    rows = columns[i * batch_size:(i + 1) * batch_size]
+    out = jax.device_get(eval_fn(state, shard(_model_inputs(rows))))
+    out['label'] = rows['label']
+    sums = out if sums is None else {k: np.concatenate([sums[k], out[k]]) for k in out}
+  return summarize_eval(sums, info)
+
+
+def summarize_eval(sums, info: data.DataInfo) -> dict[str, Any]:
+  def block(select):
+    count = float(sums['count'][select].sum())
+    loss = float(sums['loss_sum'][select].sum()) / max(count, 1.0)
+    return {'loss': loss, 'accuracy': float(sums['hits'][select].sum()) / max(count, 1.0),
+            'exact_match': float(sums['exact'][select].mean()) if select.any() else 0.0,
+            'bits_per_token': loss / math.log(2), 'sequences': int(select.sum()),
+            'usage': sums['open_BxNxH'][select].mean(axis=0).tolist() if select.any() else None}
+  everything = block(np.ones_like(sums['label'], bool))
+  everything['per_label'] = {name: block(sums['label'] == i)
+                             for i, name in enumerate(info.label_names)
+                             if (sums['label'] == i).any()}
+  return everything
+
+
+def _model_inputs(rows):
+  return {k: rows[k] for k in ('tokens', 'valid', 'target_mask', 'label')}
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+class MetricsLog:
+  """metrics.jsonl: one JSON object per line; truncated to a step when a run resumes."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def truncate_after(self, step: int) -> None:
+    """Keeps the complete lines with step <= `step` (atomically: tmp file + rename)."""
+    if not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a line cut by a kill
+        if record.get('step', 0) <= step:
+          kept.append(json.dumps(record))
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.write(''.join(line + '\n' for line in kept))
+    os.replace(tmp, self.path)
+
+  def write(self, record: dict[str, Any]) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _to_python(tree):
+  return jax.tree.map(lambda x: np.asarray(x).tolist(), tree)
+
+
+def _meta(cfg: TrainConfig, info: data.DataInfo, step: int) -> dict[str, Any]:
+  return {'step': step, 'config': cfg.to_dict(), 'data': info.fingerprint}
+
+
+def check_compatible(saved: dict[str, Any], cfg: TrainConfig, info: data.DataInfo, where: str):
+  """A checkpoint must come from the same model and data; otherwise a clear error."""
+  saved_cfg = saved['config']
+  for section in ('model', 'data'):
+    mine = cfg.to_dict()[section]
+    theirs = saved_cfg.get(section, {})
+    diffs = [f'{section}.{k}: checkpoint {theirs.get(k)!r} vs now {mine[k]!r}'
+             for k in mine if json.dumps(theirs.get(k)) != json.dumps(mine[k])]
+    if diffs:
+      raise checkpoint.CheckpointError(
+          f'{where} holds a checkpoint of a different {section} ({"; ".join(diffs)}); use '
+          'another --workdir or the same config; nothing was deleted')
+  if saved.get('data') != json.loads(json.dumps(info.fingerprint)):
+    raise checkpoint.CheckpointError(
+        f'{where} holds a checkpoint trained on different data (fingerprint '
+        f'{saved.get("data")} vs {info.fingerprint}); nothing was deleted')
+
+
+def mesh_and_shardings(batch_size: int, grad_accum: int):
+  """A 1-D 'data' mesh over all devices: batch sharded, parameters replicated."""
+  devices = jax.devices()
+  micro = batch_size // grad_accum
+  if micro % len(devices):
+    raise ValueError(f'batch_size: the micro-batch of {micro} rows (batch_size / grad_accum) '
+                     f'is not divisible by the {len(devices)} devices')
+  mesh = jax.make_mesh((len(devices),), ('data',))
+  return (NamedSharding(mesh, PartitionSpec()),
+          NamedSharding(mesh, PartitionSpec(None, 'data')),
+          NamedSharding(mesh, PartitionSpec('data')))
+
+
+def _global_array(sharding, array):
+  return jax.make_array_from_process_local_data(sharding, array)
+
+
+def warm_start(state, graphdef, source_dir: str):
+  """Copies the parameters of another run's final checkpoint that exist here with the same
+  shape (e.g. a dense run's attention weights into a gated model; new routers stay fresh)."""
+  saved_cfg = from_dict(json.load(open(os.path.join(source_dir, 'config.json'))))
+  saved_info = data.DataInfo(**json.load(open(os.path.join(source_dir, 'data_info.json'))))
+  src_def, src_state = create(saved_cfg, saved_info)
+  mngr = checkpoint.manager(os.path.join(source_dir, 'checkpoints'))
+  step = mngr.latest_step()
+  if step is None:
+    raise checkpoint.CheckpointError(f'init_from: no checkpoint in {source_dir}/checkpoints')
+  src_state = checkpoint.restore(mngr, step, src_state)
+  source, _ = nnx.merge(src_def, src_state)
+  learner, optimizer = nnx.merge(graphdef, state)
+  src_params = dict(nnx.to_flat_state(nnx.state(source.model, nnx.Param)))
+  copied = 0
+  for path, var in nnx.to_flat_state(nnx.state(learner.model, nnx.Param)):
+    if path in src_params and src_params[path][...].shape == var[...].shape:
+      var[...] = src_params[path][...]
+      copied += 1
+  return nnx.state((learner, optimizer)), copied
+
+
+def train(cfg: TrainConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final summary."""
+  from tqdm.auto import tqdm
+
+  os.makedirs(workdir, exist_ok=True)
+  main_process = jax.process_index() == 0
+  splits = load_data(cfg)
+  info = splits.info
+  replicated, batch_sharding, eval_sharding = mesh_and_shardings(cfg.batch_size,
+                                                                cfg.grad_accum)
+  graphdef, state = create(cfg, info)
+
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
+  log = MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
+  start = 0
+  saved = checkpoint.latest_meta(mngr)
+  if saved is not None:
+    check_compatible(saved, cfg, info, workdir)
+    start = saved['step']
+    state = checkpoint.restore(mngr, start, state)
+    if main_process:
+      log.truncate_after(start)
+      print(f'resuming {workdir} from step {start}', flush=True)
+  else:
+    if cfg.init_from:
+      state, copied = warm_start(state, graphdef, cfg.init_from)
+      print(f'warm start: {copied} parameter arrays from {cfg.init_from}', flush=True)
+    if main_process:
+      log.truncate_after(-1)
+  if main_process:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json())
+    with open(os.path.join(workdir, 'data_info.json'), 'w') as f:
+      json.dump(dataclasses.asdict(info), f, indent=1)
+    with open(os.path.join(workdir, 'provenance.json'), 'w') as f:
+      json.dump({**provenance(), 'data': info.fingerprint}, f, indent=1)
+  state = jax.device_put(state, replicated)
+
+  steps_fn = {}
+
+  def step_fn(k):
+    if k not in steps_fn:
+      steps_fn[k] = jax.jit(
+          lambda s, b, i: train_step(s, b, i, graphdef=graphdef, cfg=cfg, active_heads=k),
+          donate_argnums=0)
+    return steps_fn[k]
+
+  final_k = cfg.model.active_heads
+  eval_path = cfg.model.effective_eval_path
+  eval_fn = jax.jit(lambda s, b: eval_step(s, b, graphdef=graphdef, path=eval_path,
+                                           active_heads=final_k))
+  shard_eval = lambda b: jax.tree.map(lambda x: _global_array(eval_sharding, x), b)
+
+  def run_eval(step, split='validation', max_batches=cfg.eval_batches):
+    dataset = getattr(splits, split)
+    result = evaluate(eval_fn, state, dataset, info, cfg.batch_size, max_batches, shard_eval)
+    if main_process:
+      log.write({'step': step, 'kind': 'eval', 'split': split, 'path': eval_path,
+                 **result})
+    return result
+
+  accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
+  tokens_per_step = cfg.batch_size * info.seq_len
+  pending = None  # (step, metrics on device, dispatch time) of the previous step
+
+  def flush(pending):
+    step, metrics, t_dispatch, k = pending
+    metrics = _to_python(jax.device_get(metrics))
+    if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
+      last = mngr.latest_step()
+      raise FloatingPointError(
+          f'loss is {metrics["loss"]} (gradient norm {metrics["grad_norm"]}) at step {step}; '
+          f'stopping. The last good checkpoint (step {last}) is kept in {mngr.directory}')
+    if main_process:
+      log.write({'step': step, 'kind': 'train', **metrics, 'K': k,
+                 'lr': learning_rate(cfg, step - 1),
+                 'tokens_per_s': tokens_per_step / max(time.time() - t_dispatch, 1e-9),
+                 'time': time.time()})
+    return metrics
+
+  bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main_process),
+             desc=os.path.basename(os.path.normpath(workdir)), dynamic_ncols=True)
+  last_metrics = None
+  for step in range(start + 1, cfg.steps + 1):
+    k = losses.k_at(step - 1, cfg.k_schedule, final_k)
+    rows = data.batch_at(splits.train, step - 1, cfg.batch_size, cfg.seed)
+    batch = jax.tree.map(
+        lambda x: _global_array(batch_sharding, x.reshape((accum, micro) + x.shape[1:])),
+        _model_inputs(rows))
+    t_dispatch = time.time()
+    state, metrics = step_fn(k)(state, batch, jnp.int32(step - 1))
+    if pending is not None:
+      last_metrics = flush(pending)
+    pending = (step, metrics, t_dispatch, k)
+    if step % cfg.checkpoint_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.steps:
+      last_metrics, pending = flush(pending), None
+      if step % cfg.eval_interval == 0 or step == cfg.steps:
+        result = run_eval(step)
+        bar.set_postfix(val_loss=f'{result["loss"]:.3f}', val_acc=f'{result["accuracy"]:.3f}')
+      if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
+        checkpoint.save(mngr, step, state, _meta(cfg, info, step))
+    if last_metrics is not None:
+      bar.set_postfix(loss=f'{last_metrics["loss"]:.3f}', refresh=False)
+    bar.update(1)
+  if pending is not None:
+    flush(pending)
+  bar.close()
+
+  summary = {'steps': cfg.steps, 'tokens_seen': cfg.steps * tokens_per_step,
+             'validation': run_eval(cfg.steps, 'validation', None),
+             'test': run_eval(cfg.steps, 'test', None)}
+  if main_process:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
+  mngr.close()
+  return summary

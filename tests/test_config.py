@@ -1,0 +1,72 @@
+import dataclasses
+
+import pytest
+
+from gating import config
+from gating.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+
+
+def test_defaults_are_valid_and_round_trip_through_dicts():
+  cfg = TrainConfig(k_schedule=((8, 10), (4, 20)), model=ModelConfig(active_heads=(1, 2)))
+  assert config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize('make,message', [
+    (lambda: ModelConfig(active_heads=9), r'model.active_heads: K=9 must be in \[1, num_heads=8\]'),
+    (lambda: ModelConfig(active_heads=(1, 2, 3)), 'has 3 entries for num_layers=2'),
+    (lambda: ModelConfig(gate='topk', active_heads=None), "gate='topk' needs K"),
+    (lambda: ModelConfig(gate='hard_concrete', active_heads=None), 'the gathered path'),
+    (lambda: ModelConfig(gate='random'), 'model.gate: must be one of'),
+    (lambda: ModelConfig(features=30), 'model.features: 30 is not divisible by num_heads=8'),
+    (lambda: ModelConfig(dtype='float16'), 'model.dtype'),
+    (lambda: OptimConfig(learning_rate=-1.0), 'optim.learning_rate: must be > 0'),
+    (lambda: LossConfig(target_fraction=1.5), 'loss.target_fraction'),
+    (lambda: DataConfig(kind='images'), 'data.kind'),
+    (lambda: TrainConfig(batch_size=10, grad_accum=3), 'batch_size: 10 is not divisible'),
+    (lambda: TrainConfig(k_schedule=((9, 10),)), r'k_schedule: K=9'),
+    (lambda: TrainConfig(k_schedule=((4, 10), (2, 5))), 'steps must increase'),
+    (lambda: TrainConfig(temperature_start=1.0), 'set both'),
+])
+def test_bad_values_name_the_field(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_override_parses_types():
+  cfg = config.override(TrainConfig(), [
+      'steps=50', 'model.active_heads=1,3', 'model.noise=gumbel', 'model.prefix_len=none',
+      'optim.learning_rate=1e-3', 'k_schedule=8:10,4:20', 'model.tie_embeddings=false',
+      'data.sources=python,pydoc'])
+  assert cfg.steps == 50
+  assert cfg.model.active_heads == (1, 3)
+  assert cfg.model.noise == 'gumbel' and cfg.model.prefix_len is None
+  assert cfg.optim.learning_rate == 1e-3
+  assert cfg.k_schedule == ((8, 10), (4, 20))
+  assert cfg.model.tie_embeddings is False
+  assert cfg.data.sources == ('python', 'pydoc')
+  assert config.override(cfg, ['model.active_heads=2']).model.active_heads == 2
+
+
+@pytest.mark.parametrize('assignment,message', [
+    ('model.heads=4', "unknown config key 'model.heads'"),
+    ('modle.num_heads=4', "unknown config section 'modle'"),
+    ('steps', 'not of the form key=value'),
+    ('steps=many', "cannot parse steps='many'"),
+    ('model.num_heads=0', 'model.num_heads: must be >= 1'),
+])
+def test_bad_overrides(assignment, message):
+  with pytest.raises(ValueError, match=message):
+    config.override(TrainConfig(), [assignment])
+
+
+def test_unknown_keys_in_a_saved_config_are_refused():
+  values = TrainConfig().to_dict()
+  values['model']['colour'] = 'red'
+  with pytest.raises(ValueError, match=r"unknown ModelConfig keys \['colour'\]"):
+    config.from_dict(values)
+
+
+def test_intervals_default_to_fractions_of_the_run():
+  cfg = TrainConfig(steps=200)
+  assert cfg.eval_interval == 40 and cfg.checkpoint_interval == 20
+  assert dataclasses.replace(cfg, checkpoint_every=7).checkpoint_interval == 7

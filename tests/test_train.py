@@ -1,0 +1,214 @@
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gating import checkpoint, config, train
+from gating.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+
+TINY = TrainConfig(
+    model=ModelConfig(num_layers=1, features=32, num_heads=4, gate='topk', active_heads=2,
+                      noise='gumbel'),
+    data=DataConfig(num_tasks=4, input_len=6, num_digits=6, num_recall_tasks=1,
+                    num_induction_tasks=1, num_train=512, num_validation=64, num_test=64),
+    optim=OptimConfig(learning_rate=3e-3, warmup_steps=5),
+    steps=40, batch_size=16, eval_batches=2)
+
+
+def run(cfg, workdir):
+  return train.train(cfg, str(workdir), progress=False)
+
+
+def metrics(workdir, kind='train'):
+  return [r for r in train.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+          if r.get('kind') == kind]
+
+
+def final_params(cfg, workdir):
+  splits = train.load_data(cfg)
+  graphdef, state = train.create(cfg, splits.info)
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'))
+  state = checkpoint.restore(mngr, mngr.latest_step(), state)
+  return jax.tree.leaves(nnx_params(graphdef, state))
+
+
+def nnx_params(graphdef, state):
+  from flax import nnx
+  learner, _ = nnx.merge(graphdef, state)
+  return nnx.state(learner, nnx.Param)
+
+
+def test_a_short_run_learns_and_writes_its_files(tmp_path):
+  summary = run(TINY, tmp_path)
+  lines = metrics(tmp_path)
+  assert [r['step'] for r in lines] == list(range(1, TINY.steps + 1))
+  first, last = np.mean([r['task_loss'] for r in lines[:5]]), np.mean(
+      [r['task_loss'] for r in lines[-5:]])
+  assert last < first - 0.2
+  for name in ('config.json', 'provenance.json', 'data_info.json', 'summary.json'):
+    assert os.path.exists(tmp_path / name)
+  assert config.from_dict(json.load(open(tmp_path / 'config.json'))) == TINY
+  assert set(summary['validation']['per_label']) <= set(
+      json.load(open(tmp_path / 'data_info.json'))['label_names'])
+  assert lines[-1]['usage'] and len(lines[-1]['active_heads']) == 1
+  assert checkpoint.manager(str(tmp_path / 'checkpoints')).latest_step() == TINY.steps
+
+
+def test_text_run_learns_on_tinyshakespeare(tmp_path, tinyshakespeare_path):
+  cfg = dataclasses.replace(
+      TINY, data=DataConfig(kind='text', sources=(tinyshakespeare_path,), seq_len=64,
+                            max_bytes_per_domain=200_000),
+      model=dataclasses.replace(TINY.model, prefix_len=16), steps=30, batch_size=8)
+  run(cfg, tmp_path)
+  lines = metrics(tmp_path)
+  assert np.mean([r['task_loss'] for r in lines[-5:]]) < lines[0]['task_loss'] - 1.0
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+  cfg = dataclasses.replace(TINY, steps=20, checkpoint_every=10)
+  run(dataclasses.replace(cfg, steps=10), tmp_path / 'split')
+  with open(tmp_path / 'split' / 'metrics.jsonl', 'a') as f:   # a line from a killed future
+    f.write(json.dumps({'step': 11, 'kind': 'train', 'loss': 0.0}) + '\n{"step": 12, "lo')
+  run(cfg, tmp_path / 'split')
+  run(cfg, tmp_path / 'whole')
+  assert [r['step'] for r in metrics(tmp_path / 'split')] == list(range(1, 21))
+  for a, b in zip(final_params(cfg, tmp_path / 'split'), final_params(cfg, tmp_path / 'whole')):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_exact(tmp_path):
+  """A real subprocess killed with SIGKILL mid-run, resumed, equals an uninterrupted run."""
+  args = ['--steps', '60', '--no-plots', '--no-progress', '--set', 'checkpoint_every=7',
+          '--set', 'model.num_layers=1', '--set', 'model.features=32',
+          '--set', 'model.num_heads=4', '--set', 'data.num_tasks=4', '--set', 'data.input_len=6',
+          '--set', 'data.num_train=512', '--set', 'data.num_validation=64',
+          '--set', 'data.num_test=64', '--set', 'batch_size=16', '--set', 'eval_batches=2']
+  command = [sys.executable, '-m', 'experiments.train', *args]
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen([*command, '--workdir', str(killed)], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    path = killed / 'metrics.jsonl'
+    if path.exists() and sum(1 for _ in open(path)) >= 25:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  subprocess.run([*command, '--workdir', str(killed)], cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  whole = tmp_path / 'whole'
+  subprocess.run([*command, '--workdir', str(whole)], cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  cfg = config.from_dict(json.load(open(whole / 'config.json')))
+  for a, b in zip(final_params(cfg, killed), final_params(cfg, whole)):
+    np.testing.assert_array_equal(a, b)
+  steps = [r['step'] for r in metrics(killed)]
+  assert steps == list(range(1, 61))
+
+
+def test_corrupt_checkpoint_gives_a_clear_error_and_deletes_nothing(tmp_path):
+  cfg = dataclasses.replace(TINY, steps=4, checkpoint_every=2)
+  run(cfg, tmp_path)
+  state_dir = tmp_path / 'checkpoints' / '4' / 'state'
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'not a checkpoint')
+  before = sorted(os.listdir(tmp_path / 'checkpoints'))
+  with pytest.raises(checkpoint.CheckpointError, match='checkpoints/4.*nothing was deleted'):
+    run(dataclasses.replace(cfg, steps=6), tmp_path)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  run(dataclasses.replace(TINY, steps=2), tmp_path)
+  other = dataclasses.replace(TINY, steps=4, model=dataclasses.replace(TINY.model, features=64))
+  with pytest.raises(checkpoint.CheckpointError, match='model.features: checkpoint 32 vs now 64'):
+    run(other, tmp_path)
+
+
+def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  cfg = dataclasses.replace(TINY, steps=30, checkpoint_every=5,
+                            optim=dataclasses.replace(TINY.optim, learning_rate=1e30,
+                                                      warmup_steps=0, clip_norm=1e30))
+  with pytest.raises(FloatingPointError, match=r'at step \d+; stopping'):
+    run(cfg, tmp_path)
+  mngr = checkpoint.manager(str(tmp_path / 'checkpoints'))
+  bad = [r['step'] for r in metrics(tmp_path)]
+  assert mngr.latest_step() is None or mngr.latest_step() <= (bad[-1] if bad else 0)
+
+
+def test_four_devices_match_one(tmp_path):
+  script = (
+      'import dataclasses, json, sys; sys.path.insert(0, %r)\n'
+      'from gating import train\n'
+      'from tests.test_train import TINY, run, metrics\n'
+      'try:\n'
+      '  train.mesh_and_shardings(batch_size=6, grad_accum=1)\n'
+      '  refused = None\n'
+      'except ValueError as e:\n'
+      '  refused = str(e)\n'
+      'run(dataclasses.replace(TINY, steps=5), sys.argv[1])\n'
+      'print(json.dumps({"refused": refused,'
+      ' "losses": [r["loss"] for r in metrics(sys.argv[1])]}))\n') % ROOT
+  results = {}
+  for devices in (1, 4):
+    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+           'PYTHONPATH': ROOT}
+    out = subprocess.run([sys.executable, '-c', script, str(tmp_path / str(devices))],
+                         env=env, cwd=ROOT, check=True, capture_output=True, text=True)
+    results[devices] = json.loads(out.stdout.strip().splitlines()[-1])
+    provenance = json.load(open(tmp_path / str(devices) / 'provenance.json'))
+    assert provenance['device_count'] == devices
+  np.testing.assert_allclose(results[4]['losses'], results[1]['losses'], rtol=1e-5)
+  assert results[1]['refused'] is None
+  assert 'micro-batch of 6 rows' in results[4]['refused']
+  assert 'not divisible by the 4 devices' in results[4]['refused']
+
+
+@pytest.mark.parametrize('name,overrides,moves', [
+    ('l0', dict(model=dict(gate='hard_concrete', active_heads=None, eval_path='masked'),
+                loss=dict(l0_weight=2.0)), 'fewer_heads'),
+    ('l1', dict(model=dict(gate='sigmoid', active_heads=None, eval_path='masked'),
+                loss=dict(l1_weight=2.0)), 'fewer_heads'),
+    ('lagrangian', dict(model=dict(gate='hard_concrete', active_heads=None, eval_path='masked'),
+                        loss=dict(target_fraction=0.25, target_warmup_steps=10),
+                        optim=dict(lagrange_learning_rate=0.5)), 'fewer_heads'),
+    ('load_balance', dict(model=dict(gate='topk', active_heads=1, noise=None),
+                          loss=dict(load_balance_weight=1.0)), 'more_even'),
+    ('z_loss', dict(model=dict(gate='topk', active_heads=2),
+                    loss=dict(z_loss_weight=1.0)), 'smaller_z'),
+])
+def test_each_regularizer_moves_the_gate_the_right_way(tmp_path, name, overrides, moves):
+  def variant(**loss_override):
+    cfg = TINY
+    sections = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in overrides.items()
+                if k != 'loss'}
+    cfg = dataclasses.replace(cfg, steps=60, **sections,
+                              loss=dataclasses.replace(cfg.loss, **loss_override))
+    return cfg
+
+  with_term = variant(**overrides['loss'])
+  without = variant()
+  run(with_term, tmp_path / 'with')
+  run(without, tmp_path / 'without')
+  a, b = metrics(tmp_path / 'with')[-10:], metrics(tmp_path / 'without')[-10:]
+  if moves == 'fewer_heads':
+    assert np.mean([r['active_heads'] for r in a]) < np.mean([r['active_heads'] for r in b]) - 0.3
+  elif moves == 'more_even':
+    assert np.mean([r['usage_entropy'] for r in a]) > np.mean([r['usage_entropy'] for r in b])
+  else:
+    assert np.mean([r['reg/z_loss'] for r in a]) < np.mean([r['reg/z_loss'] for r in b])
