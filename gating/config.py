@@ -98,23 +98,23 @@ class ModelConfig:
 class DataConfig:
   """Which data (see gating/data.py for the meaning of each knob)."""
   kind: str = 'synthetic'                # 'synthetic' | 'text'
-  # synthetic benchmark
-  num_tasks: int = 16                    # permutation tasks
-  input_len: int = 12                    # digits of input (and output) per sequence
+  seed: int = 0                          # which rows (synthetic) / documents (text) go
+                                         # where; fixed across training seeds by default
+  # synthetic benchmark (gating.data.synthetic)
+  num_tasks: int = 16                    # permutation tasks (each its own fixed pattern)
+  input_len: int = 12                    # n: digits of input per sequence
   num_digits: int = 10                   # digit vocabulary
-  num_recall_tasks: int = 1
-  num_induction_tasks: int = 1
-  num_train: int = 50_000
+  num_recall_tasks: int = 2              # key-value recall tasks (offsets 0, 1, ...)
+  num_induction_tasks: int = 2           # induction tasks (copy 1, 2, ... tokens)
+  num_train: int = 100_000
   num_validation: int = 2_000
-  num_test: int = 2_000
-  task_seed: int = 0
-  # text
+  num_test: int = 4_000
+  task_seed: int = 0                     # the task definitions (permutations)
+  # text (gating.data.text)
   sources: tuple[str, ...] = ('python', 'pydoc', 'shakespeare')
   seq_len: int = 128
-  max_bytes_per_domain: int | None = 1_000_000
-  tokenizer: str | None = None           # an HF tokenizer name; None: bytes
-  # both
-  classify: bool = False                 # classification form (for model.kind='encoder')
+  max_bytes_per_domain: int | None = 1_200_000
+  tokenizer: str = 'bytes'               # or an HF tokenizer name (needs transformers)
 
   def __post_init__(self):
     _check(self.kind in ('synthetic', 'text'), 'data.kind',

@@ -52,15 +52,18 @@ class Learner(nnx.Module):
 # -- building ----------------------------------------------------------------------------------
 
 def load_data(cfg: TrainConfig) -> data.Splits:
+  """The run's splits; the classification form when the model is an encoder."""
   d = cfg.data
   if d.kind == 'synthetic':
-    return data.synthetic(
+    splits = data.synthetic(
         num_tasks=d.num_tasks, input_len=d.input_len, num_digits=d.num_digits,
         num_recall_tasks=d.num_recall_tasks, num_induction_tasks=d.num_induction_tasks,
         num_train=d.num_train, num_validation=d.num_validation, num_test=d.num_test,
-        task_seed=d.task_seed, seed=cfg.seed, classify=d.classify)
-  return data.text(d.sources, seq_len=d.seq_len, seed=cfg.seed,
-                   max_bytes_per_domain=d.max_bytes_per_domain, tokenizer=d.tokenizer)
+        seed=d.seed, task_seed=d.task_seed)
+  else:
+    splits = data.text(d.sources, seq_len=d.seq_len, seed=d.seed,
+                       max_bytes_per_domain=d.max_bytes_per_domain, tokenizer=d.tokenizer)
+  return data.classification(splits) if cfg.model.kind == 'encoder' else splits
 
 
 def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -205,7 +208,7 @@ def train_step(state, batch, step, *, graphdef, cfg: TrainConfig, active_heads):
   grads = jax.tree.map(lambda g: g / accum, grads)
   metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
   optimizer.update(learner, grads)
-  metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+  metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                  lambda1=learner.lambda1[...], lambda2=learner.lambda2[...],
                  target=jnp.asarray(target, jnp.float32))
   if cfg.temperature_start is not None:
@@ -231,21 +234,22 @@ def eval_step(state, batch, *, graphdef, path, active_heads):
 
 def evaluate(eval_fn, state, dataset, info: data.DataInfo, batch_size: int,
              max_batches: int | None, shard=lambda b: b) -> dict[str, Any]:
-  """Loss, accuracy and head usage overall and per label, over the first full batches.
+  """Loss, accuracy and head usage overall and per label, over the rows in order.
 
-  Rows are read in order; the last partial batch is dropped (at most batch_size - 1 rows).
+  max_batches=None reads every row: the last batch is filled up with repeats of the
+  first rows (one compiled shape), whose results are dropped.
   """
-  n = len(dataset) // batch_size
-  if n == 0:
-    raise ValueError(f'evaluation split has {len(dataset)} rows, fewer than the batch '
-                     f'size {batch_size}')
-  n = n if max_batches is None else min(n, max_batches)
-  columns = dataset.with_format('numpy')
   sums = None
-  for i in range(n):
-    rows = columns[i * batch_size:(i + 1) * batch_size]
+  for i, rows in enumerate(data.eval_batches(dataset, batch_size)):
+    if max_batches is not None and i >= max_batches:
+      break
+    n = len(rows['label'])
+    if n < batch_size:
+      rows = {k: np.concatenate([v, np.resize(v, (batch_size - n,) + v.shape[1:])])
+              for k, v in rows.items()}
     out = jax.device_get(eval_fn(state, shard(_model_inputs(rows))))
-    out['label'] = rows['label']
+    out = {k: v[:n] for k, v in out.items()}
+    out['label'] = rows['label'][:n]
     sums = out if sums is None else {k: np.concatenate([sums[k], out[k]]) for k in out}
   return summarize_eval(sums, info)
 
@@ -338,7 +342,8 @@ def mesh_and_shardings(batch_size: int, grad_accum: int):
   if micro % len(devices):
     raise ValueError(f'batch_size: the micro-batch of {micro} rows (batch_size / grad_accum) '
                      f'is not divisible by the {len(devices)} devices')
-  mesh = jax.make_mesh((len(devices),), ('data',))
+  # Auto axes: XLA propagates the batch sharding through the model (no per-op annotations).
+  mesh = jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   return (NamedSharding(mesh, PartitionSpec()),
           NamedSharding(mesh, PartitionSpec(None, 'data')),
           NamedSharding(mesh, PartitionSpec('data')))
@@ -370,8 +375,13 @@ def warm_start(state, graphdef, source_dir: str):
   return nnx.state((learner, optimizer)), copied
 
 
-def train(cfg: TrainConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final summary."""
+def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
+          stop_after: int | None = None) -> dict[str, Any] | None:
+  """Trains (or resumes) the run in `workdir`; returns the final summary.
+
+  stop_after: checkpoint at this step and return None (the run resumes from there later,
+  exactly as if it had not stopped).
+  """
   from tqdm.auto import tqdm
 
   os.makedirs(workdir, exist_ok=True)
@@ -453,7 +463,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True) -> dict[str,
   bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main_process),
              desc=os.path.basename(os.path.normpath(workdir)), dynamic_ncols=True)
   last_metrics = None
-  for step in range(start + 1, cfg.steps + 1):
+  last_step = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
+  for step in range(start + 1, last_step + 1):
     k = losses.k_at(step - 1, cfg.k_schedule, final_k)
     rows = data.batch_at(splits.train, step - 1, cfg.batch_size, cfg.seed)
     batch = jax.tree.map(
@@ -464,12 +475,14 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True) -> dict[str,
     if pending is not None:
       last_metrics = flush(pending)
     pending = (step, metrics, t_dispatch, k)
-    if step % cfg.checkpoint_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.steps:
+    evaluate_now = step % cfg.eval_interval == 0 or step == cfg.steps
+    save_now = step % cfg.checkpoint_interval == 0 or step in (cfg.steps, last_step)
+    if evaluate_now or save_now:
       last_metrics, pending = flush(pending), None
-      if step % cfg.eval_interval == 0 or step == cfg.steps:
+      if evaluate_now:
         result = run_eval(step)
         bar.set_postfix(val_loss=f'{result["loss"]:.3f}', val_acc=f'{result["accuracy"]:.3f}')
-      if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
+      if save_now:
         checkpoint.save(mngr, step, state, _meta(cfg, info, step))
     if last_metrics is not None:
       bar.set_postfix(loss=f'{last_metrics["loss"]:.3f}', refresh=False)
@@ -477,6 +490,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True) -> dict[str,
   if pending is not None:
     flush(pending)
   bar.close()
+  if last_step < cfg.steps:
+    mngr.close()
+    return None
 
   summary = {'steps': cfg.steps, 'tokens_seen': cfg.steps * tokens_per_step,
              'validation': run_eval(cfg.steps, 'validation', None),

@@ -75,7 +75,7 @@ def test_text_run_learns_on_tinyshakespeare(tmp_path, tinyshakespeare_path):
 
 def test_resume_continues_where_it_stopped(tmp_path):
   cfg = dataclasses.replace(TINY, steps=20, checkpoint_every=10)
-  run(dataclasses.replace(cfg, steps=10), tmp_path / 'split')
+  assert train.train(cfg, str(tmp_path / 'split'), progress=False, stop_after=10) is None
   with open(tmp_path / 'split' / 'metrics.jsonl', 'a') as f:   # a line from a killed future
     f.write(json.dumps({'step': 11, 'kind': 'train', 'loss': 0.0}) + '\n{"step": 12, "lo')
   run(cfg, tmp_path / 'split')
