@@ -268,7 +268,13 @@ def _tuple_item(hint):
 
 def override(config: TrainConfig, assignments: list[str]) -> TrainConfig:
   """Applies 'key=value' strings, e.g. 'model.active_heads=2', 'steps=500',
-  'model.active_heads=1,2' (a tuple), 'k_schedule=8:200,4:400', 'model.noise=none'."""
+  'model.active_heads=1,2' (a tuple), 'k_schedule=8:200,4:400', 'model.noise=none'.
+
+  All assignments are applied together and validated once, so their order never matters
+  (e.g. 'model.gate=dense' and 'model.active_heads=none').
+  """
+  changes: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+  top: dict[str, Any] = {}
   for assignment in assignments:
     if '=' not in assignment:
       raise ValueError(f'override {assignment!r} is not of the form key=value')
@@ -279,16 +285,13 @@ def override(config: TrainConfig, assignments: list[str]) -> TrainConfig:
                        f'{sorted(SECTIONS)}')
     cls = SECTIONS[section] if section else TrainConfig
     hints = typing.get_type_hints(cls)
-    if field not in hints:
+    if field not in hints or (not section and field in SECTIONS):
       raise ValueError(f'unknown config key {key!r}; known {section or "top-level"} keys: '
                        f'{sorted(f.name for f in dataclasses.fields(cls))}')
-    value = parse_value(text.strip(), hints[field], key)
-    if section:
-      config = dataclasses.replace(
-          config, **{section: dataclasses.replace(getattr(config, section), **{field: value})})
-    else:
-      config = dataclasses.replace(config, **{field: value})
-  return config
+    (changes[section] if section else top)[field] = parse_value(text.strip(), hints[field], key)
+  sections = {name: dataclasses.replace(getattr(config, name), **fields)
+              for name, fields in changes.items() if fields}
+  return dataclasses.replace(config, **sections, **top)
 
 
 def parse_value(text: str, hint, key: str):

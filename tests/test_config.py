@@ -45,6 +45,8 @@ def test_override_parses_types():
   assert cfg.model.tie_embeddings is False
   assert cfg.data.sources == ('python', 'pydoc')
   assert config.override(cfg, ['model.active_heads=2']).model.active_heads == 2
+  dense = config.override(TrainConfig(), ['model.gate=dense', 'model.active_heads=none'])
+  assert dense.model.gate == 'dense' and dense.model.active_heads is None
 
 
 @pytest.mark.parametrize('assignment,message', [

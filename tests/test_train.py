@@ -212,3 +212,18 @@ def test_each_regularizer_moves_the_gate_the_right_way(tmp_path, name, overrides
     assert np.mean([r['usage_entropy'] for r in a]) > np.mean([r['usage_entropy'] for r in b])
   else:
     assert np.mean([r['reg/z_loss'] for r in a]) < np.mean([r['reg/z_loss'] for r in b])
+
+
+def test_schedules_grad_accumulation_and_bfloat16(tmp_path):
+  cfg = dataclasses.replace(
+      TINY, steps=12, grad_accum=2, temperature_start=1.0, temperature_end=0.1,
+      temperature_steps=10, k_schedule=((4, 4), (3, 8)),
+      model=dataclasses.replace(TINY.model, dtype='bfloat16'))
+  run(cfg, tmp_path)
+  lines = metrics(tmp_path)
+  assert [r['K'] for r in lines] == [4] * 4 + [3] * 4 + [2] * 4
+  np.testing.assert_allclose([r['temperature'] for r in lines[:11]],
+                             [1.0 * 0.1 ** (s / 10) for s in range(11)], rtol=1e-5)
+  # the budget shows in the usage: K heads per sequence
+  assert [round(r['active_heads'][0]) for r in lines] == [4] * 4 + [3] * 4 + [2] * 4
+  assert all(np.isfinite(r['loss']) for r in lines)
