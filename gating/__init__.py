@@ -10,6 +10,7 @@ Importing `gating` needs only jax, flax, optax and numpy.
 from gating.attention import GatedMultiHeadAttention
 from gating.block import GatedTransformerBlock
 from gating.compute import HeadWeights, gathered_attention, masked_attention
+from gating.convert import PruneReport, gate_heads, prune
 from gating.models import EncoderOutput, GatedEncoder, GatedLM, LMOutput
 from gating.router import HeadRouter, StaticRouter
 from gating.selection import RULES, Gate, select
@@ -18,6 +19,6 @@ from gating.state import GateStats, GateTemperature, gate_stats, set_temperature
 __all__ = [
     'EncoderOutput', 'Gate', 'GateStats', 'GateTemperature', 'GatedEncoder', 'GatedLM',
     'GatedMultiHeadAttention', 'GatedTransformerBlock', 'HeadRouter', 'LMOutput',
-    'HeadWeights', 'RULES', 'StaticRouter', 'gate_stats', 'gathered_attention',
-    'masked_attention', 'select', 'set_temperature',
+    'HeadWeights', 'PruneReport', 'RULES', 'StaticRouter', 'gate_heads', 'gate_stats',
+    'gathered_attention', 'masked_attention', 'prune', 'select', 'set_temperature',
 ]
