@@ -4,9 +4,11 @@ Shape legend (tensor names carry their shape; einsum strings use the same letter
   B batch, L sequence length, S key length, D model width, H heads, K active heads
   (static), Dh head width, V vocabulary, P gate prefix length, N layers, C classes.
 
-Importing `gating` needs only jax, flax, optax and numpy.
+Importing `gating` needs only jax, flax, optax and numpy. Submodules: `gating.decode`
+(prefill, decode_step, generate for GatedLM) and `gating.linen` (Linen factories).
 """
 
+from gating import decode, linen
 from gating.attention import GatedMultiHeadAttention
 from gating.block import GatedTransformerBlock
 from gating.compute import HeadWeights, gathered_attention, masked_attention
