@@ -29,7 +29,8 @@ def tokens(b=4, seed=0):
 
 def test_a_linen_transformer_trains_one_step_and_reaches_the_gate_stats():
   model, x = TinyTransformer(), tokens()
-  variables = model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x, False)
+  init = jax.jit(lambda rngs, x: model.init(rngs, x, False))
+  variables = init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x)
   assert set(variables) == {'params', 'gate_stats', 'gate_temperature'}
   tx = optax.adam(1e-2)
 
@@ -46,6 +47,7 @@ def test_a_linen_transformer_trains_one_step_and_reaches_the_gate_stats():
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, stats, grads
 
+  @jax.jit
   def eval_loss(params):
     logits_BxLxV = model.apply({**variables, 'params': params}, x, False)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV[:, P - 1:-1],
@@ -83,10 +85,12 @@ def test_linen_and_nnx_give_the_same_outputs_with_the_same_weights():
   lm_kwargs = dict(num_layers=2, features=D, num_heads=H, max_length=L, prefix_len=P,
                    positions='rotary', active_heads=[1, 3])
   lm = gating.GatedLM(V, rngs=nnx.Rngs(0), **lm_kwargs)
-  out = gating.linen.gated_lm(V, **lm_kwargs).apply(
-      {'params': nnx.to_pure_dict(nnx.state(lm, nnx.Param))}, tokens(), deterministic=True)
+  linen_apply = jax.jit(lambda params, x: gating.linen.gated_lm(V, **lm_kwargs).apply(
+      {'params': params}, x, deterministic=True))
+  out = linen_apply(nnx.to_pure_dict(nnx.state(lm, nnx.Param)), tokens())
   assert isinstance(out, gating.LMOutput)
-  np.testing.assert_allclose(out.logits_BxLxV, lm(tokens()).logits_BxLxV, atol=1e-5)
+  want = nnx.jit(lambda lm, x: lm(x).logits_BxLxV)(lm, tokens())
+  np.testing.assert_allclose(out.logits_BxLxV, want, atol=1e-5)
 
 
 def test_stochastic_gates_draw_from_the_dropout_stream():

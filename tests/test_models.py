@@ -130,7 +130,7 @@ def test_num_heads_per_layer_with_an_explicit_head_width():
                          max_length=L, prefix_len=P, gate='topk', active_heads=[1, 2],
                          path='gathered', rngs=nnx.Rngs(0))
   assert [b.attention.query.kernel.shape for b in model.blocks] == [(D, 1, 6), (D, 3, 6)]
-  out = model(tokens())
+  out = nnx.jit(lambda model, x: model(x))(model, tokens())
   assert out.gate_weights_BxNxH.shape == (2, 2, 3)  # padded to the widest layer with 0
   np.testing.assert_array_equal(np.asarray(out.gate_weights_BxNxH).sum(-1), [[1, 2], [1, 2]])
   with pytest.raises(ValueError, match='pass head_dim'):
