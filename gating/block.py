@@ -50,7 +50,14 @@ class GatedTransformerBlock(nnx.Module):
         deterministic=deterministic, rngs=rngs, path=path, active_heads=active_heads,
         positions=positions, return_gate=True)
     h_BxLxD = x_BxLxD + self.dropout(y_BxLxD, deterministic=deterministic, rngs=rngs)
-    m_BxLxF = jax.nn.gelu(self.mlp_in(self.mlp_norm(h_BxLxD)))
-    out_BxLxD = h_BxLxD + self.dropout(self.mlp_out(m_BxLxF), deterministic=deterministic,
-                                       rngs=rngs)
+    out_BxLxD = self.feed_forward(h_BxLxD, deterministic=deterministic, rngs=rngs)
     return (out_BxLxD, gate) if return_gate else out_BxLxD
+
+  def feed_forward(self, h_BxLxD, *, deterministic: bool | None = None, rngs=None):
+    """The MLP half of the block: h + Dropout(W2 gelu(W1 LayerNorm(h) + b1) + b2).
+
+    Also used on its own by `gating.decode`, which runs the attention half from its cache.
+    """
+    m_BxLxF = jax.nn.gelu(self.mlp_in(self.mlp_norm(h_BxLxD)))
+    return h_BxLxD + self.dropout(self.mlp_out(m_BxLxF), deterministic=deterministic,
+                                  rngs=rngs)

@@ -113,6 +113,19 @@ def take_heads(b_HxE, idx_BxK):
   return None if b_HxE is None else jnp.take(b_HxE, idx_BxK, axis=0, mode='clip')
 
 
+def output_all(o_BxLxHxDh, weights_BxH, wo_HxDhxDo, bo_Do, precision=None):
+  """y_BxLxDo = sum_h weights_bh o_bh Wo_h + bo: every head's output, weighted."""
+  o_BxLxHxDh = o_BxLxHxDh * weights_BxH[:, None, :, None].astype(o_BxLxHxDh.dtype)
+  return _add(jnp.einsum('BLHE,HEO->BLO', o_BxLxHxDh, wo_HxDhxDo, precision=precision), bo_Do)
+
+
+def output_gathered(o_BxLxKxDh, weights_BxK, wo_BxKxDhxDo, bo_Do, precision=None):
+  """y_BxLxDo = sum_j weights_bj o_bj Wo_bj + bo: each sequence's K heads, weighted."""
+  o_BxLxKxDh = o_BxLxKxDh * weights_BxK[:, None, :, None].astype(o_BxLxKxDh.dtype)
+  return _add(jnp.einsum('BLKE,BKEO->BLO', o_BxLxKxDh, wo_BxKxDhxDo, precision=precision),
+              bo_Do)
+
+
 def masked_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, weights_BxH,
                      options: AttendOptions = AttendOptions()):
   """All H heads computed; head h's output scaled by weights_BxH[:, h]. -> y_BxLxDo."""
@@ -121,8 +134,7 @@ def masked_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, weights_BxH,
   k_BxSxHxDh = project_all(xk_BxSxD, w.wk_DxHxDh, w.bk_HxDh, p)
   v_BxSxHxDh = project_all(xv_BxSxD, w.wv_DxHxDh, w.bv_HxDh, p)
   o_BxLxHxDh = attend(q_BxLxHxDh, k_BxSxHxDh, v_BxSxHxDh, options)
-  o_BxLxHxDh = o_BxLxHxDh * weights_BxH[:, None, :, None].astype(o_BxLxHxDh.dtype)
-  return _add(jnp.einsum('BLHE,HEO->BLO', o_BxLxHxDh, w.wo_HxDhxDo, precision=p), w.bo_Do)
+  return output_all(o_BxLxHxDh, weights_BxH, w.wo_HxDhxDo, w.bo_Do, p)
 
 
 def gathered_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, idx_BxK, weights_BxK,
@@ -144,6 +156,4 @@ def gathered_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, idx_BxK, we
   v_BxSxKxDh = project_gathered(xv_BxSxD, gather_heads(w.wv_DxHxDh, idx_BxK),
                                 take_heads(w.bv_HxDh, idx_BxK), p)
   o_BxLxKxDh = attend(q_BxLxKxDh, k_BxSxKxDh, v_BxSxKxDh, options)
-  o_BxLxKxDh = o_BxLxKxDh * weights_BxK[:, None, :, None].astype(o_BxLxKxDh.dtype)
-  wo_BxKxDhxDo = take_heads(w.wo_HxDhxDo, idx_BxK)
-  return _add(jnp.einsum('BLKE,BKEO->BLO', o_BxLxKxDh, wo_BxKxDhxDo, precision=p), w.bo_Do)
+  return output_gathered(o_BxLxKxDh, weights_BxK, take_heads(w.wo_HxDhxDo, idx_BxK), w.bo_Do, p)

@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gating.block import GatedTransformerBlock
@@ -27,7 +28,8 @@ POSITIONS = ('learned', 'rotary')
 class LMOutput(NamedTuple):
   logits_BxLxV: jax.Array   # logits at position t predict token t+1
   scored_BxL: jax.Array     # bool: position t is scored (t >= P-1, target t+1 is valid)
-  gate_weights_BxNxH: jax.Array  # every layer's gate weights per sequence (N = layers)
+  gate_weights_BxNxH: jax.Array  # every layer's gate weights per sequence (N = layers;
+                                 # with per-layer head counts, padded with 0 to max H)
 
 
 class EncoderOutput(NamedTuple):
@@ -36,14 +38,20 @@ class EncoderOutput(NamedTuple):
   gate_weights_BxNxH: jax.Array
 
 
-def per_layer(active_heads, num_layers: int) -> list[int | None]:
-  """An int (or None) for every layer, or a list with one K per layer."""
-  if isinstance(active_heads, Sequence) and not isinstance(active_heads, str):
-    if len(active_heads) != num_layers:
-      raise ValueError(f'active_heads has {len(active_heads)} entries for '
-                       f'{num_layers} layers')
-    return list(active_heads)
-  return [active_heads] * num_layers
+def per_layer(value, num_layers: int, name: str = 'active_heads') -> list:
+  """An int (or None) for every layer, or a list with one entry per layer."""
+  if isinstance(value, Sequence) and not isinstance(value, str):
+    if len(value) != num_layers:
+      raise ValueError(f'{name} has {len(value)} entries for {num_layers} layers')
+    return list(value)
+  return [value] * num_layers
+
+
+def stack_weights(weights: list[jax.Array]) -> jax.Array:
+  """Per-layer gate weights [B, H_n] -> [B, N, max H_n]; a layer with fewer heads
+  (a pruned model's) fills its first H_n entries and weighs the rest 0."""
+  width = max(w.shape[-1] for w in weights)
+  return jnp.stack([jnp.pad(w, ((0, 0), (0, width - w.shape[-1]))) for w in weights], axis=1)
 
 
 def padding_mask(valid_BxL, is_causal: bool):
@@ -58,8 +66,8 @@ def padding_mask(valid_BxL, is_causal: bool):
 class _Trunk(nnx.Module):
   """Token embeddings, positions, N gated blocks and a final LayerNorm (shared by both)."""
 
-  def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads: int,
-               max_length: int, positions: str, mlp_features: int | None,
+  def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads,
+               head_dim: int | None, max_length: int, positions: str, mlp_features: int | None,
                dropout_rate: float, attention_dropout_rate: float, active_heads,
                rotary_base: float, dtype, param_dtype, rngs: nnx.Rngs, **attention_kwargs):
     if positions not in POSITIONS:
@@ -68,9 +76,18 @@ class _Trunk(nnx.Module):
                         ('features', features), ('max_length', max_length)):
       if value < 1:
         raise ValueError(f'{name} must be >= 1, got {value}')
+    heads = per_layer(num_heads, num_layers, 'num_heads')
+    if any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in heads):
+      raise ValueError(f'num_heads must be an int >= 1 or a list of them, got {num_heads!r}')
+    heads = [int(h) for h in heads]
+    if head_dim is None and len(set(heads)) > 1:
+      raise ValueError('num_heads differs between layers: pass head_dim (Dh) explicitly')
+    if head_dim is not None and head_dim < 1:
+      raise ValueError(f'head_dim must be >= 1, got {head_dim}')
     self.vocab_size = vocab_size
     self.max_length = max_length
-    self.num_heads = num_heads
+    self.num_heads = heads[0] if isinstance(num_heads, (int, np.integer)) else tuple(heads)
+    self.head_dim = head_dim
     self.positions = positions
     self.token_embed = nnx.Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype,
                                  rngs=rngs)
@@ -79,11 +96,12 @@ class _Trunk(nnx.Module):
         if positions == 'learned' else nnx.data(None))
     self.blocks = nnx.List([
         GatedTransformerBlock(
-            features, num_heads, mlp_features=mlp_features, dropout_rate=dropout_rate,
+            features, h, mlp_features=mlp_features, dropout_rate=dropout_rate,
             attention_dropout_rate=attention_dropout_rate, active_heads=k,
+            qkv_features=None if head_dim is None else h * head_dim,
             rotary_base=rotary_base if positions == 'rotary' else None, dtype=dtype,
             param_dtype=param_dtype, rngs=rngs, **attention_kwargs)
-        for k in per_layer(active_heads, num_layers)])
+        for h, k in zip(heads, per_layer(active_heads, num_layers))])
     self.final_norm = nnx.LayerNorm(features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
@@ -113,7 +131,7 @@ class _Trunk(nnx.Module):
           deterministic=deterministic, rngs=rngs, path=path, active_heads=k,
           positions=positions_BxL if self.positions == 'rotary' else None, return_gate=True)
       weights.append(gate.weights_BxH)
-    return self.final_norm(x_BxLxD), jnp.stack(weights, axis=1)
+    return self.final_norm(x_BxLxD), stack_weights(weights)
 
 
 class GatedLM(nnx.Module):
@@ -121,7 +139,10 @@ class GatedLM(nnx.Module):
 
   Args:
     vocab_size: V.
-    num_layers, features, num_heads: N, D and H.
+    num_layers, features: N and D.
+    num_heads: H, an int or a list with one per layer (as `gating.prune` exports).
+    head_dim: Dh, each head's width (default features // H; required when the layers'
+      head counts differ). The attention's qkv_features is then H Dh.
     max_length: the longest sequence (learned positions are a table of this size).
     prefix_len: P, the tokens every layer's gate reads; positions < P-1 are not scored.
     positions: 'learned' or 'rotary'.
@@ -134,8 +155,8 @@ class GatedLM(nnx.Module):
       scaled_weights=, router_hidden_features=, ...). The router is always 'prefix'.
   """
 
-  def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads: int,
-               max_length: int, prefix_len: int, positions: str = 'learned',
+  def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads,
+               max_length: int, prefix_len: int, head_dim: int | None = None, positions: str = 'learned',
                tie_embeddings: bool = True, mlp_features: int | None = None,
                dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
                gate: str = 'topk', active_heads=None, path: str = 'masked',
@@ -151,7 +172,7 @@ class GatedLM(nnx.Module):
     self.tie_embeddings = tie_embeddings
     self.trunk = _Trunk(
         vocab_size, num_layers=num_layers, features=features, num_heads=num_heads,
-        max_length=max_length, positions=positions, mlp_features=mlp_features,
+        head_dim=head_dim, max_length=max_length, positions=positions, mlp_features=mlp_features,
         dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
         active_heads=active_heads, rotary_base=rotary_base, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs, gate=gate, path=path, prefix_len=prefix_len,
@@ -208,8 +229,8 @@ class GatedEncoder(nnx.Module):
   (all valid tokens; the default), 'first' or 'static'.
   """
 
-  def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads: int,
-               max_length: int, num_classes: int, positions: str = 'learned',
+  def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads,
+               max_length: int, num_classes: int, head_dim: int | None = None, positions: str = 'learned',
                mlp_features: int | None = None, dropout_rate: float = 0.0,
                attention_dropout_rate: float = 0.0, gate: str = 'topk', active_heads=None,
                path: str = 'masked', rotary_base: float = 10_000.0, dtype=None,
@@ -222,7 +243,7 @@ class GatedEncoder(nnx.Module):
     attention_kwargs.setdefault('router', 'static' if gate == 'static' else 'mean')
     self.trunk = _Trunk(
         vocab_size, num_layers=num_layers, features=features, num_heads=num_heads,
-        max_length=max_length, positions=positions, mlp_features=mlp_features,
+        head_dim=head_dim, max_length=max_length, positions=positions, mlp_features=mlp_features,
         dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
         active_heads=active_heads, rotary_base=rotary_base, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs, gate=gate, path=path, **attention_kwargs)

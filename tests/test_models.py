@@ -123,3 +123,22 @@ def test_bad_model_arguments():
     lm(router='mean')
   with pytest.raises(ValueError, match='shape \\[batch, length\\]'):
     lm(deterministic=True)(jnp.zeros((L,), jnp.int32))
+
+
+def test_num_heads_per_layer_with_an_explicit_head_width():
+  model = gating.GatedLM(V, num_layers=2, features=D, num_heads=[1, 3], head_dim=6,
+                         max_length=L, prefix_len=P, gate='topk', active_heads=[1, 2],
+                         path='gathered', rngs=nnx.Rngs(0))
+  assert [b.attention.query.kernel.shape for b in model.blocks] == [(D, 1, 6), (D, 3, 6)]
+  out = nnx.jit(lambda model, x: model(x))(model, tokens())
+  assert out.gate_weights_BxNxH.shape == (2, 2, 3)  # padded to the widest layer with 0
+  np.testing.assert_array_equal(np.asarray(out.gate_weights_BxNxH).sum(-1), [[1, 2], [1, 2]])
+  with pytest.raises(ValueError, match='pass head_dim'):
+    gating.GatedLM(V, num_layers=2, features=D, num_heads=[1, 3], max_length=L, prefix_len=P,
+                   gate='dense', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='num_heads has 3 entries for 2 layers'):
+    gating.GatedLM(V, num_layers=2, features=D, num_heads=[1, 3, 2], head_dim=6,
+                   max_length=L, prefix_len=P, gate='dense', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='num_heads must be an int >= 1'):
+    gating.GatedLM(V, num_layers=2, features=D, num_heads=[0, 3], head_dim=6, max_length=L,
+                   prefix_len=P, gate='dense', rngs=nnx.Rngs(0))

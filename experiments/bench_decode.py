@@ -1,0 +1,185 @@
+"""Decoding benchmark: GatedLM at K = 2, 4, 8 of 8 heads against the dense model.
+
+Model: D=512, H=8 (Dh=64), N=2 layers, MLP 4D, V=256, rotary positions, float32, so that
+attention dominates with a long cache. Every ratio is against the dense model (gate='dense')
+measured in the same run, candidates interleaved over repeated trials (experiments.timing).
+
+decode   One prompt of S - T tokens is prefilled (B=1) and its cache repeated to batch B,
+         then T greedy one-token steps (decode.decode_step in a lax.fori_loop under jit)
+         are timed: tokens/s = B T / seconds. The gated model runs on the gathered path
+         with the step projection that decode.choose_projection picks ('auto'), plus K=2
+         with the other projection. Reported per step:
+           kv_bytes      the cache (DecodeState.kv_bytes): exactly K/H of dense.
+           weight_bytes  an analytic count of the weight bytes a step reads: every
+                         parameter once (the tied embedding whole, for the logits), routers
+                         excluded (the gate was picked at prefill), and for a gathered layer
+                         under projection='weights' B K/H of its Q/K/V/O head weights.
+           xla_bytes     XLA's cost analysis 'bytes accessed' of one compiled step (cache
+                         donated): weights, cache and activations as XLA counts them.
+forward  A whole forward pass (B x L tokens) of GatedLM on the gathered path at K=2 of 8 and
+         on the masked path at K=2, against dense. FLOPs are XLA's cost analysis of each
+         compiled forward; the FLOP-allowed speedup is dense FLOPs / candidate FLOPs, and
+         `of_allowed` is the achieved speedup divided by it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import gating
+from experiments.timing import summarize, time_interleaved
+from gating import decode
+
+SIZES = dict(features=512, heads=8, layers=2, vocab=256, prefix=16)
+
+
+def build(gate: str, max_length: int, active_heads=None, path='masked'):
+  return gating.GatedLM(
+      SIZES['vocab'], num_layers=SIZES['layers'], features=SIZES['features'],
+      num_heads=SIZES['heads'], max_length=max_length, prefix_len=SIZES['prefix'],
+      positions='rotary', gate=gate, active_heads=active_heads, path=path, rngs=nnx.Rngs(0))
+
+
+def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> int:
+  """Analytic weight bytes one decode step reads (see the module docstring)."""
+  batch = state.positions_B.shape[0]
+  total = 0
+  for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if 'router' in path:
+      continue
+    total += leaf[...].nbytes
+  for block, cache in zip(model.blocks, state.layers):
+    if cache.projection == 'weights':
+      attn = block.attention
+      heads = sum(getattr(attn, name).kernel[...].nbytes for name in ('query', 'key', 'value',
+                                                                      'out'))
+      if attn.use_bias:
+        heads += sum(getattr(attn, name).bias[...].nbytes for name in ('query', 'key', 'value'))
+      k = cache.idx_BxK.shape[1]
+      total -= heads - heads * batch * k // attn.num_heads
+  return total
+
+
+def _decode_candidate(model, prompt_1xL, batch, cache_length, steps, active_heads, projection):
+  prefill = nnx.jit(decode.prefill, static_argnames=('cache_length', 'active_heads',
+                                                     'projection'))
+  if projection == 'auto':  # the choice for the batch decoded, not for the prefill's B=1
+    projection = decode.choose_projection(batch, active_heads or SIZES['heads'], SIZES['heads'])
+  _, state = prefill(model, prompt_1xL, cache_length=cache_length, active_heads=active_heads,
+                     projection=projection)
+  state = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), state)
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def run_steps(params, state, token_B):
+    model = nnx.merge(graphdef, params)
+
+    def body(_, carry):
+      state, token_B = carry
+      logits_BxV, state = decode.decode_step(model, state, token_B)
+      return state, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, (state, token_B))[1]
+
+  step = jax.jit(lambda params, state, token_B: decode.decode_step(
+      nnx.merge(graphdef, params), state, token_B), donate_argnums=1)
+  token_B = jnp.zeros((batch,), jnp.int32)
+  xla_bytes = step.lower(params, state, token_B).compile().cost_analysis().get('bytes accessed')
+  info = dict(kv_bytes=state.kv_bytes, weight_bytes=weight_bytes_per_step(model, state),
+              xla_bytes=xla_bytes, projections='/'.join(state.projections))
+  return (lambda: run_steps(params, state, token_B)), info
+
+
+def run_decode(quick: bool) -> list[dict]:
+  cache_length = 2048 if quick else 4096
+  steps = 16 if quick else 64
+  trials = 3 if quick else 7
+  dense = build('dense', cache_length)
+  gated = build('topk', cache_length, active_heads=2, path='gathered')
+  prompt_1xL = jax.random.randint(jax.random.key(0), (1, cache_length - steps), 0,
+                                  SIZES['vocab'])
+  rows = []
+  for batch in (1, 16):
+    cands = {'dense': _decode_candidate(dense, prompt_1xL, batch, cache_length, steps, None,
+                                        'auto')}
+    for k in (2, 4, 8):
+      cands[f'k{k}'] = _decode_candidate(gated, prompt_1xL, batch, cache_length, steps, k,
+                                         'auto')
+    auto = decode.choose_projection(batch, 2, SIZES['heads'])
+    other = 'activations' if auto == 'weights' else 'weights'
+    cands[f'k2_{other}'] = _decode_candidate(gated, prompt_1xL, batch, cache_length, steps, 2,
+                                             other)
+    times = time_interleaved({n: fn for n, (fn, _) in cands.items()}, trials)
+    base = summarize(times['dense'])['median_s']
+    base_info = cands['dense'][1]
+    for name, (_, info) in cands.items():
+      stats = summarize(times[name])
+      rows.append(dict(
+          section='decode', batch=batch, cache_length=cache_length,
+          prompt_length=cache_length - steps, steps=steps, candidate=name, **SIZES, **info,
+          tokens_per_s=batch * steps / stats['median_s'],
+          speedup_vs_dense=base / stats['median_s'],
+          kv_ratio_vs_dense=info['kv_bytes'] / base_info['kv_bytes'],
+          weight_ratio_vs_dense=info['weight_bytes'] / base_info['weight_bytes'], **stats))
+  return rows
+
+
+def run_forward(quick: bool) -> list[dict]:
+  batch, length = (2, 1024) if quick else (2, 2048)
+  trials = 3 if quick else 7
+  tokens_BxL = jax.random.randint(jax.random.key(1), (batch, length), 0, SIZES['vocab'])
+  models = {'dense': build('dense', length),
+            'gathered_k2': build('topk', length, active_heads=2, path='gathered'),
+            'masked_k2': build('topk', length, active_heads=2, path='masked')}
+  cands = {}
+  for name, model in models.items():
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda params, x, graphdef=graphdef: nnx.merge(graphdef, params)(
+        x, deterministic=True).logits_BxLxV)
+    flops = forward.lower(params, tokens_BxL).compile().cost_analysis()['flops']
+    cands[name] = ((lambda forward=forward, params=params: forward(params, tokens_BxL)), flops)
+  times = time_interleaved({n: fn for n, (fn, _) in cands.items()}, trials)
+  base, base_flops = summarize(times['dense'])['median_s'], cands['dense'][1]
+  rows = []
+  for name, (_, flops) in cands.items():
+    stats = summarize(times[name])
+    speedup, allowed = base / stats['median_s'], base_flops / flops
+    rows.append(dict(section='forward', batch=batch, length=length, candidate=name, **SIZES,
+                     xla_flops=flops, speedup_vs_dense=speedup, flop_allowed_speedup=allowed,
+                     of_allowed=speedup / allowed, **stats))
+  return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+  return run_decode(quick) + run_forward(quick)
+
+
+def format_table(rows: list[dict]) -> str:
+  s = SIZES
+  lines = [f'decode and forward (GatedLM D={s["features"]}, H={s["heads"]}, N={s["layers"]}, '
+           f'V={s["vocab"]}, float32): median [IQR], ratios against dense in the same run']
+  for r in rows:
+    if r['section'] == 'decode' and r['candidate'] == 'dense':
+      lines.append(f'\n  decode B={r["batch"]}, cache S={r["cache_length"]} (prompt '
+                   f'{r["prompt_length"]}), {r["steps"]} greedy steps')
+      lines.append(f'    {"":<16}{"tokens/s":>9} {"speedup":>8} {"ms/step [IQR]":>22} '
+                   f'{"KV MB":>8} {"xKV":>6} {"weight MB":>10} {"xW":>6} {"XLA MB":>8}  projection')
+    if r['section'] == 'decode':
+      ms = 1e3 / r['steps']
+      lines.append(
+          f'    {r["candidate"]:<16}{r["tokens_per_s"]:9.0f} {r["speedup_vs_dense"]:7.2f}x '
+          f'{r["median_s"] * ms:9.2f} [{r["q25_s"] * ms:.2f}, {r["q75_s"] * ms:.2f}] '
+          f'{r["kv_bytes"] / 1e6:8.1f} {r["kv_ratio_vs_dense"]:6.3f} '
+          f'{r["weight_bytes"] / 1e6:10.2f} {r["weight_ratio_vs_dense"]:6.3f} '
+          f'{r["xla_bytes"] / 1e6:8.1f}  {r["projections"]}')
+    if r['section'] == 'forward' and r['candidate'] == 'dense':
+      lines.append(f'\n  forward B={r["batch"]}, L={r["length"]} (FLOPs: XLA cost analysis)')
+    if r['section'] == 'forward':
+      lines.append(
+          f'    {r["candidate"]:<16}{r["median_s"] * 1e3:9.1f} ms [{r["q25_s"] * 1e3:.1f}, '
+          f'{r["q75_s"] * 1e3:.1f}]  {r["xla_flops"] / 1e9:7.2f} GFLOP  speedup '
+          f'{r["speedup_vs_dense"]:.2f}x of allowed {r["flop_allowed_speedup"]:.2f}x '
+          f'= {r["of_allowed"]:.0%}')
+  return '\n'.join(lines)

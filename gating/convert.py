@@ -1,0 +1,260 @@
+"""Retrofit and export: gate the heads of a trained model; prune the heads it never uses.
+
+gate_heads(model, rngs=..., **gate_kwargs)
+    A copy of any NNX model in which every `nnx.MultiHeadAttention` is a
+    `GatedMultiHeadAttention` carrying its weights (`from_dense`). With gate='dense' the
+    outputs do not change. Weights placed on a device mesh keep their placement and
+    sharding metadata; the new state (router, temperature, statistics) is replicated on
+    the same mesh, which is what `nnx.get_partition_spec` says for variables without
+    sharding metadata. Cross-attention (inputs_k/inputs_v, in_kv_features) is supported:
+    the gate reads the query sequence.
+
+prune(model, usage_or_threshold, ...)
+    A thin static copy of a gated model: every GatedMultiHeadAttention becomes a dense
+    one (gate='dense', no router) that holds only the heads its layer keeps, with their
+    Q/K/V/O weights and biases (Dh unchanged). GatedLM and GatedEncoder come back as the
+    same class built with `num_heads=[H_1, ..., H_N]` and `head_dim=Dh`, so a checkpoint
+    of the pruned model restores onto `nnx.eval_shape` of that constructor.
+    Equality: a layer's output is the same as the gated layer's for every sequence whose
+    gate opens exactly the kept heads with weight 1 (the default straight-through weights
+    are exactly 1). With scaled_weights=True on a static router the weights are the same
+    for every sequence and are folded into the kept heads' output weights, so the pruned
+    layer equals the gated one on every input; with a per-sequence router and
+    scaled_weights the pruned heads weigh 1 and equal the gated layer only where its
+    weights are 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gating.attention import GatedMultiHeadAttention
+from gating.models import GatedEncoder, GatedLM
+from gating.router import StaticRouter
+
+
+# -- gate_heads -------------------------------------------------------------------------------
+
+def _path_str(path) -> str:
+  return '/'.join(str(p) for p in path)
+
+
+def _mesh_of(module: nnx.Module):
+  """The mesh of the module's first array placed with a NamedSharding, or None."""
+  for _, leaf in nnx.to_flat_state(nnx.state(module)):
+    sharding = getattr(leaf[...], 'sharding', None)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def _replicate_new_state(module: nnx.Module, mesh) -> None:
+  """Places every array of `module` not already on `mesh` replicated on it (in place)."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def place(x):
+    sharding = getattr(x, 'sharding', None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated)
+  nnx.update(module, jax.tree.map(place, nnx.state(module)))
+
+
+def gate_heads(model: nnx.Module, *, rngs: nnx.Rngs, **gate_kwargs) -> nnx.Module:
+  """A copy of `model` with every nnx.MultiHeadAttention replaced by a gated one.
+
+  Args:
+    model: any NNX module (the original is not changed).
+    rngs: initializes the routers (its 'params' stream) and, for dropout or stochastic
+      gates, the layers' 'dropout' stream.
+    **gate_kwargs: GatedMultiHeadAttention arguments for every replaced layer (gate=,
+      active_heads=, path=, router=, prefix_len=, noise=, ...); gate='dense' leaves the
+      outputs unchanged.
+  """
+  found = [path for path, node in nnx.iter_graph(model)
+           if isinstance(node, nnx.MultiHeadAttention)]
+  if not found:
+    raise ValueError(f'gate_heads found no nnx.MultiHeadAttention in '
+                     f'{type(model).__name__}: nothing to gate')
+
+  def replace(path, node):
+    if not isinstance(node, nnx.MultiHeadAttention):
+      return node
+    gated = GatedMultiHeadAttention.from_dense(node, rngs=rngs, **gate_kwargs)
+    mesh = _mesh_of(node)
+    if mesh is not None:
+      _replicate_new_state(gated, mesh)
+    return gated
+  return nnx.recursive_map(replace, nnx.clone(model))
+
+
+# -- prune ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PruneReport:
+  """What prune kept and what it saved.
+
+  kept_heads: {layer path: the kept head indices of the gated layer, in order}.
+  num_heads: the kept head count of every layer, in model order (GatedLM/GatedEncoder
+    rebuild with num_heads=num_heads and head_dim=head_dim).
+  params_before/after: elements of every nnx.Param.
+  flops_before/after: XLA's cost analysis ('flops') of the jitted forward pass in eval
+    mode on `flops_input_shape` (the gated model on its own path, router included); None
+    when no input was given for a model that is not a GatedLM or GatedEncoder.
+  """
+  kept_heads: dict[str, tuple[int, ...]]
+  num_heads: tuple[int, ...]
+  head_dim: int | None   # None when the layers' head widths differ
+  params_before: int
+  params_after: int
+  flops_before: float | None
+  flops_after: float | None
+  flops_input_shape: tuple[int, ...] | None
+
+  def __str__(self):
+    lines = [f'prune: heads per layer {list(self.num_heads)} (Dh={self.head_dim})',
+             f'  params {self.params_before:,} -> {self.params_after:,} '
+             f'({self.params_after / self.params_before:.3f}x)']
+    if self.flops_before is not None:
+      lines.append(f'  forward FLOPs (XLA cost analysis, input {self.flops_input_shape}) '
+                   f'{self.flops_before:,.0f} -> {self.flops_after:,.0f} '
+                   f'({self.flops_after / self.flops_before:.3f}x)')
+    return '\n'.join(lines)
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def forward_flops(model: nnx.Module, *inputs) -> float:
+  """XLA's FLOP count of the compiled forward `model(*inputs)` in eval mode (no dropout)."""
+  graphdef, state = nnx.split(model)
+
+  def forward(state, *inputs):
+    module = nnx.merge(graphdef, state, copy=True)
+    module.eval()
+    return module(*inputs)
+  return float(jax.jit(forward).lower(state, *inputs).compile().cost_analysis()['flops'])
+
+
+def _usage_by_layer(model, usage_or_threshold, threshold) -> tuple[dict[str, np.ndarray], float]:
+  layers = {_path_str(p): m for p, m in nnx.iter_graph(model)
+            if isinstance(m, GatedMultiHeadAttention)}
+  if not layers:
+    raise ValueError(f'prune found no GatedMultiHeadAttention in {type(model).__name__}')
+  if isinstance(usage_or_threshold, Mapping):
+    usage = {path: np.asarray(u) for path, u in usage_or_threshold.items()}
+    threshold = 0.0 if threshold is None else threshold
+  else:
+    if threshold is not None:
+      raise ValueError('pass the threshold once: prune(model, threshold) reads the usage from '
+                       'the model; prune(model, usage, threshold=t) takes it from `usage`')
+    threshold = float(usage_or_threshold)
+    usage = {path: np.asarray(m.head_usage[...]) for path, m in layers.items()}
+  missing, unknown = sorted(set(layers) - set(usage)), sorted(set(usage) - set(layers))
+  if missing or unknown:
+    raise ValueError(f'usage must have one entry per gated layer {sorted(layers)}; missing '
+                     f'{missing}, unknown {unknown}')
+  for path, u in usage.items():
+    if u.shape != (layers[path].num_heads,):
+      raise ValueError(f'usage of {path!r} has shape {u.shape}; that layer has '
+                       f'{layers[path].num_heads} heads')
+  return usage, threshold
+
+
+def _thin_layer(attn: GatedMultiHeadAttention, kept: np.ndarray) -> GatedMultiHeadAttention:
+  """A dense GatedMultiHeadAttention with only the heads `kept` of `attn`."""
+  h = len(kept)
+  thin = GatedMultiHeadAttention(
+      h, attn.in_features, qkv_features=h * attn.head_dim, out_features=attn.out_features,
+      in_kv_features=attn.in_kv_features, gate='dense', rotary_base=attn.rotary_base,
+      dtype=attn.dtype, param_dtype=attn.param_dtype, broadcast_dropout=attn.broadcast_dropout,
+      dropout_rate=attn.dropout_rate, deterministic=attn.deterministic,
+      precision=attn.precision, use_bias=attn.use_bias, keep_rngs=attn.rngs is not None,
+      rngs=nnx.Rngs(0))
+  if thin.rngs is not None:  # its dropout stream continues the gated layer's
+    thin.rngs = nnx.clone(attn.rngs)
+  out_scale_H = np.ones(attn.num_heads, np.float32)
+  if attn.scaled_weights and isinstance(attn.router, StaticRouter):
+    # A static router weighs every sequence alike: fold its weights into Wo.
+    gate = attn.gate(jnp.zeros((1, 1, attn.in_features)), deterministic=True)
+    out_scale_H = np.asarray(gate.weights_BxH[0], np.float32)
+  kept_idx = jnp.asarray(kept)
+  for name, head_axis in (('query', 1), ('key', 1), ('value', 1), ('out', 0)):
+    src, dst = getattr(attn, name), getattr(thin, name)
+    kernel = jnp.take(src.kernel[...], kept_idx, axis=head_axis)
+    if name == 'out':
+      scale_h = jnp.asarray(out_scale_H[kept], kernel.dtype)
+      kernel = kernel * scale_h[:, None, None]
+    dst.kernel = src.kernel.replace(kernel)
+    if attn.use_bias:
+      bias = src.bias[...] if name == 'out' else jnp.take(src.bias[...], kept_idx, axis=0)
+      dst.bias = src.bias.replace(bias)
+  return thin
+
+
+def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = None,
+          inputs: tuple | None = None) -> tuple[nnx.Module, PruneReport]:
+  """Exports a thin static copy of a gated model without the heads it (almost) never uses.
+
+  Args:
+    model: a model holding GatedMultiHeadAttention layers (GatedLM, GatedEncoder, or any
+      NNX model, e.g. one from gate_heads). It is not changed.
+    usage_or_threshold: either a float t, and head h of a layer is kept if the layer's
+      recorded `head_usage` (GateStats of its last call: run the model in eval mode on
+      representative data first) exceeds t; or a mapping {layer path: usage [H]} (paths
+      as in `gating.gate_stats`, e.g. usage averaged over an evaluation set; for a
+      GatedLM, `(out.gate_weights_BxNxH != 0).mean(0)` gives it per layer), and a head is
+      kept if its usage exceeds `threshold` (default 0: every head ever used).
+    threshold: see above.
+    inputs: arguments of `model(*inputs)` for the FLOP count (default for GatedLM and
+      GatedEncoder: int tokens of shape [1, max_length]).
+
+  Returns (pruned model, PruneReport). Raises ValueError if a layer would keep fewer
+  heads than its budget K (its gate always opens up to K heads, so sequences would use
+  removed heads) or no head at all.
+  """
+  usage, threshold = _usage_by_layer(model, usage_or_threshold, threshold)
+  kept_heads, counts, head_dims = {}, [], set()
+  for path, attn in ((_path_str(p), m) for p, m in nnx.iter_graph(model)
+                     if isinstance(m, GatedMultiHeadAttention)):
+    kept = np.flatnonzero(usage[path] > threshold)
+    k = attn.num_heads if attn.gate_rule == 'dense' else attn.active_heads
+    if len(kept) == 0:
+      raise ValueError(f'layer {path!r} would keep no head (usage {usage[path].tolist()} <= '
+                       f'threshold {threshold}); lower the threshold')
+    if k is not None and k > len(kept):
+      raise ValueError(f'layer {path!r} has a budget of K={k} heads but only {len(kept)} '
+                       f'would be left after pruning (usage {usage[path].tolist()}, threshold '
+                       f'{threshold}); lower the threshold or the budget (active_heads)')
+    kept_heads[path] = tuple(int(h) for h in kept)
+    counts.append(len(kept))
+    head_dims.add(attn.head_dim)
+
+  def replace(path, node):
+    if isinstance(node, GatedMultiHeadAttention):
+      return _thin_layer(node, np.asarray(kept_heads[_path_str(path)]))
+    return node
+  pruned = nnx.recursive_map(replace, nnx.clone(model))
+  head_dim = next(iter(head_dims)) if len(head_dims) == 1 else None
+  if isinstance(pruned, (GatedLM, GatedEncoder)):  # as their constructor records them
+    pruned.trunk.num_heads = tuple(counts)
+    pruned.trunk.head_dim = head_dim
+
+  if inputs is None and isinstance(model, (GatedLM, GatedEncoder)):
+    inputs = (jnp.zeros((1, model.trunk.max_length), jnp.int32),)
+  flops = (None, None) if inputs is None else (forward_flops(model, *inputs),
+                                               forward_flops(pruned, *inputs))
+  report = PruneReport(
+      kept_heads=kept_heads, num_heads=tuple(counts), head_dim=head_dim,
+      params_before=count_params(model), params_after=count_params(pruned),
+      flops_before=flops[0], flops_after=flops[1],
+      flops_input_shape=None if inputs is None else tuple(np.shape(inputs[0])))
+  return pruned, report

@@ -1,0 +1,455 @@
+"""Autoregressive decoding for GatedLM from a KV cache of the active heads only.
+
+  prefill      The prompt runs through the model once. Every layer's gate reads the
+               prompt's first P tokens, as in the full forward, and picks its heads once
+               per sequence; the keys and values of the cached heads are written to the
+               cache, and the logits of every prompt position come out.
+  decode_step  One token per sequence, at that sequence's own position: its keys and
+               values are written to the cache and it attends to positions <= its own.
+  generate     prefill, then decode_step and sampling under one jit, in a
+               lax.while_loop: no recompilation per generated token.
+
+Decoding is inference: gates are deterministic and dropout is off, whatever the model's
+train/eval mode.
+
+The cache of a layer is k, v [B, N, S, Dh] with S = cache_length: N = K (the selected
+heads) for a gathered layer (path='gathered' with K < H), so its memory is K/H of dense;
+N = H for a masked or dense layer.
+
+How a one-token step projects a gathered layer (`projection=`, see DESIGN 4):
+  'weights'      The K heads' Q/K/V/O weights are gathered once per sequence at prefill
+                 ([B, D, K, Dh], kept in the state) and every step projects with them:
+                 a step reads B K/H times the layer's attention weight bytes.
+  'activations'  Every step projects with the full weights, reading them once (1x), and
+                 takes the K heads' q/k/v; the K outputs go back to their H slots (zeros
+                 elsewhere) for the full output projection. Costs B (H - K) extra
+                 multiply-adds per weight column, which is cheap when memory bound.
+  'auto'         'weights' when B K < H (it reads fewer bytes), else 'activations'.
+Masked and dense layers project every head with the full weights ('masked'). Prefill
+computes a gathered layer with gathered weights whatever the step projection (with a
+long prompt the gather pays). `DecodeState.projections` says what every layer does.
+
+Batched prompts are left-aligned: sequence b is tokens_BxL[b, :lengths_B[b]]; the rest is
+padding and is never read. Each sequence has its own positions (learned or rotary).
+
+Contract: prefill's logits equal GatedLM's full causal forward over the prompt, and a
+decode step's logits equal the full forward's at that position over the same tokens.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from flax.nnx.nn import dtypes
+
+from gating import compute
+from gating.attention import GatedMultiHeadAttention, check_active_heads
+from gating.models import GatedLM, padding_mask, per_layer
+
+PROJECTIONS = ('auto', 'weights', 'activations')
+
+
+class GatheredWeights(NamedTuple):
+  """The K selected heads' weights of every sequence, gathered once at prefill."""
+  wq_BxDxKxDh: jax.Array
+  wk_BxDxKxDh: jax.Array
+  wv_BxDxKxDh: jax.Array
+  wo_BxKxDhxDo: jax.Array
+  bq_BxKxDh: jax.Array | None
+  bk_BxKxDh: jax.Array | None
+  bv_BxKxDh: jax.Array | None
+
+
+class LayerCache(struct.PyTreeNode):
+  """One layer's cache: the keys and values of its N cached heads, and its gate.
+
+  projection: 'masked' (N = H, every head projected with the full weights), 'weights'
+  or 'activations' (N = K; see the module docstring).
+  """
+  k_BxNxSxDh: jax.Array
+  v_BxNxSxDh: jax.Array
+  weights_BxN: jax.Array           # gate weight of each cached head
+  idx_BxK: jax.Array | None        # the cached heads, for a gathered layer
+  gathered: GatheredWeights | None  # for projection='weights'
+  projection: str = struct.field(pytree_node=False)
+
+
+class DecodeState(struct.PyTreeNode):
+  """Every layer's cache and, per sequence, the position its next token takes."""
+  layers: tuple[LayerCache, ...]
+  positions_B: jax.Array
+
+  @property
+  def cache_length(self) -> int:
+    return self.layers[0].k_BxNxSxDh.shape[2]
+
+  @property
+  def projections(self) -> tuple[str, ...]:
+    return tuple(layer.projection for layer in self.layers)
+
+  @property
+  def kv_bytes(self) -> int:
+    """Bytes held by the keys and values of every layer."""
+    return sum(layer.k_BxNxSxDh.nbytes + layer.v_BxNxSxDh.nbytes for layer in self.layers)
+
+
+class Generation(NamedTuple):
+  tokens_BxT: jax.Array   # T = L + max_new_tokens; sequence b is tokens[b, :lengths[b]], then 0
+  lengths_B: jax.Array    # prompt + generated tokens (up to and including eos_id)
+  projections: tuple[str, ...]  # every layer's step projection (see the module docstring)
+
+
+# -- the plan: K, path and projection of every layer ------------------------------------------
+
+def choose_projection(batch: int, active_heads: int, num_heads: int) -> str:
+  """'weights' when gathering weights reads fewer bytes than the full weights (B K < H)."""
+  return 'weights' if batch * active_heads < num_heads else 'activations'
+
+
+def layer_plan(model: GatedLM, batch: int, *, path=None, active_heads=None,
+               projection: str = 'auto') -> list[tuple[int | None, str]]:
+  """(K, projection) of every layer, with the call overrides `path` and `active_heads`."""
+  if projection not in PROJECTIONS:
+    raise ValueError(f'projection must be one of {PROJECTIONS}, got {projection!r}')
+  plan = []
+  for block, k in zip(model.blocks, per_layer(active_heads, len(model.blocks))):
+    attn = block.attention
+    k = attn.active_heads if k is None else k
+    layer_path = attn.path if path is None else path
+    check_active_heads(k, attn.num_heads, attn.gate_rule, layer_path)
+    if layer_path == 'masked' or k == attn.num_heads:
+      plan.append((k, 'masked'))
+    elif projection == 'auto':
+      plan.append((k, choose_projection(batch, k, attn.num_heads)))
+    else:
+      plan.append((k, projection))
+  return plan
+
+
+# -- prefill ------------------------------------------------------------------------------------
+
+def _check_model(model):
+  if not isinstance(model, GatedLM):
+    raise ValueError(f'decoding needs a GatedLM, got {type(model).__name__}')
+
+
+def _rotate(attn: GatedMultiHeadAttention, x_BxLxNxDh, positions_BxL):
+  if attn.rotary_base is None:
+    return x_BxLxNxDh
+  return compute.rotate(x_BxLxNxDh, positions_BxL, attn.rotary_base)
+
+
+def _weights(attn: GatedMultiHeadAttention, xn_BxLxD):
+  """The layer's input and weights promoted to its compute dtype, as in its call."""
+  xn_BxLxD, *weights = dtypes.promote_dtype((xn_BxLxD, *attn.head_weights()), dtype=attn.dtype)
+  return xn_BxLxD, compute.HeadWeights(*weights)
+
+
+def _embed(model: GatedLM, tokens_BxL, positions_BxL):
+  x_BxLxD = model.trunk.token_embed(tokens_BxL)
+  if model.trunk.position_embed is not None:
+    x_BxLxD = x_BxLxD + model.trunk.position_embed(positions_BxL)
+  return x_BxLxD
+
+
+def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projection, S):
+  gate = attn.gate(xn_BxLxD, mask=mask_Bx1xLxL, deterministic=True, active_heads=k)
+  xn_BxLxD, w = _weights(attn, xn_BxLxD)
+  p = attn.precision
+  if projection == 'masked':
+    idx_BxK, gathered = None, None
+    weights_BxN = gate.weights_BxH
+    q_BxLxNxDh = compute.project_all(xn_BxLxD, w.wq_DxHxDh, w.bq_HxDh, p)
+    k_BxLxNxDh = compute.project_all(xn_BxLxD, w.wk_DxHxDh, w.bk_HxDh, p)
+    v_BxLxNxDh = compute.project_all(xn_BxLxD, w.wv_DxHxDh, w.bv_HxDh, p)
+  else:
+    idx_BxK = gate.idx_BxK
+    weights_BxN = jnp.take_along_axis(gate.weights_BxH, idx_BxK, axis=1)
+    g = GatheredWeights(
+        *(compute.gather_heads(x, idx_BxK) for x in w[:3]),
+        *(compute.take_heads(x, idx_BxK) for x in (w.wo_HxDhxDo, w.bq_HxDh, w.bk_HxDh,
+                                                    w.bv_HxDh)))
+    gathered = g if projection == 'weights' else None
+    q_BxLxNxDh = compute.project_gathered(xn_BxLxD, g.wq_BxDxKxDh, g.bq_BxKxDh, p)
+    k_BxLxNxDh = compute.project_gathered(xn_BxLxD, g.wk_BxDxKxDh, g.bk_BxKxDh, p)
+    v_BxLxNxDh = compute.project_gathered(xn_BxLxD, g.wv_BxDxKxDh, g.bv_BxKxDh, p)
+  q_BxLxNxDh = _rotate(attn, q_BxLxNxDh, positions_BxL)
+  k_BxLxNxDh = _rotate(attn, k_BxLxNxDh, positions_BxL)
+  o_BxLxNxDh = compute.attend(q_BxLxNxDh, k_BxLxNxDh, v_BxLxNxDh,
+                              compute.AttendOptions(mask=mask_Bx1xLxL, precision=p))
+  if projection == 'masked':
+    y_BxLxD = compute.output_all(o_BxLxNxDh, weights_BxN, w.wo_HxDhxDo, w.bo_Do, p)
+  else:
+    y_BxLxD = compute.output_gathered(o_BxLxNxDh, weights_BxN, g.wo_BxKxDhxDo, w.bo_Do, p)
+  L = xn_BxLxD.shape[1]
+  to_cache = lambda x_BxLxNxDh: jnp.pad(x_BxLxNxDh.transpose(0, 2, 1, 3),
+                                        ((0, 0), (0, 0), (0, S - L), (0, 0)))
+  cache = LayerCache(to_cache(k_BxLxNxDh), to_cache(v_BxLxNxDh), weights_BxN, idx_BxK,
+                     gathered, projection)
+  return y_BxLxD, cache
+
+
+def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, path=None,
+            active_heads=None, projection: str = 'auto'):
+  """Runs the prompt through `model` and fills the cache. -> (logits_BxLxV, DecodeState).
+
+  Args:
+    model: a GatedLM.
+    tokens_BxL: int prompts, left-aligned; positions >= lengths_B are padding.
+    lengths_B: every prompt's length (default: all L). Each must be >= P.
+    cache_length: S, the positions the cache holds (>= L, <= the model's max_length).
+    path, active_heads: overrides, as in GatedLM's call (active_heads: int or per layer).
+    projection: how steps project gathered layers: 'auto' | 'weights' | 'activations'.
+
+  logits_BxLxV[b, t] for t < lengths_B[b] equal the full forward's. Traceable (jit it with
+  nnx.jit, or use `generate`); with concrete `lengths_B` they are checked.
+  """
+  _check_model(model)
+  if tokens_BxL.ndim != 2:
+    raise ValueError(f'tokens must have shape [batch, length], got {tokens_BxL.shape}')
+  B, L = tokens_BxL.shape
+  P, max_length = model.prefix_len, model.trunk.max_length
+  if L < P:
+    raise ValueError(f'prompt of length {L} is shorter than the gate prefix P={P}: the gate '
+                     'reads the first P tokens')
+  if cache_length > max_length:
+    raise ValueError(f'cache_length {cache_length} exceeds the model max_length {max_length}')
+  if L > cache_length:
+    raise ValueError(f'prompt of length {L} is longer than the cache (cache_length='
+                     f'{cache_length})')
+  if lengths_B is None:
+    lengths_B = jnp.full((B,), L, jnp.int32)
+  lengths_B = jnp.asarray(lengths_B, jnp.int32)
+  if lengths_B.shape != (B,):
+    raise ValueError(f'lengths_B must have shape [{B}], got {lengths_B.shape}')
+  if not isinstance(lengths_B, jax.core.Tracer):
+    lengths = np.asarray(lengths_B)
+    if lengths.min() < P or lengths.max() > L:
+      raise ValueError(f'every prompt length must be in [P={P}, L={L}], got {lengths.tolist()}')
+  plan = layer_plan(model, B, path=path, active_heads=active_heads, projection=projection)
+
+  valid_BxL = jnp.arange(L)[None, :] < lengths_B[:, None]
+  positions_BxL = jnp.broadcast_to(jnp.arange(L)[None, :], (B, L))
+  x_BxLxD = _embed(model, jnp.where(valid_BxL, tokens_BxL, 0), positions_BxL)
+  mask_Bx1xLxL = padding_mask(valid_BxL, is_causal=True)
+  layers = []
+  for block, (k, layer_projection) in zip(model.blocks, plan):
+    y_BxLxD, cache = _prefill_attention(block.attention, block.attention_norm(x_BxLxD),
+                                        mask_Bx1xLxL, positions_BxL, k, layer_projection,
+                                        cache_length)
+    x_BxLxD = block.feed_forward(x_BxLxD + y_BxLxD, deterministic=True)
+    layers.append(cache)
+  logits_BxLxV = model.logits(model.trunk.final_norm(x_BxLxD))
+  return logits_BxLxV, DecodeState(tuple(layers), lengths_B)
+
+
+# -- one token ------------------------------------------------------------------------------------
+
+def _step_attention(attn, cache: LayerCache, xn_Bx1xD, positions_B, mask_Bx1x1xS):
+  xn_Bx1xD, w = _weights(attn, xn_Bx1xD)
+  p = attn.precision
+  if cache.projection == 'weights':
+    g = cache.gathered
+    q_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wq_BxDxKxDh, g.bq_BxKxDh, p)
+    k_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wk_BxDxKxDh, g.bk_BxKxDh, p)
+    v_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wv_BxDxKxDh, g.bv_BxKxDh, p)
+  else:
+    q_Bx1xNxDh = compute.project_all(xn_Bx1xD, w.wq_DxHxDh, w.bq_HxDh, p)
+    k_Bx1xNxDh = compute.project_all(xn_Bx1xD, w.wk_DxHxDh, w.bk_HxDh, p)
+    v_Bx1xNxDh = compute.project_all(xn_Bx1xD, w.wv_DxHxDh, w.bv_HxDh, p)
+    if cache.projection == 'activations':
+      take = lambda x_Bx1xHxDh: jnp.take_along_axis(
+          x_Bx1xHxDh, cache.idx_BxK[:, None, :, None], axis=2)
+      q_Bx1xNxDh, k_Bx1xNxDh, v_Bx1xNxDh = map(take, (q_Bx1xNxDh, k_Bx1xNxDh, v_Bx1xNxDh))
+  q_Bx1xNxDh = _rotate(attn, q_Bx1xNxDh, positions_B[:, None])
+  k_Bx1xNxDh = _rotate(attn, k_Bx1xNxDh, positions_B[:, None])
+  batch_B = jnp.arange(xn_Bx1xD.shape[0])
+  k_BxNxSxDh = cache.k_BxNxSxDh.at[batch_B, :, positions_B].set(k_Bx1xNxDh[:, 0])
+  v_BxNxSxDh = cache.v_BxNxSxDh.at[batch_B, :, positions_B].set(v_Bx1xNxDh[:, 0])
+  o_Bx1xNxDh = compute.attend(
+      q_Bx1xNxDh, k_BxNxSxDh.transpose(0, 2, 1, 3), v_BxNxSxDh.transpose(0, 2, 1, 3),
+      compute.AttendOptions(mask=mask_Bx1x1xS, precision=p))
+  if cache.projection == 'masked':
+    y_Bx1xD = compute.output_all(o_Bx1xNxDh, cache.weights_BxN, w.wo_HxDhxDo, w.bo_Do, p)
+  elif cache.projection == 'weights':
+    y_Bx1xD = compute.output_gathered(o_Bx1xNxDh, cache.weights_BxN, g.wo_BxKxDhxDo,
+                                      w.bo_Do, p)
+  else:  # back to the H slots, zeros elsewhere, for the full output projection
+    onehot_BxKxH = jax.nn.one_hot(cache.idx_BxK, w.wo_HxDhxDo.shape[0], dtype=o_Bx1xNxDh.dtype)
+    o_Bx1xHxDh = jnp.einsum('BLKE,BKH->BLHE', o_Bx1xNxDh, onehot_BxKxH, precision=p)
+    weights_BxH = jnp.einsum('BK,BKH->BH', cache.weights_BxN, onehot_BxKxH, precision=p)
+    y_Bx1xD = compute.output_all(o_Bx1xHxDh, weights_BxH, w.wo_HxDhxDo, w.bo_Do, p)
+  return y_Bx1xD, cache.replace(k_BxNxSxDh=k_BxNxSxDh, v_BxNxSxDh=v_BxNxSxDh)
+
+
+def decode_step(model: GatedLM, state: DecodeState, tokens_B):
+  """Feeds one token per sequence at state.positions_B. -> (logits_BxV, next state).
+
+  logits_BxV[b] predicts the token after tokens_B[b]; they equal the full forward's logits
+  at that position. Every position must stay below the cache length (`generate` sees to it;
+  with concrete positions this is checked).
+  """
+  _check_model(model)
+  positions_B = state.positions_B
+  S = state.cache_length
+  if not isinstance(positions_B, jax.core.Tracer) and int(np.max(positions_B)) >= S:
+    raise ValueError(f'the cache is full: position {int(np.max(positions_B))} is beyond '
+                     f'cache_length {S}')
+  x_Bx1xD = _embed(model, tokens_B[:, None], positions_B[:, None])
+  mask_Bx1x1xS = (jnp.arange(S)[None, :] <= positions_B[:, None])[:, None, None, :]
+  layers = []
+  for block, cache in zip(model.blocks, state.layers):
+    y_Bx1xD, cache = _step_attention(block.attention, cache, block.attention_norm(x_Bx1xD),
+                                     positions_B, mask_Bx1x1xS)
+    x_Bx1xD = block.feed_forward(x_Bx1xD + y_Bx1xD, deterministic=True)
+    layers.append(cache)
+  logits_BxV = model.logits(model.trunk.final_norm(x_Bx1xD))[:, 0]
+  return logits_BxV, DecodeState(tuple(layers), positions_B + 1)
+
+
+# -- sampling and the loop ----------------------------------------------------------------------
+
+def sample(logits_BxV, rng, temperature=0.0, top_p=1.0):
+  """The next token of every sequence: greedy (argmax) when temperature == 0, else a sample
+  of softmax(logits / temperature) restricted to the nucleus: the most probable tokens
+  whose probabilities, in decreasing order, sum to top_p (at least one token; top-p
+  sampling, Holtzman et al. 2020). temperature and top_p may be traced.
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  greedy_B = jnp.argmax(logits_BxV, axis=-1)
+  scaled_BxV = logits_BxV / jnp.where(temperature > 0, temperature, 1.0)
+  sorted_BxV, _ = jax.lax.top_k(scaled_BxV, scaled_BxV.shape[-1])
+  p_sorted_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  mass_before_BxV = jnp.cumsum(p_sorted_BxV, axis=-1) - p_sorted_BxV
+  keep_sorted_BxV = mass_before_BxV < top_p
+  keep_sorted_BxV = keep_sorted_BxV.at[:, 0].set(True)
+  threshold_B = jnp.min(jnp.where(keep_sorted_BxV, sorted_BxV, jnp.inf), axis=-1)
+  nucleus_BxV = jnp.where(scaled_BxV >= threshold_B[:, None], scaled_BxV, -jnp.inf)
+  sampled_B = jax.random.categorical(rng, nucleus_BxV, axis=-1)
+  return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'cache_length', 'eos_id',
+                                   'path', 'active_heads', 'projection'))
+def _generate(graphdef, model_state, tokens_BxL, lengths_B, rng, temperature, top_p, *,
+              max_new_tokens, cache_length, eos_id, path, active_heads, projection):
+  model = nnx.merge(graphdef, model_state)
+  B, L = tokens_BxL.shape
+  logits_BxLxV, state = prefill(model, tokens_BxL, lengths_B, cache_length=cache_length,
+                                path=path, active_heads=active_heads, projection=projection)
+  logits_BxV = jnp.take_along_axis(logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  valid_BxL = jnp.arange(L)[None, :] < lengths_B[:, None]
+  out_BxT = jnp.zeros((B, L + max_new_tokens), jnp.int32)
+  out_BxT = out_BxT.at[:, :L].set(jnp.where(valid_BxL, tokens_BxL, 0).astype(jnp.int32))
+  batch_B = jnp.arange(B)
+
+  def emit(i, logits_BxV, out_BxT, lengths_B, done_B):
+    token_B = sample(logits_BxV, jax.random.fold_in(rng, i), temperature, top_p)
+    token_B = jnp.where(done_B, 0, token_B)
+    out_BxT = out_BxT.at[batch_B, lengths_B].set(token_B)
+    lengths_B = lengths_B + (~done_B).astype(jnp.int32)
+    if eos_id is not None:
+      done_B = done_B | (token_B == eos_id)
+    return token_B, out_BxT, lengths_B, done_B
+
+  token_B, out_BxT, lengths_B, done_B = emit(0, logits_BxV, out_BxT, lengths_B,
+                                             jnp.zeros((B,), bool))
+
+  def cond(carry):
+    i, _, _, _, _, done_B = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, state, token_B, out_BxT, lengths_B, done_B = carry
+    logits_BxV, state = decode_step(model, state, token_B)
+    token_B, out_BxT, lengths_B, done_B = emit(i, logits_BxV, out_BxT, lengths_B, done_B)
+    return i + 1, state, token_B, out_BxT, lengths_B, done_B
+
+  carry = (jnp.asarray(1, jnp.int32), state, token_B, out_BxT, lengths_B, done_B)
+  *_, out_BxT, lengths_B, _ = jax.lax.while_loop(cond, body, carry)
+  return out_BxT, lengths_B
+
+
+def generate(model: GatedLM, tokens_BxL, lengths_B=None, *, max_new_tokens: int, rng=None,
+             temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None,
+             cache_length: int | None = None, path=None, active_heads=None,
+             projection: str = 'auto') -> Generation:
+  """Generates up to max_new_tokens tokens after every prompt, compiled once per shape.
+
+  Args:
+    model: a GatedLM (run as in eval mode).
+    tokens_BxL: int prompts, left-aligned; lengths_B (default all L) gives each length,
+      which must be >= P. Token ids must be in [0, vocab_size).
+    max_new_tokens: tokens to generate per sequence (a sequence stops after eos_id).
+    rng: PRNG key, needed when temperature > 0.
+    temperature, top_p: 0 is greedy; see `sample`. Changing them never recompiles.
+    eos_id: a token that ends a sequence (it is kept; later slots are 0).
+    cache_length: S (default L + max_new_tokens - 1, every position the model reads);
+      at most the model's max_length.
+    path, active_heads, projection: as in `prefill`.
+
+  Call it outside jit (it checks concrete inputs, then runs one jitted function).
+  """
+  _check_model(model)
+  tokens = np.asarray(tokens_BxL)
+  if tokens.ndim != 2:
+    raise ValueError(f'tokens must have shape [batch, length], got {tokens.shape}')
+  B, L = tokens.shape
+  V = model.vocab_size
+  lengths = np.full((B,), L, np.int32) if lengths_B is None else np.asarray(lengths_B, np.int32)
+  if lengths.shape != (B,):
+    raise ValueError(f'lengths_B must have shape [{B}], got {lengths.shape}')
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+      or max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be an int >= 1, got {max_new_tokens!r}')
+  valid = np.arange(L)[None, :] < lengths[:, None]
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f'tokens must be integer ids, got dtype {tokens.dtype}')
+  if valid.any() and (tokens[valid].min() < 0 or tokens[valid].max() >= V):
+    raise ValueError(f'prompt token ids must be in the vocabulary [0, {V}), got ids in '
+                     f'[{tokens[valid].min()}, {tokens[valid].max()}]')
+  if eos_id is not None and not 0 <= eos_id < V:
+    raise ValueError(f'eos_id must be in the vocabulary [0, {V}), got {eos_id}')
+  if temperature < 0:
+    raise ValueError(f'temperature must be >= 0, got {temperature}')
+  if not 0 < top_p <= 1:
+    raise ValueError(f'top_p must be in (0, 1], got {top_p}')
+  if temperature > 0 and rng is None:
+    raise ValueError('sampling (temperature > 0) needs rng=jax.random.key(...)')
+  if L < model.prefix_len:
+    raise ValueError(f'prompt of length {L} is shorter than the gate prefix '
+                     f'P={model.prefix_len}: the gate reads the first P tokens')
+  needed = L + max_new_tokens - 1
+  cache_length = needed if cache_length is None else cache_length
+  if L > cache_length:
+    raise ValueError(f'prompt of length {L} is longer than the cache (cache_length='
+                     f'{cache_length})')
+  if needed > cache_length:
+    raise ValueError(f'prompt length {L} + max_new_tokens {max_new_tokens} - 1 = {needed} '
+                     f'positions do not fit in cache_length {cache_length}')
+  if cache_length > model.trunk.max_length:
+    raise ValueError(f'prompt length {L} + max_new_tokens {max_new_tokens} - 1 = {needed} '
+                     f'positions exceed the model max_length {model.trunk.max_length}'
+                     if cache_length == needed else
+                     f'cache_length {cache_length} exceeds the model max_length '
+                     f'{model.trunk.max_length}')
+  if isinstance(active_heads, list):
+    active_heads = tuple(active_heads)
+  plan = layer_plan(model, B, path=path, active_heads=active_heads, projection=projection)
+  if lengths.min() < model.prefix_len or lengths.max() > L:
+    raise ValueError(f'every prompt length must be in [P={model.prefix_len}, L={L}] (the gate '
+                     f'reads the first P tokens), got {lengths.tolist()}')
+  graphdef, model_state = nnx.split(model)
+  rng = jax.random.key(0) if rng is None else rng
+  tokens_BxT, lengths_B = _generate(
+      graphdef, model_state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths), rng,
+      jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
+      cache_length=cache_length, eos_id=eos_id, path=path, active_heads=active_heads,
+      projection=projection)
+  return Generation(tokens_BxT, lengths_B, tuple(p for _, p in plan))

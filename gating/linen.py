@@ -1,0 +1,104 @@
+"""Linen factories: the gated attention, block and models inside a flax.linen model.
+
+Each factory returns a Linen module built on `flax.nnx.bridge.ToLinen` (what
+`bridge.to_linen` returns), so it takes part in `init`/`apply` like any Linen layer:
+
+    class Model(nn.Module):
+      @nn.compact
+      def __call__(self, x, train):
+        attn = gating.linen.gated_attention(8, 64, gate='topk', active_heads=2, name='attn')
+        return x + attn(x, deterministic=not train)
+
+    variables = Model().init({'params': k1, 'dropout': k2}, x, False)
+    y, updates = Model().apply(variables, x, True, rngs={'dropout': k3},
+                               mutable=['gate_stats'])
+    updates['gate_stats']['attn']['head_usage']   # [H]
+
+Collections: parameters are in 'params'. The gate statistics (`GateStats`: head_usage
+[H], head_prob [H], router_z_loss []) are in 'gate_stats'; like batch_stats, `apply`
+returns them only when asked: `apply(..., mutable=['gate_stats'])` (a regularizer built
+from head_prob inside a loss keeps its gradient). The rule's temperature is in
+'gate_temperature'; pass the whole `variables` to apply to keep it, and change it with
+`set_temperature(variables, t)`.
+
+Rng streams: `init` needs 'params', plus 'dropout' for the block and the models (their
+nnx.Dropout forks it at construction) and for an attention layer with dropout or a
+stochastic gate (hard_concrete, static, or noise=...). `apply` with deterministic=False draws dropout, gate noise and hard-concrete
+samples from 'dropout': pass rngs={'dropout': key}. Without it flax's bridge would fall
+back to a fixed key, so the factories refuse that with a ValueError instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax.core import FrozenDict
+from flax.nnx import bridge
+
+from gating.attention import GatedMultiHeadAttention
+from gating.block import GatedTransformerBlock
+from gating.models import GatedEncoder, GatedLM
+
+
+def _stochastic(kwargs) -> bool:
+  """True when the NNX module draws from the 'dropout' stream (needs it at init)."""
+  return (kwargs.get('gate', 'topk') in ('hard_concrete', 'static')
+          or kwargs.get('noise') is not None
+          or kwargs.get('dropout_rate', 0.0) > 0
+          or kwargs.get('attention_dropout_rate', 0.0) > 0)
+
+
+class GatedToLinen(bridge.ToLinen):
+  """bridge.ToLinen with clear errors when the 'dropout' rng stream is missing."""
+
+  def __call__(self, *args, deterministic: bool | None = None, **kwargs):
+    if 'dropout' not in self.scope.rngs:
+      name = getattr(self.nnx_class, '__name__', 'module')
+      # nnx.Dropout (in the block and the models) forks 'dropout' whatever its rate.
+      if self.is_initializing() and (_stochastic(self.kwargs) or self.nnx_class in (
+          GatedTransformerBlock, GatedLM, GatedEncoder)):
+        raise ValueError(f'{name} forks the dropout stream when it is built: init needs '
+                         "rngs={'params': key, 'dropout': key}")
+      if _stochastic(self.kwargs) and (
+          self.kwargs.get('deterministic') if deterministic is None else deterministic) is False:
+        raise ValueError(f'{name} with deterministic=False draws dropout and gate noise from '
+                         "the 'dropout' stream: pass apply(..., rngs={'dropout': key})")
+    return super().__call__(*args, deterministic=deterministic, **kwargs)
+
+
+def _linen(nnx_class, args, kwargs, name):
+  return GatedToLinen(nnx_class, args=args, kwargs=FrozenDict(kwargs), name=name)
+
+
+def gated_attention(num_heads: int, in_features: int, qkv_features: int | None = None,
+                    out_features: int | None = None, *, name: str | None = None, **kwargs):
+  """A Linen `GatedMultiHeadAttention` (same arguments; `rngs` comes from Linen).
+
+  Call it as the NNX layer: (inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
+  deterministic=None, is_causal=False, path=None, active_heads=None, ...) -> y.
+  """
+  return _linen(GatedMultiHeadAttention, (num_heads, in_features, qkv_features, out_features),
+                kwargs, name)
+
+
+def gated_block(features: int, num_heads: int, *, name: str | None = None, **kwargs):
+  """A Linen `GatedTransformerBlock` (same arguments; `rngs` comes from Linen)."""
+  return _linen(GatedTransformerBlock, (features, num_heads), kwargs, name)
+
+
+def gated_lm(vocab_size: int, *, name: str | None = None, **kwargs):
+  """A Linen `GatedLM` (same arguments); apply returns its LMOutput."""
+  return _linen(GatedLM, (vocab_size,), kwargs, name)
+
+
+def gated_encoder(vocab_size: int, *, name: str | None = None, **kwargs):
+  """A Linen `GatedEncoder` (same arguments); apply returns its EncoderOutput."""
+  return _linen(GatedEncoder, (vocab_size,), kwargs, name)
+
+
+def set_temperature(variables, temperature: float | jax.Array):
+  """A copy of Linen `variables` with every gated layer's temperature set (no recompile)."""
+  variables = dict(variables)
+  variables['gate_temperature'] = jax.tree.map(
+      lambda t: jnp.full_like(t, temperature), variables['gate_temperature'])
+  return variables

@@ -1,0 +1,267 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gating
+from gating import GatedMultiHeadAttention
+
+V, L, D, H, P = 40, 12, 32, 4, 4
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+
+
+class UserModel(nnx.Module):
+  """A model that knows nothing of gating: two self-attentions and a cross-attention."""
+
+  def __init__(self, *, rngs):
+    self.embed = nnx.Linear(8, D, rngs=rngs)
+    self.layers = nnx.List([nnx.MultiHeadAttention(H, D, decode=False, rngs=rngs)
+                            for _ in range(2)])
+    self.cross = nnx.MultiHeadAttention(H, D, in_kv_features=16, decode=False, rngs=rngs)
+
+  def __call__(self, x, context):
+    x = self.embed(x)
+    for attn in self.layers:
+      x = x + attn(x, is_causal=True)
+    return x + self.cross(x, context)
+
+
+def user_inputs(b=3):
+  return (jax.random.normal(jax.random.key(0), (b, L, 8)),
+          jax.random.normal(jax.random.key(1), (b, 5, 16)))
+
+
+# -- gate_heads -------------------------------------------------------------------------------
+
+def test_gate_heads_with_the_dense_gate_leaves_outputs_unchanged():
+  model = UserModel(rngs=nnx.Rngs(0))
+  gated = gating.gate_heads(model, rngs=nnx.Rngs(1), gate='dense')
+  assert all(isinstance(m, GatedMultiHeadAttention) for m in (*gated.layers, gated.cross))
+  assert all(isinstance(m, nnx.MultiHeadAttention) for m in (*model.layers, model.cross))
+  np.testing.assert_allclose(gated(*user_inputs()), model(*user_inputs()), atol=1e-5)
+  gated.embed.kernel[...] = gated.embed.kernel[...] * 0  # a copy: the original is untouched
+  assert np.abs(np.asarray(model.embed.kernel[...])).sum() > 0
+
+
+def test_gate_heads_gates_every_layer():
+  model = gating.gate_heads(UserModel(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), gate='topk',
+                            active_heads=2, path='gathered')
+  y = model(*user_inputs())
+  assert y.shape == (3, L, D)
+  stats = gating.gate_stats(model)
+  assert sorted(stats) == ['cross', 'layers/0', 'layers/1']
+  np.testing.assert_allclose(stats['cross']['head_usage'].sum(), 2.0)
+
+
+def test_gate_heads_bad_models():
+  with pytest.raises(ValueError, match='found no nnx.MultiHeadAttention in Linear'):
+    gating.gate_heads(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0), gate='dense')
+  caching = nnx.MultiHeadAttention(H, D, decode=True, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='decode=True'):
+    gating.gate_heads(caching, rngs=nnx.Rngs(0), gate='dense')
+  with pytest.raises(ValueError, match="gate='topk' needs a budget"):
+    gating.gate_heads(UserModel(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0), gate='topk')
+
+
+SHARDED = textwrap.dedent('''
+    import json
+    import jax
+    jax.config.update('jax_num_cpu_devices', 4)
+    import jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from flax import nnx
+    import gating
+
+    class Model(nnx.Module):  # as in flax's "Scale up on multiple devices" guide
+      def __init__(self, rngs):
+        init = nnx.initializers.lecun_normal()
+        self.embed = nnx.Linear(8, 32, kernel_init=nnx.with_partitioning(init, (None, 'model')),
+                                rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            4, 32, decode=False, kernel_init=nnx.with_partitioning(init, (None, 'model', None)),
+            out_kernel_init=nnx.with_partitioning(init, ('model', None, None)), rngs=rngs)
+
+      def __call__(self, x):
+        return self.attn(self.embed(x))
+
+    mesh = jax.make_mesh((2, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    forward = nnx.jit(lambda model, x: model(x))
+    with jax.set_mesh(mesh):
+      model = Model(nnx.Rngs(0))
+      x = jax.device_put(jnp.ones((4, 16, 8)), NamedSharding(mesh, P('data')))
+      dense = gating.gate_heads(model, rngs=nnx.Rngs(1), gate='dense')
+      topk = gating.gate_heads(model, rngs=nnx.Rngs(1), gate='topk', active_heads=2,
+                               path='gathered')
+      placements = {'/'.join(map(str, path)): list(v[...].sharding.spec)
+                    for path, v in nnx.to_flat_state(nnx.state(topk))
+                    if isinstance(v[...].sharding, NamedSharding) and v[...].sharding.mesh == mesh}
+      n_arrays = len(nnx.to_flat_state(nnx.state(topk)))
+      y = forward(topk, x)
+      print(json.dumps(dict(
+          max_diff=float(jnp.abs(forward(dense, x) - forward(model, x)).max()),
+          placements=placements, n_arrays=n_arrays, y_shape=list(y.shape),
+          metadata=list(topk.attn.query.kernel.get_metadata()['out_sharding']),
+          pspec=list(nnx.get_partition_spec(nnx.state(topk.attn.router))['hidden']['kernel']
+                     .get_value()))))
+    ''')
+
+
+def test_gate_heads_on_a_model_sharded_over_a_device_mesh():
+  env = dict(os.environ, PYTHONPATH=os.path.abspath(ROOT), JAX_PLATFORMS='cpu')
+  run = subprocess.run([sys.executable, '-c', SHARDED], capture_output=True, text=True,
+                       env=env, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  assert out['max_diff'] < 1e-5
+  assert out['y_shape'] == [4, 16, 32]
+  assert len(out['placements']) == out['n_arrays']  # every array, old and new, on the mesh
+  assert out['placements']['attn/query/kernel'] == [None, 'model', None]
+  assert out['placements']['attn/router/hidden/kernel'] == []  # replicated
+  assert out['metadata'] == [None, 'model', None] and out['pspec'] == []
+
+
+# -- prune --------------------------------------------------------------------------------------
+
+def lm(gate='topk', k=(1, 3), path='gathered', **kw):
+  return gating.GatedLM(V, num_layers=2, features=D, num_heads=H, max_length=L, prefix_len=P,
+                        gate=gate, active_heads=list(k) if k else None, path=path,
+                        rngs=nnx.Rngs(0), **kw)
+
+
+FAVOURED = ([-9.0, -9.0, 9.0, -9.0], [9.0, 9.0, -9.0, 9.0])  # layer 0 picks {2}, layer 1 {0, 1, 3}
+
+
+def favour(model, logits=FAVOURED):
+  """Router biases that make every sequence pick the same heads."""
+  for block, bias in zip(model.blocks, logits):
+    block.attention.router.logits.bias[...] = jnp.array(bias)
+  return model
+
+
+def tokens(b=3, seed=1):
+  return jax.random.randint(jax.random.key(seed), (b, L), 0, V)
+
+
+@nnx.jit
+def forward(model, tokens_BxL):
+  """model(tokens) compiled; the gate statistics it records reach the model."""
+  return model(tokens_BxL)
+
+
+@pytest.mark.parametrize('path', ['masked', 'gathered'])
+def test_pruned_equals_gated_when_the_gate_picks_the_kept_heads(path):
+  model = favour(lm(path=path))
+  gated = forward(model, tokens())
+  pruned, report = gating.prune(model, 0.0)  # usage recorded by the call above
+  assert report.num_heads == (1, 3) and report.head_dim == D // H
+  assert report.kept_heads == {'trunk/blocks/0/attention': (2,),
+                               'trunk/blocks/1/attention': (0, 1, 3)}
+  assert [b.attention.num_heads for b in pruned.blocks] == [1, 3]
+  assert all(b.attention.router is None for b in pruned.blocks)
+  out = forward(pruned, tokens())
+  np.testing.assert_allclose(out.logits_BxLxV, gated.logits_BxLxV, atol=1e-5)
+  np.testing.assert_array_equal(out.scored_BxL, gated.scored_BxL)
+  # On other tokens too: the gate picks the same heads for every sequence.
+  np.testing.assert_allclose(forward(pruned, tokens(seed=7)).logits_BxLxV,
+                             forward(model, tokens(seed=7)).logits_BxLxV, atol=1e-5)
+
+
+def test_pruned_differs_where_the_gate_picks_removed_heads():
+  model = favour(lm(k=(1, 1)), ([-9.0, -9.0, 9.0, -9.0], [9.0, -9.0, -9.0, -9.0]))
+  pruned, _ = gating.prune(model, {'trunk/blocks/0/attention': [0, 0, 1, 0],
+                                   'trunk/blocks/1/attention': [0, 0, 0, 1]})
+  difference = forward(pruned, tokens()).logits_BxLxV - forward(model, tokens()).logits_BxLxV
+  assert np.abs(np.asarray(difference)).max() > 1e-3
+
+
+def test_prune_reports_parameters_and_flops():
+  model = favour(lm())
+  forward(model, tokens())
+  pruned, report = gating.prune(model, 0.0)
+  Dh, removed_heads = D // H, (H - 1) + (H - 3)
+  router = sum(x.size for x in jax.tree.leaves(nnx.state(model.blocks[0].attention.router)))
+  per_head = 3 * (D * Dh + Dh) + Dh * D
+  assert report.params_before == gating.convert.count_params(model)
+  assert report.params_before - report.params_after == removed_heads * per_head + 2 * router
+  assert report.params_after == gating.convert.count_params(pruned)
+  assert report.flops_input_shape == (1, L)
+  assert 0 < report.flops_after < report.flops_before
+  dense_flops = gating.convert.forward_flops(lm('dense', k=None, path='masked'),
+                                             jnp.zeros((1, L), jnp.int32))
+  assert report.flops_after < dense_flops
+  assert 'XLA cost analysis' in str(report)
+
+
+def test_pruned_model_round_trips_through_an_orbax_checkpoint(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  model = favour(lm(positions='rotary'))
+  forward(model, tokens())
+  pruned, report = gating.prune(model, 0.0)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.save(0, args=ocp.args.StandardSave(nnx.state(pruned)))
+    manager.wait_until_finished()
+    abstract = nnx.eval_shape(lambda: gating.GatedLM(
+        V, num_layers=2, features=D, num_heads=list(report.num_heads),
+        head_dim=report.head_dim, max_length=L, prefix_len=P, positions='rotary',
+        gate='dense', rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    state = manager.restore(0, args=ocp.args.StandardRestore(abstract_state))
+  restored = nnx.merge(graphdef, state)
+  np.testing.assert_allclose(forward(restored, tokens()).logits_BxLxV,
+                             forward(model, tokens()).logits_BxLxV, atol=1e-5)
+
+
+def test_static_router_with_scaled_weights_folds_them():
+  model = lm('static', k=(2, 2), scaled_weights=True, deterministic=True)
+  for block in model.blocks:
+    block.attention.router.logits_H[...] = jnp.array([1.0, -5.0, 0.3, -5.0])
+  out = forward(model, tokens())
+  assert np.unique(np.asarray(out.gate_weights_BxNxH)).size > 2  # weights other than 0 and 1
+  pruned, report = gating.prune(model, 0.5)
+  assert report.num_heads == (2, 2)
+  np.testing.assert_allclose(forward(pruned, tokens(seed=5)).logits_BxLxV,
+                             forward(model, tokens(seed=5)).logits_BxLxV, atol=1e-5)
+
+
+def test_prune_a_retrofitted_user_model_and_an_encoder():
+  model = gating.gate_heads(UserModel(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), gate='static',
+                            active_heads=2, router_init_logit=3.0)
+  for attn in (*model.layers, model.cross):
+    attn.router.logits_H[...] = jnp.array([3.0, -3.0, 3.0, -3.0])
+  model.eval()
+  want = model(*user_inputs())
+  pruned, report = gating.prune(model, 0.5, inputs=user_inputs(1))
+  assert report.num_heads == (2, 2, 2) and report.flops_after < report.flops_before
+  np.testing.assert_allclose(pruned(*user_inputs()), want, atol=1e-5)
+  encoder = gating.GatedEncoder(V, num_layers=2, features=D, num_heads=H, max_length=L,
+                                num_classes=3, gate='topk', active_heads=2, rngs=nnx.Rngs(0))
+  usage = {f'trunk/blocks/{i}/attention': [0.0, 0.5, 0.5, 0.0] for i in range(2)}
+  thin, report = gating.prune(encoder, usage)
+  assert report.num_heads == (2, 2)
+  assert forward(thin, tokens()).class_logits_BxC.shape == (3, 3)
+
+
+def test_prune_bad_arguments():
+  model = favour(lm(k=(2, 2)), ([9.0, 9.0, -9.0, -9.0], [9.0, -9.0, -9.0, 9.0]))
+  forward(model, tokens())
+  with pytest.raises(ValueError, match=r"budget of K=2 heads but only 1 would be left"):
+    gating.prune(model, {'trunk/blocks/0/attention': [1.0, 0.02, 0.0, 0.0],
+                         'trunk/blocks/1/attention': [1.0, 0.0, 0.0, 1.0]}, threshold=0.05)
+  with pytest.raises(ValueError, match='would keep no head'):
+    gating.prune(model, 1.0)
+  with pytest.raises(ValueError, match=r"missing \['trunk/blocks/1/attention'\]"):
+    gating.prune(model, {'trunk/blocks/0/attention': [1, 1, 0, 0]})
+  with pytest.raises(ValueError, match='has shape \\(3,\\); that layer has 4 heads'):
+    gating.prune(model, {'trunk/blocks/0/attention': [1, 1, 0],
+                         'trunk/blocks/1/attention': [1, 1, 0, 0]})
+  with pytest.raises(ValueError, match='pass the threshold once'):
+    gating.prune(model, 0.1, threshold=0.1)
+  with pytest.raises(ValueError, match='found no GatedMultiHeadAttention'):
+    gating.prune(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 0.0)

@@ -1,0 +1,193 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gating
+from gating import decode
+
+V, L, D, H, P = 40, 16, 32, 4, 4
+
+
+def lm(gate='topk', k=2, path='gathered', **kw):
+  k = None if gate == 'dense' else k
+  return gating.GatedLM(V, num_layers=2, features=D, num_heads=H, max_length=L, prefix_len=P,
+                        gate=gate, active_heads=k, path=path, rngs=nnx.Rngs(0), **kw)
+
+
+def tokens(b=2, length=L, seed=1):
+  return jax.random.randint(jax.random.key(seed), (b, length), 0, V)
+
+
+@nnx.jit
+def full_forward(model, tokens_BxL, valid_BxL=None):
+  return model(tokens_BxL, valid_BxL=valid_BxL).logits_BxLxV
+
+
+jit_prefill = nnx.jit(decode.prefill, static_argnames=('cache_length', 'path', 'projection'))
+
+
+@nnx.jit(static_argnames=('prompt_len', 'projection'))
+def teacher_forced(model, tokens_BxL, prompt_len, projection):
+  """Prefill the first prompt_len tokens, then feed the rest one at a time: every logit."""
+  logits_BxLxV, state = decode.prefill(model, tokens_BxL[:, :prompt_len],
+                                       cache_length=tokens_BxL.shape[1], projection=projection)
+
+  def step(state, token_B):
+    logits_BxV, state = decode.decode_step(model, state, token_B)
+    return state, logits_BxV
+  _, step_logits_TxBxV = jax.lax.scan(step, state, tokens_BxL[:, prompt_len:].T)
+  return jnp.concatenate([logits_BxLxV, step_logits_TxBxV.transpose(1, 0, 2)], axis=1)
+
+
+@pytest.mark.parametrize('gate,path,positions,projection', [
+    ('dense', 'masked', 'learned', 'auto'),
+    ('topk', 'masked', 'rotary', 'auto'),
+    ('topk', 'gathered', 'learned', 'weights'),
+    ('topk', 'gathered', 'rotary', 'activations'),
+    ('hard_concrete', 'gathered', 'rotary', 'weights'),
+    ('sigmoid', 'gathered', 'learned', 'activations'),
+])
+def test_cached_decoding_equals_the_full_forward(gate, path, positions, projection):
+  model = lm(gate, path=path, positions=positions, deterministic=True)
+  x = tokens()
+  want = full_forward(model, x)  # the full causal forward
+  got = teacher_forced(model, x, 6, projection)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_the_cache_holds_only_the_selected_heads():
+  model = lm('topk', k=[1, 3], path='gathered')
+  _, state = jit_prefill(model, tokens(b=3, length=8), cache_length=12, projection='weights')
+  assert [c.k_BxNxSxDh.shape for c in state.layers] == [(3, 1, 12, D // H), (3, 3, 12, D // H)]
+  assert [c.v_BxNxSxDh.shape for c in state.layers] == [(3, 1, 12, D // H), (3, 3, 12, D // H)]
+  assert state.layers[0].gathered.wq_BxDxKxDh.shape == (3, D, 1, D // H)
+  _, dense_state = jit_prefill(lm('dense', path='masked'), tokens(b=3, length=8),
+                               cache_length=12)
+  assert dense_state.layers[0].k_BxNxSxDh.shape == (3, H, 12, D // H)
+  assert state.kv_bytes * H == dense_state.kv_bytes * (1 + 3) // 2
+  _, masked = jit_prefill(model, tokens(b=3, length=8), cache_length=12, path='masked')
+  assert masked.projections == ('masked', 'masked') and masked.kv_bytes == dense_state.kv_bytes
+
+
+def test_projection_rule_and_override():
+  assert decode.choose_projection(batch=1, active_heads=2, num_heads=8) == 'weights'
+  assert decode.choose_projection(batch=4, active_heads=2, num_heads=8) == 'activations'
+  assert decode.choose_projection(batch=3, active_heads=2, num_heads=8) == 'weights'
+  model = lm('topk', k=1)  # H = 4: gathering weights pays for B K < 4
+  assert decode.layer_plan(model, 3) == [(1, 'weights'), (1, 'weights')]
+  assert decode.layer_plan(model, 4) == [(1, 'activations'), (1, 'activations')]
+  assert decode.layer_plan(model, 4, projection='weights') == [(1, 'weights')] * 2
+  assert decode.layer_plan(model, 1, active_heads=H) == [(H, 'masked')] * 2
+  out = decode.generate(model, tokens(b=4, length=6), max_new_tokens=2)
+  assert out.projections == ('activations', 'activations')
+
+
+def test_batched_prompts_of_different_lengths_match_single_prompts():
+  model = lm('topk', path='gathered', positions='rotary')
+  x = tokens(b=3, length=10)
+  lengths = jnp.array([5, 10, 7])
+  batched = decode.generate(model, x, lengths, max_new_tokens=5)
+  np.testing.assert_array_equal(batched.lengths_B, lengths + 5)
+  for b, n in enumerate(lengths.tolist()):
+    alone = decode.generate(model, x[b:b + 1], [n], max_new_tokens=5)
+    np.testing.assert_array_equal(batched.tokens_BxT[b], alone.tokens_BxT[0])
+    assert (np.asarray(batched.tokens_BxT[b, n + 5:]) == 0).all()
+  # Greedy: every generated token is the argmax of the full forward over what came before.
+  valid_BxT = jnp.arange(15)[None, :] < batched.lengths_B[:, None]
+  full_BxTxV = full_forward(model, batched.tokens_BxT[:, :-1], valid_BxT[:, :-1])
+  for b, n in enumerate(lengths.tolist()):
+    np.testing.assert_array_equal(jnp.argmax(full_BxTxV[b, n - 1:n + 4], -1),
+                                  batched.tokens_BxT[b, n:n + 5])
+
+
+def test_generate_compiles_once_not_once_per_token(monkeypatch):
+  traced = []
+  step = decode.decode_step
+
+  def counting_step(*args, **kwargs):
+    traced.append(1)
+    return step(*args, **kwargs)
+  monkeypatch.setattr(decode, 'decode_step', counting_step)
+  model = lm('topk', k=3, path='gathered')
+  out = decode.generate(model, tokens(b=3, length=5), max_new_tokens=9)
+  assert out.tokens_BxT.shape == (3, 14) and len(traced) == 1
+  # New prompts, sampling settings and lengths of the same shapes reuse the compilation.
+  decode.generate(model, tokens(b=3, length=5, seed=4), [5, 4, 5], max_new_tokens=9,
+                  temperature=0.8, top_p=0.9, rng=jax.random.key(0))
+  assert len(traced) == 1
+
+
+def test_sample_greedy_temperature_and_nucleus():
+  logits_1xV = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+  rng = jax.random.key(0)
+  assert int(decode.sample(logits_1xV, rng)[0]) == 1  # temperature 0: argmax
+  draws = jax.vmap(lambda r: decode.sample(logits_1xV, r, 1.0, 0.7)[0])(
+      jax.random.split(rng, 2000))
+  counts = np.bincount(np.asarray(draws), minlength=4)
+  assert counts[0] == counts[2] == 0                     # outside the nucleus {1, 3}
+  np.testing.assert_allclose(counts[1] / 2000, 0.5 / 0.8, atol=0.05)
+  draws = jax.vmap(lambda r: decode.sample(logits_1xV, r, 1.0, 1.0)[0])(
+      jax.random.split(rng, 2000))
+  assert (np.bincount(np.asarray(draws), minlength=4) > 0).all()
+
+
+def test_generate_sampling_options_and_eos():
+  model = lm('topk', path='gathered')
+  x = tokens(b=2, length=6)
+  greedy = decode.generate(model, x, max_new_tokens=8)
+  tiny_p = decode.generate(model, x, max_new_tokens=8, temperature=1.0, top_p=1e-6,
+                           rng=jax.random.key(3))
+  np.testing.assert_array_equal(tiny_p.tokens_BxT, greedy.tokens_BxT)
+  a, b, c = (decode.generate(model, x, max_new_tokens=8, temperature=2.0,
+                             rng=jax.random.key(s)) for s in (1, 1, 2))
+  np.testing.assert_array_equal(a.tokens_BxT, b.tokens_BxT)
+  assert (np.asarray(a.tokens_BxT) != np.asarray(c.tokens_BxT)).any()
+  eos = int(greedy.tokens_BxT[0, 7])  # sequence 0's second generated token
+  stopped = decode.generate(model, x, max_new_tokens=8, eos_id=eos)
+  first_eos = [int(np.argmax(np.asarray(greedy.tokens_BxT[i, 6:]) == eos)) if
+               (np.asarray(greedy.tokens_BxT[i, 6:]) == eos).any() else 7 for i in range(2)]
+  np.testing.assert_array_equal(stopped.lengths_B, [6 + n + 1 for n in first_eos])
+  n0 = int(stopped.lengths_B[0])
+  np.testing.assert_array_equal(stopped.tokens_BxT[0, :n0], greedy.tokens_BxT[0, :n0])
+  assert (np.asarray(stopped.tokens_BxT[0, n0:]) == 0).all()
+
+
+def test_bad_decoding_arguments():
+  model = lm('topk', path='gathered')
+  x = tokens(b=2, length=6)
+  with pytest.raises(ValueError, match='shorter than the gate prefix P=4'):
+    decode.generate(model, x[:, :P - 1], max_new_tokens=2)
+  with pytest.raises(ValueError, match=r'every prompt length must be in \[P=4'):
+    decode.generate(model, x, [6, 3], max_new_tokens=2)
+  with pytest.raises(ValueError, match='longer than the cache'):
+    decode.generate(model, x, max_new_tokens=2, cache_length=5)
+  with pytest.raises(ValueError, match='longer than the cache'):
+    decode.prefill(model, x, cache_length=5)
+  with pytest.raises(ValueError, match='do not fit in cache_length 8'):
+    decode.generate(model, x, max_new_tokens=4, cache_length=8)
+  with pytest.raises(ValueError, match='exceed the model max_length 16'):
+    decode.generate(model, x, max_new_tokens=12)
+  with pytest.raises(ValueError, match=r'vocabulary \[0, 40\)'):
+    decode.generate(model, x.at[1, 2].set(V), max_new_tokens=2)
+  with pytest.raises(ValueError, match=r'eos_id must be in the vocabulary \[0, 40\)'):
+    decode.generate(model, x, max_new_tokens=2, eos_id=V)
+  with pytest.raises(ValueError, match='needs rng'):
+    decode.generate(model, x, max_new_tokens=2, temperature=1.0)
+  with pytest.raises(ValueError, match='top_p must be in'):
+    decode.generate(model, x, max_new_tokens=2, top_p=0.0)
+  with pytest.raises(ValueError, match='projection must be one of'):
+    decode.generate(model, x, max_new_tokens=2, projection='both')
+  with pytest.raises(ValueError, match="path='gathered' needs a static budget"):
+    decode.generate(lm('sigmoid', k=None, path='masked'), x, max_new_tokens=2, path='gathered')
+  with pytest.raises(ValueError, match='decoding needs a GatedLM'):
+    decode.generate(gating.GatedEncoder(V, num_layers=1, features=D, num_heads=H, max_length=L,
+                                        num_classes=2, active_heads=2, rngs=nnx.Rngs(0)),
+                    x, max_new_tokens=2)
+  _, state = jit_prefill(model, x, cache_length=6)
+  with pytest.raises(ValueError, match='the cache is full'):
+    decode.decode_step(model, state, x[:, 0])
+  # The drop-in layer itself has no decode mode: it points here.
+  with pytest.raises(ValueError, match='gating.decode'):
+    model.blocks[0].attention(jnp.ones((1, 4, D)), decode=True)
