@@ -3,7 +3,8 @@
   python -m experiments.benchmark [--quick] [--sections attention,...] [--out DIR]
 
 Sections: attention (nnx.MultiHeadAttention vs the masked and gathered paths, forward and
-forward+backward). Every ratio is against the dense baseline measured in the same run,
+forward+backward); train (the train step of a GatedLM: masked and gathered at K=2 of 8 vs
+dense). Every ratio is against the dense baseline measured in the same run,
 with candidates interleaved over repeated trials. Benchmarks never run in the tests.
 """
 
@@ -14,10 +15,10 @@ import json
 import os
 import time
 
-from experiments import bench_attention
+from experiments import bench_attention, bench_train
 from gating.provenance import provenance
 
-SECTIONS = {'attention': bench_attention}
+SECTIONS = {'attention': bench_attention, 'train': bench_train}
 
 
 def main(argv=None):
