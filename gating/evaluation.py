@@ -83,11 +83,11 @@ def load_run(workdir: str) -> Run:
   with open(config_path) as f:
     cfg = from_dict(json.load(f))
   checkpoints = os.path.join(workdir, 'checkpoints')
-  step = None
-  if os.path.isdir(checkpoints):
-    mngr = checkpoint.manager(checkpoints)
-    step = mngr.latest_step()
+  mngr = checkpoint.manager(checkpoints) if os.path.isdir(checkpoints) else None
+  step = None if mngr is None else mngr.latest_step()
   if step is None:
+    if mngr is not None:
+      mngr.close()
     raise FileNotFoundError(f'no checkpoint in {workdir}: looked for complete orbax step '
                             f'folders in {checkpoints} and found none (was the run '
                             'stopped before its first checkpoint?)')
@@ -121,7 +121,7 @@ def default_ks(cfg: TrainConfig) -> list:
 
 
 def unsupported(cfg: TrainConfig, path: str, k) -> str | None:
-  """Why (path, K) cannot run on this model, or None."""
+  """Why (path, K) cannot run on this model, or None; a ValueError for a bad path or K."""
   m = cfg.model
   if path not in PATHS:
     raise ValueError(f'path must be one of {PATHS}, got {path!r}')
