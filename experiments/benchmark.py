@@ -4,7 +4,8 @@
 
 Sections: attention (nnx.MultiHeadAttention vs the masked and gathered paths, forward and
 forward+backward); decode (GatedLM decoding at K = 2, 4, 8 of 8 vs dense: tokens/s, KV-cache
-and weight bytes per step, and a whole forward pass against its FLOP-allowed speedup).
+and weight bytes per step, and a whole forward pass against its FLOP-allowed speedup);
+train (the train step of a GatedLM: masked and gathered at K=2 of 8 vs dense).
 Every ratio is against the dense baseline measured in the same run, with candidates
 interleaved over repeated trials. Benchmarks never run in the tests.
 """
@@ -16,10 +17,10 @@ import json
 import os
 import time
 
-from experiments import bench_attention, bench_decode
+from experiments import bench_attention, bench_decode, bench_train
 from gating.provenance import provenance
 
-SECTIONS = {'attention': bench_attention, 'decode': bench_decode}
+SECTIONS = {'attention': bench_attention, 'decode': bench_decode, 'train': bench_train}
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""PNG plots of a run folder: python -m experiments.plots DIR [DIR ...]
+"""PNG plots of a run folder or a sweep folder: python -m experiments.plots DIR [DIR ...]
 
 For a run (a folder with metrics.jsonl) it writes into DIR/plots/:
   training_curves.png   train loss and task loss per step, validation loss and accuracy
@@ -6,6 +6,15 @@ For a run (a folder with metrics.jsonl) it writes into DIR/plots/:
   usage_heatmap.png     per-layer x per-head usage at the last evaluation (fraction of
                         sequences that run each head)
   usage_by_label.png    the same heatmap split by task (synthetic) or domain (text)
+
+For a sweep (a folder with sweep.json and results.csv, see experiments/sweep.py) it writes
+into DIR/plots/:
+  pareto.png            test quality (accuracy for synthetic data, bits per token for text)
+                        vs the active-head fraction, one line per gate rule over K, error
+                        bars = std over seeds; dense as a point and a dashed reference
+  pareto_flops.png      the same against XLA's FLOPs per token of the eval forward
+  per_label.png         the quality of every task (synthetic) or domain (text) vs the
+                        active-head fraction, one panel per label
 """
 
 from __future__ import annotations
@@ -144,13 +153,129 @@ def plot_run(run_dir: str) -> list[str]:
   return written
 
 
+# -- sweeps --------------------------------------------------------------------------------------
+
+def _quality(text: bool, prefix: str = 'test_'):
+  if text:
+    return prefix + 'bits_per_token', 'bits per token (lower is better)'
+  return prefix + 'accuracy', 'accuracy on target tokens (higher is better)'
+
+
+def _pareto(ax, groups, x_key, y_key):
+  """One line per (rule, regularizer) over K, error bars over seeds; dense as a reference."""
+  from gating.results import RULE_NAMES
+  lines = {}
+  for g in groups:
+    if g.get(x_key) is not None and g.get(y_key) is not None:
+      lines.setdefault((g['rule'], g['regularizer']), []).append(g)
+  for (rule, regularizer), members in lines.items():
+    members.sort(key=lambda g: g[x_key][0])
+    xs = [g[x_key][0] for g in members]
+    ys = [g[y_key][0] for g in members]
+    label = RULE_NAMES.get(rule, rule) + ('' if regularizer == 'none' else f' ({regularizer})')
+    seeds = max(g['seeds'] for g in members)
+    label += f', {seeds} seed{"s" if seeds > 1 else ""}'
+    if rule == 'dense':
+      line = ax.errorbar(xs, ys, xerr=[g[x_key][1] for g in members],
+                         yerr=[g[y_key][1] for g in members], fmt='k*', ms=12, capsize=3,
+                         label=label)
+      ax.axhline(ys[0], color='k', ls='--', lw=0.8, alpha=0.6)
+    else:
+      line = ax.errorbar(xs, ys, xerr=[g[x_key][1] for g in members],
+                         yerr=[g[y_key][1] for g in members], fmt='o-', capsize=3, label=label)
+    for g, x, y in zip(members, xs, ys):
+      if rule != 'dense':
+        ax.annotate(f"K={g['K']}", (x, y), textcoords='offset points', xytext=(4, 4),
+                    fontsize=7, color=line[0].get_color())
+  ax.grid(alpha=0.3)
+
+
+def plot_sweep(sweep_dir: str) -> list[str]:
+  """Writes the sweep's plots (see the module docstring) into sweep_dir/plots."""
+  from gating import results
+  path = os.path.join(sweep_dir, 'results.csv')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
+                            'first, it writes the results at the end')
+  groups = results.aggregate(results.read_csv(path))
+  out = os.path.join(sweep_dir, 'plots')
+  os.makedirs(out, exist_ok=True)
+  if not groups:
+    return []
+  try:
+    name = json.load(open(os.path.join(sweep_dir, 'sweep.json')))['sweep']
+  except (OSError, KeyError, json.JSONDecodeError):
+    name = os.path.basename(os.path.normpath(sweep_dir))
+  text = groups[0]['data'] == 'text'
+  y_key, y_label = _quality(text)
+  seeds = max(g['seeds'] for g in groups)
+  subtitle = (f'test split, gathered path at each K; mean ± std over up to {seeds} '
+              f'seed{"s" if seeds > 1 else ""}')
+  plt = _pyplot()
+  written = []
+  for x_key, x_label, file in (
+      ('active_fraction', 'active-head fraction (heads with a non-zero gate / H, mean '
+                          'over layers and sequences)', 'pareto.png'),
+      ('flops_per_token', "FLOPs per token of the eval forward (XLA cost analysis)",
+       'pareto_flops.png')):
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    _pareto(ax, groups, x_key, y_key)
+    versus = 'active heads' if x_key == 'active_fraction' else 'compute'
+    ax.set(xlabel=x_label, ylabel=f'test {y_label}', title=f'{name}: quality vs {versus}')
+    if x_key == 'active_fraction':
+      ax.set_xlim(0, 1.05)
+    ax.legend(fontsize=8)
+    fig.text(0.5, 0.005, subtitle, ha='center', fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    written.append(os.path.join(out, file))
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+  prefix = 'bits_per_token/' if text else 'accuracy/'
+  labels = [c[len(prefix):] for c in groups[0] if c.startswith(prefix)]
+  if labels:
+    cols = min(4, len(labels))
+    rows = int(np.ceil(len(labels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.0 * rows), squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+      _pareto(ax, groups, 'active_fraction', prefix + label)
+      ax.set(title=label, xlim=(0, 1.05), xlabel='active-head fraction')
+    for ax in list(axes.flat)[len(labels):]:
+      ax.axis('off')
+    for ax in axes[:, 0]:
+      ax.set_ylabel('bits per token' if text else 'accuracy')
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc='lower center', ncol=min(4, len(names)), fontsize=8)
+    fig.suptitle(f'{name}: test {y_label} per {"domain" if text else "task"} vs '
+                 f'active-head fraction ({subtitle})', fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    written.append(os.path.join(out, 'per_label.png'))
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+  return written
+
+
+def plot(directory: str) -> list[str]:
+  """plot_sweep for a sweep folder (with sweep.json), plot_run for a run folder."""
+  if os.path.exists(os.path.join(directory, 'sweep.json')):
+    return plot_sweep(directory)
+  if os.path.exists(os.path.join(directory, 'metrics.jsonl')):
+    return plot_run(directory)
+  raise FileNotFoundError(f'{directory} is neither a run folder (no metrics.jsonl) nor a '
+                          'sweep folder (no sweep.json)')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('dirs', nargs='+', help='run folders (with metrics.jsonl)')
+  parser.add_argument('dirs', nargs='+',
+                      help='run folders (with metrics.jsonl) or sweep folders (with sweep.json)')
   args = parser.parse_args(argv)
-  for run_dir in args.dirs:
-    for path in plot_run(run_dir):
+  for directory in args.dirs:
+    try:
+      written = plot(directory)
+    except (FileNotFoundError, ValueError) as e:
+      raise SystemExit(f'error: {e}')
+    for path in written:
       print(path)
 
 

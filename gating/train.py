@@ -216,6 +216,14 @@ def train_step(state, batch, step, *, graphdef, cfg: TrainConfig, active_heads):
   return nnx.state((learner, optimizer)), metrics
 
 
+def jit_train_step(graphdef, cfg: TrainConfig, active_heads):
+  """train_step jitted as the loop runs it: (state, batch, step) -> (state, metrics), with
+  the state donated. The benchmark (experiments/bench_train.py) times this very function."""
+  return jax.jit(lambda s, b, i: train_step(s, b, i, graphdef=graphdef, cfg=cfg,
+                                            active_heads=active_heads),
+                 donate_argnums=0)
+
+
 def eval_step(state, batch, *, graphdef, path, active_heads):
   """Per-sequence sums on one batch with the deterministic gate: loss, hits, count, heads."""
   learner, _ = nnx.merge(graphdef, state)
@@ -422,9 +430,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
 
   def step_fn(k):
     if k not in steps_fn:
-      steps_fn[k] = jax.jit(
-          lambda s, b, i: train_step(s, b, i, graphdef=graphdef, cfg=cfg, active_heads=k),
-          donate_argnums=0)
+      steps_fn[k] = jit_train_step(graphdef, cfg, k)
     return steps_fn[k]
 
   final_k = cfg.model.active_heads

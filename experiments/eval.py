@@ -1,0 +1,90 @@
+"""Evaluate a run's latest checkpoint: python -m experiments.eval --workdir DIR [...]
+
+Scores the model on the test split (or validation) on the masked and gathered compute
+paths at several budgets K (a model trained with top-K runs at another K without
+retraining): loss, accuracy and bits per token, overall and per task (synthetic) or
+domain (text), head usage, and FLOPs per token (XLA's cost analysis of the compiled eval
+step). It also scores the rule's own gate on the masked path without a budget (the
+"training gate": every head with hard-concrete z > 0, top-K for topk, all heads for
+dense; see gating/evaluation.py) and reports the gap to the gathered path at the run's
+own K. Writes JSON (default DIR/eval.json).
+
+Examples:
+  python -m experiments.eval --workdir runs/synthetic
+  python -m experiments.eval --workdir runs/text --paths gathered --k 2,4 --split validation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True, help='run folder (from experiments.train)')
+  parser.add_argument('--paths', default='masked,gathered',
+                      help='comma-separated compute paths (default: masked,gathered)')
+  parser.add_argument('--k', default=None,
+                      help='comma-separated budgets K, e.g. 1,2,4,8 (default: powers of two '
+                           "up to H and the run's own K)")
+  parser.add_argument('--split', default='test', choices=('test', 'validation'),
+                      help='test (reported numbers; default) or validation (tuning)')
+  parser.add_argument('--max-batches', type=int, default=None,
+                      help='score only the first N batches of the split (default: all rows)')
+  parser.add_argument('--out', default=None, help='JSON file (default: DIR/eval.json)')
+  return parser.parse_args(argv)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+  try:
+    return [int(x) for x in text.split(',') if x]
+  except ValueError:
+    raise ValueError(f'{flag} {text!r}: expected comma-separated integers') from None
+
+
+def print_report(report):
+  print(f"{report['workdir']} at step {report['step']}, {report['split']} split, "
+        f"gate {report['gate']}, own K={report['own_K']} of H={report['num_heads']}")
+  print(f"  {'path':<9} {'K':>4} {'loss':>8} {'accuracy':>9} {'bits/tok':>9} "
+        f"{'active':>7} {'FLOPs/token':>12}")
+  rows = [dict(r) for r in report['results']]
+  rows.append({**report['training_gate'], 'path': 'masked*'})
+  for r in rows:
+    if 'skipped' in r:
+      print(f"  {r['path']:<9} {str(r['K']):>4}  skipped: {r['skipped']}")
+      continue
+    flops = '-' if r['flops_per_token'] is None else f"{r['flops_per_token']:,.0f}"
+    print(f"  {r['path']:<9} {str(r['K']):>4} {r['loss']:8.4f} {r['accuracy']:9.4f} "
+          f"{r['bits_per_token']:9.4f} {r['active_fraction']:7.3f} {flops:>12}")
+  gap = report['gap']
+  print(f"  * the training gate: {report['training_gate']['meaning']}")
+  print(f"  gap (gathered at K={gap['K']} minus the training gate): loss {gap['loss']:+.4f}, "
+        f"accuracy {gap['accuracy']:+.4f}, active fraction {gap['active_fraction']:+.3f}")
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  from gating import checkpoint, evaluation
+  try:
+    paths = [p for p in args.paths.split(',') if p]
+    ks = None if args.k is None else _ints(args.k, '--k')
+    run = evaluation.load_run(args.workdir)
+    report = evaluation.evaluate_run(run, paths=paths, ks=ks, split=args.split,
+                                     max_batches=args.max_batches)
+  except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+    sys.exit(f'error: {e}')
+  out = args.out or os.path.join(args.workdir, 'eval.json')
+  tmp = out + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(report, f, indent=1)
+  os.replace(tmp, out)   # a reader (or a resumed sweep) never sees half a file
+  print_report(report)
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,137 @@
+"""Run a named sweep: python -m experiments.sweep NAME [--parallel N] [--out DIR] ...
+
+Sweeps are defined in experiments/configs/sweeps.py: points of overrides over a preset,
+each trained once per seed. Every point is an ordinary training run in OUT/<point>_s<seed>
+(`python -m experiments.train` in a subprocess, then `python -m experiments.eval` on the
+test split, gathered path at the point's own K, plus the masked-path training-gate gap).
+Stopped and started again, a sweep skips finished points (summary.json and eval.json
+present) and resumes unfinished ones from their checkpoints; a crashed point is reported
+and the others go on. OUT/sweep.json records the definition: a folder of another sweep,
+or of another definition (e.g. other --steps or --seeds), is refused, never overwritten.
+
+At the end it writes OUT/results.csv (one row per point), OUT/results.md (mean +- std over
+seeds per rule x K) and OUT/plots/ (quality vs active-head fraction, per label).
+
+With --parallel N >= the number of cores, each run's XLA uses single-threaded CPU kernels
+(--xla_cpu_multi_thread_eigen=false), so N runs do not oversubscribe the machine.
+
+Examples:
+  python -m experiments.sweep synthetic --parallel 2
+  python -m experiments.sweep text --out runs/sweeps/text_short --steps 500 --seeds 0
+  python -m experiments.sweep tiny --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv):
+  from experiments.configs.sweeps import SWEEPS
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('name', help=f'the sweep, one of {sorted(SWEEPS)}')
+  parser.add_argument('--parallel', type=int, default=1, help='runs at once (default 1)')
+  parser.add_argument('--out', default=None, help='sweep folder (default: runs/sweeps/NAME)')
+  parser.add_argument('--steps', type=int, default=None,
+                      help="training steps of every point (overrides the sweep's)")
+  parser.add_argument('--seeds', default=None,
+                      help="comma-separated training seeds (overrides the sweep's), e.g. 0,1")
+  parser.add_argument('--dry-run', action='store_true',
+                      help='print the points and their commands, and run nothing')
+  return parser.parse_args(argv)
+
+
+def points(sweep, out, *, steps, seeds):
+  """(record for sweep.json, [gating.sweep.Point]): resolves every point's config first,
+  so a bad override fails now, naming its point, before anything runs."""
+  from experiments import configs
+  from gating import evaluation
+  from gating.config import override
+  from gating.sweep import Point
+  runs = sweep.runs(steps=steps, seeds=seeds)
+  result = []
+  for name, overrides in runs.items():
+    try:
+      cfg = override(configs.get(sweep.preset), overrides)
+    except ValueError as e:
+      raise ValueError(f'sweep {sweep.name!r}, point {name}: {e}') from None
+    workdir = os.path.join(out, name)
+    k = evaluation.own_budget(cfg)
+    if isinstance(k, tuple):
+      raise ValueError(f'sweep {sweep.name!r}, point {name}: one K per layer ({k}) cannot '
+                       'be evaluated by the sweep; use a single K')
+    sets = [arg for o in overrides for arg in ('--set', o)]
+    train = [sys.executable, '-m', 'experiments.train', '--preset', sweep.preset,
+             '--workdir', workdir, '--no-progress', *sets]
+    evaluate = [sys.executable, '-m', 'experiments.eval', '--workdir', workdir,
+                '--paths', 'gathered', '--k', str(k), '--split', 'test']
+    result.append(Point(name, workdir, train, evaluate))
+  record = {'sweep': sweep.name, 'preset': sweep.preset, 'runs': runs}
+  return record, result
+
+
+def finish(sweep, out, names):
+  """Writes results.csv, results.md and the sweep plots from the point folders."""
+  from experiments import plots
+  from gating import results
+  rows = [results.point_row(os.path.join(out, name), name) for name in names]
+  results.write_csv(rows, os.path.join(out, 'results.csv'))
+  with open(os.path.join(out, 'results.md'), 'w') as f:
+    f.write(results.markdown(rows, f'{sweep.name}: {sweep.description}'))
+  written = plots.plot_sweep(out)
+  return [os.path.join(out, 'results.csv'), os.path.join(out, 'results.md'), *written]
+
+
+def _stop_on_sigterm(signum, frame):
+  raise SystemExit(f'stopped by signal {signum}; the sweep resumes where it stopped')
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  from experiments.configs import sweeps
+  from gating import sweep as runner
+  try:
+    sweep = sweeps.get(args.name)
+    seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(',') if s]
+    out = args.out or os.path.join('runs', 'sweeps', sweep.name)
+    record, todo = points(sweep, out, steps=args.steps, seeds=seeds)
+    if args.parallel < 1:
+      raise ValueError(f'--parallel must be >= 1, got {args.parallel}')
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  if args.dry_run:
+    for point in todo:
+      print(f'{point.name}:\n  {" ".join(point.train_command)}\n  {" ".join(point.eval_command)}')
+    return
+  try:
+    runner.claim_folder(out, record)
+  except runner.SweepError as e:
+    sys.exit(f'error: {e}')
+
+  env = runner.worker_env(args.parallel)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
+  finished = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
+  print(f'sweep {sweep.name}: {len(todo)} points ({finished} finished before) in {out}, '
+        f'{args.parallel} at once', flush=True)
+  signal.signal(signal.SIGTERM, _stop_on_sigterm)
+  start = time.time()
+  outcomes = runner.run_points(todo, parallel=args.parallel, env=env,
+                               report=lambda line: print(line, flush=True))
+  print(f'sweep {sweep.name}: {time.time() - start:.0f} s this sitting', flush=True)
+  for path in finish(sweep, out, [p.name for p in todo]):
+    print(f'wrote {path}')
+  failed = [o for o in outcomes if o.status in ('failed', 'busy')]
+  if failed:
+    sys.exit(f'{len(failed)} point(s) did not finish: ' +
+             '; '.join(f'{o.name}: {o.message}' for o in failed))
+
+
+if __name__ == '__main__':
+  main()

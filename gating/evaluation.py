@@ -1,0 +1,217 @@
+"""Evaluating a finished (or interrupted) run: reload it, then score it on either compute
+path at any budget K.
+
+`load_run(workdir)` rebuilds what a run folder describes: the resolved config
+(config.json), the data splits, the model's graphdef and the state restored from the
+latest checkpoint. `evaluate_run(run, paths, ks, split)` scores the model on a split for
+every (path, K): loss, accuracy, bits per token, exact match, head usage, overall and per
+label (task or domain), and XLA's FLOP count of the compiled eval step. A model trained
+with a budget K runs at another K without retraining: K is the budget knob.
+
+The training gate. Besides the budgeted evaluations, `evaluate_run` scores the rule's own
+gate on the masked path, without a budget, and reports its gap to the gathered path with
+the hard top-K budget (the path that saves compute). Per rule, "the rule's own gate" is
+its deterministic eval-mode gate (no exploration noise, no hard-concrete sampling):
+  dense          every head (no router); the gap is 0 by construction.
+  topk           the top-K heads by router logit: top-k has no gate without its budget, so
+                 both sides run the same heads and the gap is only the numerical
+                 difference of the two compute paths (the DESIGN contract says ~0).
+  hard_concrete  every head whose deterministic gate z = clip(sigmoid(log_alpha)
+                 (zeta - gamma) + gamma, 0, 1) is > 0 (log_alpha > log(-gamma/zeta) ~ -2.4),
+                 per sequence: it may open more or fewer heads than K.
+  static         the same as hard_concrete, but the same heads for every sequence.
+  sigmoid        every head with sigmoid(logit / t) > threshold.
+The gathered side keeps the K open heads of highest score (a sequence with fewer than K
+open heads keeps the closed slots at weight 0). So the gap measures what enforcing the
+budget costs a model whose training gate was not exactly K-sparse.
+
+FLOPs: `cost_analysis()['flops']` of the compiled eval step (the forward pass of one eval
+batch, gate and loss included; XLA counts a multiply-add as 2 FLOPs and does not count
+transcendentals), divided by the batch's B x L token positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from gating import checkpoint, data, train
+from gating.config import PATHS, TrainConfig, from_dict
+
+SPLITS = ('test', 'validation')
+
+GATE_MEANINGS = {
+    'dense': 'all heads (the dense gate has no router); the gap is 0 by construction',
+    'topk': 'the top-K heads by router logit (top-k has no gate without its budget): '
+            'the gap is only the numerical difference of the masked and gathered paths',
+    'hard_concrete': 'every head with deterministic hard-concrete gate z > 0 '
+                     '(log_alpha > log(-gamma/zeta)), per sequence, no budget',
+    'static': 'every head with static hard-concrete gate z > 0 (the same heads for every '
+              'sequence), no budget',
+    'sigmoid': 'every head with sigmoid(logit / t) > threshold, per sequence, no budget',
+}
+
+
+class Run(NamedTuple):
+  """A run folder, reloaded: what `evaluate_run` needs."""
+  workdir: str
+  config: TrainConfig
+  splits: data.Splits
+  graphdef: Any
+  state: Any          # the (Learner, nnx.Optimizer) state restored from the checkpoint
+  step: int           # the checkpoint's step
+
+
+def load_run(workdir: str) -> Run:
+  """Rebuilds the run in `workdir` from its config.json and its latest checkpoint.
+
+  Raises FileNotFoundError naming the paths it looked at when the folder holds no config
+  or no checkpoint, and checkpoint.CheckpointError when the checkpoint does not match
+  the config or the data.
+  """
+  workdir = os.path.abspath(workdir)
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'no run in {workdir}: {config_path} does not exist '
+                            '(python -m experiments.train --workdir DIR writes it)')
+  with open(config_path) as f:
+    cfg = from_dict(json.load(f))
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  mngr = checkpoint.manager(checkpoints) if os.path.isdir(checkpoints) else None
+  step = None if mngr is None else mngr.latest_step()
+  if step is None:
+    if mngr is not None:
+      mngr.close()
+    raise FileNotFoundError(f'no checkpoint in {workdir}: looked for complete orbax step '
+                            f'folders in {checkpoints} and found none (was the run '
+                            'stopped before its first checkpoint?)')
+  try:
+    splits = train.load_data(cfg)
+    train.check_compatible(checkpoint.latest_meta(mngr), cfg, splits.info, workdir)
+    graphdef, state = train.create(cfg, splits.info)
+    state = checkpoint.restore(mngr, step, state)
+  finally:
+    mngr.close()
+  return Run(workdir, cfg, splits, graphdef, state, step)
+
+
+def own_budget(cfg: TrainConfig):
+  """The run's trained budget: model.active_heads (an int, or one K per layer); H if None."""
+  m = cfg.model
+  return m.num_heads if m.active_heads is None else m.active_heads
+
+
+def training_gate_budget(cfg: TrainConfig):
+  """The K that runs the rule's own gate: H (no budget), or K for top-k (see module doc)."""
+  return own_budget(cfg) if cfg.model.gate == 'topk' else cfg.model.num_heads
+
+
+def default_ks(cfg: TrainConfig) -> list:
+  """Powers of two up to H, H itself, and the run's own K (an int, or one K per layer)."""
+  H = cfg.model.num_heads
+  ks = sorted({2 ** i for i in range(int(math.log2(H)) + 1)} | {H})
+  own = own_budget(cfg)
+  return ks if own in ks else ks + [own]
+
+
+def unsupported(cfg: TrainConfig, path: str, k) -> str | None:
+  """Why (path, K) cannot run on this model, or None; a ValueError for a bad path or K."""
+  m = cfg.model
+  if path not in PATHS:
+    raise ValueError(f'path must be one of {PATHS}, got {path!r}')
+  ks = k if isinstance(k, tuple) else (k,)
+  for one in ks:
+    if not isinstance(one, int) or not 1 <= one <= m.num_heads:
+      raise ValueError(f'K={k!r}: every K must be an int in [1, num_heads={m.num_heads}]')
+  if m.gate == 'dense' and any(one != m.num_heads for one in ks):
+    return f'the dense gate opens all {m.num_heads} heads; it runs at K={m.num_heads} only'
+  return None
+
+
+def _first_batch(dataset, batch_size):
+  rows = next(data.eval_batches(dataset, batch_size))
+  n = len(rows['label'])
+  if n < batch_size:
+    rows = {k: np.resize(v, (batch_size,) + v.shape[1:]) for k, v in rows.items()}
+  return {k: rows[k] for k in ('tokens', 'valid', 'target_mask', 'label')}
+
+
+def evaluate_one(run: Run, path: str, k, split: str = 'test',
+                 max_batches: int | None = None) -> dict[str, Any]:
+  """Scores the run on `split` on one path at budget K (an int or one K per layer).
+
+  Returns train.summarize_eval's block (loss, accuracy, exact_match, bits_per_token,
+  sequences, usage [N][H], per_label) plus path, K, active_fraction (the mean fraction
+  of heads with a non-zero weight, over layers and sequences), active_heads_per_layer
+  and flops_per_token (see the module docstring).
+  """
+  cfg = run.config
+  dataset = getattr(run.splits, split)
+  fn = jax.jit(functools.partial(train.eval_step, graphdef=run.graphdef, path=path,
+                                 active_heads=k))
+  batch = _first_batch(dataset, cfg.batch_size)
+  compiled = fn.lower(run.state, batch).compile()
+  cost = compiled.cost_analysis()
+  flops = cost.get('flops') if isinstance(cost, dict) else None
+  result = train.evaluate(compiled, run.state, dataset, run.splits.info, cfg.batch_size,
+                          max_batches)
+  usage_NxH = np.asarray(result['usage'])
+  return {'path': path, 'K': list(k) if isinstance(k, tuple) else k,
+          'active_fraction': float(usage_NxH.mean()),
+          'active_heads_per_layer': usage_NxH.sum(axis=1).tolist(),
+          'flops_per_token': None if flops is None else flops / batch['tokens'].size,
+          **result}
+
+
+def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None = None,
+                 split: str = 'test', max_batches: int | None = None) -> dict[str, Any]:
+  """Every (path, K) of paths x ks (default: default_ks), the training gate and the gap.
+
+  Returns {'workdir', 'step', 'split', 'gate', 'num_heads', 'own_K', 'results': [one
+  evaluate_one block per (path, K), or {'path', 'K', 'skipped': reason}],
+  'training_gate': {'meaning', 'path': 'masked', 'K', **evaluate_one block},
+  'gap': {'K', 'loss', 'accuracy', 'bits_per_token', 'active_fraction'} (gathered at the
+  run's own K minus the training gate)}.
+  """
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  cfg = run.config
+  ks = default_ks(cfg) if ks is None else [tuple(k) if isinstance(k, list) else k
+                                            for k in ks]
+  for path in paths:
+    for k in ks:
+      unsupported(cfg, path, k)   # bad input fails before any compile
+  done: dict[tuple, dict] = {}
+
+  def once(path, k):
+    key = (path, json.dumps(k))
+    if key not in done:
+      done[key] = evaluate_one(run, path, k, split, max_batches)
+    return done[key]
+
+  results = []
+  for path in paths:
+    for k in ks:
+      reason = unsupported(cfg, path, k)
+      results.append({'path': path, 'K': k, 'skipped': reason} if reason else once(path, k))
+  gate = cfg.model.gate
+  reference = once('masked', training_gate_budget(cfg))
+  own = own_budget(cfg)
+  own_json = list(own) if isinstance(own, tuple) else own
+  budgeted = once('gathered', own)
+  gap = {'K': own_json, **{name: budgeted[name] - reference[name] for name in
+                           ('loss', 'accuracy', 'bits_per_token', 'exact_match',
+                            'active_fraction')}}
+  return {'workdir': run.workdir, 'step': run.step, 'split': split, 'gate': gate,
+          'num_heads': cfg.model.num_heads, 'own_K': own_json,
+          'flops_counted_as': 'XLA cost_analysis flops of the compiled eval step / (B*L)',
+          'results': results,
+          'training_gate': {'meaning': GATE_MEANINGS[gate], **reference},
+          'gap': {'meaning': 'gathered path at the run\'s own K minus the masked path with '
+                             'the training gate', **gap}}

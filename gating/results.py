@@ -1,0 +1,212 @@
+"""Results of a sweep: one row per point (results.csv), mean +- std over seeds (results.md).
+
+A row reads the point's run folder: config.json (rule, K, regularizer, seed), summary.json
+(steps, tokens seen), eval.json (test metrics on the gathered path at the point's own K,
+the training-gate gap, FLOPs per token; see gating/evaluation.py) and wall_time.json
+(seconds of the train and eval subprocesses, start-up, compilation, the train script's
+own evaluations and plots included, summed over sittings; a sitting killed together with
+the sweep process records nothing).
+Per-label columns are `accuracy/<label>` and `bits_per_token/<label>` (synthetic tasks or
+text domains). Rows of unfinished points carry their status and empty metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from gating.config import LossConfig, TrainConfig, from_dict
+
+RULE_NAMES = {'dense': 'dense', 'static': 'static hard-concrete', 'topk': 'dynamic top-k',
+              'hard_concrete': 'dynamic hard-concrete', 'sigmoid': 'dynamic sigmoid'}
+_DEFAULT_LOSS = LossConfig()
+GROUP = ('data', 'rule', 'regularizer', 'K')
+
+
+def regularizer_label(loss: LossConfig, k=None, num_heads: int | None = None) -> str:
+  """The sparsity terms that are on, e.g. 'target=K/H', 'l0=0.05+balance=0.01', 'none'.
+
+  A Lagrangian target equal to the point's K/H reads 'target=K/H', so one rule with the
+  same regularizer over several K is one group of lines (one line in the Pareto plot).
+  """
+  target = loss.target_fraction
+  if target and isinstance(k, int) and num_heads and abs(target * num_heads - k) < 1e-9:
+    target = 'K/H'
+  terms = [('l0', loss.l0_weight), ('l1', loss.l1_weight), ('target', target),
+           ('balance', loss.load_balance_weight), ('z', loss.z_loss_weight)]
+  on = [f'{name}={value}' if isinstance(value, str) else f'{name}={value:g}'
+        for name, value in terms if value]
+  return '+'.join(on) or 'none'
+
+
+def _k_label(k) -> str | int:
+  return '/'.join(str(x) for x in k) if isinstance(k, (list, tuple)) else k
+
+
+def _read(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def point_row(workdir: str, name: str) -> dict[str, Any]:
+  """One results row for the run folder `workdir` of point `name`."""
+  config = _read(os.path.join(workdir, 'config.json'))
+  summary = _read(os.path.join(workdir, 'summary.json'))
+  report = _read(os.path.join(workdir, 'eval.json'))
+  wall = _read(os.path.join(workdir, 'wall_time.json')) or {}
+  status = ('done' if summary and report else 'trained, not evaluated' if summary else
+            'unfinished' if config else 'not started')
+  row: dict[str, Any] = {'point': name, 'status': status}
+  if config is None:
+    return row
+  cfg: TrainConfig = from_dict(config)
+  k = cfg.model.num_heads if cfg.model.active_heads is None else cfg.model.active_heads
+  row.update(data=cfg.data.kind, rule=cfg.model.gate, K=_k_label(k),
+             regularizer=regularizer_label(cfg.loss, k, cfg.model.num_heads), seed=cfg.seed,
+             steps=cfg.steps)
+  if summary:
+    row['tokens_seen'] = summary['tokens_seen']
+  if report:
+    if report['split'] != 'test':
+      raise ValueError(f"{workdir}/eval.json scores the {report['split']} split; results "
+                       'report the test split: evaluate with --split test')
+    own = report['own_K']
+    budgeted = next((r for r in report['results'] if r['path'] == 'gathered'
+                     and r['K'] == own and 'skipped' not in r), None)
+    if budgeted is None:
+      raise ValueError(f'{workdir}/eval.json has no gathered-path result at the run\'s own '
+                       f'K={own}; evaluate with --paths gathered --k {own}')
+    gate, gap = report['training_gate'], report['gap']
+    row.update(test_loss=budgeted['loss'], test_accuracy=budgeted['accuracy'],
+               test_exact_match=budgeted['exact_match'],
+               test_bits_per_token=budgeted['bits_per_token'],
+               active_fraction=budgeted['active_fraction'],
+               flops_per_token=budgeted['flops_per_token'],
+               training_gate_loss=gate['loss'], training_gate_accuracy=gate['accuracy'],
+               training_gate_active_fraction=gate['active_fraction'],
+               gap_loss=gap['loss'], gap_accuracy=gap['accuracy'],
+               gap_bits_per_token=gap['bits_per_token'])
+    for label, block in budgeted['per_label'].items():
+      row[f'accuracy/{label}'] = block['accuracy']
+      row[f'bits_per_token/{label}'] = block['bits_per_token']
+  for stage in ('train', 'eval'):
+    if f'{stage}_s' in wall:
+      row[f'{stage}_wall_s'] = wall[f'{stage}_s']
+  return row
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """The rows as CSV; the columns are the union of the rows' keys, in first-seen order."""
+  columns: list[str] = []
+  for row in rows:
+    columns += [k for k in row if k not in columns]
+  with open(path + '.tmp', 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(path + '.tmp', path)
+
+
+def read_csv(path: str) -> list[dict[str, Any]]:
+  """results.csv back as rows; numbers become floats (ints where integral), '' is None."""
+  def value(text):
+    if text == '':
+      return None
+    try:
+      number = float(text)
+    except ValueError:
+      return text
+    return int(number) if number.is_integer() and '.' not in text else number
+  with open(path, newline='') as f:
+    return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Finished rows grouped by (data, rule, regularizer, K), in first-seen order.
+
+  Every numeric column becomes (mean, std, n): std is the sample standard deviation
+  over seeds (ddof=1; 0 for a single seed). Group keys stay as they are; 'seeds' is n.
+  """
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    if row.get('status') == 'done':
+      groups.setdefault(tuple(row.get(k) for k in GROUP), []).append(row)
+  out = []
+  for key, members in groups.items():
+    entry: dict[str, Any] = dict(zip(GROUP, key))
+    entry['seeds'] = len(members)
+    columns = [c for c in members[0] if c not in GROUP and c not in ('point', 'status', 'seed')]
+    for column in columns:
+      values = [m.get(column) for m in members]
+      numbers = [float(v) for v in values if isinstance(v, (int, float))]
+      if not numbers or len(numbers) != len(values):
+        continue
+      std = float(np.std(numbers, ddof=1)) if len(numbers) > 1 else 0.0
+      entry[column] = (float(np.mean(numbers)), std, len(numbers))
+    out.append(entry)
+  return out
+
+
+def _pm(cell, digits=3) -> str:
+  if cell is None:
+    return '-'
+  mean, std, n = cell
+  return f'{mean:.{digits}f}' if n == 1 else f'{mean:.{digits}f} ± {std:.{digits}f}'
+
+
+def _num(cell, fmt) -> str:
+  return '-' if cell is None else format(cell[0], fmt)
+
+
+def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
+  """A Markdown report: the main table (mean ± std over seeds per rule x K) and a
+  per-label table (accuracy per task for synthetic data, bits per token per domain)."""
+  groups = aggregate(rows)
+  done = sum(r.get('status') == 'done' for r in rows)
+  lines = [f'# {title}' if title else '# Sweep results', '',
+           f'{done} of {len(rows)} points finished. Mean ± sample std over seeds, test split, '
+           "gathered path at each point's own K (dense: all heads). Active fraction: mean "
+           'fraction of heads with a non-zero gate, over layers and sequences. FLOPs per '
+           "token: XLA's cost analysis of the compiled eval step / (B x L). Gap: gathered "
+           "top-K minus the masked path with the rule's own gate (gating/evaluation.py).", '']
+  if not groups:
+    return '\n'.join(lines + ['No finished points yet.', ''])
+  text = groups[0]['data'] == 'text'
+  quality = ('test_bits_per_token', 'bits / token') if text else ('test_accuracy', 'accuracy')
+  gap = ('gap_bits_per_token', 'gap (bits / token)') if text else ('gap_accuracy',
+                                                                  'gap (accuracy)')
+  header = ['rule', 'regularizer', 'K', 'seeds', 'active fraction', 'FLOPs / token',
+            quality[1], 'test loss (nats)']
+  if not text:
+    header.append('exact match')
+  header += [gap[1], 'steps', 'tokens seen', 'train wall (min)']
+  lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for g in groups:
+    cells = [RULE_NAMES.get(g['rule'], g['rule']), str(g['regularizer']), str(g['K']),
+             str(g['seeds']), _pm(g.get('active_fraction')),
+             _num(g.get('flops_per_token'), ',.0f'), _pm(g.get(quality[0])),
+             _pm(g.get('test_loss'))]
+    if not text:
+      cells.append(_pm(g.get('test_exact_match')))
+    wall = g.get('train_wall_s')
+    cells += [_pm(g.get(gap[0]), 4), _num(g.get('steps'), '.0f'),
+              _num(g.get('tokens_seen'), ',.0f'),
+              '-' if wall is None else _pm((wall[0] / 60, wall[1] / 60, wall[2]), 1)]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  prefix = 'bits_per_token/' if text else 'accuracy/'
+  labels = [c[len(prefix):] for c in groups[0] if c.startswith(prefix)]
+  if labels:
+    lines += ['', f"Per {'domain: bits per token' if text else 'task: accuracy'} "
+                  '(mean ± std over seeds).', '',
+              '| rule | K | ' + ' | '.join(labels) + ' |',
+              '|' + '---|' * (len(labels) + 2)]
+    for g in groups:
+      lines.append(f"| {RULE_NAMES.get(g['rule'], g['rule'])} ({g['regularizer']}) | "
+                   f"{g['K']} | " + ' | '.join(_pm(g.get(prefix + l)) for l in labels) + ' |')
+  return '\n'.join(lines) + '\n'

@@ -1,0 +1,260 @@
+"""Sweeps: named grids of ordinary training runs, run as subprocesses, resumable.
+
+A `Sweep` is plain data: a base preset, overrides shared by every point ('key=value'
+strings, as `--set` takes them), and points {name: overrides}, each trained once per seed.
+`Sweep.runs()` expands it into {folder: overrides}, folder = f'{point}_s{seed}'.
+
+The sweep folder records its definition in sweep.json; `claim_folder` refuses a folder
+that holds another sweep (or another definition of this one) or anything that is not a
+sweep, so nothing is overwritten. `run_points` runs each point's commands (train, then
+eval) in its own subprocess, N at once; a point whose summary.json exists is not trained
+again, one whose eval.json exists is not evaluated again, and an unfinished point is
+simply started again: the train script resumes from its checkpoint. A crash of one point
+is reported and the others go on. Each point folder holds a lock while a process works in
+it (held by the subprocess too), so two sweeps never train into one folder.
+
+Threads: N parallel XLA processes on C cores would each start a thread pool of C threads.
+`worker_env(N)` turns off XLA's multi-threaded CPU kernels (--xla_cpu_multi_thread_eigen=
+false) when N >= C, so each run uses about one core; with N < C the runs keep XLA's default.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from typing import Mapping, NamedTuple, Sequence
+
+SWEEP_FILE = 'sweep.json'
+WALL_TIME_FILE = 'wall_time.json'
+LOG_FILE = 'sweep.log'
+LOCK_FILE = '.sweep.lock'
+_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
+
+
+class SweepError(RuntimeError):
+  """A sweep that cannot run as asked (its folder holds something else)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A named grid of training runs over a preset.
+
+  name: the sweep's name (its default folder is runs/sweeps/<name>).
+  preset: the base config (experiments/configs PRESETS).
+  points: {point name: overrides}; each point is trained once per seed.
+  seeds: the training seeds (config `seed`; the data split stays fixed).
+  common: overrides applied to every point before its own.
+  description: one line for `--help` and the results table.
+  """
+  name: str
+  preset: str
+  points: Mapping[str, Sequence[str]]
+  seeds: tuple[int, ...] = (0, 1, 2)
+  common: tuple[str, ...] = ()
+  description: str = ''
+
+  def __post_init__(self):
+    if not self.points:
+      raise ValueError(f'sweep {self.name!r}: points is empty')
+    if not self.seeds:
+      raise ValueError(f'sweep {self.name!r}: seeds is empty')
+    for name in self.points:
+      if not _NAME.match(name):
+        raise ValueError(f'sweep {self.name!r}: point name {name!r} must be a plain folder '
+                         'name (letters, digits, _ . -)')
+
+  def runs(self, *, steps: int | None = None,
+           seeds: Sequence[int] | None = None) -> dict[str, list[str]]:
+    """{folder: overrides} for every point x seed: common, the point's, seed (and steps)."""
+    seeds = self.seeds if seeds is None else tuple(seeds)
+    extra = [] if steps is None else [f'steps={steps}']
+    return {f'{point}_s{seed}': [*self.common, *overrides, f'seed={seed}', *extra]
+            for point, overrides in self.points.items() for seed in seeds}
+
+
+def claim_folder(out: str, record: dict) -> None:
+  """Makes `out` this sweep's folder, or checks that it already is.
+
+  record: what defines the sweep ({'sweep', 'preset', 'runs'}); it is written to
+  out/sweep.json. An existing sweep.json must be equal to it; a non-empty folder without
+  one is refused. Raises SweepError naming the difference; never deletes anything.
+  """
+  path = os.path.join(out, SWEEP_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved == record:
+      return
+    if saved.get('sweep') != record['sweep']:
+      raise SweepError(f"{out} holds sweep {saved.get('sweep')!r}, not {record['sweep']!r}; "
+                       'refusing to mix them: use another --out')
+    diffs = []
+    if saved.get('preset') != record['preset']:
+      diffs.append(f"preset {saved.get('preset')!r} vs now {record['preset']!r}")
+    old, new = saved.get('runs', {}), record['runs']
+    if sorted(old) != sorted(new):
+      gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+      diffs.append(f'points only in the folder: {gone}; only in the definition now: {added}')
+    changed = [name for name in old if name in new and old[name] != new[name]]
+    for name in changed[:3]:
+      removed = [o for o in old[name] if o not in new[name]]
+      added = [o for o in new[name] if o not in old[name]]
+      diffs.append(f'{name}: overrides without {removed} and with {added} now'
+                   if removed or added else f'{name}: the same overrides in another order')
+    if len(changed) > 3:
+      diffs.append(f'and {len(changed) - 3} more changed points')
+    raise SweepError(f"{out} holds a different definition of sweep {record['sweep']!r} "
+                     f"({'; '.join(diffs)}); refusing to overwrite it: use another --out, "
+                     'or the same definition (e.g. the same --steps and --seeds)')
+  if os.path.isdir(out) and os.listdir(out):
+    raise SweepError(f'{out} is not empty and holds no {SWEEP_FILE}: not a sweep folder; '
+                     'refusing to write into it: use another --out')
+  os.makedirs(out, exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def worker_env(parallel: int, base: Mapping[str, str] | None = None,
+               cores: int | None = None) -> dict[str, str]:
+  """The environment of each point's subprocess (see the module docstring)."""
+  env = dict(os.environ if base is None else base)
+  cores = cores or len(os.sched_getaffinity(0))
+  if parallel >= cores:
+    flags = env.get('XLA_FLAGS', '')
+    if '--xla_cpu_multi_thread_eigen' not in flags:
+      env['XLA_FLAGS'] = (flags + ' --xla_cpu_multi_thread_eigen=false').strip()
+  return env
+
+
+class Point(NamedTuple):
+  """One run of a sweep: its folder and the commands that train and evaluate it."""
+  name: str
+  workdir: str
+  train_command: list[str]
+  eval_command: list[str]
+
+
+class Outcome(NamedTuple):
+  name: str
+  status: str        # 'done' (this sitting), 'skipped' (already done), 'failed', 'busy'
+  message: str
+  seconds: float
+
+
+def is_trained(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, 'summary.json'))
+
+
+def is_evaluated(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, 'eval.json'))
+
+
+def _add_wall_time(workdir: str, stage: str, seconds: float) -> None:
+  """Adds one sitting's seconds of `stage` ('train' | 'eval') to wall_time.json. A sitting
+  killed with the sweep (SIGKILL) records nothing: its time is lost, not guessed."""
+  path = os.path.join(workdir, WALL_TIME_FILE)
+  times = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      times = json.load(f)
+  times[f'{stage}_s'] = times.get(f'{stage}_s', 0.0) + seconds
+  times[f'{stage}_sittings'] = times.get(f'{stage}_sittings', 0) + 1
+  with open(path + '.tmp', 'w') as f:
+    json.dump(times, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+class _Children:
+  """The live subprocesses, so that an interrupted sweep can stop them."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._procs: set[subprocess.Popen] = set()
+    self.stopping = False
+
+  def run(self, command, *, env, log, pass_fds) -> int:
+    with self._lock:
+      if self.stopping:
+        return -1
+      proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, pass_fds=pass_fds)
+      self._procs.add(proc)
+    try:
+      return proc.wait()
+    finally:
+      with self._lock:
+        self._procs.discard(proc)
+
+  def stop(self):
+    with self._lock:
+      self.stopping = True
+      for proc in self._procs:
+        proc.terminate()
+
+
+def run_point(point: Point, env: Mapping[str, str], children: _Children) -> Outcome:
+  """Trains the point unless summary.json exists, then evaluates it unless eval.json does.
+
+  Output goes to workdir/sweep.log (appended); wall times add up in wall_time.json.
+  """
+  start = time.time()
+  if is_trained(point.workdir) and is_evaluated(point.workdir):
+    return Outcome(point.name, 'skipped', 'finished before', 0.0)
+  os.makedirs(point.workdir, exist_ok=True)
+  with open(os.path.join(point.workdir, LOCK_FILE), 'w') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return Outcome(point.name, 'busy', f'another process works in {point.workdir}', 0.0)
+    log_path = os.path.join(point.workdir, LOG_FILE)
+    with open(log_path, 'a') as log:
+      for stage, command, done in (('train', point.train_command, is_trained),
+                                   ('eval', point.eval_command, is_evaluated)):
+        if done(point.workdir):
+          continue
+        log.write(f'\n$ {" ".join(command)}\n')
+        log.flush()
+        t0 = time.time()
+        rc = children.run(command, env=env, log=log, pass_fds=(lock.fileno(),))
+        _add_wall_time(point.workdir, stage, time.time() - t0)
+        if rc != 0 or not done(point.workdir):
+          return Outcome(point.name, 'failed', f'{stage} exited with code {rc}; see {log_path}',
+                         time.time() - start)
+  return Outcome(point.name, 'done', '', time.time() - start)
+
+
+def run_points(points: Sequence[Point], *, parallel: int = 1,
+               env: Mapping[str, str] | None = None, report=print) -> list[Outcome]:
+  """Runs the points, `parallel` at once, and returns their outcomes in order.
+
+  report(line) is called as each point ends. On an interrupt (KeyboardInterrupt, or
+  SystemExit from a signal handler) the running subprocesses are terminated; their points
+  resume from their last checkpoint next time.
+  """
+  if parallel < 1:
+    raise ValueError(f'parallel must be >= 1, got {parallel}')
+  env = worker_env(parallel) if env is None else dict(env)
+  children = _Children()
+  outcomes: dict[str, Outcome] = {}
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+  try:
+    futures = {pool.submit(run_point, p, env, children): p for p in points}
+    for future in concurrent.futures.as_completed(futures):
+      outcome = future.result()
+      outcomes[outcome.name] = outcome
+      report(f'  {outcome.name:<28} {outcome.status:<8} {outcome.seconds:7.0f} s  '
+             f'{outcome.message}'.rstrip())
+  except BaseException:
+    children.stop()
+    pool.shutdown(wait=True, cancel_futures=True)
+    raise
+  pool.shutdown(wait=True)
+  return [outcomes[p.name] for p in points]

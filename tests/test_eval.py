@@ -1,0 +1,82 @@
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+
+from experiments import eval as eval_script
+from gating import evaluation, train
+from gating.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+
+TINY = TrainConfig(
+    model=ModelConfig(num_layers=1, features=32, num_heads=4, gate='topk', active_heads=2,
+                      noise='gumbel'),
+    data=DataConfig(num_tasks=4, input_len=6, num_digits=6, num_recall_tasks=1,
+                    num_induction_tasks=1, num_train=256, num_validation=32, num_test=48),
+    optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
+    steps=6, batch_size=16, eval_batches=1, eval_every=6, checkpoint_every=6)
+HARD_CONCRETE = dataclasses.replace(
+    TINY, model=dataclasses.replace(TINY.model, gate='hard_concrete', noise=None),
+    loss=LossConfig(target_fraction=0.5))
+
+
+def test_eval_writes_both_paths_at_several_k(tmp_path, capsys):
+  train.train(TINY, str(tmp_path), progress=False)
+  eval_script.main(['--workdir', str(tmp_path), '--k', '1,2,4'])
+  report = json.load(open(tmp_path / 'eval.json'))
+  assert report['split'] == 'test' and report['own_K'] == 2
+  got = {(r['path'], r['K']): r for r in report['results']}
+  assert set(got) == {(p, k) for p in ('masked', 'gathered') for k in (1, 2, 4)}
+  for (path, k), r in got.items():
+    assert r['sequences'] == TINY.data.num_test
+    assert r['active_fraction'] == pytest.approx(k / 4)
+    assert set(r['per_label']) == {'permute_0', 'permute_1', 'permute_2', 'permute_3',
+                                   'recall_0', 'induction_0'}
+    assert r['bits_per_token'] == pytest.approx(r['loss'] / np.log(2))
+  # The gathered path computes fewer heads (XLA's count), and matches the masked path.
+  assert got['gathered', 1]['flops_per_token'] < got['masked', 1]['flops_per_token']
+  for k in (1, 2):
+    assert got['gathered', k]['loss'] == pytest.approx(got['masked', k]['loss'], abs=1e-5)
+  # Top-k's own gate is its top-K: the gap is only the two paths' rounding.
+  assert report['training_gate']['K'] == 2 and report['training_gate']['path'] == 'masked'
+  assert abs(report['gap']['loss']) < 1e-5 and report['gap']['K'] == 2
+  assert 'gap (gathered at K=2' in capsys.readouterr().out
+
+
+def test_hard_concrete_training_gate_has_no_budget():
+  """A fresh hard-concrete model (log_alpha = 0: z = 0.5, every head open) as a Run."""
+  splits = train.load_data(HARD_CONCRETE)
+  graphdef, state = train.create(HARD_CONCRETE, splits.info)
+  run = evaluation.Run('fresh', HARD_CONCRETE, splits, graphdef, state, 0)
+  report = evaluation.evaluate_run(run, paths=('gathered',), ks=(2,), split='validation',
+                                   max_batches=1)
+  assert report['split'] == 'validation'
+  assert [(r['path'], r['K']) for r in report['results']] == [('gathered', 2)]
+  gate = report['training_gate']
+  assert gate['K'] == 4 and 'z > 0' in gate['meaning']      # every open head, no budget
+  assert gate['active_fraction'] == 1.0
+  budgeted = report['results'][0]
+  assert budgeted['active_fraction'] == 0.5                   # the hard top-2 of 4
+  assert report['gap']['active_fraction'] == -0.5
+  assert report['gap']['loss'] == pytest.approx(budgeted['loss'] - gate['loss'])
+
+
+def test_dense_runs_at_k_equal_h_only():
+  dense = dataclasses.replace(
+      TINY, model=dataclasses.replace(TINY.model, active_heads=4, gate='dense', noise=None))
+  assert 'runs at K=4 only' in evaluation.unsupported(dense, 'gathered', 2)
+  assert evaluation.unsupported(dense, 'masked', 4) is None
+  with pytest.raises(ValueError, match=r'K=5: every K must be an int in \[1, num_heads=4\]'):
+    evaluation.unsupported(TINY, 'masked', 5)
+
+
+def test_missing_checkpoint_says_where_it_looked(tmp_path):
+  where = re.escape(str(tmp_path))
+  with pytest.raises(SystemExit, match=f'{where}/config.json does not exist'):
+    eval_script.main(['--workdir', str(tmp_path)])
+  (tmp_path / 'config.json').write_text(TINY.to_json())
+  with pytest.raises(SystemExit, match=f'no checkpoint in {where}: looked for .* in '
+                                       f'{where}/checkpoints'):
+    eval_script.main(['--workdir', str(tmp_path)])
+  assert not (tmp_path / 'checkpoints').exists()   # looking creates nothing

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from experiments import plots
+from gating import results
+from gating.config import ModelConfig, TrainConfig
+
+LABELS = ('python', 'pydoc', 'shakespeare')
+
+
+def _write_run(run_dir, steps=20, layers=2, heads=4):
+  """A run folder by hand: config.json and metrics.jsonl with train and eval lines."""
+  cfg = TrainConfig(model=ModelConfig(num_layers=layers, features=32, num_heads=heads,
+                                      active_heads=2), steps=steps)
+  (run_dir / 'config.json').write_text(cfg.to_json())
+  usage = [[1.0, 0.5, 0.5, 0.0]] * layers
+  lines = []
+  for step in range(1, steps + 1):
+    lines.append({'step': step, 'kind': 'train', 'loss': 3.0 - step * 0.05,
+                  'task_loss': 2.9 - step * 0.05, 'accuracy': step / (2 * steps),
+                  'active_heads': [2.0] * layers, 'K': 2})
+    if step % 10 == 0:
+      lines.append({'step': step, 'kind': 'eval', 'split': 'validation', 'path': 'gathered',
+                    'loss': 2.5, 'accuracy': step / (2 * steps), 'usage': usage,
+                    'per_label': {name: {'accuracy': 0.4, 'usage': usage} for name in LABELS}})
+  (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+
+
+def test_run_plots_render_from_a_metrics_file(tmp_path):
+  _write_run(tmp_path)
+  written = plots.plot_run(str(tmp_path))
+  names = sorted(p.rsplit('/', 1)[1] for p in written)
+  assert names == ['active_heads.png', 'training_curves.png', 'usage_by_label.png',
+                   'usage_heatmap.png']
+  for path in written:
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    assert (tmp_path / 'plots' / path.rsplit('/', 1)[1]).stat().st_size > 1000
+
+
+def _sweep_rows():
+  """results.csv rows of a text sweep: dense, static and topk at K=1, 2, two seeds each."""
+  rows = []
+  for rule, ks in (('dense', (4,)), ('static', (1, 2)), ('topk', (1, 2))):
+    for k in ks:
+      for seed in (0, 1):
+        bits = 2.0 + (4 - k) * (0.3 if rule == 'static' else 0.1) + 0.01 * seed
+        row = {'point': f'{rule}_k{k}_s{seed}', 'status': 'done', 'data': 'text',
+               'rule': rule, 'K': k,
+               'regularizer': 'target=K/H' if rule == 'static' else 'none',
+               'seed': seed, 'steps': 100, 'tokens_seen': 409600,
+               'test_loss': bits * 0.693, 'test_accuracy': 0.4, 'test_exact_match': 0.0,
+               'test_bits_per_token': bits, 'active_fraction': k / 4,
+               'flops_per_token': 1e5 * (1 + k / 4), 'gap_bits_per_token': 0.0,
+               'train_wall_s': 60.0}
+        row.update({f'bits_per_token/{name}': bits + i for i, name in enumerate(LABELS)})
+        row.update({f'accuracy/{name}': 0.4 for name in LABELS})
+        rows.append(row)
+  rows.append({'point': 'topk_k4_s0', 'status': 'unfinished'})
+  return rows
+
+
+def test_sweep_plots_and_table_render_from_results(tmp_path, capsys):
+  rows = _sweep_rows()
+  results.write_csv(rows, str(tmp_path / 'results.csv'))
+  (tmp_path / 'sweep.json').write_text(json.dumps({'sweep': 'text', 'runs': {}}))
+  plots.main([str(tmp_path)])
+  printed = capsys.readouterr().out.split()
+  for name in ('pareto.png', 'pareto_flops.png', 'per_label.png'):
+    assert str(tmp_path / 'plots' / name) in printed
+    assert (tmp_path / 'plots' / name).stat().st_size > 1000
+
+
+def test_plots_refuses_a_folder_that_is_neither(tmp_path):
+  with pytest.raises(SystemExit, match='neither a run folder .* nor a sweep folder'):
+    plots.main([str(tmp_path)])

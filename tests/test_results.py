@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from gating import results
+from gating.config import LossConfig, ModelConfig, TrainConfig
+
+
+def _row(rule, k, seed, bits, status='done'):
+  return {'point': f'{rule}_k{k}_s{seed}', 'status': status, 'data': 'text', 'rule': rule,
+          'K': k, 'regularizer': 'none', 'seed': seed, 'steps': 10, 'tokens_seen': 1280,
+          'test_loss': bits * 0.693, 'test_bits_per_token': bits, 'test_accuracy': 0.5,
+          'active_fraction': k / 8, 'flops_per_token': 1000.0 * k,
+          'gap_bits_per_token': 0.0, 'bits_per_token/python': bits + 1,
+          'accuracy/python': 0.5}
+
+
+ROWS = [_row('topk', 2, 0, 2.0), _row('topk', 2, 1, 2.2), _row('topk', 4, 0, 1.9),
+        _row('dense', 8, 0, 1.8), {'point': 'static_k2_s0', 'status': 'unfinished'}]
+
+
+def test_aggregate_is_mean_and_sample_std_over_seeds():
+  groups = results.aggregate(ROWS)
+  assert [(g['rule'], g['K'], g['seeds']) for g in groups] == [
+      ('topk', 2, 2), ('topk', 4, 1), ('dense', 8, 1)]
+  mean, std, n = groups[0]['test_bits_per_token']
+  assert (mean, n) == (pytest.approx(2.1), 2) and std == pytest.approx(0.2 / 2 ** 0.5)
+  assert groups[1]['test_bits_per_token'] == (1.9, 0.0, 1)
+
+
+def test_csv_round_trip_and_markdown(tmp_path):
+  path = str(tmp_path / 'results.csv')
+  results.write_csv(ROWS, path)
+  back = results.read_csv(path)
+  assert back[0]['K'] == 2 and back[0]['test_bits_per_token'] == 2.0
+  assert back[-1] == {**{k: None for k in back[0]}, 'point': 'static_k2_s0',
+                      'status': 'unfinished'}
+  table = results.markdown(back, 'text: a test')
+  assert table.startswith('# text: a test') and '4 of 5 points finished' in table
+  assert '| dynamic top-k | none | 2 | 2 | 0.250 ± 0.000 | 2,000 | 2.100 ± 0.141 |' in table
+  assert '| dense | none | 8 | 1 | 1.000 |' in table
+  assert '| rule | K | python |' in table
+  assert '| dynamic top-k (none) | 2 | 3.100 ± 0.141 |' in table
+
+
+@pytest.mark.parametrize('loss,k,expected', [
+    (LossConfig(), 2, 'none'),
+    (LossConfig(target_fraction=0.25), 2, 'target=K/H'),
+    (LossConfig(target_fraction=0.25), 4, 'target=0.25'),
+    (LossConfig(l0_weight=0.05, load_balance_weight=0.01), 2, 'l0=0.05+balance=0.01'),
+])
+def test_regularizer_label(loss, k, expected):
+  assert results.regularizer_label(loss, k, 8) == expected
+
+
+def test_point_row_of_an_unfinished_run(tmp_path):
+  assert results.point_row(str(tmp_path), 'p') == {'point': 'p', 'status': 'not started'}
+  cfg = TrainConfig(model=ModelConfig(num_heads=8, active_heads=2),
+                    loss=LossConfig(target_fraction=0.25), seed=3)
+  (tmp_path / 'config.json').write_text(cfg.to_json())
+  row = results.point_row(str(tmp_path), 'p')
+  assert row['status'] == 'unfinished' and row['regularizer'] == 'target=K/H'
+  assert (row['rule'], row['K'], row['seed']) == ('topk', 2, 3) and 'test_loss' not in row
+  (tmp_path / 'summary.json').write_text(json.dumps({'tokens_seen': 5}))
+  assert results.point_row(str(tmp_path), 'p')['status'] == 'trained, not evaluated'

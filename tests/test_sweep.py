@@ -1,0 +1,131 @@
+import csv
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from experiments import sweep as sweep_script
+from experiments.configs import sweeps
+from gating import sweep
+
+
+def _rows(out):
+  with open(out / 'results.csv', newline='') as f:
+    return {row['point']: row for row in csv.DictReader(f)}
+
+
+def _train_steps(workdir):
+  return [json.loads(line)['step'] for line in open(workdir / 'metrics.jsonl')
+          if json.loads(line)['kind'] == 'train']
+
+
+def test_tiny_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
+  out = tmp_path / 'tiny'
+  sweep_script.main(['tiny', '--out', str(out), '--parallel', '2'])
+  rows = _rows(out)
+  assert set(rows) == {'dense_s0', 'topk_k2_s0'}
+  for row in rows.values():
+    assert row['status'] == 'done'
+    assert 0 <= float(row['test_accuracy']) <= 1 and float(row['flops_per_token']) > 0
+    assert row['steps'] == '6' and int(row['tokens_seen']) > 0
+    assert 'accuracy/permute_0' in row and 'bits_per_token/induction_0' in row
+  assert rows['dense_s0']['rule'] == 'dense' and rows['dense_s0']['K'] == '4'
+  assert rows['topk_k2_s0']['K'] == '2'
+  assert float(rows['topk_k2_s0']['active_fraction']) == 0.5
+  assert float(rows['topk_k2_s0']['flops_per_token']) < float(rows['dense_s0']['flops_per_token'])
+  table = (out / 'results.md').read_text()
+  assert '| dense | none | 4 | 1 |' in table and '| dynamic top-k | none | 2 | 1 |' in table
+  for name in ('pareto.png', 'pareto_flops.png', 'per_label.png'):
+    assert (out / 'plots' / name).stat().st_size > 0
+  record = json.load(open(out / 'sweep.json'))
+  assert record['sweep'] == 'tiny' and sorted(record['runs']) == sorted(rows)
+
+  # Started again: everything is finished, nothing runs.
+  capsys.readouterr()
+  summary = out / 'dense_s0' / 'summary.json'
+  stamp = summary.stat().st_mtime_ns
+  sweep_script.main(['tiny', '--out', str(out), '--parallel', '2'])
+  assert capsys.readouterr().out.count('skipped') == 2
+  assert summary.stat().st_mtime_ns == stamp
+
+  # A point killed mid-run (after its checkpoint of step 4, with a half-written metrics
+  # line) resumes from its checkpoint; the finished one is skipped.
+  point = out / 'topk_k2_s0'
+  for name in ('summary.json', 'eval.json'):
+    (point / name).unlink()
+  for step in os.listdir(point / 'checkpoints'):
+    if int(step) > 4:
+      shutil.rmtree(point / 'checkpoints' / step)
+  assert sorted(os.listdir(point / 'checkpoints')) == ['2', '4']
+  with open(point / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 5, "kind": "tra')
+  sweep_script.main(['tiny', '--out', str(out)])
+  printed = capsys.readouterr().out
+  assert 'dense_s0' in printed and 'skipped' in printed and 'topk_k2_s0' in printed
+  assert 'resuming' in (point / 'sweep.log').read_text()
+  assert _train_steps(point) == list(range(1, 7))
+  assert _rows(out)['topk_k2_s0']['status'] == 'done'
+  assert json.load(open(point / 'wall_time.json'))['train_sittings'] == 2
+
+  # The same folder under another definition is refused and left as it is.
+  before = (out / 'sweep.json').read_text()
+  with pytest.raises(SystemExit, match="different definition of sweep 'tiny'.*steps=8"):
+    sweep_script.main(['tiny', '--out', str(out), '--steps', '8'])
+  assert (out / 'sweep.json').read_text() == before
+
+
+def test_folder_of_another_sweep_is_refused(tmp_path):
+  (tmp_path / 'sweep.json').write_text(json.dumps({'sweep': 'synthetic', 'runs': {}}))
+  with pytest.raises(SystemExit, match="holds sweep 'synthetic', not 'tiny'"):
+    sweep_script.main(['tiny', '--out', str(tmp_path)])
+  other = tmp_path / 'a_run'
+  other.mkdir()
+  (other / 'metrics.jsonl').write_text('')
+  with pytest.raises(SystemExit, match='holds no sweep.json: not a sweep folder'):
+    sweep_script.main(['tiny', '--out', str(other)])
+  assert os.listdir(other) == ['metrics.jsonl']
+
+
+def test_unknown_sweep_lists_the_known_ones():
+  with pytest.raises(SystemExit, match=r"unknown sweep 'nope'; known sweeps: \['synthetic', "
+                                       r"'text', 'tiny'\]"):
+    sweep_script.main(['nope'])
+
+
+def test_study_sweeps_resolve(capsys):
+  """Every point of every sweep resolves to a valid config (a dry run)."""
+  for name, definition in sweeps.SWEEPS.items():
+    sweep_script.main([name, '--dry-run', '--out', 'unused'])
+    printed = capsys.readouterr().out
+    assert printed.count('experiments.train') == len(definition.points) * len(definition.seeds)
+  synthetic = sweeps.SWEEPS['synthetic']
+  assert len(synthetic.points) == 10 and synthetic.seeds == (0, 1, 2)
+  assert len(sweeps.SWEEPS['text'].points) == 7
+
+
+def test_a_crashed_point_does_not_stop_the_others(tmp_path):
+  """run_points with stand-in commands: one point fails, the other finishes."""
+  def point(name, code):
+    workdir = tmp_path / name
+    write = (f'import json, os, sys; os.makedirs({str(workdir)!r}, exist_ok=True); '
+             f'open(os.path.join({str(workdir)!r}, sys.argv[1]), "w").write("{{}}"); '
+             f'sys.exit({code})')
+    return sweep.Point(name, str(workdir), [sys.executable, '-c', write, 'summary.json'],
+                       [sys.executable, '-c', write.replace(f'exit({code})', 'exit(0)'),
+                        'eval.json'])
+
+  lines = []
+  outcomes = sweep.run_points([point('crash', 3), point('fine', 0)], parallel=2,
+                              report=lines.append)
+  assert [(o.name, o.status) for o in outcomes] == [('crash', 'failed'), ('fine', 'done')]
+  assert 'train exited with code 3' in outcomes[0].message
+  assert not (tmp_path / 'crash' / 'eval.json').exists()
+  assert (tmp_path / 'fine' / 'eval.json').exists() and len(lines) == 2
+
+
+def test_worker_env_single_threads_xla_when_runs_fill_the_cores():
+  env = sweep.worker_env(2, base={'XLA_FLAGS': '--foo'}, cores=2)
+  assert env['XLA_FLAGS'] == '--foo --xla_cpu_multi_thread_eigen=false'
+  assert 'XLA_FLAGS' not in sweep.worker_env(1, base={}, cores=2)
