@@ -31,6 +31,7 @@ class ModelConfig:
   num_layers: int = 2
   features: int = 64
   num_heads: int = 8
+  head_dim: int | None = None            # Dh; default features // num_heads
   mlp_features: int | None = None        # default 4 * features
   positions: str = 'learned'             # 'learned' | 'rotary'
   tie_embeddings: bool = True
@@ -44,6 +45,8 @@ class ModelConfig:
   noise_scale: float = 1.0
   scaled_weights: bool = False
   temperature: float | None = None       # the rule's default when None
+  router: str | None = None              # None: the model's ('prefix' LM, 'mean' encoder);
+                                         # 'static' for an input-free router
   router_hidden_features: int | None = None
   router_init_logit: float = 0.0
   dtype: str = 'float32'                 # compute dtype; parameters stay float32
@@ -52,8 +55,10 @@ class ModelConfig:
     _check(self.kind in ('lm', 'encoder'), 'model.kind', f"must be 'lm' or 'encoder', got {self.kind!r}")
     for name in ('num_layers', 'features', 'num_heads'):
       _check(getattr(self, name) >= 1, f'model.{name}', f'must be >= 1, got {getattr(self, name)}')
-    _check(self.features % self.num_heads == 0, 'model.features',
-           f'{self.features} is not divisible by num_heads={self.num_heads}')
+    _check(self.head_dim is not None or self.features % self.num_heads == 0, 'model.features',
+           f'{self.features} is not divisible by num_heads={self.num_heads} (or set head_dim)')
+    _check(self.head_dim is None or self.head_dim >= 1, 'model.head_dim',
+           f'must be >= 1, got {self.head_dim}')
     _check(self.positions in ('learned', 'rotary'), 'model.positions',
            f"must be 'learned' or 'rotary', got {self.positions!r}")
     _check(0.0 <= self.dropout_rate < 1.0, 'model.dropout_rate',

@@ -24,8 +24,12 @@ the L0 term trains them). `scaled_weights=True` uses the values instead: topk
 w = K softmax(logits / t) over the selected heads (MoH), sigmoid w = p (SwitchHead),
 hard_concrete w = z (Louizos; Voita), each times `open`.
 
-A budget K (any rule) keeps the K open heads of highest score and gives zero weight to
-slots that stay closed when fewer than K are open.
+A budget K (any rule) keeps the K heads of highest score, the rule's deterministic
+propensity to open a head (the logits; for hard_concrete log_alpha, not its noisy sample),
+and gives zero weight to those of them that are closed. Ranking by the sample instead
+would pick a random set in training while the log_alphas are close (the logistic noise
+has a standard deviation of 1.8), and the heads would never specialize. In eval mode,
+and for sigmoid, "highest score" and "open first" pick the same heads.
 
 Exploration noise on the logits in training (off when deterministic): 'gumbel' adds
 scale * Gumbel(0, 1); 'jitter' adds scale * N(0, 1) (noisy top-k, Shazeer et al. 2017).
@@ -101,7 +105,8 @@ def hard_concrete(log_alpha_BxH, *, temperature, deterministic, rng,
   z_BxH = jnp.clip(stretched_BxH, 0.0, 1.0)
   p_open_BxH = jax.nn.sigmoid(log_alpha_BxH - beta * jnp.log(-gamma / zeta))
   # The gradient of an open head's weight is that of its sample z (the reparameterization).
-  return z_BxH > 0, z_BxH, z_BxH, stretched_BxH, p_open_BxH
+  # A budget ranks heads by log_alpha, not by the sample: see `select`.
+  return z_BxH > 0, z_BxH, z_BxH, log_alpha_BxH, p_open_BxH
 
 
 def sigmoid(logits_BxH, *, temperature, threshold):
@@ -157,9 +162,8 @@ def select(rule: str, logits_BxH: jax.Array, *, k: int | None = None,
 
   idx_BxK = None
   if k is not None:
-    # Rank open heads first, then by score; keep K. Closed slots keep weight 0.
-    rank_BxH = jnp.where(open_BxH, score_BxH, -jnp.inf)
-    _, idx_BxK = jax.lax.top_k(jax.lax.stop_gradient(rank_BxH), k)
+    # Keep the K heads of highest score; those of them that are closed keep weight 0.
+    _, idx_BxK = jax.lax.top_k(jax.lax.stop_gradient(score_BxH), k)
     open_BxH = open_BxH & one_hot_sum(idx_BxK, logits_BxH.shape[-1])
 
   if scaled_weights:

@@ -124,3 +124,15 @@ def test_dense_opens_every_head():
   gate = selection.select('dense', logits())
   np.testing.assert_array_equal(gate.weights_BxH, np.ones((5, H)))
   assert gate.idx_BxK is None
+
+
+def test_hard_concrete_budget_ranks_by_log_alpha_not_by_the_sample():
+  x = logits(b=32)
+  gates = [selection.select('hard_concrete', x, k=2, deterministic=False,
+                            rng=jax.random.key(seed)) for seed in range(3)]
+  want = np.sort(np.argsort(-np.asarray(x), axis=1)[:, :2], axis=1)
+  for gate in gates:
+    np.testing.assert_array_equal(np.sort(gate.idx_BxK, axis=1), want)
+  # the samples still open and close those heads at random
+  assert any((np.asarray(g.weights_BxH) != np.asarray(gates[0].weights_BxH)).any()
+             for g in gates[1:])
