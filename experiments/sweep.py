@@ -9,6 +9,9 @@ present) and resumes unfinished ones from their checkpoints; a crashed point is 
 and the others go on. OUT/sweep.json records the definition: a folder of another sweep,
 or of another definition (e.g. other --steps or --seeds), is refused, never overwritten.
 
+A sweep with a warm start first trains one warm-start run per seed (OUT/warm_s<seed>); the
+points that start from it ('init_from={warm}') train the rest of their step budget.
+
 At the end it writes OUT/results.csv (one row per point), OUT/results.md (mean +- std over
 seeds per rule x K) and OUT/plots/ (quality vs active-head fraction, per label).
 
@@ -55,9 +58,12 @@ def points(sweep, out, *, steps, seeds):
   from gating import evaluation
   from gating.config import override
   from gating.sweep import Point
+  from gating.sweep import resolve_warm
+  warm = sweep.warm_runs(steps=steps, seeds=seeds)
   runs = sweep.runs(steps=steps, seeds=seeds)
   result = []
-  for name, overrides in runs.items():
+  for name, overrides in {**warm, **runs}.items():
+    overrides = resolve_warm(overrides, out, name)
     try:
       cfg = override(configs.get(sweep.preset), overrides)
     except ValueError as e:
@@ -74,6 +80,8 @@ def points(sweep, out, *, steps, seeds):
                 '--paths', 'gathered', '--k', str(k), '--split', 'test']
     result.append(Point(name, workdir, train, evaluate))
   record = {'sweep': sweep.name, 'preset': sweep.preset, 'runs': runs}
+  if warm:
+    record['warm_runs'] = warm
   return record, result
 
 
@@ -122,10 +130,13 @@ def main(argv=None):
         f'{args.parallel} at once', flush=True)
   signal.signal(signal.SIGTERM, _stop_on_sigterm)
   start = time.time()
-  outcomes = runner.run_points(todo, parallel=args.parallel, env=env,
-                               report=lambda line: print(line, flush=True))
+  report = lambda line: print(line, flush=True)
+  warm = [p for p in todo if p.name.startswith(runner.WARM_PREFIX)]
+  studied = [p for p in todo if p not in warm]
+  outcomes = runner.run_points(warm, parallel=args.parallel, env=env, report=report)
+  outcomes += runner.run_points(studied, parallel=args.parallel, env=env, report=report)
   print(f'sweep {sweep.name}: {time.time() - start:.0f} s this sitting', flush=True)
-  for path in finish(sweep, out, [p.name for p in todo]):
+  for path in finish(sweep, out, [p.name for p in studied]):
     print(f'wrote {path}')
   failed = [o for o in outcomes if o.status in ('failed', 'busy')]
   if failed:

@@ -1,7 +1,8 @@
 """Results of a sweep: one row per point (results.csv), mean +- std over seeds (results.md).
 
 A row reads the point's run folder: config.json (rule, K, regularizer, seed), summary.json
-(steps, tokens seen), eval.json (test metrics on the gathered path at the point's own K,
+(steps, tokens seen; a warm start's steps and tokens are added, as they count toward the
+budget), eval.json (test metrics on the gathered path at the point's own K,
 the training-gate gap, FLOPs per token; see gating/evaluation.py) and wall_time.json
 (seconds of the train and eval subprocesses, start-up, compilation, the train script's
 own evaluations and plots included, summed over sittings; a sitting killed together with
@@ -67,11 +68,15 @@ def point_row(workdir: str, name: str) -> dict[str, Any]:
     return row
   cfg: TrainConfig = from_dict(config)
   k = cfg.model.num_heads if cfg.model.active_heads is None else cfg.model.active_heads
+  warm = _read(os.path.join(cfg.init_from, 'summary.json')) if cfg.init_from else None
+  if cfg.init_from and warm is None:
+    raise ValueError(f'{workdir} starts from {cfg.init_from}, which holds no summary.json')
+  warm_steps = warm['steps'] if warm else 0
   row.update(data=cfg.data.kind, rule=cfg.model.gate, K=_k_label(k),
              regularizer=regularizer_label(cfg.loss, k, cfg.model.num_heads), seed=cfg.seed,
-             steps=cfg.steps)
+             steps=cfg.steps + warm_steps, warm_start_steps=warm_steps)
   if summary:
-    row['tokens_seen'] = summary['tokens_seen']
+    row['tokens_seen'] = summary['tokens_seen'] + (warm['tokens_seen'] if warm else 0)
   if report:
     if report['split'] != 'test':
       raise ValueError(f"{workdir}/eval.json scores the {report['split']} split; results "

@@ -52,6 +52,9 @@ class Sweep:
   seeds: the training seeds (config `seed`; the data split stays fixed).
   common: overrides applied to every point before its own.
   description: one line for `--help` and the results table.
+  warm_start: overrides of a warm-start run trained once per seed, before the points, in
+    f'warm_s{seed}'. A point starts from it with the override f'init_from={WARM}'; the
+    placeholder becomes that folder (`resolve_warm`). Empty: no warm start.
   """
   name: str
   preset: str
@@ -59,6 +62,7 @@ class Sweep:
   seeds: tuple[int, ...] = (0, 1, 2)
   common: tuple[str, ...] = ()
   description: str = ''
+  warm_start: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not self.points:
@@ -69,6 +73,13 @@ class Sweep:
       if not _NAME.match(name):
         raise ValueError(f'sweep {self.name!r}: point name {name!r} must be a plain folder '
                          'name (letters, digits, _ . -)')
+      if name.startswith(WARM_PREFIX):
+        raise ValueError(f'sweep {self.name!r}: point name {name!r}: {WARM_PREFIX!r} names '
+                         'the warm-start runs')
+    uses_warm = any(WARM in o for overrides in self.points.values() for o in overrides)
+    if uses_warm and not self.warm_start:
+      raise ValueError(f'sweep {self.name!r}: a point starts from {WARM} but warm_start '
+                       'is empty')
 
   def runs(self, *, steps: int | None = None,
            seeds: Sequence[int] | None = None) -> dict[str, list[str]]:
@@ -77,6 +88,28 @@ class Sweep:
     extra = [] if steps is None else [f'steps={steps}']
     return {f'{point}_s{seed}': [*self.common, *overrides, f'seed={seed}', *extra]
             for point, overrides in self.points.items() for seed in seeds}
+
+  def warm_runs(self, *, steps: int | None = None,
+                seeds: Sequence[int] | None = None) -> dict[str, list[str]]:
+    """{folder: overrides} of the warm-start runs (one per seed; none without warm_start)."""
+    if not self.warm_start:
+      return {}
+    seeds = self.seeds if seeds is None else tuple(seeds)
+    extra = [] if steps is None else [f'steps={steps}']
+    return {f'{WARM_PREFIX}{seed}': [*self.common, *self.warm_start, f'seed={seed}', *extra]
+            for seed in seeds}
+
+
+WARM = '{warm}'
+WARM_PREFIX = 'warm_s'
+
+
+def resolve_warm(overrides: Sequence[str], out: str, folder: str) -> list[str]:
+  """The overrides of run `folder` ('<point>_s<seed>') with WARM made the absolute path
+  of that seed's warm-start run."""
+  seed = folder.rsplit('_s', 1)[1]
+  warm = os.path.abspath(os.path.join(out, f'{WARM_PREFIX}{seed}'))
+  return [o.replace(WARM, warm) for o in overrides]
 
 
 def claim_folder(out: str, record: dict) -> None:

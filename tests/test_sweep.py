@@ -29,10 +29,15 @@ def test_tiny_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
   for row in rows.values():
     assert row['status'] == 'done'
     assert 0 <= float(row['test_accuracy']) <= 1 and float(row['flops_per_token']) > 0
-    assert row['steps'] == '6' and int(row['tokens_seen']) > 0
+    assert int(row['tokens_seen']) > 0
     assert 'accuracy/permute_0' in row and 'bits_per_token/induction_0' in row
   assert rows['dense_s0']['rule'] == 'dense' and rows['dense_s0']['K'] == '4'
   assert rows['topk_k2_s0']['K'] == '2'
+  # the warm start is trained first, and its steps count toward the point's budget
+  assert (out / 'warm_s0' / 'summary.json').exists()
+  assert rows['dense_s0']['steps'] == '6' and rows['dense_s0']['warm_start_steps'] == '0'
+  assert rows['topk_k2_s0']['steps'] == '8' and rows['topk_k2_s0']['warm_start_steps'] == '2'
+  assert int(rows['topk_k2_s0']['tokens_seen']) == int(rows['dense_s0']['tokens_seen']) // 6 * 8
   assert float(rows['topk_k2_s0']['active_fraction']) == 0.5
   assert float(rows['topk_k2_s0']['flops_per_token']) < float(rows['dense_s0']['flops_per_token'])
   table = (out / 'results.md').read_text()
@@ -41,13 +46,14 @@ def test_tiny_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
     assert (out / 'plots' / name).stat().st_size > 0
   record = json.load(open(out / 'sweep.json'))
   assert record['sweep'] == 'tiny' and sorted(record['runs']) == sorted(rows)
+  assert sorted(record['warm_runs']) == ['warm_s0']
 
   # Started again: everything is finished, nothing runs.
   capsys.readouterr()
   summary = out / 'dense_s0' / 'summary.json'
   stamp = summary.stat().st_mtime_ns
   sweep_script.main(['tiny', '--out', str(out), '--parallel', '2'])
-  assert capsys.readouterr().out.count('skipped') == 2
+  assert capsys.readouterr().out.count('skipped') == 3
   assert summary.stat().st_mtime_ns == stamp
 
   # A point killed mid-run (after its checkpoint of step 4, with a half-written metrics
@@ -99,7 +105,8 @@ def test_study_sweeps_resolve(capsys):
   for name, definition in sweeps.SWEEPS.items():
     sweep_script.main([name, '--dry-run', '--out', 'unused'])
     printed = capsys.readouterr().out
-    assert printed.count('experiments.train') == len(definition.points) * len(definition.seeds)
+    runs = (len(definition.points) + bool(definition.warm_start)) * len(definition.seeds)
+    assert printed.count('experiments.train') == runs
   synthetic = sweeps.SWEEPS['synthetic']
   assert len(synthetic.points) == 10 and synthetic.seeds == (0, 1, 2)
   assert len(sweeps.SWEEPS['text'].points) == 7
