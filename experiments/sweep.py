@@ -43,7 +43,8 @@ def parse_args(argv):
   parser.add_argument('--parallel', type=int, default=1, help='runs at once (default 1)')
   parser.add_argument('--out', default=None, help='sweep folder (default: runs/sweeps/NAME)')
   parser.add_argument('--steps', type=int, default=None,
-                      help="training steps of every point (overrides the sweep's)")
+                      help="training steps of every run, warm starts included (overrides "
+                           "the sweep's; a quick look: the points' budgets then differ)")
   parser.add_argument('--seeds', default=None,
                       help="comma-separated training seeds (overrides the sweep's), e.g. 0,1")
   parser.add_argument('--dry-run', action='store_true',

@@ -70,7 +70,8 @@ def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx
   """GatedLM or GatedEncoder from a ModelConfig and the data's vocabulary and length."""
   common = dict(
       num_layers=cfg.num_layers, features=cfg.features, num_heads=cfg.num_heads,
-      head_dim=cfg.head_dim, max_length=info.seq_len, positions=cfg.positions, mlp_features=cfg.mlp_features,
+      head_dim=cfg.head_dim, max_length=info.seq_len, positions=cfg.positions,
+      mlp_features=cfg.mlp_features,
       dropout_rate=cfg.dropout_rate, gate=cfg.gate, active_heads=cfg.active_heads,
       path=cfg.path, noise=cfg.noise, noise_scale=cfg.noise_scale,
       scaled_weights=cfg.scaled_weights, temperature=cfg.temperature,
