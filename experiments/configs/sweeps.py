@@ -59,9 +59,9 @@ SWEEPS = {
         warm_start=(*dense(), 'steps=3000'),
         description='synthetic multi-task benchmark: dense vs static vs dynamic, K = 1, 2, 4'),
     'text': Sweep(
-        name='text', preset='text', points=grid((2, 4), steps=1000, warm=500),
+        name='text', preset='text', points=grid((2, 4), steps=600, warm=300),
         seeds=(0, 1, 2), common=(f'model.num_heads={H}',),
-        warm_start=(*dense(), 'steps=500'),
+        warm_start=(*dense(), 'steps=300'),
         description='multi-domain byte LM: dense vs static vs dynamic, K = 2, 4'),
     'tiny': Sweep(
         name='tiny', preset='synthetic',
