@@ -128,7 +128,8 @@ def plot_usage(run_dir, evals, out_all, out_by_label):
     return [out_all]
   cols = min(4, len(labels))
   rows = int(np.ceil(len(labels) / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False,
+                           layout='constrained')
   for ax, (name, block) in zip(axes.flat, labels.items()):
     image = _heatmap(ax, block['usage'], f"{name} (acc {block['accuracy']:.2f})")
   for ax in list(axes.flat)[len(labels):]:
