@@ -136,7 +136,7 @@ def plot_usage(run_dir, evals, out_all, out_by_label):
     ax.axis('off')
   fig.colorbar(image, ax=axes, label='fraction of sequences using the head', shrink=0.8)
   fig.suptitle(f"head usage by label at step {last['step']}: {_title(run_dir)}", fontsize=9)
-  fig.savefig(out_by_label, dpi=110)
+  fig.savefig(out_by_label, dpi=110, bbox_inches='tight')
   plt.close(fig)
   return [out_all, out_by_label]
 
