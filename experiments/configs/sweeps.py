@@ -15,7 +15,7 @@ gathered path at its own K:
 Every point has the same budget of training steps, STEPS. Dense and static train from
 scratch. The dynamic rules start from a dense warm start of WARM steps (one per seed,
 shared by all dynamic points of that seed; its steps count toward their budget) and train
-STEPS - WARM more with their budget K. Why (from the tuning runs listed in the README): a
+STEPS - WARM more with their budget K. Why (from the tuning runs listed in docs/tuning.md): a
 per-sequence gate from scratch trains each head on about K/H of the data and fell behind;
 after a dense warm start it keeps the heads' general training. Static pruning from the
 same warm start did worse than from scratch, so it trains from scratch.
