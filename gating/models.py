@@ -164,10 +164,11 @@ class GatedLM(nnx.Module):
                rngs: nnx.Rngs, **attention_kwargs):
     if not 1 <= prefix_len <= max_length:
       raise ValueError(f'prefix_len must be in [1, max_length={max_length}], got {prefix_len}')
-    if 'router' in attention_kwargs and attention_kwargs['router'] not in ('prefix', 'static'):
+    if attention_kwargs.get('router') not in (None, 'prefix', 'static'):
       raise ValueError("GatedLM's gate reads the prefix: router must be 'prefix' (or "
                        f"'static'), got {attention_kwargs['router']!r}")
-    attention_kwargs.setdefault('router', 'static' if gate == 'static' else 'prefix')
+    if attention_kwargs.get('router') is None:  # absent or None: the model's default
+      attention_kwargs['router'] = 'static' if gate == 'static' else 'prefix'
     self.prefix_len = prefix_len
     self.tie_embeddings = tie_embeddings
     self.trunk = _Trunk(
@@ -240,7 +241,8 @@ class GatedEncoder(nnx.Module):
     if attention_kwargs.get('router') == 'prefix':
       raise ValueError("GatedEncoder's gate reads all valid tokens: router='prefix' is for "
                        'causal models')
-    attention_kwargs.setdefault('router', 'static' if gate == 'static' else 'mean')
+    if attention_kwargs.get('router') is None:  # absent or None: the model's default
+      attention_kwargs['router'] = 'static' if gate == 'static' else 'mean'
     self.trunk = _Trunk(
         vocab_size, num_layers=num_layers, features=features, num_heads=num_heads,
         head_dim=head_dim, max_length=max_length, positions=positions, mlp_features=mlp_features,

@@ -75,8 +75,7 @@ def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx
       dropout_rate=cfg.dropout_rate, gate=cfg.gate, active_heads=cfg.active_heads,
       path=cfg.path, noise=cfg.noise, noise_scale=cfg.noise_scale,
       scaled_weights=cfg.scaled_weights, temperature=cfg.temperature,
-      router_hidden_features=cfg.router_hidden_features,
-      **({} if cfg.router is None else {'router': cfg.router}),
+      router=cfg.router, router_hidden_features=cfg.router_hidden_features,
       router_init_logit=cfg.router_init_logit, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
   if cfg.kind == 'encoder':
     return GatedEncoder(info.vocab_size, num_classes=len(info.label_names), **common)
