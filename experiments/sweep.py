@@ -58,8 +58,7 @@ def points(sweep, out, *, steps, seeds):
   from experiments import configs
   from gating import evaluation
   from gating.config import override
-  from gating.sweep import Point
-  from gating.sweep import resolve_warm
+  from gating.sweep import Point, resolve_warm
   warm = sweep.warm_runs(steps=steps, seeds=seeds)
   runs = sweep.runs(steps=steps, seeds=seeds)
   result = []

@@ -15,18 +15,18 @@ Each factory returns a Linen module built on `flax.nnx.bridge.ToLinen` (what
     updates['gate_stats']['attn']['head_usage']   # [H]
 
 Collections: parameters are in 'params'. The gate statistics (`GateStats`: head_usage
-[H], head_prob [H], head_weight [H], router_z_loss []) are in 'gate_stats'; like batch_stats, `apply`
-returns them only when asked: `apply(..., mutable=['gate_stats'])` (a regularizer built
-from head_prob inside a loss keeps its gradient). The rule's temperature is in
-'gate_temperature'; pass the whole `variables` to apply to keep it, and change it with
-`set_temperature(variables, t)`.
+[H], head_prob [H], head_weight [H], router_z_loss []) are in 'gate_stats'; like
+batch_stats, `apply` returns them only when asked: `apply(..., mutable=['gate_stats'])`
+(a regularizer built from head_prob inside a loss keeps its gradient). The rule's
+temperature is in 'gate_temperature'; pass the whole `variables` to apply to keep it, and
+change it with `set_temperature(variables, t)`.
 
 Rng streams: `init` needs 'params', plus 'dropout' for the block and the models (their
 nnx.Dropout forks it at construction) and for an attention layer with dropout or a
 stochastic gate (hard_concrete, static, or noise=...). `apply` with deterministic=False
 draws dropout, gate noise and hard-concrete samples from 'dropout': pass
-rngs={'dropout': key}. Without it flax's bridge would fall
-back to a fixed key, so the factories refuse that with a ValueError instead.
+rngs={'dropout': key}. Without it flax's bridge would fall back to a fixed key, so the
+factories refuse that with a ValueError instead.
 """
 
 from __future__ import annotations

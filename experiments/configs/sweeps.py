@@ -15,10 +15,11 @@ gathered path at its own K:
 Every point has the same budget of training steps, STEPS. Dense and static train from
 scratch. The dynamic rules start from a dense warm start of WARM steps (one per seed,
 shared by all dynamic points of that seed; its steps count toward their budget) and train
-STEPS - WARM more with their budget K. Why (from the tuning runs listed in docs/tuning.md): a
-per-sequence gate from scratch trains each head on about K/H of the data and fell behind;
-after a dense warm start it keeps the heads' general training. Static pruning from the
-same warm start did worse than from scratch, so it trains from scratch.
+STEPS - WARM more with their budget K. Why (from the tuning runs listed in
+docs/tuning.md): a per-sequence gate from scratch trains each head on about K/H of the
+data and fell behind; after a dense warm start it keeps the heads' general training.
+Static pruning from the same warm start did worse than from scratch, so it trains from
+scratch.
 All rules train without exploration noise (Gumbel noise made the selected heads vary at
 random and cost 30-50 accuracy points in tuning) and without a sparsity penalty: the
 budget K sets the sparsity.
