@@ -31,7 +31,7 @@ from flax import nnx
 
 import gating
 from experiments.timing import summarize, time_interleaved
-from gating import decode
+from gating.layers import decode
 
 SIZES = dict(features=512, heads=8, layers=2, vocab=256, prefix=16)
 

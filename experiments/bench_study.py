@@ -18,7 +18,7 @@ from flax import nnx
 
 from experiments import configs
 from experiments.timing import summarize, time_interleaved
-from gating import train
+from gating.training import loop as train
 
 PRESETS = ('synthetic', 'text')
 

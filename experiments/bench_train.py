@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.timing import summarize, time_interleaved
-from gating import data, train
-from gating.config import DataConfig, ModelConfig, TrainConfig
+from gating import data
+from gating.training import loop as train
+from gating.training.config import DataConfig, ModelConfig, TrainConfig
 
 FULL = dict(layers=4, features=256, heads=8, length=512, batch=8, prefix=64)
 QUICK = dict(layers=2, features=256, heads=8, length=512, batch=8, prefix=64)

@@ -19,7 +19,7 @@ import os
 import time
 
 from experiments import bench_attention, bench_decode, bench_study, bench_train
-from gating.provenance import provenance
+from gating.training.provenance import provenance
 
 SECTIONS = {'attention': bench_attention, 'decode': bench_decode, 'train': bench_train,
             'study': bench_study}

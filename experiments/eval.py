@@ -6,7 +6,7 @@ retraining): loss, accuracy and bits per token, overall and per task (synthetic)
 domain (text), head usage, and FLOPs per token (XLA's cost analysis of the compiled eval
 step). It also scores the rule's own gate on the masked path without a budget (the
 "training gate": every head with hard-concrete z > 0, top-K for topk, all heads for
-dense; see gating/evaluation.py) and reports the gap to the gathered path at the run's
+dense; see gating/study/evaluation.py) and reports the gap to the gathered path at the run's
 own K. Writes JSON (default DIR/eval.json).
 
 Examples:
@@ -68,7 +68,8 @@ def print_report(report):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  from gating import checkpoint, evaluation
+  from gating.training import checkpoint
+  from gating.study import evaluation
   try:
     paths = [p for p in args.paths.split(',') if p]
     ks = None if args.k is None else _ints(args.k, '--k')

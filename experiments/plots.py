@@ -164,7 +164,7 @@ def _quality(text: bool, prefix: str = 'test_'):
 
 def _pareto(ax, groups, x_key, y_key):
   """One line per (rule, regularizer) over K, error bars over seeds; dense as a reference."""
-  from gating.results import RULE_NAMES
+  from gating.study.results import RULE_NAMES
   lines = {}
   for g in groups:
     if g.get(x_key) is not None and g.get(y_key) is not None:
@@ -193,7 +193,7 @@ def _pareto(ax, groups, x_key, y_key):
 
 def plot_sweep(sweep_dir: str) -> list[str]:
   """Writes the sweep's plots (see the module docstring) into sweep_dir/plots."""
-  from gating import results
+  from gating.study import results
   path = os.path.join(sweep_dir, 'results.csv')
   if not os.path.exists(path):
     raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '

@@ -53,12 +53,12 @@ def parse_args(argv):
 
 
 def points(sweep, out, *, steps, seeds):
-  """(record for sweep.json, [gating.sweep.Point]): resolves every point's config first,
+  """(record for sweep.json, [gating.study.sweep.Point]): resolves every point's config first,
   so a bad override fails now, naming its point, before anything runs."""
   from experiments import configs
-  from gating import evaluation
-  from gating.config import override
-  from gating.sweep import Point, resolve_warm
+  from gating.study import evaluation
+  from gating.training.config import override
+  from gating.study.sweep import Point, resolve_warm
   warm = sweep.warm_runs(steps=steps, seeds=seeds)
   runs = sweep.runs(steps=steps, seeds=seeds)
   result = []
@@ -88,7 +88,7 @@ def points(sweep, out, *, steps, seeds):
 def finish(sweep, out, names):
   """Writes results.csv, results.md and the sweep plots from the point folders."""
   from experiments import plots
-  from gating import results
+  from gating.study import results
   rows = [results.point_row(os.path.join(out, name), name) for name in names]
   results.write_csv(rows, os.path.join(out, 'results.csv'))
   with open(os.path.join(out, 'results.md'), 'w') as f:
@@ -104,7 +104,7 @@ def _stop_on_sigterm(signum, frame):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from experiments.configs import sweeps
-  from gating import sweep as runner
+  from gating.study import sweep as runner
   try:
     sweep = sweeps.get(args.name)
     seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(',') if s]

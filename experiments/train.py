@@ -45,7 +45,7 @@ def parse_args(argv):
 
 def resolve(args):
   from experiments import configs
-  from gating.config import override
+  from gating.training.config import override
   overrides = list(args.overrides)
   if args.steps is not None:
     overrides.append(f'steps={args.steps}')
@@ -76,7 +76,7 @@ def main(argv=None):
     return
   if args.distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
-  from gating.train import train
+  from gating.training.loop import train
   workdir = args.workdir or os.path.join('runs', args.preset)
   summary = train(cfg, workdir, progress=not args.no_progress)
   if jax.process_index() == 0:

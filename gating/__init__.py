@@ -4,19 +4,32 @@ Shape legend (tensor names carry their shape; einsum strings use the same letter
   B batch, L sequence length, S key length, D model width, H heads, K active heads
   (static), Dh head width, V vocabulary, P gate prefix length, N layers, C classes.
 
-Importing `gating` needs only jax, flax, optax and numpy. Submodules: `gating.decode`
-(prefill, decode_step, generate for GatedLM) and `gating.linen` (Linen factories).
+Layout (the folders are the architecture):
+  gating.layers    what a user puts in a model (router, selection, compute, attention,
+                   block, models, state, decode); imports nothing below
+  gating.convert   gate_heads (retrofit) and prune (thin export)
+  gating.linen     Linen factories through flax.nnx.bridge
+  gating.data      the synthetic benchmark (tasks), the text corpus (corpus), batches
+  gating.training  config, losses, the train loop, checkpoints, provenance
+  gating.study     evaluation of run folders, sweeps, results tables
+
+Importing `gating` needs only jax, flax, optax and numpy: `gating.data`, `gating.training`
+and `gating.study` (datasets, orbax) load when first named. `gating.decode` (prefill,
+decode_step, generate for GatedLM) and `gating.linen` are attributes of the package.
 """
 
-from gating import decode, linen
-from gating.attention import GatedMultiHeadAttention
-from gating.block import GatedTransformerBlock
-from gating.compute import HeadWeights, gathered_attention, masked_attention
+import importlib
+
+from gating import linen
 from gating.convert import PruneReport, gate_heads, prune
-from gating.models import EncoderOutput, GatedEncoder, GatedLM, LMOutput
-from gating.router import HeadRouter, StaticRouter
-from gating.selection import RULES, Gate, select
-from gating.state import GateStats, GateTemperature, gate_stats, set_temperature
+from gating.layers import decode
+from gating.layers.attention import GatedMultiHeadAttention
+from gating.layers.block import GatedTransformerBlock
+from gating.layers.compute import HeadWeights, gathered_attention, masked_attention
+from gating.layers.models import EncoderOutput, GatedEncoder, GatedLM, LMOutput
+from gating.layers.router import HeadRouter, StaticRouter
+from gating.layers.selection import RULES, Gate, select
+from gating.layers.state import GateStats, GateTemperature, gate_stats, set_temperature
 
 __all__ = [
     'EncoderOutput', 'Gate', 'GateStats', 'GateTemperature', 'GatedEncoder', 'GatedLM',
@@ -24,3 +37,24 @@ __all__ = [
     'HeadWeights', 'PruneReport', 'RULES', 'StaticRouter', 'gate_heads', 'gate_stats',
     'gathered_attention', 'masked_attention', 'prune', 'select', 'set_temperature',
 ]
+
+# Modules that lived directly under gating/ before the layout of subpackages: the name
+# `gating.<old>` (as in `from gating import train`) still resolves, to its new module.
+# Heavy ones (datasets, orbax) load only when named, so `import gating` stays light.
+_MOVED = {
+    'router': 'gating.layers.router', 'selection': 'gating.layers.selection',
+    'compute': 'gating.layers.compute', 'attention': 'gating.layers.attention',
+    'block': 'gating.layers.block', 'models': 'gating.layers.models',
+    'state': 'gating.layers.state',
+    'config': 'gating.training.config', 'losses': 'gating.training.losses',
+    'train': 'gating.training.loop', 'checkpoint': 'gating.training.checkpoint',
+    'provenance': 'gating.training.provenance',
+    'evaluation': 'gating.study.evaluation', 'sweep': 'gating.study.sweep',
+    'results': 'gating.study.results',
+}
+
+
+def __getattr__(name):
+  if name in _MOVED:
+    return importlib.import_module(_MOVED[name])
+  raise AttributeError(f"module 'gating' has no attribute {name!r}")

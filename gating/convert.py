@@ -35,9 +35,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gating.attention import GatedMultiHeadAttention
-from gating.models import GatedEncoder, GatedLM
-from gating.router import StaticRouter
+from gating.layers.attention import GatedMultiHeadAttention
+from gating.layers.models import GatedEncoder, GatedLM
+from gating.layers.router import StaticRouter
 
 
 # -- gate_heads -------------------------------------------------------------------------------

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 from flax.nnx import bridge
 
-from gating.attention import GatedMultiHeadAttention
-from gating.block import GatedTransformerBlock
-from gating.models import GatedEncoder, GatedLM
+from gating.layers.attention import GatedMultiHeadAttention
+from gating.layers.block import GatedTransformerBlock
+from gating.layers.models import GatedEncoder, GatedLM
 
 
 def _stochastic(kwargs) -> bool:

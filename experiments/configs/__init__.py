@@ -1,6 +1,6 @@
 """Named presets: each module's `config()` returns a TrainConfig (the default: synthetic)."""
 
-from gating.config import TrainConfig
+from gating.training.config import TrainConfig
 
 from experiments.configs import shakespeare, synthetic, text
 

@@ -1,6 +1,6 @@
 """A byte-level gated LM on tinyshakespeare alone (../shared/data/tinyshakespeare.txt)."""
 
-from gating.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from gating.training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 def config() -> TrainConfig:

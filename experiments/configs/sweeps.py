@@ -25,7 +25,7 @@ random and cost 30-50 accuracy points in tuning) and without a sparsity penalty:
 budget K sets the sparsity.
 """
 
-from gating.sweep import WARM, Sweep
+from gating.study.sweep import WARM, Sweep
 
 H = 8
 

@@ -8,7 +8,7 @@ P = 14 tokens) and picks its heads per sequence. 6000 steps of 64 sequences: abo
 minutes on a 2-core laptop CPU; no download.
 """
 
-from gating.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from gating.training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 def config() -> TrainConfig:

@@ -3,7 +3,7 @@ library source (code), its pydoc documentation text (prose) and tinyshakespeare 
 Each sequence stays within one domain, so the gate has something to route on: every
 layer's top-2 gate reads the first P = 32 bytes of the window."""
 
-from gating.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from gating.training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 def config() -> TrainConfig:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gating.router import HeadRouter, StaticRouter, pool_valid
+from gating.layers.router import HeadRouter, StaticRouter, pool_valid
 
 D, H = 32, 4
 

@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from gating import config
-from gating.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from gating.training import config
+from gating.training.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 def test_defaults_are_valid_and_round_trip_through_dicts():

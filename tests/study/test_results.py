@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from gating import results
-from gating.config import LossConfig, ModelConfig, TrainConfig
+from gating.study import results
+from gating.training.config import LossConfig, ModelConfig, TrainConfig
 
 
 def _row(rule, k, seed, bits, status='done'):

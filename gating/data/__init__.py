@@ -389,7 +389,7 @@ def synthetic_stream(*, num_tasks: int = 16, input_len: int = 12, num_digits: in
 # Text: sources, byte tokenizer, splits by document, packing within a domain.
 
 BUILTIN_SOURCES = ('python', 'pydoc', 'shakespeare')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAKESPEARE = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt')
 STDLIB_EXCLUDED = frozenset({'site-packages', 'dist-packages', 'test', 'tests', 'idle_test',
                              'pydoc_data', '__pycache__'})

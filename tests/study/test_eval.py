@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from experiments import eval as eval_script
-from gating import evaluation, train
-from gating.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from gating.study import evaluation
+from gating.training import loop as train
+from gating.training.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
 
 TINY = TrainConfig(
     model=ModelConfig(num_layers=1, features=32, num_heads=4, gate='topk', active_heads=2,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gating.block import GatedTransformerBlock
+from gating.layers.block import GatedTransformerBlock
 
 POSITIONS = ('learned', 'rotary')
 

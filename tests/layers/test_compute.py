@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gating import compute
+from gating.layers import compute
 
 B, L, S, D, H, Dh = 3, 8, 6, 16, 4, 5
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gating import selection
+from gating.layers import selection
 
 H = 6
 

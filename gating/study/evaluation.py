@@ -41,8 +41,10 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from gating import checkpoint, data, train
-from gating.config import PATHS, TrainConfig, from_dict
+from gating import data
+from gating.training import checkpoint
+from gating.training import loop as train
+from gating.training.config import PATHS, TrainConfig, from_dict
 
 SPLITS = ('test', 'validation')
 

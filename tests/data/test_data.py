@@ -399,5 +399,5 @@ def test_gating_import_does_not_import_data():
   import sys  # pylint: disable=import-outside-toplevel
   code = ('import sys, gating; '
           'assert "datasets" not in sys.modules and "gating.data" not in sys.modules')
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   subprocess.run([sys.executable, '-c', code], check=True, env={**os.environ, 'PYTHONPATH': repo})

@@ -29,11 +29,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gating import checkpoint, data, losses
-from gating.config import ModelConfig, TrainConfig, from_dict
-from gating.models import GatedEncoder, GatedLM
-from gating.provenance import provenance
-from gating.state import gate_stats, set_temperature
+from gating import data
+from gating.training import checkpoint
+from gating.training import losses
+from gating.training.config import ModelConfig, TrainConfig, from_dict
+from gating.layers.models import GatedEncoder, GatedLM
+from gating.training.provenance import provenance
+from gating.layers.state import gate_stats, set_temperature
 
 
 class Lagrange(nnx.Param):

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from experiments import plots
-from gating import results
-from gating.config import ModelConfig, TrainConfig
+from gating.study import results
+from gating.training.config import ModelConfig, TrainConfig
 
 LABELS = ('python', 'pydoc', 'shakespeare')
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gating.attention import GatedMultiHeadAttention
+from gating.layers.attention import GatedMultiHeadAttention
 
 
 class GatedTransformerBlock(nnx.Module):

@@ -47,9 +47,9 @@ import numpy as np
 from flax import nnx, struct
 from flax.nnx.nn import dtypes
 
-from gating import compute
-from gating.attention import GatedMultiHeadAttention, check_active_heads
-from gating.models import GatedLM, padding_mask, per_layer
+from gating.layers import compute
+from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
+from gating.layers.models import GatedLM, padding_mask, per_layer
 
 PROJECTIONS = ('auto', 'weights', 'activations')
 

@@ -3,7 +3,7 @@
 A row reads the point's run folder: config.json (rule, K, regularizer, seed), summary.json
 (steps, tokens seen; a warm start's steps and tokens are added, as they count toward the
 budget), eval.json (test metrics on the gathered path at the point's own K,
-the training-gate gap, FLOPs per token; see gating/evaluation.py) and wall_time.json
+the training-gate gap, FLOPs per token; see gating/study/evaluation.py) and wall_time.json
 (seconds of the train and eval subprocesses, start-up, compilation, the train script's
 own evaluations and plots included, summed over sittings; a sitting killed together with
 the sweep process records nothing).
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gating.config import LossConfig, TrainConfig, from_dict
+from gating.training.config import LossConfig, TrainConfig, from_dict
 
 RULE_NAMES = {'dense': 'dense', 'static': 'static hard-concrete', 'topk': 'dynamic top-k',
               'hard_concrete': 'dynamic hard-concrete', 'sigmoid': 'dynamic sigmoid'}
@@ -179,7 +179,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
            "gathered path at each point's own K (dense: all heads). Active fraction: mean "
            'fraction of heads with a non-zero gate, over layers and sequences. FLOPs per '
            "token: XLA's cost analysis of the compiled eval step / (B x L). Gap: gathered "
-           "top-K minus the masked path with the rule's own gate (gating/evaluation.py).", '']
+           "top-K minus the masked path with the rule's own gate (gating/study/evaluation.py).", '']
   if not groups:
     return '\n'.join(lines + ['No finished points yet.', ''])
   text = groups[0]['data'] == 'text'

@@ -10,10 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from gating import checkpoint, config, train
-from gating.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from gating.training import checkpoint
+from gating.training import config
+from gating.training import loop as train
+from gating.training.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 
 TINY = TrainConfig(
     model=ModelConfig(num_layers=1, features=32, num_heads=4, gate='topk', active_heads=2,
@@ -154,8 +156,8 @@ def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_four_devices_match_one(tmp_path):
   script = (
       'import dataclasses, json, sys; sys.path.insert(0, %r)\n'
-      'from gating import train\n'
-      'from tests.test_train import TINY, run, metrics\n'
+      'from gating.training import loop as train\n'
+      'from tests.training.test_train import TINY, run, metrics\n'
       'try:\n'
       '  train.mesh_and_shardings(batch_size=6, grad_accum=1)\n'
       '  refused = None\n'

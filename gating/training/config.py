@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any
 
-from gating.selection import NOISES, RULES
+from gating.layers.selection import NOISES, RULES
 
 PATHS = ('masked', 'gathered')
 DTYPES = ('float32', 'bfloat16')

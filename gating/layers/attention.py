@@ -19,9 +19,9 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.nnx.nn.linear import default_kernel_init
 
-from gating import compute, selection
-from gating.router import POOLS, HeadRouter, StaticRouter
-from gating.state import GateStats, GateTemperature
+from gating.layers import compute, selection
+from gating.layers.router import POOLS, HeadRouter, StaticRouter
+from gating.layers.state import GateStats, GateTemperature
 
 PATHS = ('masked', 'gathered')
 ROUTERS = POOLS + ('static',)

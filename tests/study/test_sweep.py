@@ -8,7 +8,7 @@ import pytest
 
 from experiments import sweep as sweep_script
 from experiments.configs import sweeps
-from gating import sweep
+from gating.study import sweep
 
 
 def _rows(out):

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 import gating
-from gating import decode
+from gating.layers import decode
 
 V, L, D, H, P = 40, 16, 32, 4, 4
 

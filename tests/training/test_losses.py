@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gating import losses
+from gating.training import losses
 
 
 def stats(usage, prob, weight=None, z=0.0):
