@@ -164,7 +164,8 @@ def _quality(text: bool, prefix: str = 'test_'):
 
 def _pareto(ax, groups, x_key, y_key):
   """One line per (rule, regularizer) over K, error bars over seeds; dense as a reference."""
-  from gating.study.results import RULE_NAMES
+  from gating.layers.selection import RULES
+  from gating.study.results import rule_label
   lines = {}
   for g in groups:
     if g.get(x_key) is not None and g.get(y_key) is not None:
@@ -173,10 +174,11 @@ def _pareto(ax, groups, x_key, y_key):
     members.sort(key=lambda g: g[x_key][0])
     xs = [g[x_key][0] for g in members]
     ys = [g[y_key][0] for g in members]
-    label = RULE_NAMES.get(rule, rule) + ('' if regularizer == 'none' else f' ({regularizer})')
+    label = rule_label(rule) + ('' if regularizer == 'none' else f' ({regularizer})')
     seeds = max(g['seeds'] for g in members)
     label += f', {seeds} seed{"s" if seeds > 1 else ""}'
-    if rule == 'dense':
+    reference = rule in RULES and RULES[rule].budget == 'none'   # dense: every head open
+    if reference:
       line = ax.errorbar(xs, ys, xerr=[g[x_key][1] for g in members],
                          yerr=[g[y_key][1] for g in members], fmt='k*', ms=12, capsize=3,
                          label=label)
@@ -185,7 +187,7 @@ def _pareto(ax, groups, x_key, y_key):
       line = ax.errorbar(xs, ys, xerr=[g[x_key][1] for g in members],
                          yerr=[g[y_key][1] for g in members], fmt='o-', capsize=3, label=label)
     for g, x, y in zip(members, xs, ys):
-      if rule != 'dense':
+      if not reference:
         ax.annotate(f"K={g['K']}", (x, y), textcoords='offset points', xytext=(4, 4),
                     fontsize=7, color=line[0].get_color())
   ax.grid(alpha=0.3)

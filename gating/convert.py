@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gating.layers.attention import GatedMultiHeadAttention
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.layers.router import StaticRouter
+from gating.layers.selection import get_rule
 
 
 # -- gate_heads -------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
   for path, attn in ((_path_str(p), m) for p, m in nnx.iter_graph(model)
                      if isinstance(m, GatedMultiHeadAttention)):
     kept = np.flatnonzero(usage[path] > threshold)
-    k = attn.num_heads if attn.gate_rule == 'dense' else attn.active_heads
+    k = attn.num_heads if get_rule(attn.gate_rule).budget == 'none' else attn.active_heads
     if len(kept) == 0:
       raise ValueError(f'layer {path!r} would keep no head (usage {usage[path].tolist()} <= '
                        f'threshold {threshold}); lower the threshold')

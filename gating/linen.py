@@ -39,11 +39,12 @@ from flax.nnx import bridge
 from gating.layers.attention import GatedMultiHeadAttention
 from gating.layers.block import GatedTransformerBlock
 from gating.layers.models import GatedEncoder, GatedLM
+from gating.layers.selection import get_rule
 
 
 def _stochastic(kwargs) -> bool:
   """True when the NNX module draws from the 'dropout' stream (needs it at init)."""
-  return (kwargs.get('gate', 'topk') in ('hard_concrete', 'static')
+  return (get_rule(kwargs.get('gate', 'topk')).samples
           or kwargs.get('noise') is not None
           or kwargs.get('dropout_rate', 0.0) > 0
           or kwargs.get('attention_dropout_rate', 0.0) > 0)

@@ -38,10 +38,11 @@ def check_active_heads(active_heads, num_heads: int, gate: str, path: str) -> No
     raise ValueError(f'path must be one of {PATHS}, got {path!r}')
   if active_heads is None and path == 'gathered':
     raise ValueError("path='gathered' needs a static budget: pass active_heads=K")
-  if active_heads is None and gate == 'topk':
-    raise ValueError("gate='topk' needs a budget: pass active_heads=K")
-  if gate == 'dense' and active_heads not in (None, num_heads):
-    raise ValueError(f"gate='dense' opens all {num_heads} heads; active_heads must be None "
+  rule = selection.get_rule(gate)
+  if active_heads is None and rule.budget == 'required':
+    raise ValueError(f"gate={gate!r} needs a budget: pass active_heads=K")
+  if rule.budget == 'none' and active_heads not in (None, num_heads):
+    raise ValueError(f"gate={gate!r} opens all {num_heads} heads; active_heads must be None "
                      f'or {num_heads}, got {active_heads}')
 
 
@@ -74,8 +75,9 @@ class GatedMultiHeadAttention(nnx.Module):
   customizations. At call: sow_weights=True, out_sharding and qkv_sharding.
 
   Gate arguments:
-    gate: selection rule, one of selection.RULES: 'dense', 'topk', 'hard_concrete',
-      'sigmoid', 'static' (hard_concrete on a static router: the Voita baseline).
+    gate: selection rule, a name in selection.RULES: 'dense', 'topk', 'hard_concrete',
+      'sigmoid', 'static' (hard_concrete on a static router: the Voita baseline), 'top_p',
+      or any registered rule (`selection.register`).
     active_heads: static budget K (required by 'topk' and by path='gathered').
     path: 'masked' (all heads computed, each times its weight) or 'gathered' (only the K
       selected heads computed; at K = H, every head with the shared weights, as gathering
@@ -85,11 +87,14 @@ class GatedMultiHeadAttention(nnx.Module):
     router_hidden_features, router_init_logit: the router MLP's hidden width and the
       initial value of every logit.
     temperature: the rule's temperature (beta for hard_concrete; default: the literature
-      value in selection.DEFAULT_TEMPERATURE). It is state: `gating.set_temperature`.
+      value, selection.RULES[gate].temperature). It is state: `gating.set_temperature`.
     noise, noise_scale: exploration noise on the logits in training ('gumbel', 'jitter').
     scaled_weights: weigh open heads by the rule's value instead of exactly 1.
-    threshold: the sigmoid rule's open threshold.
-    stretch: hard-concrete (gamma, zeta).
+    gate_options: the rule's options by name (selection.RULES[gate].options), e.g.
+      {'threshold': 0.7} for sigmoid, {'p': 0.8} for top_p, {'gamma': -0.1, 'zeta': 1.1}
+      for hard_concrete; an unknown name is refused.
+    threshold, stretch: older spellings of the options 'threshold' (sigmoid) and
+      ('gamma', 'zeta') (hard_concrete, static); rules without them ignore them.
     rotary_base: rotate queries and keys by position (RoPE) with this base; None (the
       default, as in nnx.MultiHeadAttention) for none. Positions are arange(L) unless the
       call passes `positions`.
@@ -121,8 +126,9 @@ class GatedMultiHeadAttention(nnx.Module):
       noise: str | None = None,
       noise_scale: float = 1.0,
       scaled_weights: bool = False,
-      threshold: float = 0.5,
-      stretch: tuple[float, float] = selection.HARD_CONCRETE_STRETCH,
+      gate_options: Mapping[str, float] | None = None,
+      threshold: float | None = None,
+      stretch: tuple[float, float] | None = None,
       rotary_base: float | None = None,
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
@@ -159,17 +165,23 @@ class GatedMultiHeadAttention(nnx.Module):
     if refused:
       raise ValueError(f'GatedMultiHeadAttention does not support: {", ".join(refused)}. '
                        'See its docstring for what is supported.')
-    if gate not in selection.RULES:
-      raise ValueError(f'gate must be one of {selection.RULES}, got {gate!r}')
+    rule = selection.get_rule(gate)
+    options = dict(gate_options or {})
+    if threshold is not None and 'threshold' in rule.options:
+      options.setdefault('threshold', threshold)
+    if stretch is not None and 'gamma' in rule.options:
+      options.update({'gamma': options.get('gamma', stretch[0]),
+                      'zeta': options.get('zeta', stretch[1])})
+    options = rule.resolve_options(options)
     if qkv_features % num_heads:
       raise ValueError(f'qkv_features ({qkv_features}) must be divisible by '
                        f'num_heads ({num_heads})')
     check_active_heads(active_heads, num_heads, gate, path)
-    router = router or ('static' if gate == 'static' else 'mean')
+    router = router or ('static' if rule.router == 'static' else 'mean')
     if router not in ROUTERS:
       raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
-    if gate == 'static' and router != 'static':
-      raise ValueError(f"gate='static' uses the static router; got router={router!r}")
+    if rule.router == 'static' and router != 'static':
+      raise ValueError(f"gate={gate!r} uses the static router; got router={router!r}")
     if noise not in selection.NOISES:
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
     if not 0.0 <= dropout_rate < 1.0:
@@ -191,8 +203,7 @@ class GatedMultiHeadAttention(nnx.Module):
     self.noise = noise
     self.noise_scale = noise_scale
     self.scaled_weights = scaled_weights
-    self.threshold = threshold
-    self.stretch = tuple(stretch)
+    self.gate_options = tuple(sorted(options.items()))   # hashable: part of the graphdef
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.broadcast_dropout = broadcast_dropout
@@ -219,7 +230,7 @@ class GatedMultiHeadAttention(nnx.Module):
                       bias_metadata=out_bias_metadata or bias_metadata)
 
     self.router: HeadRouter | StaticRouter | None
-    if gate == 'dense':
+    if rule.router is None:
       self.router = nnx.data(None)
     elif router == 'static':
       self.router = StaticRouter(num_heads, init_logit=router_init_logit, rngs=rngs)
@@ -227,7 +238,7 @@ class GatedMultiHeadAttention(nnx.Module):
       self.router = HeadRouter(in_features, num_heads, pool=router, prefix_len=prefix_len,
                                hidden_features=router_hidden_features,
                                init_logit=router_init_logit, rngs=rngs)
-    default_t = selection.DEFAULT_TEMPERATURE[gate]
+    default_t = rule.temperature
     self.temperature = GateTemperature(jnp.asarray(
         default_t if temperature is None else temperature, jnp.float32))
     self.head_usage = GateStats(jnp.zeros((num_heads,), jnp.float32))
@@ -240,7 +251,7 @@ class GatedMultiHeadAttention(nnx.Module):
   @property
   def stochastic_gate(self) -> bool:
     """True when the gate samples in training (hard-concrete, or noise on the logits)."""
-    return self.gate_rule in ('hard_concrete', 'static') or self.noise is not None
+    return selection.RULES[self.gate_rule].samples or self.noise is not None
 
   @classmethod
   def from_dense(cls, mha: nnx.MultiHeadAttention, *, rngs: nnx.Rngs, **kwargs):
@@ -309,7 +320,7 @@ class GatedMultiHeadAttention(nnx.Module):
     return selection.select(
         self.gate_rule, logits_BxH, k=k, temperature=self.temperature[...],
         deterministic=deterministic, rng=rng, noise=self.noise, noise_scale=self.noise_scale,
-        scaled_weights=self.scaled_weights, threshold=self.threshold, stretch=self.stretch)
+        scaled_weights=self.scaled_weights, options=dict(self.gate_options))
 
   def _record(self, logits_BxH, gate: selection.Gate) -> None:
     open_BxH = jax.lax.stop_gradient(gate.weights_BxH) != 0

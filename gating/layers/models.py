@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from gating.layers.block import GatedTransformerBlock
+from gating.layers.selection import get_rule
 
 POSITIONS = ('learned', 'rotary')
 
@@ -36,6 +37,12 @@ class EncoderOutput(NamedTuple):
   class_logits_BxC: jax.Array   # classification of the mean-pooled final states
   hidden_BxLxD: jax.Array       # per-token final states (after the final LayerNorm)
   gate_weights_BxNxH: jax.Array
+
+
+
+def _default_router(gate: str, pool: str) -> str:
+  """The model's router: `pool`, or 'static' for a rule that pairs with StaticRouter."""
+  return 'static' if get_rule(gate).router == 'static' else pool
 
 
 def per_layer(value, num_layers: int, name: str = 'active_heads') -> list:
@@ -168,7 +175,7 @@ class GatedLM(nnx.Module):
       raise ValueError("GatedLM's gate reads the prefix: router must be 'prefix' (or "
                        f"'static'), got {attention_kwargs['router']!r}")
     if attention_kwargs.get('router') is None:  # absent or None: the model's default
-      attention_kwargs['router'] = 'static' if gate == 'static' else 'prefix'
+      attention_kwargs['router'] = _default_router(gate, 'prefix')
     self.prefix_len = prefix_len
     self.tie_embeddings = tie_embeddings
     self.trunk = _Trunk(
@@ -242,7 +249,7 @@ class GatedEncoder(nnx.Module):
       raise ValueError("GatedEncoder's gate reads all valid tokens: router='prefix' is for "
                        'causal models')
     if attention_kwargs.get('router') is None:  # absent or None: the model's default
-      attention_kwargs['router'] = 'static' if gate == 'static' else 'mean'
+      attention_kwargs['router'] = _default_router(gate, 'mean')
     self.trunk = _Trunk(
         vocab_size, num_layers=num_layers, features=features, num_heads=num_heads,
         head_dim=head_dim, max_length=max_length, positions=positions, mlp_features=mlp_features,

@@ -1,4 +1,11 @@
-"""Selection rules: head logits_BxH -> Gate(weights_BxH, idx_BxK | None, probs_BxH).
+"""Selection rules: unit logits_BxH -> Gate(weights_BxH, idx_BxK | None, probs_BxH).
+
+Every rule is one registered unit, `RULES[name]`: its math (a function of the logits),
+its options with their defaults, and its properties (whether it samples in training,
+whether it needs a budget K, its default temperature, whether it reads a router, and the
+one-line meaning that eval prints). The layers, the config, `--set`, eval, the sweep
+tables and Linen read these properties from here; adding a rule is one function, one
+`register(Rule(...))` and its tests.
 
 `weights_BxH` multiply each head's output (0 for a closed head). `idx_BxK` are the K heads
 that the gathered path computes, when a static budget K is given. `probs_BxH` is the rule's
@@ -15,6 +22,13 @@ Rules (t is the temperature, a traced input):
   sigmoid        p = sigmoid(logits / t); open iff p > threshold.
   static         hard_concrete on a static router's logits (Voita et al. 2019): the same
                  math; the attention layer pairs this name with `StaticRouter`.
+  top_p          p = softmax(logits / t); open the fewest heads, in order of p, whose
+                 probabilities sum to at least `p` (option, default 0.9): head j is open
+                 iff the mass of the heads ranked above it is < p. With a budget K
+                 (active_heads=K, the gathered path) at most K of them stay open.
+
+Options (`gate_options`, numbers): sigmoid `threshold` (0.5); hard_concrete and static
+`gamma`, `zeta` (the stretch, -0.1 and 1.1); top_p `p` (0.9).
 
 Weights of open heads are exactly 1 in value by default, with the gradient of p
 (straight-through):  w = open + (p - stop_gradient(p))  for every head, so a closed head
@@ -37,22 +51,90 @@ scale * Gumbel(0, 1); 'jitter' adds scale * N(0, 1) (noisy top-k, Shazeer et al.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import types
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-RULES = ('dense', 'topk', 'hard_concrete', 'sigmoid', 'static')
 NOISES = (None, 'gumbel', 'jitter')
 HARD_CONCRETE_STRETCH = (-0.1, 1.1)  # (gamma, zeta), Louizos et al. 2018
-DEFAULT_TEMPERATURE = {'dense': 1.0, 'topk': 1.0, 'sigmoid': 1.0,
-                       'hard_concrete': 2 / 3, 'static': 2 / 3}
 
 
 class Gate(NamedTuple):
   weights_BxH: jax.Array        # multiplies each head's output; 0 for a closed head
   idx_BxK: jax.Array | None     # heads computed on the gathered path (int32); None without K
   probs_BxH: jax.Array          # open probability of each head (regularizers, load balance)
+
+
+class Decision(NamedTuple):
+  """What a rule's math returns; `select` turns it into a Gate."""
+  open_BxH: jax.Array     # bool: the rule opens the head
+  p_BxH: jax.Array        # an open head's weight carries the gradient of p (straight-through)
+  scaled_BxH: jax.Array   # the weight of an open head with scaled_weights=True
+  score_BxH: jax.Array    # deterministic propensity: a budget K keeps the K highest
+  probs_BxH: jax.Array    # open probability (regularizers, load balance)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One selection rule: its math, its options and its properties.
+
+  `fn(logits_BxH, *, k, temperature, deterministic, rng, **options) -> Decision`, where
+  `rng` is a PRNG key when `samples` and not deterministic (else None) and `options`
+  holds every name of `options` (defaults filled in).
+  """
+  name: str
+  fn: Callable[..., Decision]
+  meaning: str                   # what the rule's own (unbudgeted) gate opens; eval prints it
+  label: str                     # its name in results tables and plots
+  samples: bool = False          # draws a sample in training (needs the 'dropout' stream)
+  budget: str = 'optional'       # 'required' (needs K) | 'optional' | 'none' (all units open)
+  temperature: float = 1.0       # default temperature
+  router: str | None = 'input'   # 'input': reads the sequence; 'static': StaticRouter only;
+                                 # None: no router at all
+  options: Mapping[str, float] = dataclasses.field(default_factory=dict)  # name -> default
+
+  @property
+  def needs_k(self) -> bool:
+    return self.budget == 'required'
+
+  def resolve_options(self, given: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The rule's options with `given` applied; a ValueError names an unknown option."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(self.options))
+    if unknown:
+      known = ', '.join(sorted(self.options)) or 'none'
+      raise ValueError(f'gate {self.name!r} has no option(s) {unknown}; its options: {known}')
+    out = dict(self.options)
+    for name, value in given.items():
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f'gate option {name}={value!r} of {self.name!r} must be a number')
+      out[name] = float(value)
+    return out
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register(rule: Rule) -> Rule:
+  """Adds a rule to RULES (its name must be new)."""
+  if rule.name in RULES:
+    raise ValueError(f'a rule named {rule.name!r} is already registered')
+  if rule.budget not in ('required', 'optional', 'none'):
+    raise ValueError(f"Rule.budget must be 'required', 'optional' or 'none', got {rule.budget!r}")
+  if rule.router not in ('input', 'static', None):
+    raise ValueError(f"Rule.router must be 'input', 'static' or None, got {rule.router!r}")
+  RULES[rule.name] = rule
+  return rule
+
+
+def get_rule(name: str) -> Rule:
+  """RULES[name], or a ValueError listing the known rules."""
+  if name not in RULES:
+    raise ValueError(f'gate must be one of {tuple(RULES)}, got {name!r}')
+  return RULES[name]
 
 
 def straight_through(open_BxH: jax.Array, p_BxH: jax.Array) -> jax.Array:
@@ -75,13 +157,16 @@ def add_noise(logits_BxH: jax.Array, noise: str | None, scale: float, rng) -> ja
   raise ValueError(f'noise must be one of {NOISES}, got {noise!r}')
 
 
-def dense(logits_BxH):
+# -- the rules ------------------------------------------------------------------------
+
+def dense(logits_BxH, **_):
   ones_BxH = jnp.ones_like(logits_BxH)
-  return ones_BxH > 0, ones_BxH, ones_BxH, ones_BxH
+  return Decision(ones_BxH > 0, ones_BxH, ones_BxH, ones_BxH, ones_BxH)
 
 
-def topk(logits_BxH, *, k, temperature):
-  """Returns (open, p, scaled weight, score); topk always needs k."""
+def topk(logits_BxH, *, k, temperature, **_):
+  """idx = top_k(logits, K) without gradient; p = softmax(logits / t); scaled: K softmax
+  over the selected (MoH)."""
   if k is None:
     raise ValueError("the 'topk' rule needs a budget: active_heads=K")
   H = logits_BxH.shape[-1]
@@ -89,12 +174,12 @@ def topk(logits_BxH, *, k, temperature):
   _, idx_BxK = jax.lax.top_k(jax.lax.stop_gradient(logits_BxH), k)
   open_BxH = one_hot_sum(idx_BxK, H)
   selected_p_BxH = jax.nn.softmax(jnp.where(open_BxH, logits_BxH / temperature, -jnp.inf), -1)
-  return open_BxH, p_BxH, k * selected_p_BxH, logits_BxH
+  return Decision(open_BxH, p_BxH, k * selected_p_BxH, logits_BxH, p_BxH)
 
 
-def hard_concrete(log_alpha_BxH, *, temperature, deterministic, rng,
-                  stretch=HARD_CONCRETE_STRETCH):
-  gamma, zeta = stretch
+def hard_concrete(log_alpha_BxH, *, temperature, deterministic, rng, gamma, zeta, **_):
+  """Louizos et al. (2018); the gradient of an open head's weight is that of its sample z
+  (the reparameterization). A budget ranks heads by log_alpha, not by the sample."""
   beta = temperature
   if deterministic:
     s_BxH = jax.nn.sigmoid(log_alpha_BxH)
@@ -104,70 +189,116 @@ def hard_concrete(log_alpha_BxH, *, temperature, deterministic, rng,
   stretched_BxH = s_BxH * (zeta - gamma) + gamma
   z_BxH = jnp.clip(stretched_BxH, 0.0, 1.0)
   p_open_BxH = jax.nn.sigmoid(log_alpha_BxH - beta * jnp.log(-gamma / zeta))
-  # The gradient of an open head's weight is that of its sample z (the reparameterization).
-  # A budget ranks heads by log_alpha, not by the sample: see `select`.
-  return z_BxH > 0, z_BxH, z_BxH, log_alpha_BxH, p_open_BxH
+  return Decision(z_BxH > 0, z_BxH, z_BxH, log_alpha_BxH, p_open_BxH)
 
 
-def sigmoid(logits_BxH, *, temperature, threshold):
+def sigmoid(logits_BxH, *, temperature, threshold, **_):
+  """p = sigmoid(logits / t); open iff p > threshold; scaled: p (SwitchHead)."""
   p_BxH = jax.nn.sigmoid(logits_BxH / temperature)
-  return p_BxH > threshold, p_BxH, p_BxH, p_BxH
+  return Decision(p_BxH > threshold, p_BxH, p_BxH, p_BxH, p_BxH)
+
+
+def top_p(logits_BxH, *, temperature, p, **_):
+  """p_h = softmax(logits / t); open the fewest heads whose p sum to >= `p`.
+
+  Sorted by p (descending), head j is open iff sum_{i ranked before j} p_i < p, so the
+  most probable head is always open. Scaled weights: n_open softmax over the open heads.
+  """
+  if not 0.0 < p <= 1.0:
+    raise ValueError(f"the 'top_p' rule's option p must be in (0, 1], got {p}")
+  H = logits_BxH.shape[-1]
+  p_BxH = jax.nn.softmax(logits_BxH / temperature, axis=-1)
+  sorted_p_BxH, order_BxH = jax.lax.top_k(jax.lax.stop_gradient(p_BxH), H)
+  mass_before_BxH = jnp.cumsum(sorted_p_BxH, axis=-1) - sorted_p_BxH
+  open_sorted_BxH = mass_before_BxH < p
+  rank_BxH = jnp.argsort(order_BxH, axis=-1)
+  open_BxH = jnp.take_along_axis(open_sorted_BxH, rank_BxH, axis=-1)
+  n_open_Bx1 = open_BxH.sum(axis=-1, keepdims=True).astype(p_BxH.dtype)
+  open_p_BxH = jax.nn.softmax(jnp.where(open_BxH, logits_BxH / temperature, -jnp.inf), -1)
+  return Decision(open_BxH, p_BxH, n_open_Bx1 * open_p_BxH, logits_BxH, p_BxH)
+
+
+_STRETCH = types.MappingProxyType(
+    {'gamma': HARD_CONCRETE_STRETCH[0], 'zeta': HARD_CONCRETE_STRETCH[1]})
+register(Rule(
+    'dense', dense, budget='none', router=None, label='dense',
+    meaning='all heads (the dense gate has no router); the gap is 0 by construction'))
+register(Rule(
+    'topk', topk, budget='required', label='dynamic top-k',
+    meaning='the top-K heads by router logit (top-k has no gate without its budget): '
+            'the gap is only the numerical difference of the masked and gathered paths'))
+register(Rule(
+    'hard_concrete', hard_concrete, samples=True, temperature=2 / 3, options=_STRETCH,
+    label='dynamic hard-concrete',
+    meaning='every head with deterministic hard-concrete gate z > 0 '
+            '(log_alpha > log(-gamma/zeta)), per sequence, no budget'))
+register(Rule(
+    'sigmoid', sigmoid, options=types.MappingProxyType({'threshold': 0.5}),
+    label='dynamic sigmoid',
+    meaning='every head with sigmoid(logit / t) > threshold, per sequence, no budget'))
+register(Rule(
+    'static', hard_concrete, samples=True, temperature=2 / 3, options=_STRETCH,
+    router='static', label='static hard-concrete',
+    meaning='every head with static hard-concrete gate z > 0 (the same heads for every '
+            'sequence), no budget'))
+register(Rule(
+    'top_p', top_p, options=types.MappingProxyType({'p': 0.9}), label='dynamic top-p',
+    meaning='the fewest heads whose router probabilities sum to p, per sequence, no budget'))
+
+DEFAULT_TEMPERATURE = types.MappingProxyType({n: r.temperature for n, r in RULES.items()})
 
 
 def select(rule: str, logits_BxH: jax.Array, *, k: int | None = None,
            temperature: float | jax.Array | None = None, deterministic: bool = True,
            rng: jax.Array | None = None, noise: str | None = None, noise_scale: float = 1.0,
-           scaled_weights: bool = False, threshold: float = 0.5,
-           stretch: tuple[float, float] = HARD_CONCRETE_STRETCH) -> Gate:
+           scaled_weights: bool = False, options: Mapping[str, float] | None = None,
+           threshold: float | None = None,
+           stretch: tuple[float, float] | None = None) -> Gate:
   """Applies `rule` to logits_BxH (float32) and returns its Gate.
 
   Args:
-    rule: one of RULES.
+    rule: a name in RULES.
     logits_BxH: router output (log_alpha for hard_concrete and static).
     k: static budget K (required for topk and for the gathered path), or None.
-    temperature: softmax temperature (topk, sigmoid) or beta (hard_concrete, static);
-      default DEFAULT_TEMPERATURE[rule]. May be traced.
-    deterministic: eval mode: no noise and no hard-concrete sampling.
+    temperature: softmax temperature (topk, sigmoid, top_p) or beta (hard_concrete,
+      static); default the rule's. May be traced.
+    deterministic: eval mode: no noise and no sampling.
     rng: PRNG key, needed when not deterministic and the rule or noise is stochastic.
     noise, noise_scale: exploration noise on the logits in training (see module docstring).
     scaled_weights: weights carry the rule's values instead of exactly 1.
-    threshold: sigmoid's open threshold on p.
-    stretch: hard-concrete (gamma, zeta).
+    options: the rule's options (e.g. {'threshold': 0.7} for sigmoid, {'p': 0.8} for
+      top_p); unknown names are refused.
+    threshold, stretch: older spellings of the options threshold (sigmoid) and
+      (gamma, zeta) (hard_concrete, static); ignored by rules without them.
   """
-  if rule not in RULES:
-    raise ValueError(f'gate must be one of {RULES}, got {rule!r}')
+  spec = get_rule(rule)
+  options = dict(options or {})
+  if threshold is not None and 'threshold' in spec.options:
+    options.setdefault('threshold', threshold)
+  if stretch is not None and 'gamma' in spec.options:
+    options.setdefault('gamma', stretch[0])
+    options.setdefault('zeta', stretch[1])
+  options = spec.resolve_options(options)
   if temperature is None:
-    temperature = DEFAULT_TEMPERATURE[rule]
-  stochastic = not deterministic and (noise is not None or rule in ('hard_concrete', 'static'))
+    temperature = spec.temperature
+  stochastic = not deterministic and (noise is not None or spec.samples)
   if stochastic and rng is None:
     raise ValueError(f'the {rule!r} gate needs an rng when deterministic=False')
   noise_rng, sample_rng = jax.random.split(rng) if stochastic else (None, None)
   if not deterministic:
     logits_BxH = add_noise(logits_BxH, noise, noise_scale, noise_rng)
 
-  if rule == 'dense':
-    open_BxH, p_BxH, scaled_BxH, score_BxH = dense(logits_BxH)
-    probs_BxH = p_BxH
-  elif rule == 'topk':
-    open_BxH, p_BxH, scaled_BxH, score_BxH = topk(logits_BxH, k=k, temperature=temperature)
-    probs_BxH = p_BxH
-  elif rule == 'sigmoid':
-    open_BxH, p_BxH, scaled_BxH, score_BxH = sigmoid(
-        logits_BxH, temperature=temperature, threshold=threshold)
-    probs_BxH = p_BxH
-  else:  # hard_concrete, static
-    open_BxH, p_BxH, scaled_BxH, score_BxH, probs_BxH = hard_concrete(
-        logits_BxH, temperature=temperature, deterministic=deterministic, rng=sample_rng,
-        stretch=stretch)
-
+  decision = spec.fn(logits_BxH, k=k, temperature=temperature, deterministic=deterministic,
+                     rng=sample_rng, **options)
+  open_BxH = decision.open_BxH
   idx_BxK = None
   if k is not None:
     # Keep the K heads of highest score; those of them that are closed keep weight 0.
-    _, idx_BxK = jax.lax.top_k(jax.lax.stop_gradient(score_BxH), k)
+    _, idx_BxK = jax.lax.top_k(jax.lax.stop_gradient(decision.score_BxH), k)
     open_BxH = open_BxH & one_hot_sum(idx_BxK, logits_BxH.shape[-1])
 
   if scaled_weights:
-    weights_BxH = jnp.where(open_BxH, scaled_BxH, 0.0)
+    weights_BxH = jnp.where(open_BxH, decision.scaled_BxH, 0.0)
   else:
-    weights_BxH = straight_through(open_BxH, p_BxH)
-  return Gate(weights_BxH, idx_BxK, probs_BxH)
+    weights_BxH = straight_through(open_BxH, decision.p_BxH)
+  return Gate(weights_BxH, idx_BxK, decision.probs_BxH)

@@ -42,22 +42,13 @@ import jax
 import numpy as np
 
 from gating import data
+from gating.layers.selection import get_rule
 from gating.training import checkpoint
 from gating.training import loop as train
 from gating.training.config import PATHS, TrainConfig, from_dict
 
 SPLITS = ('test', 'validation')
 
-GATE_MEANINGS = {
-    'dense': 'all heads (the dense gate has no router); the gap is 0 by construction',
-    'topk': 'the top-K heads by router logit (top-k has no gate without its budget): '
-            'the gap is only the numerical difference of the masked and gathered paths',
-    'hard_concrete': 'every head with deterministic hard-concrete gate z > 0 '
-                     '(log_alpha > log(-gamma/zeta)), per sequence, no budget',
-    'static': 'every head with static hard-concrete gate z > 0 (the same heads for every '
-              'sequence), no budget',
-    'sigmoid': 'every head with sigmoid(logit / t) > threshold, per sequence, no budget',
-}
 
 
 class Run(NamedTuple):
@@ -111,7 +102,7 @@ def own_budget(cfg: TrainConfig):
 
 def training_gate_budget(cfg: TrainConfig):
   """The K that runs the rule's own gate: H (no budget), or K for top-k (see module doc)."""
-  return own_budget(cfg) if cfg.model.gate == 'topk' else cfg.model.num_heads
+  return own_budget(cfg) if get_rule(cfg.model.gate).needs_k else cfg.model.num_heads
 
 
 def default_ks(cfg: TrainConfig) -> list:
@@ -131,8 +122,8 @@ def unsupported(cfg: TrainConfig, path: str, k) -> str | None:
   for one in ks:
     if not isinstance(one, int) or not 1 <= one <= m.num_heads:
       raise ValueError(f'K={k!r}: every K must be an int in [1, num_heads={m.num_heads}]')
-  if m.gate == 'dense' and any(one != m.num_heads for one in ks):
-    return f'the dense gate opens all {m.num_heads} heads; it runs at K={m.num_heads} only'
+  if get_rule(m.gate).budget == 'none' and any(one != m.num_heads for one in ks):
+    return f'the {m.gate!r} gate opens all {m.num_heads} heads; it runs at K={m.num_heads} only'
   return None
 
 
@@ -214,6 +205,6 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
           'num_heads': cfg.model.num_heads, 'own_K': own_json,
           'flops_counted_as': 'XLA cost_analysis flops of the compiled eval step / (B*L)',
           'results': results,
-          'training_gate': {'meaning': GATE_MEANINGS[gate], **reference},
+          'training_gate': {'meaning': get_rule(gate).meaning, **reference},
           'gap': {'meaning': 'gathered path at the run\'s own K minus the masked path with '
                              'the training gate', **gap}}

@@ -20,12 +20,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gating.layers.selection import RULES
 from gating.training.config import LossConfig, TrainConfig, from_dict
 
-RULE_NAMES = {'dense': 'dense', 'static': 'static hard-concrete', 'topk': 'dynamic top-k',
-              'hard_concrete': 'dynamic hard-concrete', 'sigmoid': 'dynamic sigmoid'}
 _DEFAULT_LOSS = LossConfig()
 GROUP = ('data', 'rule', 'regularizer', 'K')
+
+
+def rule_label(rule: str) -> str:
+  """A rule's name in tables and plots (its registered label), e.g. 'dynamic top-k'."""
+  return RULES[rule].label if rule in RULES else rule
 
 
 def regularizer_label(loss: LossConfig, k=None, num_heads: int | None = None) -> str:
@@ -193,7 +197,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
   header += [gap[1], 'steps', 'tokens seen', 'train wall (min)']
   lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for g in groups:
-    cells = [RULE_NAMES.get(g['rule'], g['rule']), str(g['regularizer']), str(g['K']),
+    cells = [rule_label(g['rule']), str(g['regularizer']), str(g['K']),
              str(g['seeds']), _pm(g.get('active_fraction')),
              _num(g.get('flops_per_token'), ',.0f'), _pm(g.get(quality[0])),
              _pm(g.get('test_loss'))]
@@ -212,6 +216,6 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
               '| rule | K | ' + ' | '.join(labels) + ' |',
               '|' + '---|' * (len(labels) + 2)]
     for g in groups:
-      lines.append(f"| {RULE_NAMES.get(g['rule'], g['rule'])} ({g['regularizer']}) | "
+      lines.append(f"| {rule_label(g['rule'])} ({g['regularizer']}) | "
                    f"{g['K']} | " + ' | '.join(_pm(g.get(prefix + l)) for l in labels) + ' |')
   return '\n'.join(lines) + '\n'

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any
 
-from gating.layers.selection import NOISES, RULES
+from gating.layers.selection import NOISES, RULES, get_rule
 
 PATHS = ('masked', 'gathered')
 DTYPES = ('float32', 'bfloat16')
@@ -37,7 +37,9 @@ class ModelConfig:
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
   prefix_len: int | None = None          # P; None: the data's prompt length (synthetic)
-  gate: str = 'topk'
+  gate: str = 'topk'                     # a rule in gating.layers.selection.RULES
+  gate_options: tuple[tuple[str, float], ...] = ()  # the rule's options, by name: on the
+                                         # command line model.gate_options=p=0.9,cap=4
   active_heads: int | tuple[int, ...] | None = 2   # K, or one K per layer
   path: str = 'masked'                   # the training path
   eval_path: str = 'gathered'            # the path of evaluation (needs K; dense: masked)
@@ -65,7 +67,15 @@ class ModelConfig:
            f'must be in [0, 1), got {self.dropout_rate}')
     _check(self.prefix_len is None or self.prefix_len >= 1, 'model.prefix_len',
            f'must be >= 1, got {self.prefix_len}')
-    _check(self.gate in RULES, 'model.gate', f'must be one of {RULES}, got {self.gate!r}')
+    _check(self.gate in RULES, 'model.gate', f'must be one of {tuple(RULES)}, got {self.gate!r}')
+    rule = get_rule(self.gate)
+    names = [name for name, _ in self.gate_options]
+    _check(len(names) == len(set(names)), 'model.gate_options',
+           f'names an option twice: {names}')
+    try:
+      rule.resolve_options(dict(self.gate_options))
+    except ValueError as e:
+      raise ValueError(f'model.gate_options: {e}') from None
     _check(self.path in PATHS, 'model.path', f'must be one of {PATHS}, got {self.path!r}')
     _check(self.eval_path in PATHS, 'model.eval_path',
            f'must be one of {PATHS}, got {self.eval_path!r}')
@@ -78,18 +88,19 @@ class ModelConfig:
     for k in ks:
       _check(k is None or 1 <= k <= self.num_heads, 'model.active_heads',
              f'K={k} must be in [1, num_heads={self.num_heads}]')
-    _check(self.gate != 'topk' or None not in ks, 'model.active_heads', "gate='topk' needs K")
-    _check(self.gate != 'dense' or all(k in (None, self.num_heads) for k in ks),
-           'model.active_heads', f"gate='dense' opens all heads: K must be None or {self.num_heads}")
-    needs_k = 'gathered' in (self.path, self.eval_path) and self.gate != 'dense'
+    _check(not rule.needs_k or None not in ks, 'model.active_heads', f"gate={self.gate!r} needs K")
+    _check(rule.budget != 'none' or all(k in (None, self.num_heads) for k in ks),
+           'model.active_heads',
+           f"gate={self.gate!r} opens all heads: K must be None or {self.num_heads}")
+    needs_k = 'gathered' in (self.path, self.eval_path) and rule.budget != 'none'
     _check(not needs_k or None not in ks, 'model.active_heads',
            "the gathered path (model.path or model.eval_path) needs K; set "
            "model.eval_path='masked' for a rule without a budget")
 
   @property
   def effective_eval_path(self) -> str:
-    """The dense gate has no budget, so it evaluates on the masked path."""
-    return 'masked' if self.gate == 'dense' else self.eval_path
+    """A rule without a budget (dense) evaluates on the masked path."""
+    return 'masked' if get_rule(self.gate).budget == 'none' else self.eval_path
 
   @property
   def budget(self) -> tuple[int, ...]:
@@ -218,8 +229,8 @@ class TrainConfig:
              f'K={k} must be in [1, num_heads={self.model.num_heads}]')
       _check(until > last, 'k_schedule', f'steps must increase, got {self.k_schedule}')
       last = until
-    _check(not self.k_schedule or self.model.gate != 'dense', 'k_schedule',
-           "the dense gate has no budget to schedule")
+    _check(not self.k_schedule or get_rule(self.model.gate).budget != 'none', 'k_schedule',
+           f"the {self.model.gate!r} gate has no budget to schedule")
 
   @property
   def eval_interval(self) -> int:
@@ -334,9 +345,13 @@ def _parse_one(text: str, hint):
     return text
   if typing.get_origin(hint) is tuple:
     item = typing.get_args(hint)[0]
-    if typing.get_origin(item) is tuple:  # pairs 'a:b,c:d'
+    if typing.get_origin(item) is tuple:  # pairs 'a:b,c:d' or 'name=value,name=value'
       pair = typing.get_args(item)
-      return tuple(tuple(_parse_one(p, t) for p, t in zip(chunk.split(':'), pair))
-                   for chunk in text.split(',') if chunk)
+      chunks = [chunk.split('=' if '=' in chunk else ':') for chunk in text.split(',') if chunk]
+      for chunk in chunks:
+        if len(chunk) != len(pair):
+          raise ValueError(f'{"=".join(chunk)!r} is not a pair a:b or name=value')
+      return tuple(tuple(_parse_one(p.strip(), t) for p, t in zip(chunk, pair))
+                   for chunk in chunks)
     return tuple(_parse_one(chunk, item) for chunk in text.split(',') if chunk)
   raise TypeError(f'unsupported type {hint}')

@@ -77,6 +77,7 @@ def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx
       dropout_rate=cfg.dropout_rate, gate=cfg.gate, active_heads=cfg.active_heads,
       path=cfg.path, noise=cfg.noise, noise_scale=cfg.noise_scale,
       scaled_weights=cfg.scaled_weights, temperature=cfg.temperature,
+      gate_options=dict(cfg.gate_options),
       router=cfg.router, router_hidden_features=cfg.router_hidden_features,
       router_init_logit=cfg.router_init_logit, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
   if cfg.kind == 'encoder':

@@ -136,3 +136,63 @@ def test_hard_concrete_budget_ranks_by_log_alpha_not_by_the_sample():
   # the samples still open and close those heads at random
   assert any((np.asarray(g.weights_BxH) != np.asarray(gates[0].weights_BxH)).any()
              for g in gates[1:])
+
+
+# --- top_p and the registry ----------------------------------------------------------------
+
+def test_top_p_opens_the_fewest_heads_whose_probabilities_reach_p():
+  probs = jnp.array([[0.5, 0.05, 0.3, 0.1, 0.04, 0.01],
+                     [0.95, 0.01, 0.01, 0.01, 0.01, 0.01]])
+  x = jnp.log(probs)
+  for p, want in ((0.45, [[1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]),
+                  (0.75, [[1, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]),
+                  (0.85, [[1, 0, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]]),
+                  (1.0, [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])):
+    gate = selection.select('top_p', x, options={'p': p})
+    np.testing.assert_array_equal(np.asarray(gate.weights_BxH), want)
+    np.testing.assert_allclose(gate.probs_BxH, probs, rtol=1e-5)
+
+
+def test_top_p_with_a_budget_keeps_at_most_k_and_routes_gradients():
+  x = logits()
+  gate = selection.select('top_p', x, k=2, options={'p': 0.99})
+  w = np.asarray(gate.weights_BxH)
+  assert ((w != 0).sum(axis=1) <= 2).all() and gate.idx_BxK.shape == (5, 2)
+  np.testing.assert_array_equal(np.sort(gate.idx_BxK, axis=1),
+                                np.sort(np.argsort(-np.asarray(x), axis=1)[:, :2], axis=1))
+  grad = jax.grad(lambda x: (selection.select('top_p', x, options={'p': 0.7}).weights_BxH
+                             * jnp.arange(H)[None]).sum())(x)
+  assert np.abs(np.asarray(grad)).sum() > 0
+  scaled = selection.select('top_p', x, options={'p': 0.7}, scaled_weights=True).weights_BxH
+  open_B = (np.asarray(scaled) != 0).sum(axis=1)
+  np.testing.assert_allclose(np.asarray(scaled).sum(axis=1), open_B, rtol=1e-5)
+
+
+@pytest.mark.parametrize('options, match', [
+    ({'q': 0.5}, "no option.*'q'.*its options: p"),
+    ({'p': 1.5}, r'p must be in \(0, 1\]'),
+    ({'p': 'high'}, 'must be a number'),
+])
+def test_rule_options_are_checked(options, match):
+  with pytest.raises(ValueError, match=match):
+    selection.select('top_p', logits(), options=options)
+
+
+def test_sigmoid_threshold_is_an_option():
+  x = logits()
+  low = selection.select('sigmoid', x, options={'threshold': 0.1}).weights_BxH
+  high = selection.select('sigmoid', x, options={'threshold': 0.9}).weights_BxH
+  assert (np.asarray(low) != 0).sum() > (np.asarray(high) != 0).sum()
+  np.testing.assert_array_equal(
+      high, selection.select('sigmoid', x, threshold=0.9).weights_BxH)  # the older spelling
+
+
+def test_every_rule_declares_its_properties():
+  for name, rule in selection.RULES.items():
+    assert rule.name == name and rule.meaning and rule.label
+    assert rule.budget in ('required', 'optional', 'none')
+    assert rule.temperature > 0
+  assert selection.RULES['topk'].needs_k and not selection.RULES['sigmoid'].needs_k
+  assert selection.RULES['hard_concrete'].samples and not selection.RULES['top_p'].samples
+  with pytest.raises(ValueError, match='already registered'):
+    selection.register(selection.RULES['topk'])
