@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from typing import NamedTuple
 
 import datasets
@@ -32,6 +33,29 @@ class DataInfo:
   pad_id: int
   label_names: tuple[str, ...]   # task names (synthetic) or domain names (text)
   fingerprint: dict          # what identifies the data (settings, sources, sha256, versions)
+
+
+# Fingerprint keys that say where the data was read from and with which tool versions,
+# not what it is: the sha256 of the content decides identity.
+_NOT_IDENTITY = ('path', 'python', 'numpy', 'files_available')
+
+
+def identity(fingerprint: dict) -> dict:
+  """What identifies the data of a fingerprint: its content and settings, without the
+  paths its files were read from or the tool versions that read them (so a run folder
+  can be evaluated or resumed after it, or its data, moved). A text fingerprint's
+  domains are listed in label order, not keyed by source name (a file source's name
+  is its path)."""
+  def strip(value):
+    if isinstance(value, dict):
+      return {k: strip(v) for k, v in value.items() if k not in _NOT_IDENTITY}
+    if isinstance(value, (list, tuple)):
+      return [strip(v) for v in value]
+    return value
+  out = strip(json.loads(json.dumps(fingerprint)))
+  if isinstance(out.get('domains'), dict) and isinstance(out.get('sources'), list):
+    out['domains'] = [out['domains'][s] for s in out.pop('sources') if s in out['domains']]
+  return out
 
 
 class Splits(NamedTuple):

@@ -3,6 +3,14 @@
 A run is a `TrainConfig` (model, data, loss, optim and the loop's own settings). Variants
 are `dataclasses.replace` calls or command-line overrides such as `model.active_heads=2`.
 Every check raises a ValueError that names the bad field.
+
+Saved configs (a run folder's config.json, a checkpoint's metadata) carry
+`format: FORMAT`. `from_dict` reads any format up to this one: a field that a saved config
+lacks (it was added later) takes its default, so a new field never makes an older run "a
+different model". `compatibility` is the part of a config that decides whether a
+checkpoint fits a run: every model field except the compute path, which by the masked /
+gathered contract does not change the function. Data identity is the data fingerprint
+(training.loop.check_compatible), not the data settings.
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ from typing import Any
 from gating.layers.selection import NOISES, RULES, get_rule
 
 PATHS = ('masked', 'gathered')
+FORMAT = 2               # 1: configs written before the format key (read the same way)
+# Model fields that choose how the same parameters run, not which model they are.
+NOT_COMPATIBILITY = ('path', 'eval_path')
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -112,7 +123,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Which data (see gating/data.py for the meaning of each knob)."""
+  """Which data (see gating/data/tasks.py and corpus.py for the meaning of each knob)."""
   kind: str = 'synthetic'                # 'synthetic' | 'text'
   seed: int = 0                          # which rows (synthetic) / documents (text) go
                                          # where; fixed across training seeds by default
@@ -241,7 +252,7 @@ class TrainConfig:
     return self.checkpoint_every or max(1, self.steps // 10)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return {**dataclasses.asdict(self), 'format': FORMAT}
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -251,10 +262,28 @@ SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'loss': LossConfig, 'optim
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:
-  """The inverse of TrainConfig.to_dict (e.g. a run folder's config.json)."""
+  """The inverse of TrainConfig.to_dict (e.g. a run folder's config.json).
+
+  Reads every format up to FORMAT (a config without 'format' is format 1); fields that
+  `values` lacks take their defaults. A newer format, or a key this version does not know,
+  is a ValueError naming it.
+  """
+  values = dict(values)
+  version = values.pop('format', 1)
+  if not isinstance(version, int) or not 1 <= version <= FORMAT:
+    raise ValueError(f'config format {version!r} is not one this version reads (1 to '
+                     f'{FORMAT}); it was written by a newer headgate')
   sections = {name: _from_fields(cls, values.get(name, {})) for name, cls in SECTIONS.items()}
   top = {k: v for k, v in values.items() if k not in SECTIONS}
   return _from_fields(TrainConfig, top, **sections)
+
+
+def compatibility(cfg: TrainConfig) -> dict[str, Any]:
+  """What decides whether a checkpoint fits a run: the model fields (without the compute
+  paths), as JSON values."""
+  model = dataclasses.asdict(cfg.model)
+  return json.loads(json.dumps({f'model.{k}': v for k, v in model.items()
+                                if k not in NOT_COMPATIBILITY}))
 
 
 def _from_fields(cls, values, **extra):

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gating import data
 from gating.training import checkpoint
 from gating.training import losses
-from gating.training.config import ModelConfig, TrainConfig, from_dict
+from gating.training.config import ModelConfig, TrainConfig, compatibility, from_dict
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.training.provenance import provenance
 from gating.layers.state import gate_stats, set_temperature
@@ -331,20 +331,24 @@ def _meta(cfg: TrainConfig, info: data.DataInfo, step: int) -> dict[str, Any]:
 
 def check_compatible(saved: dict[str, Any], cfg: TrainConfig, info: data.DataInfo, where: str):
   """A checkpoint must come from the same model and data; otherwise a clear error."""
-  saved_cfg = saved['config']
-  for section in ('model', 'data'):
-    mine = cfg.to_dict()[section]
-    theirs = saved_cfg.get(section, {})
-    diffs = [f'{section}.{k}: checkpoint {theirs.get(k)!r} vs now {mine[k]!r}'
-             for k in mine if json.dumps(theirs.get(k)) != json.dumps(mine[k])]
-    if diffs:
-      raise checkpoint.CheckpointError(
-          f'{where} holds a checkpoint of a different {section} ({"; ".join(diffs)}); use '
-          'another --workdir or the same config; nothing was deleted')
-  if saved.get('data') != json.loads(json.dumps(info.fingerprint)):
+  try:
+    saved_cfg = from_dict(saved['config'])
+  except ValueError as e:
+    raise checkpoint.CheckpointError(f'{where} holds a checkpoint whose config cannot be '
+                                     f'read: {e}; nothing was deleted') from None
+  mine, theirs = compatibility(cfg), compatibility(saved_cfg)
+  diffs = [f'{k}: checkpoint {theirs[k]!r} vs now {mine[k]!r}'
+           for k in mine if theirs[k] != mine[k]]
+  if diffs:
     raise checkpoint.CheckpointError(
-        f'{where} holds a checkpoint trained on different data (fingerprint '
-        f'{saved.get("data")} vs {info.fingerprint}); nothing was deleted')
+        f'{where} holds a checkpoint of a different model ({"; ".join(diffs)}); use '
+        'another --workdir or the same config; nothing was deleted')
+  theirs, mine = data.identity(saved.get('data') or {}), data.identity(info.fingerprint)
+  if theirs != mine:
+    keys = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    raise checkpoint.CheckpointError(
+        f'{where} holds a checkpoint trained on different data (the data fingerprints '
+        f'differ in {", ".join(keys)}); nothing was deleted')
 
 
 def mesh_and_shardings(batch_size: int, grad_accum: int):
