@@ -7,7 +7,7 @@ Shape legend (tensor names carry their shape; einsum strings use the same letter
 Layout (the folders are the architecture):
   gating.layers    what a user puts in a model (router, selection, compute, attention,
                    block, models, state, decode); imports nothing below
-  gating.convert   gate_heads (retrofit) and prune (thin export)
+  gating.convert   gate_heads (retrofit, causal-safe), set_path, prune (thin export)
   gating.linen     Linen factories through flax.nnx.bridge
   gating.data      the synthetic benchmark (tasks), the text corpus (corpus), batches
   gating.training  config, losses, the train loop, checkpoints, provenance
@@ -21,7 +21,7 @@ decode_step, generate for GatedLM) and `gating.linen` are attributes of the pack
 import importlib
 
 from gating import linen
-from gating.convert import PruneReport, gate_heads, prune
+from gating.convert import PruneReport, gate_heads, prune, set_path
 from gating.layers import decode
 from gating.layers.attention import GatedMultiHeadAttention
 from gating.layers.block import GatedTransformerBlock
@@ -35,7 +35,7 @@ __all__ = [
     'EncoderOutput', 'Gate', 'GateStats', 'GateTemperature', 'GatedEncoder', 'GatedLM',
     'GatedMultiHeadAttention', 'GatedTransformerBlock', 'HeadRouter', 'LMOutput',
     'HeadWeights', 'PruneReport', 'RULES', 'StaticRouter', 'gate_heads', 'gate_stats',
-    'gathered_attention', 'masked_attention', 'prune', 'select', 'set_temperature',
+    'gathered_attention', 'masked_attention', 'prune', 'select', 'set_path', 'set_temperature',
 ]
 
 # Modules that lived directly under gating/ before the layout of subpackages: the name

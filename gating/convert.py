@@ -1,6 +1,6 @@
 """Retrofit and export: gate the heads of a trained model; prune the heads it never uses.
 
-gate_heads(model, rngs=..., **gate_kwargs)
+gate_heads(model, rngs=..., causal=False, **gate_kwargs)
     A copy of any NNX model in which every `nnx.MultiHeadAttention` is a
     `GatedMultiHeadAttention` carrying its weights (`from_dense`). With gate='dense' the
     outputs do not change. Weights placed on a device mesh keep their placement and
@@ -8,6 +8,9 @@ gate_heads(model, rngs=..., **gate_kwargs)
     the same mesh, which is what `nnx.get_partition_spec` says for variables without
     sharding metadata. Cross-attention (inputs_k/inputs_v, in_kv_features) is supported:
     the gate reads the query sequence.
+
+set_path(model, path, active_heads=None)
+    Switches every gated layer of a model to the masked or gathered path (and a budget).
 
 prune(model, usage_or_threshold, ...)
     A thin static copy of a gated model: every GatedMultiHeadAttention becomes a dense
@@ -35,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gating.layers.attention import GatedMultiHeadAttention
+from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.layers.router import StaticRouter
 from gating.layers.selection import get_rule
@@ -68,13 +71,20 @@ def _replicate_new_state(module: nnx.Module, mesh) -> None:
   nnx.update(module, jax.tree.map(place, nnx.state(module)))
 
 
-def gate_heads(model: nnx.Module, *, rngs: nnx.Rngs, **gate_kwargs) -> nnx.Module:
+def gate_heads(model: nnx.Module, *, rngs: nnx.Rngs, causal: bool = False,
+               **gate_kwargs) -> nnx.Module:
   """A copy of `model` with every nnx.MultiHeadAttention replaced by a gated one.
 
   Args:
     model: any NNX module (the original is not changed).
     rngs: initializes the routers (its 'params' stream) and, for dropout or stochastic
       gates, the layers' 'dropout' stream.
+    causal: the model is causal (a causal LM, whether it passes is_causal=True or a causal
+      mask). The routers then read no token after the prefix: router='prefix' when
+      prefix_len=P is given, else 'first' (token 0); router='mean' is refused. Without
+      it, the default router pools every token, and a later token would move the outputs
+      at earlier positions; is_causal=True with such a router is refused at call time,
+      but a causal *mask* cannot be inspected under jit, so say causal=True.
     **gate_kwargs: GatedMultiHeadAttention arguments for every replaced layer (gate=,
       active_heads=, path=, router=, prefix_len=, noise=, ...); gate='dense' leaves the
       outputs unchanged.
@@ -88,12 +98,39 @@ def gate_heads(model: nnx.Module, *, rngs: nnx.Rngs, **gate_kwargs) -> nnx.Modul
   def replace(path, node):
     if not isinstance(node, nnx.MultiHeadAttention):
       return node
-    gated = GatedMultiHeadAttention.from_dense(node, rngs=rngs, **gate_kwargs)
+    gated = GatedMultiHeadAttention.from_dense(node, rngs=rngs, causal=causal, **gate_kwargs)
     mesh = _mesh_of(node)
     if mesh is not None:
       _replicate_new_state(gated, mesh)
     return gated
   return nnx.recursive_map(replace, nnx.clone(model))
+
+
+def set_path(model: nnx.Module, path: str, active_heads: int | None = None) -> nnx.Module:
+  """Sets the compute path (and, if given, the budget K) of every gated attention layer
+  of `model`, in place; returns `model`. The sibling of `gating.set_temperature`, for
+  models (a retrofit, a Linen-free user model) whose call does not pass `path=`.
+
+  path='gathered' needs a budget: each layer's own K, or `active_heads`. Every layer is
+  checked before any is changed, so a refusal (ValueError naming the layer) changes
+  nothing. Takes effect at the next trace: a function jitted before keeps its path.
+  """
+  layers = [(_path_str(p), m) for p, m in nnx.iter_graph(model)
+            if isinstance(m, GatedMultiHeadAttention)]
+  if not layers:
+    raise ValueError(f'set_path found no GatedMultiHeadAttention in {type(model).__name__} '
+                     '(gating.gate_heads makes one)')
+  for name, attn in layers:
+    k = attn.active_heads if active_heads is None else active_heads
+    try:
+      check_active_heads(k, attn.num_heads, attn.gate_rule, path)
+    except ValueError as e:
+      raise ValueError(f'layer {name!r}: {e}') from None
+  for _, attn in layers:
+    attn.path = path
+    if active_heads is not None:
+      attn.active_heads = active_heads
+  return model
 
 
 # -- prune ------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from gating.layers.attention import GatedMultiHeadAttention
 from gating.layers.block import GatedTransformerBlock
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.layers.selection import get_rule
+from gating.layers.state import check_temperature
 
 
 def _stochastic(kwargs) -> bool:
@@ -99,7 +100,9 @@ def gated_encoder(vocab_size: int, *, name: str | None = None, **kwargs):
 
 
 def set_temperature(variables, temperature: float | jax.Array):
-  """A copy of Linen `variables` with every gated layer's temperature set (no recompile)."""
+  """A copy of Linen `variables` with every gated layer's temperature set (no recompile);
+  it must be > 0."""
+  check_temperature(temperature)
   variables = dict(variables)
   variables['gate_temperature'] = jax.tree.map(
       lambda t: jnp.full_like(t, temperature), variables['gate_temperature'])

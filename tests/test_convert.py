@@ -52,7 +52,7 @@ def test_gate_heads_with_the_dense_gate_leaves_outputs_unchanged():
 
 def test_gate_heads_gates_every_layer():
   model = gating.gate_heads(UserModel(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), gate='topk',
-                            active_heads=2, path='gathered')
+                            active_heads=2, path='gathered', causal=True)
   y = model(*user_inputs())
   assert y.shape == (3, L, D)
   stats = gating.gate_stats(model)
@@ -68,6 +68,80 @@ def test_gate_heads_bad_models():
     gating.gate_heads(caching, rngs=nnx.Rngs(0), gate='dense')
   with pytest.raises(ValueError, match="gate='topk' needs a budget"):
     gating.gate_heads(UserModel(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0), gate='topk')
+
+
+class CausalLM(nnx.Module):
+  """A home-made causal LM that passes a causal *mask* (not is_causal) to its layers."""
+
+  def __init__(self, *, rngs):
+    self.layers = nnx.List([nnx.MultiHeadAttention(H, D, decode=False, rngs=rngs)
+                            for _ in range(2)])
+
+  def __call__(self, x_BxLxD):
+    mask = nnx.make_causal_mask(jnp.ones(x_BxLxD.shape[:2]))
+    for attn in self.layers:
+      x_BxLxD = x_BxLxD + attn(x_BxLxD, mask=mask)
+    return x_BxLxD
+
+
+def future_influence(model, x_BxLxD):
+  """influence[t, s] = |d out[t] / d x[s]| summed over batch and features."""
+  graphdef, state = nnx.split(model)
+
+  def out_t(x_LxD, t):
+    return nnx.merge(graphdef, state, copy=True)(x_LxD[None])[0, t].sum()
+  jac_LxLxD = jnp.stack([jax.grad(out_t)(x_BxLxD[0], t) for t in range(L)])
+  return np.asarray(jnp.abs(jac_LxLxD).sum(-1))
+
+
+@pytest.mark.parametrize('kwargs, first_scored', [
+    (dict(prefix_len=4), 3),   # router='prefix': positions P-1.. are causal
+    (dict(), 0),               # router='first': every position is causal
+])
+def test_causal_retrofit_never_lets_a_later_token_move_a_scored_position(kwargs, first_scored):
+  model = CausalLM(rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (1, L, D))
+  leaky = gating.gate_heads(model, rngs=nnx.Rngs(1), gate='topk', active_heads=2)
+  assert leaky.layers[0].router.pool == 'mean'
+  influence = future_influence(leaky, x)
+  assert influence[:-1, -1].max() > 1e-3    # the leak this guards against: mean pooling
+  gated = gating.gate_heads(model, rngs=nnx.Rngs(1), gate='topk', active_heads=2,
+                            causal=True, **kwargs)
+  assert gated.layers[0].router.pool == ('prefix' if kwargs else 'first')
+  influence = future_influence(gated, x)
+  for t in range(first_scored, L):
+    assert influence[t, t + 1:].max(initial=0.0) == 0.0, f'position {t} sees the future'
+
+
+def test_causal_retrofit_refuses_a_pooling_router_and_is_causal_refuses_it_too():
+  with pytest.raises(ValueError, match="causal=True: router='mean' reads every token"):
+    gating.gate_heads(CausalLM(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), gate='topk',
+                      active_heads=2, causal=True, router='mean')
+  model = gating.gate_heads(UserModel(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), gate='topk',
+                            active_heads=2)   # UserModel calls is_causal=True
+  with pytest.raises(ValueError, match="is_causal=True with router='mean'.*causal leak"):
+    model(*user_inputs())
+
+
+def test_set_path_switches_every_layer_and_refuses_without_a_budget():
+  model = gating.gate_heads(UserModel(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), gate='topk',
+                            active_heads=2, causal=True)
+  masked = model(*user_inputs())
+  assert gating.set_path(model, 'gathered') is model
+  assert {m.path for m in (*model.layers, model.cross)} == {'gathered'}
+  np.testing.assert_allclose(model(*user_inputs()), masked, atol=1e-5)
+  gating.set_path(model, 'gathered', active_heads=1)
+  assert model.layers[0].active_heads == 1
+  assert gating.gate_stats(model)['cross']['head_usage'].sum() == pytest.approx(2.0)
+  model(*user_inputs())
+  assert gating.gate_stats(model)['cross']['head_usage'].sum() == pytest.approx(1.0)
+  sigmoid = gating.gate_heads(UserModel(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), gate='sigmoid',
+                              causal=True)
+  with pytest.raises(ValueError, match="layer '(cross|layers/0)'.*gathered.*needs a static budget"):
+    gating.set_path(sigmoid, 'gathered')
+  assert sigmoid.layers[0].path == 'masked'     # nothing changed
+  with pytest.raises(ValueError, match='found no GatedMultiHeadAttention'):
+    gating.set_path(UserModel(rngs=nnx.Rngs(0)), 'gathered')
 
 
 SHARDED = textwrap.dedent('''

@@ -46,6 +46,45 @@ def check_active_heads(active_heads, num_heads: int, gate: str, path: str) -> No
                      f'or {num_heads}, got {active_heads}')
 
 
+def causal_router(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """Constructor arguments with a router that reads no token after the prefix: the given
+  one, or 'prefix' (with prefix_len) / 'first' (token 0) by default; 'mean' is refused."""
+  kwargs = dict(kwargs)
+  rule = selection.get_rule(kwargs.get('gate', 'topk'))
+  router = kwargs.get('router')
+  if router == 'mean':
+    raise ValueError("causal=True: router='mean' reads every token, so a later token "
+                     "would move the gate of earlier positions (a causal leak); use "
+                     "router='prefix' with prefix_len=P, or router='first'")
+  if router is None and rule.router == 'input':
+    kwargs['router'] = 'prefix' if kwargs.get('prefix_len') else 'first'
+  return kwargs
+
+
+def _batch_shape(inputs_q) -> tuple[int, ...]:
+  """The leading batch dimensions of [..., L, D] inputs (() when unbatched)."""
+  if jnp.ndim(inputs_q) < 2:
+    raise ValueError(f'inputs_q must have rank >= 2 [..., length, features], got shape '
+                     f'{jnp.shape(inputs_q)}')
+  return tuple(inputs_q.shape[:-2])
+
+
+def _flatten_batch(x, batch):
+  """[*batch, L, D] -> [prod(batch), L, D]; inputs_k/v must share the batch dimensions."""
+  if tuple(x.shape[:-2]) != batch:
+    raise ValueError(f'inputs of shape {x.shape} do not have the batch dimensions {batch} '
+                     'of inputs_q')
+  return x.reshape((-1, *x.shape[-2:]))
+
+
+def _unflatten_batch(y, batch):
+  return y.reshape((*batch, *y.shape[1:]))
+
+
+def _unflatten_gate(gate: selection.Gate, batch) -> selection.Gate:
+  return selection.Gate(*(None if a is None else _unflatten_batch(a, batch) for a in gate))
+
+
 def valid_tokens(mask, batch: int, length: int):
   """valid_BxL from an attention mask [..., 1|H, L, S]: a query row attending to nothing.
 
@@ -180,6 +219,9 @@ class GatedMultiHeadAttention(nnx.Module):
     router = router or ('static' if rule.router == 'static' else 'mean')
     if router not in ROUTERS:
       raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
+    if router == 'prefix' and (prefix_len is None or prefix_len < 1):
+      raise ValueError(f"router='prefix' needs prefix_len=P >= 1 (the gate reads tokens "
+                       f'0..P-1), got prefix_len={prefix_len!r}')
     if rule.router == 'static' and router != 'static':
       raise ValueError(f"gate={gate!r} uses the static router; got router={router!r}")
     if noise not in selection.NOISES:
@@ -249,20 +291,33 @@ class GatedMultiHeadAttention(nnx.Module):
     self.rngs = rngs.dropout.fork() if keep_rngs and needs_rng else nnx.data(None)
 
   @property
+  def reads_every_token(self) -> bool:
+    """True when the router pools all valid tokens (router='mean'): not causal-safe."""
+    return isinstance(self.router, HeadRouter) and self.router.pool == 'mean'
+
+  @property
   def stochastic_gate(self) -> bool:
     """True when the gate samples in training (hard-concrete, or noise on the logits)."""
     return selection.RULES[self.gate_rule].samples or self.noise is not None
 
   @classmethod
-  def from_dense(cls, mha: nnx.MultiHeadAttention, *, rngs: nnx.Rngs, **kwargs):
+  def from_dense(cls, mha: nnx.MultiHeadAttention, *, rngs: nnx.Rngs, causal: bool = False,
+                 **kwargs):
     """A gated layer carrying the weights of a trained `nnx.MultiHeadAttention`.
 
     Copies its query/key/value/out LinearGeneral modules (weights, and any sharding
     metadata) and its configuration; `kwargs` are constructor arguments (gate=,
     active_heads=, path=, ... or overrides). With gate='dense' the output is unchanged.
+
+    causal=True states that the model is causal (it may pass a causal mask, which cannot
+    be inspected under jit): the router then reads no token after the prefix. Without a
+    `router`, it is 'prefix' when `prefix_len=P` is given, else 'first' (token 0 only);
+    router='mean', which reads every token and so lets the future move the gate of
+    earlier positions, is refused.
     """
     if not isinstance(mha, nnx.MultiHeadAttention):
       raise ValueError(f'from_dense needs an nnx.MultiHeadAttention, got {type(mha).__name__}')
+    kwargs = causal_router(kwargs) if causal else kwargs
     config = dict(
         num_heads=mha.num_heads, in_features=mha.in_features,
         qkv_features=mha.qkv_features, out_features=mha.out_features,
@@ -304,8 +359,19 @@ class GatedMultiHeadAttention(nnx.Module):
     """The per-sequence decision: Gate(weights_BxH, idx_BxK | None, probs_BxH).
 
     Same conventions as the call: `mask` is the attention mask (padding rows are ignored
-    by the router), `active_heads` overrides K. Writes no state.
+    by the router), `active_heads` overrides K, and inputs may be [L, D] or [..., L, D].
+    Writes no state.
     """
+    batch = _batch_shape(inputs_q)
+    if len(batch) != 1:
+      q = _flatten_batch(inputs_q, batch)
+      if mask is not None:
+        mask = jnp.asarray(mask)
+        heads = mask.shape[-3] if mask.ndim >= 3 else 1
+        full = (*batch, heads, q.shape[1], q.shape[1])
+        mask = jnp.broadcast_to(mask, full).reshape((-1, *full[-3:]))
+      return _unflatten_gate(self.gate(q, mask, deterministic=deterministic, rngs=rngs,
+                                       active_heads=active_heads), batch)
     self._check_inputs(inputs_q)
     k = self.active_heads if active_heads is None else active_heads
     check_active_heads(k, self.num_heads, self.gate_rule, 'masked')
@@ -335,10 +401,7 @@ class GatedMultiHeadAttention(nnx.Module):
   # -- the call -------------------------------------------------------------------------
 
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
-               deterministic: bool | None = None, rngs=None, sow_weights: bool = False,
-               decode: bool | None = None, is_causal: bool = False, path: str | None = None,
-               active_heads: int | None = None, positions=None, return_gate: bool = False,
-               out_sharding=None, qkv_sharding=None):
+               positions=None, return_gate: bool = False, **kwargs):
     """y_BxLxDo = gated attention of inputs_q over inputs_k/inputs_v (default inputs_q).
 
     Call arguments as in nnx.MultiHeadAttention (inputs_q, inputs_k, inputs_v, mask,
@@ -346,7 +409,36 @@ class GatedMultiHeadAttention(nnx.Module):
     `active_heads` (the budget knob: evaluate at another K without retraining),
     `positions` (int [B, L] for rotary self-attention; default arange(L)) and
     `return_gate` (return (y, Gate) instead of y, for models that report decisions).
+    As in nnx.MultiHeadAttention, inputs may be unbatched [L, D] or have any number of
+    leading batch dimensions [..., L, D] (the mask then [..., H | 1, L, S]); every
+    sequence has its own gate, and the Gate's arrays carry the same leading dimensions.
     """
+    batch = _batch_shape(inputs_q)
+    if len(batch) == 1:
+      return self._attend(inputs_q, inputs_k, inputs_v, mask=mask, positions=positions,
+                          return_gate=return_gate, **kwargs)
+    q, k, v = (None if x is None else _flatten_batch(x, batch) for x in
+               (inputs_q, inputs_k, inputs_v))
+    if mask is not None:
+      mask = jnp.asarray(mask)
+      heads = mask.shape[-3] if mask.ndim >= 3 else 1
+      full = (*batch, heads, q.shape[1], (q if k is None else k).shape[1])
+      mask = jnp.broadcast_to(mask, full).reshape((-1, *full[-3:]))
+    if positions is not None:
+      positions = jnp.broadcast_to(positions, (*batch, q.shape[1])).reshape((-1, q.shape[1]))
+    out = self._attend(q, k, v, mask=mask, positions=positions, return_gate=return_gate,
+                       **kwargs)
+    if return_gate:
+      y, gate = out
+      return _unflatten_batch(y, batch), _unflatten_gate(gate, batch)
+    return _unflatten_batch(out, batch)
+
+  def _attend(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
+              deterministic: bool | None = None, rngs=None, sow_weights: bool = False,
+              decode: bool | None = None, is_causal: bool = False, path: str | None = None,
+              active_heads: int | None = None, positions=None, return_gate: bool = False,
+              out_sharding=None, qkv_sharding=None):
+    """The call on rank-3 inputs [B, L, D]."""
     if decode:
       raise ValueError('GatedMultiHeadAttention does not support decode=True; use '
                        'gating.decode.generate with a GatedLM for cached decoding')
@@ -362,6 +454,11 @@ class GatedMultiHeadAttention(nnx.Module):
     if inputs_v is None:
       inputs_v = inputs_k
     self._check_inputs(inputs_q, inputs_k, inputs_v, mask)
+    if is_causal and self.reads_every_token:
+      raise ValueError("is_causal=True with router='mean': the gate pools every token, so "
+                       'a later token would move the outputs at earlier positions (a causal '
+                       "leak). Build the layer with router='prefix' and prefix_len=P, or "
+                       "router='first' (gating.gate_heads(..., causal=True) does this)")
     path = self.path if path is None else path
     k = self.active_heads if active_heads is None else active_heads
     check_active_heads(k, self.num_heads, self.gate_rule, path)

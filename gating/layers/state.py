@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -47,8 +48,22 @@ def gate_stats(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
   return layers
 
 
+def check_temperature(temperature) -> None:
+  """A ValueError unless a concrete temperature is > 0 (traced values pass unchecked)."""
+  if isinstance(temperature, jax.core.Tracer):
+    return
+  value = np.asarray(temperature)
+  if not np.all(value > 0):
+    raise ValueError(f'temperature must be > 0, got {value.tolist()}')
+
+
 def set_temperature(model: nnx.Module, temperature: float | jax.Array) -> None:
-  """Sets the temperature of every gated layer in `model` (in place; never recompiles)."""
+  """Sets the temperature of every gated layer in `model` (in place; never recompiles).
+
+  The temperature divides the logits (beta of hard concrete): it must be > 0. A concrete
+  value <= 0 (or NaN) is refused; a traced one is not checked.
+  """
+  check_temperature(temperature)
   for _, variable in nnx.iter_graph(model):
     if isinstance(variable, GateTemperature):
       variable[...] = jnp.asarray(temperature, variable[...].dtype)

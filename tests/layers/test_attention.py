@@ -57,7 +57,7 @@ def test_from_dense_copies_weights_and_refuses_other_modules():
 @pytest.mark.parametrize('rule', RULES_WITH_K)
 @pytest.mark.parametrize('jit', [False, True])
 def test_masked_equals_gathered_for_every_rule(rule, jit):
-  attn = layer(rule, k=2)
+  attn = layer(rule, k=2, router='first' if rule != 'static' else None)  # causal-safe
   x = inputs()
   mask, _ = padding_mask()
 
@@ -222,8 +222,8 @@ def test_bad_construction_raises(kwargs, message):
 def test_bad_calls_raise():
   attn = layer('topk', k=2)
   x = inputs()
-  with pytest.raises(ValueError, match='rank 3'):
-    attn(x[0])
+  with pytest.raises(ValueError, match=r'rank >= 2 \[\.\.\., length, features\]'):
+    attn(x[0, 0])    # [L, D] and [..., L, D] are accepted, as by nnx.MultiHeadAttention
   with pytest.raises(ValueError, match='has 8 features; this layer expects 32'):
     attn(jnp.ones((B, L, 8)))
   with pytest.raises(ValueError, match='does not broadcast'):
@@ -241,3 +241,49 @@ def test_bad_calls_raise():
   stochastic = layer('hard_concrete', k=2, deterministic=None)
   with pytest.raises(ValueError, match='needs `deterministic`'):
     stochastic(x)
+
+
+# -- inputs shaped as nnx.MultiHeadAttention accepts them ---------------------------------------
+
+@pytest.mark.parametrize('path', ['masked', 'gathered'])
+def test_unbatched_and_extra_batch_dimensions_match_the_batched_call(path):
+  attn = layer('topk', k=2, router='first')
+  x = inputs(b=6)
+  mask, _ = padding_mask(lengths=(16, 10, 5))
+  mask6 = jnp.concatenate([mask, mask], axis=0)
+  want = attn(x, mask=mask6, path=path)
+  np.testing.assert_allclose(attn(x[1], mask=mask6[1], path=path), want[1], atol=1e-6)
+  y, gate = attn(x.reshape(2, 3, L, D), mask=mask6.reshape(2, 3, 1, L, L), path=path,
+                 return_gate=True)
+  np.testing.assert_allclose(y, want.reshape(2, 3, L, D), atol=1e-6)
+  assert gate.weights_BxH.shape == (2, 3, H) and gate.idx_BxK.shape == (2, 3, 2)
+  np.testing.assert_array_equal(attn.gate(x.reshape(2, 3, L, D)).idx_BxK.reshape(6, 2),
+                                attn.gate(x).idx_BxK)
+  mha = nnx.MultiHeadAttention(H, D, decode=False, rngs=nnx.Rngs(3))
+  dense = GatedMultiHeadAttention.from_dense(mha, gate='dense', rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(dense(x[0]), mha(x[0]), atol=1e-6)
+  np.testing.assert_allclose(dense(x.reshape(2, 3, L, D)), mha(x.reshape(2, 3, L, D)),
+                             atol=1e-6)
+
+
+def test_prefix_router_without_prefix_len_names_the_router_argument():
+  with pytest.raises(ValueError, match=r"router='prefix' needs prefix_len=P >= 1"):
+    layer('topk', k=2, router='prefix')
+
+
+def test_is_causal_with_a_pooling_router_is_refused():
+  with pytest.raises(ValueError, match="is_causal=True with router='mean'"):
+    layer('topk', k=2)(inputs(), is_causal=True)
+  layer('topk', k=2, router='prefix', prefix_len=4)(inputs(), is_causal=True)
+  layer('static', k=2)(inputs(), is_causal=True)
+
+
+@pytest.mark.parametrize('bad', [-1.0, 0.0, float('nan')])
+def test_set_temperature_refuses_a_temperature_that_is_not_positive(bad):
+  attn = layer('topk', k=2)
+  with pytest.raises(ValueError, match='temperature must be > 0'):
+    gating.set_temperature(attn, bad)
+  gating.set_temperature(attn, 0.5)
+  assert float(attn.temperature[...]) == 0.5
+  with pytest.raises(ValueError, match='temperature must be > 0'):
+    gating.linen.set_temperature({'gate_temperature': {}}, bad)
