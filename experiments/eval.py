@@ -36,6 +36,13 @@ def parse_args(argv):
   parser.add_argument('--max-batches', type=int, default=None,
                       help='score only the first N batches of the split (default: all rows)')
   parser.add_argument('--out', default=None, help='JSON file (default: DIR/eval.json)')
+  parser.add_argument('--set', dest='overrides', action='append', default=[],
+                      metavar='data.KEY=VALUE',
+                      help='where the data is now, if it moved with the run folder, e.g. '
+                           'data.sources=/new/corpus.txt (the content must be the same)')
+  parser.add_argument('--restore-step', type=int, default=None, metavar='N',
+                      help='evaluate the checkpoint at step N instead of the latest (e.g. '
+                           'an intact one that the error for a corrupt checkpoint lists)')
   return parser.parse_args(argv)
 
 
@@ -73,10 +80,11 @@ def main(argv=None):
   try:
     paths = [p for p in args.paths.split(',') if p]
     ks = None if args.k is None else _ints(args.k, '--k')
-    run = evaluation.load_run(args.workdir)
+    run = evaluation.load_run(args.workdir, step=args.restore_step,
+                              data_overrides=args.overrides)
     report = evaluation.evaluate_run(run, paths=paths, ks=ks, split=args.split,
                                      max_batches=args.max_batches)
-  except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+  except (FileNotFoundError, ValueError, FloatingPointError, checkpoint.CheckpointError) as e:
     sys.exit(f'error: {e}')
   out = args.out or os.path.join(args.workdir, 'eval.json')
   tmp = out + '.tmp'

@@ -2,10 +2,14 @@
 
 For a run (a folder with metrics.jsonl) it writes into DIR/plots/:
   training_curves.png   train loss and task loss per step, validation loss and accuracy
-  active_heads.png      mean active heads per sequence in every layer over training
-  usage_heatmap.png     per-layer x per-head usage at the last evaluation (fraction of
-                        sequences that run each head)
-  usage_by_label.png    the same heatmap split by task (synthetic) or domain (text)
+  active_heads.png      mean active heads per sequence in every layer over training and
+                        the usage entropy per layer; for a fixed-count rule (top-k), whose
+                        count is K by construction, the label divergence (how differently
+                        tasks or domains route) instead of the count
+  usage_heatmap.png     per-layer x per-head usage at the last validation evaluation
+                        (fraction of sequences that run each head)
+  usage_by_label.png    the same heatmap split by task (synthetic) or domain (text), with
+                        each label's validation accuracy
 
 For a sweep (a folder with sweep.json and results.csv, see experiments/sweep.py) it writes
 into DIR/plots/:
@@ -48,29 +52,73 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
   return train, evals
 
 
-def _title(run_dir: str) -> str:
+def _config(run_dir: str) -> dict | None:
   try:
-    cfg = json.load(open(os.path.join(run_dir, 'config.json')))
+    return json.load(open(os.path.join(run_dir, 'config.json')))
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def _title(run_dir: str) -> str:
+  cfg = _config(run_dir)
+  try:
     m = cfg['model']
     return (f"{os.path.basename(os.path.normpath(run_dir))}: {m['gate']} K={m['active_heads']} "
             f"of H={m['num_heads']}, {m['num_layers']} layers, D={m['features']}")
-  except (OSError, KeyError, json.JSONDecodeError):
+  except (TypeError, KeyError):
     return os.path.basename(os.path.normpath(run_dir))
+
+
+def _fixed_count(run_dir: str) -> bool:
+  """True when the run's rule opens a fixed number of heads (top-k): its active-head
+  count is K by construction and says nothing."""
+  from gating.layers.selection import RULES
+  cfg = _config(run_dir)
+  try:
+    rule = RULES.get(cfg['model']['gate'])
+  except (TypeError, KeyError):
+    return False
+  return rule is not None and rule.budget in ('required', 'none')
+
+
+def _smooth(values, window: int):
+  """Moving average over `window` steps (the train curves are noisy per batch)."""
+  values = np.asarray(values, float)
+  if window <= 1 or len(values) < window:
+    return values
+  kernel = np.ones(window) / window
+  head = np.cumsum(values[:window - 1]) / np.arange(1, window)
+  return np.concatenate([head, np.convolve(values, kernel, mode='valid')])
 
 
 def plot_training_curves(run_dir, train, evals, out):
   plt = _pyplot()
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   steps = [r['step'] for r in train]
-  ax_loss.plot(steps, [r['loss'] for r in train], lw=0.8, alpha=0.6, label='train loss (total)')
-  ax_loss.plot(steps, [r['task_loss'] for r in train], lw=0.8, label='train task loss')
+  window = max(1, len(train) // 50)
+  total = np.asarray([r['loss'] for r in train], float)
+  task = np.asarray([r['task_loss'] for r in train], float)
+  ax_loss.plot(steps, task, lw=0.5, alpha=0.25, color='C0')
+  ax_loss.plot(steps, _smooth(task, window), lw=1.2, color='C0',
+               label=f'train task loss ({window}-step mean)')
+  if np.abs(total - task).max() > 1e-6:
+    ax_loss.plot(steps, _smooth(total, window), lw=1.2, color='C1',
+                 label='train total loss (task + regularizers)')
+    loss_title = 'loss'
+  else:
+    loss_title = 'loss (total = task: no regularizer is on)'
+  accuracy = [r['accuracy'] for r in train]
+  ax_acc.plot(steps, accuracy, lw=0.5, alpha=0.2, color='C0')
+  ax_acc.plot(steps, _smooth(accuracy, window), lw=1.2, color='C0',
+              label=f'train accuracy ({window}-step mean)')
   val = [r for r in evals if r.get('split') == 'validation']
   if val:
-    ax_loss.plot([r['step'] for r in val], [r['loss'] for r in val], 'o-', label='validation loss')
-    ax_acc.plot([r['step'] for r in val], [r['accuracy'] for r in val], 'o-',
-                label='validation accuracy')
-  ax_acc.plot(steps, [r['accuracy'] for r in train], lw=0.8, alpha=0.6, label='train accuracy')
-  ax_loss.set(xlabel='step', ylabel='cross-entropy (nats per target token)', title='loss')
+    style = dict(marker='o', ms=6, lw=2, color='C3', mec='k', zorder=5)
+    ax_loss.plot([r['step'] for r in val], [r['loss'] for r in val],
+                 label='validation loss', **style)
+    ax_acc.plot([r['step'] for r in val], [r['accuracy'] for r in val],
+                label='validation accuracy', **style)
+  ax_loss.set(xlabel='step', ylabel='cross-entropy (nats per target token)', title=loss_title)
   ax_acc.set(xlabel='step', ylabel='next-token accuracy on targets', title='accuracy',
              ylim=(0, 1.02))
   for ax in (ax_loss, ax_acc):
@@ -82,21 +130,70 @@ def plot_training_curves(run_dir, train, evals, out):
   plt.close(fig)
 
 
-def plot_active_heads(run_dir, train, out):
+def usage_entropy(usage_NxH) -> np.ndarray:
+  """Per layer, the entropy of the head-usage distribution over heads, divided by log H:
+  1 when every head is used equally often, log(K)/log(H) when the same K heads run for
+  every sequence (routing collapsed onto a static subset)."""
+  usage = np.asarray(usage_NxH, float)
+  p = usage / np.maximum(usage.sum(axis=1, keepdims=True), 1e-12)
+  entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
+  return entropy / np.log(usage.shape[1])
+
+
+def label_divergence(per_label) -> np.ndarray | None:
+  """Per layer, the mean over pairs of labels (tasks or domains) of half the L1 distance
+  between their head-usage vectors, divided by the mean active heads: 0 when every label
+  runs the same heads, 1 when any two labels share none."""
+  usages = [np.asarray(b['usage'], float) for b in per_label.values()
+            if b.get('usage') is not None]
+  if len(usages) < 2:
+    return None
+  active = np.mean([u.sum(axis=1) for u in usages], axis=0)
+  pairs = [np.abs(a - b).sum(axis=1) / 2 for i, a in enumerate(usages) for b in usages[i + 1:]]
+  return np.mean(pairs, axis=0) / np.maximum(active, 1e-12)
+
+
+def plot_active_heads(run_dir, train, evals, out):
+  """Active heads per sequence over training; for a rule whose count is fixed (top-k) the
+  count is K by construction, so the plot shows what moves instead: how evenly the heads
+  are used (usage entropy) and how differently tasks or domains route (label divergence),
+  at every validation evaluation."""
   plt = _pyplot()
-  active = np.asarray([r['active_heads'] for r in train])  # [steps, layers]
-  steps = [r['step'] for r in train]
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for layer in range(active.shape[1]):
-    ax.plot(steps, active[:, layer], lw=1, label=f'layer {layer}')
-  if 'K' in train[-1] and train[-1]['K'] is not None:
-    ks = [r['K'] if isinstance(r['K'], (int, float)) else np.mean(r['K']) for r in train]
-    ax.plot(steps, ks, 'k--', lw=1, label='budget K')
-  ax.set(xlabel='step', ylabel='active heads per sequence (mean over the batch)',
-         title='active heads over training', ylim=(0, None))
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.suptitle(_title(run_dir), fontsize=9)
+  val = [r for r in evals if r.get('split') == 'validation' and r.get('usage') is not None]
+  fixed = _fixed_count(run_dir)
+  fig, (ax_left, ax_right) = plt.subplots(1, 2, figsize=(11, 4))
+  if fixed:
+    divergence = [(r['step'], label_divergence(r.get('per_label', {}))) for r in val]
+    divergence = [(s, d) for s, d in divergence if d is not None]
+    if divergence:
+      d_SxN = np.asarray([d for _, d in divergence])
+      for layer in range(d_SxN.shape[1]):
+        ax_left.plot([s for s, _ in divergence], d_SxN[:, layer], 'o-', label=f'layer {layer}')
+    ax_left.set(xlabel='step', ylim=(0, 1.02),
+                ylabel='label divergence (0: same heads for all)',
+                title='how differently labels route (validation)')
+  else:
+    active = np.asarray([r['active_heads'] for r in train])  # [steps, layers]
+    steps = [r['step'] for r in train]
+    for layer in range(active.shape[1]):
+      ax_left.plot(steps, active[:, layer], lw=1, label=f'layer {layer}')
+    if train[-1].get('K') is not None:
+      ks = [r['K'] if isinstance(r['K'], (int, float)) else np.mean(r['K']) for r in train]
+      ax_left.plot(steps, ks, 'k--', lw=1, label='budget K')
+    ax_left.set(xlabel='step', ylabel='active heads per sequence (mean over the batch)',
+                title='active heads over training (train batches)', ylim=(0, None))
+  if val:
+    e_SxN = np.asarray([usage_entropy(r['usage']) for r in val])
+    for layer in range(e_SxN.shape[1]):
+      ax_right.plot([r['step'] for r in val], e_SxN[:, layer], 'o-', label=f'layer {layer}')
+  ax_right.set(xlabel='step', ylabel='usage entropy / log H', ylim=(0, 1.02),
+               title='how evenly heads are used (validation)')
+  for ax in (ax_left, ax_right):
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
+  note = ' (top-k: K heads per sequence by construction)' if fixed else ''
+  fig.suptitle(_title(run_dir) + note, fontsize=9)
   fig.tight_layout()
   fig.savefig(out, dpi=110)
   plt.close(fig)
@@ -117,7 +214,8 @@ def plot_usage(run_dir, evals, out_all, out_by_label):
     return []
   last = val[-1]
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  image = _heatmap(ax, last['usage'], f"head usage at step {last['step']} ({last['path']} path)")
+  image = _heatmap(ax, last['usage'], f"head usage, validation split, step {last['step']} "
+                                      f"({last['path']} path)")
   fig.colorbar(image, ax=ax, label='fraction of sequences using the head')
   fig.suptitle(_title(run_dir), fontsize=9)
   fig.tight_layout()
@@ -131,11 +229,12 @@ def plot_usage(run_dir, evals, out_all, out_by_label):
   fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False,
                            layout='constrained')
   for ax, (name, block) in zip(axes.flat, labels.items()):
-    image = _heatmap(ax, block['usage'], f"{name} (acc {block['accuracy']:.2f})")
+    image = _heatmap(ax, block['usage'], f"{name} (val. accuracy {block['accuracy']:.2f})")
   for ax in list(axes.flat)[len(labels):]:
     ax.axis('off')
   fig.colorbar(image, ax=axes, label='fraction of sequences using the head', shrink=0.8)
-  fig.suptitle(f"head usage by label at step {last['step']}: {_title(run_dir)}", fontsize=9)
+  fig.suptitle(f"head usage by label, validation split, step {last['step']}: "
+               f"{_title(run_dir)}", fontsize=9)
   fig.savefig(out_by_label, dpi=110, bbox_inches='tight')
   plt.close(fig)
   return [out_all, out_by_label]
@@ -148,7 +247,7 @@ def plot_run(run_dir: str) -> list[str]:
   os.makedirs(out, exist_ok=True)
   written = [os.path.join(out, 'training_curves.png'), os.path.join(out, 'active_heads.png')]
   plot_training_curves(run_dir, train, evals, written[0])
-  plot_active_heads(run_dir, train, written[1])
+  plot_active_heads(run_dir, train, evals, written[1])
   written += plot_usage(run_dir, evals, os.path.join(out, 'usage_heatmap.png'),
                         os.path.join(out, 'usage_by_label.png'))
   return written

@@ -33,6 +33,10 @@ def parse_args(argv):
   parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                       help="config override, repeatable: e.g. model.active_heads=4, "
                            "loss.z_loss_weight=1e-3, data.sources=python,pydoc, k_schedule=8:200,4:400")
+  parser.add_argument('--restore-step', type=int, default=None, metavar='N',
+                      help='resume from the checkpoint at step N instead of the latest (e.g. '
+                           'when the latest is corrupt); later steps are moved aside into '
+                           'checkpoints_quarantine/, never deleted')
   parser.add_argument('--no-plots', action='store_true', help='do not write plots at the end')
   parser.add_argument('--no-progress', action='store_true', help='no progress bar')
   parser.add_argument('--print-config', action='store_true',
@@ -76,9 +80,18 @@ def main(argv=None):
     return
   if args.distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
+  from gating.training.checkpoint import CheckpointError
   from gating.training.loop import train
   workdir = args.workdir or os.path.join('runs', args.preset)
-  summary = train(cfg, workdir, progress=not args.no_progress)
+  try:
+    summary = train(cfg, workdir, progress=not args.no_progress,
+                    restore_step=args.restore_step)
+  except (FileNotFoundError, ValueError, FloatingPointError, CheckpointError) as e:
+    sys.exit(f'error: {e}')
+  if summary.get('already_finished'):
+    print_summary(summary)
+    print(f'run folder: {workdir} (finished; nothing was changed)')
+    return
   if jax.process_index() == 0:
     print_summary(summary)
     if not args.no_plots:

@@ -99,6 +99,29 @@ def gated_encoder(vocab_size: int, *, name: str | None = None, **kwargs):
   return _linen(GatedEncoder, (vocab_size,), kwargs, name)
 
 
+PROJECTIONS = ('query', 'key', 'value', 'out')
+
+
+def from_dense_params(gated_params, dense_params):
+  """`gated_params` (of a `gated_attention`) with the projection weights of a trained Linen
+  `nn.MultiHeadDotProductAttention` (its `params`): query, key, value and out carry over
+  by name, as their shapes are the same ([D, H, Dh] and [H, Dh, D]); the router keeps its
+  own. A missing projection or another shape is a ValueError naming it.
+  """
+  out = dict(gated_params)
+  for name in PROJECTIONS:
+    if name not in dense_params or name not in gated_params:
+      raise ValueError(f'from_dense_params: {name!r} is missing from the '
+                       f'{"dense" if name not in dense_params else "gated"} params')
+    want = jax.tree.map(jnp.shape, dict(gated_params[name]))
+    got = jax.tree.map(jnp.shape, dict(dense_params[name]))
+    if want != got:
+      raise ValueError(f'from_dense_params: {name} has shapes {got} in the dense params, '
+                       f'the gated layer expects {want}')
+    out[name] = dense_params[name]
+  return type(gated_params)(out) if isinstance(gated_params, FrozenDict) else out
+
+
 def set_temperature(variables, temperature: float | jax.Array):
   """A copy of Linen `variables` with every gated layer's temperature set (no recompile);
   it must be > 0."""

@@ -118,3 +118,23 @@ def test_set_temperature_on_linen_variables():
   assert float(hot['gate_temperature']['temperature']) == 5.0
   assert float(variables['gate_temperature']['temperature']) == 1.0
   assert np.abs(np.asarray(attn.apply(hot, x) - attn.apply(variables, x))).max() > 1e-4
+
+
+def test_trained_dense_linen_attention_weights_carry_over():
+  x = jax.random.normal(jax.random.key(0), (2, L, D))
+  dense = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=D)
+  dense_vars = dense.init(jax.random.key(1), x)
+  gated = gating.linen.gated_attention(H, D, gate='dense')
+  gated_vars = gated.init({'params': jax.random.key(2)}, x)
+  params = gating.linen.from_dense_params(gated_vars['params'], dense_vars['params'])
+  y = gated.apply({**gated_vars, 'params': params}, x, mutable=['gate_stats'])[0]
+  np.testing.assert_allclose(y, dense.apply(dense_vars, x), atol=1e-5)
+  topk = gating.linen.gated_attention(H, D, gate='topk', active_heads=2)
+  topk_vars = topk.init({'params': jax.random.key(2)}, x)
+  carried = gating.linen.from_dense_params(topk_vars['params'], dense_vars['params'])
+  assert 'router' in carried
+  np.testing.assert_array_equal(carried['query']['kernel'], dense_vars['params']['query']['kernel'])
+  wide = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=2 * D).init(
+      jax.random.key(1), x)
+  with pytest.raises(ValueError, match='from_dense_params: query has shapes'):
+    gating.linen.from_dense_params(gated_vars['params'], wide['params'])

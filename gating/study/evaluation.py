@@ -45,7 +45,7 @@ from gating import data
 from gating.layers.selection import get_rule
 from gating.training import checkpoint
 from gating.training import loop as train
-from gating.training.config import PATHS, TrainConfig, from_dict
+from gating.training.config import PATHS, TrainConfig, from_dict, override
 
 SPLITS = ('test', 'validation')
 
@@ -61,12 +61,17 @@ class Run(NamedTuple):
   step: int           # the checkpoint's step
 
 
-def load_run(workdir: str) -> Run:
-  """Rebuilds the run in `workdir` from its config.json and its latest checkpoint.
+def load_run(workdir: str, step: int | None = None, data_overrides: Sequence[str] = ()) -> Run:
+  """Rebuilds the run in `workdir` from its config.json and its latest checkpoint (or the
+  checkpoint at `step`, e.g. an intact one when the latest is corrupt).
+
+  `data_overrides` ('data.KEY=VALUE') say where the data is now, e.g. after the run folder
+  and its text files moved: data.sources=/new/path. The data must still be the same
+  content (its fingerprint without paths), or the checkpoint is refused.
 
   Raises FileNotFoundError naming the paths it looked at when the folder holds no config
-  or no checkpoint, and checkpoint.CheckpointError when the checkpoint does not match
-  the config or the data.
+  or no checkpoint, and checkpoint.CheckpointError when the checkpoint is corrupt (naming
+  the intact earlier steps) or does not match the config or the data.
   """
   workdir = os.path.abspath(workdir)
   config_path = os.path.join(workdir, 'config.json')
@@ -75,10 +80,14 @@ def load_run(workdir: str) -> Run:
                             '(python -m experiments.train --workdir DIR writes it)')
   with open(config_path) as f:
     cfg = from_dict(json.load(f))
+  for assignment in data_overrides:
+    if not assignment.strip().startswith('data.'):
+      raise ValueError(f'{assignment!r}: only data.* keys can be overridden when loading a '
+                       'run (the model is the checkpoint\'s)')
+  cfg = override(cfg, list(data_overrides))
   checkpoints = os.path.join(workdir, 'checkpoints')
   mngr = checkpoint.manager(checkpoints) if os.path.isdir(checkpoints) else None
-  step = None if mngr is None else mngr.latest_step()
-  if step is None:
+  if mngr is None or mngr.latest_step() is None:
     if mngr is not None:
       mngr.close()
     raise FileNotFoundError(f'no checkpoint in {workdir}: looked for complete orbax step '
@@ -86,9 +95,10 @@ def load_run(workdir: str) -> Run:
                             'stopped before its first checkpoint?)')
   try:
     splits = train.load_data(cfg)
-    train.check_compatible(checkpoint.latest_meta(mngr), cfg, splits.info, workdir)
     graphdef, state = train.create(cfg, splits.info)
-    state = checkpoint.restore(mngr, step, state)
+    step, state, _ = checkpoint.load(
+        mngr, state, step=step, where=workdir,
+        check=lambda meta: train.check_compatible(meta, cfg, splits.info, workdir))
   finally:
     mngr.close()
   return Run(workdir, cfg, splits, graphdef, state, step)
@@ -154,6 +164,10 @@ def evaluate_one(run: Run, path: str, k, split: str = 'test',
   flops = cost.get('flops') if isinstance(cost, dict) else None
   result = train.evaluate(compiled, run.state, dataset, run.splits.info, cfg.batch_size,
                           max_batches)
+  if not math.isfinite(result['loss']):
+    raise FloatingPointError(
+        f'evaluating {run.workdir} (step {run.step}) on {split}, path {path}, K={k} gave a '
+        f'non-finite loss ({result["loss"]}); no result is written')
   usage_NxH = np.asarray(result['usage'])
   return {'path': path, 'K': list(k) if isinstance(k, tuple) else k,
           'active_fraction': float(usage_NxH.mean()),

@@ -376,10 +376,13 @@ def warm_start(state, graphdef, source_dir: str):
   saved_info = data.DataInfo(**json.load(open(os.path.join(source_dir, 'data_info.json'))))
   src_def, src_state = create(saved_cfg, saved_info)
   mngr = checkpoint.manager(os.path.join(source_dir, 'checkpoints'))
-  step = mngr.latest_step()
-  if step is None:
+  try:
+    loaded = checkpoint.load(mngr, src_state, where=source_dir)
+  finally:
+    mngr.close()
+  if loaded is None:
     raise checkpoint.CheckpointError(f'init_from: no checkpoint in {source_dir}/checkpoints')
-  src_state = checkpoint.restore(mngr, step, src_state)
+  src_state = loaded[1]
   source, _ = nnx.merge(src_def, src_state)
   learner, optimizer = nnx.merge(graphdef, state)
   src_params = dict(nnx.to_flat_state(nnx.state(source.model, nnx.Param)))
@@ -391,31 +394,75 @@ def warm_start(state, graphdef, source_dir: str):
   return nnx.state((learner, optimizer)), copied
 
 
+def _write_provenance(path: str, record: dict[str, Any]) -> None:
+  """provenance.json holds the newest session's record; the records of the sessions that
+  trained earlier steps are kept, oldest first, under 'earlier' (appended, never lost)."""
+  earlier = []
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        previous = json.load(f)
+      earlier = previous.pop('earlier', []) + [previous]
+    except (OSError, ValueError):
+      earlier = []
+  with open(path, 'w') as f:
+    json.dump({**record, 'earlier': earlier}, f, indent=1)
+
+
 def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
-          stop_after: int | None = None) -> dict[str, Any] | None:
+          stop_after: int | None = None,
+          restore_step: int | None = None) -> dict[str, Any] | None:
   """Trains (or resumes) the run in `workdir`; returns the final summary.
+
+  The data and the model are built before anything is written, so bad data leaves no
+  folder behind. A finished run (its last step checkpointed and summary.json written) is
+  left as it is: its summary comes back with 'already_finished': True.
 
   stop_after: checkpoint at this step and return None (the run resumes from there later,
   exactly as if it had not stopped).
+  restore_step: resume from this checkpoint instead of the latest (e.g. when the latest is
+  corrupt); the later steps are moved aside into checkpoints_quarantine/ (a rename).
   """
   from tqdm.auto import tqdm
 
-  os.makedirs(workdir, exist_ok=True)
   main_process = jax.process_index() == 0
   splits = load_data(cfg)
   info = splits.info
   replicated, batch_sharding, eval_sharding = mesh_and_shardings(cfg.batch_size,
                                                                 cfg.grad_accum)
   graphdef, state = create(cfg, info)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if restore_step is not None and not os.path.isdir(checkpoints):
+    raise checkpoint.CheckpointError(f'--restore-step {restore_step}: {workdir} holds no '
+                                     'checkpoints')
 
-  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
+  os.makedirs(workdir, exist_ok=True)
+  mngr = checkpoint.manager(checkpoints, cfg.keep_checkpoints)
   log = MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
   start = 0
-  saved = checkpoint.latest_meta(mngr)
-  if saved is not None:
-    check_compatible(saved, cfg, info, workdir)
-    start = saved['step']
-    state = checkpoint.restore(mngr, start, state)
+  try:
+    loaded = checkpoint.load(mngr, state, step=restore_step, where=workdir,
+                             check=lambda meta: check_compatible(meta, cfg, info, workdir))
+  except BaseException:
+    mngr.close()
+    raise
+  if loaded is not None and restore_step is not None:
+    later = [s for s in mngr.all_steps() if s > restore_step]
+    mngr.close()
+    moved = checkpoint.quarantine(checkpoints, later) if main_process else None
+    if moved:
+      print(f'moved checkpoint steps {sorted(later)} aside into {moved} (nothing deleted)',
+            flush=True)
+    mngr = checkpoint.manager(checkpoints, cfg.keep_checkpoints)
+  summary_path = os.path.join(workdir, 'summary.json')
+  if loaded is not None and loaded[0] >= cfg.steps and os.path.exists(summary_path):
+    mngr.close()
+    print(f'{workdir} is a finished run (step {loaded[0]} of {cfg.steps}); its files are '
+          'left as they are', flush=True)
+    with open(summary_path) as f:
+      return {**json.load(f), 'already_finished': True}
+  if loaded is not None:
+    start, state, _ = loaded
     if main_process:
       log.truncate_after(start)
       print(f'resuming {workdir} from step {start}', flush=True)
@@ -430,8 +477,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       f.write(cfg.to_json())
     with open(os.path.join(workdir, 'data_info.json'), 'w') as f:
       json.dump(dataclasses.asdict(info), f, indent=1)
-    with open(os.path.join(workdir, 'provenance.json'), 'w') as f:
-      json.dump({**provenance(), 'data': info.fingerprint}, f, indent=1)
+    _write_provenance(os.path.join(workdir, 'provenance.json'),
+                      {**provenance(), 'data': info.fingerprint, 'from_step': start})
   state = jax.device_put(state, replicated)
 
   steps_fn = {}
@@ -450,6 +497,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   def run_eval(step, split='validation', max_batches=cfg.eval_batches):
     dataset = getattr(splits, split)
     result = evaluate(eval_fn, state, dataset, info, cfg.batch_size, max_batches, shard_eval)
+    if not math.isfinite(result['loss']):
+      raise FloatingPointError(f'the {split} loss is {result["loss"]} at step {step}; '
+                               'stopping (nothing of this evaluation was written)')
     if main_process:
       log.write({'step': step, 'kind': 'eval', 'split': split, 'path': eval_path,
                  **result})

@@ -75,3 +75,28 @@ def test_sweep_plots_and_table_render_from_results(tmp_path, capsys):
 def test_plots_refuses_a_folder_that_is_neither(tmp_path):
   with pytest.raises(SystemExit, match='neither a run folder .* nor a sweep folder'):
     plots.main([str(tmp_path)])
+
+
+def test_routing_measures_that_move_when_the_count_is_fixed():
+  same = {'a': {'usage': [[1.0, 1.0, 0.0, 0.0]]}, 'b': {'usage': [[1.0, 1.0, 0.0, 0.0]]}}
+  apart = {'a': {'usage': [[1.0, 1.0, 0.0, 0.0]]}, 'b': {'usage': [[0.0, 0.0, 1.0, 1.0]]}}
+  assert plots.label_divergence(same)[0] == pytest.approx(0.0)
+  assert plots.label_divergence(apart)[0] == pytest.approx(1.0)
+  assert plots.label_divergence({'a': same['a']}) is None
+  assert plots.usage_entropy([[0.5, 0.5, 0.5, 0.5]])[0] == pytest.approx(1.0)
+  assert plots.usage_entropy([[1.0, 1.0, 0.0, 0.0]])[0] == pytest.approx(0.5)   # log 2 / log 4
+
+
+def test_the_total_loss_line_is_drawn_only_when_it_differs(tmp_path, monkeypatch):
+  _write_run(tmp_path)
+  drawn = []
+  original = plots._smooth  # pylint: disable=protected-access
+  monkeypatch.setattr(plots, '_smooth', lambda v, w: drawn.append(len(v)) or original(v, w))
+  train, evals = plots.read_metrics(str(tmp_path))
+  plots.plot_training_curves(str(tmp_path), train, evals, str(tmp_path / 'a.png'))
+  with_regularizer = len(drawn)
+  for r in train:
+    r['loss'] = r['task_loss']
+  drawn.clear()
+  plots.plot_training_curves(str(tmp_path), train, evals, str(tmp_path / 'b.png'))
+  assert len(drawn) == with_regularizer - 1
