@@ -95,6 +95,11 @@ class _Trunk(nnx.Module):
       raise ValueError(f'active_groups={active_groups!r} needs mlp_groups (the number of '
                        'channel groups G of each MLP)')
     groups = per_layer(mlp_groups, num_layers, 'mlp_groups')
+    widths = per_layer(mlp_features, num_layers, 'mlp_features')
+    if any(f is not None and (isinstance(f, bool) or not isinstance(f, (int, np.integer))
+                              or f < 1) for f in widths):
+      raise ValueError(f'mlp_features must be an int >= 1 or a list of them, got '
+                       f'{mlp_features!r}')
     group_ks = per_layer(active_groups, num_layers, 'active_groups')
     if head_dim is None and len(set(heads)) > 1:
       raise ValueError('num_heads differs between layers: pass head_dim (Dh) explicitly')
@@ -105,6 +110,8 @@ class _Trunk(nnx.Module):
     self.num_heads = heads[0] if isinstance(num_heads, (int, np.integer)) else tuple(heads)
     self.head_dim = head_dim
     self.positions = positions
+    self.mlp_features = mlp_features if mlp_features is None or isinstance(
+        mlp_features, (int, np.integer)) else tuple(widths)
     self.mlp_groups = mlp_groups if mlp_groups is None or isinstance(
         mlp_groups, (int, np.integer)) else tuple(groups)
     self.token_embed = nnx.Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype,
@@ -114,13 +121,14 @@ class _Trunk(nnx.Module):
         if positions == 'learned' else nnx.data(None))
     self.blocks = nnx.List([
         GatedTransformerBlock(
-            features, h, mlp_features=mlp_features, dropout_rate=dropout_rate,
+            features, h, mlp_features=f, dropout_rate=dropout_rate,
             attention_dropout_rate=attention_dropout_rate, active_heads=k,
             qkv_features=None if head_dim is None else h * head_dim,
             rotary_base=rotary_base if positions == 'rotary' else None, dtype=dtype,
             param_dtype=param_dtype, rngs=rngs,
             **({} if g is None else dict(mlp_groups=g, active_groups=kf)), **attention_kwargs)
-        for h, k, g, kf in zip(heads, per_layer(active_heads, num_layers), groups, group_ks)])
+        for h, k, f, g, kf in zip(heads, per_layer(active_heads, num_layers), widths, groups,
+                                  group_ks)])
     self.final_norm = nnx.LayerNorm(features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
@@ -174,7 +182,9 @@ class GatedLM(nnx.Module):
     prefix_len: P, the tokens every layer's gate reads; positions < P-1 are not scored.
     positions: 'learned' or 'rotary'.
     tie_embeddings: the output projection is the token embedding (transposed).
-    mlp_features, dropout_rate, attention_dropout_rate: as in GatedTransformerBlock.
+    mlp_features: the MLP's hidden width F (default 4 D), or a list with one per layer (as
+      `gating.prune` exports).
+    dropout_rate, attention_dropout_rate: as in GatedTransformerBlock.
     gate, active_heads, path: the gate rule, K (an int, or a list with one K per layer),
       and the compute path; see GatedMultiHeadAttention.
     mlp_groups, active_groups: gate each MLP's hidden channels in G groups with a budget
