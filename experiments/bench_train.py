@@ -39,7 +39,13 @@ def _config(gate, k, path, sizes) -> TrainConfig:
 
 def _step(gate, k, path, sizes):
   """(zero-argument step callable, XLA flops of the compiled step)."""
-  cfg = _config(gate, k, path, sizes)
+  return step_callable(_config(gate, k, path, sizes), sizes)
+
+
+def step_callable(cfg: TrainConfig, sizes):
+  """The jitted train step of `cfg` on random byte tokens of sizes['batch'] x
+  sizes['length']: (zero-argument step callable, XLA flops of the compiled step)."""
+  k = cfg.model.active_heads
   B, L = sizes['batch'], sizes['length']
   info = data.DataInfo(vocab_size=data.BYTE_VOCAB, seq_len=L, prompt_len=0,
                        pad_id=data.BYTE_PAD_ID, label_names=('random',), fingerprint={})

@@ -6,7 +6,9 @@ Sections: attention (nnx.MultiHeadAttention vs the masked and gathered paths, fo
 forward+backward); decode (GatedLM decoding at K = 2, 4, 8 of 8 vs dense: tokens/s, KV-cache
 and weight bytes per step, and a whole forward pass against its FLOP-allowed speedup);
 train (the train step of a GatedLM: masked and gathered at K=2 of 8 vs dense); study (the
-forward pass of the study's K=2 models, gathered and masked, vs their dense twins).
+forward pass of the study's K=2 models, gathered and masked, vs their dense twins); width
+(heads and MLP channel groups gated at 2 of 8 each and together vs dense: forward on the
+gathered path, train step on the masked path).
 Every ratio is against the dense baseline measured in the same run, with candidates
 interleaved over repeated trials. Benchmarks never run in the tests.
 """
@@ -18,11 +20,11 @@ import json
 import os
 import time
 
-from experiments import bench_attention, bench_decode, bench_study, bench_train
+from experiments import bench_attention, bench_decode, bench_study, bench_train, bench_width
 from gating.training.provenance import provenance
 
 SECTIONS = {'attention': bench_attention, 'decode': bench_decode, 'train': bench_train,
-            'study': bench_study}
+            'study': bench_study, 'width': bench_width}
 
 
 def main(argv=None):

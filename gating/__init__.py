@@ -2,11 +2,12 @@
 
 Shape legend (tensor names carry their shape; einsum strings use the same letters):
   B batch, L sequence length, S key length, D model width, H heads, K active heads
-  (static), Dh head width, V vocabulary, P gate prefix length, N layers, C classes.
+  (static), Dh head width, V vocabulary, P gate prefix length, N layers, C classes;
+  F MLP hidden width, G MLP channel groups, Kf active groups (static), Fg = F / G.
 
 Layout (the folders are the architecture):
   gating.layers    what a user puts in a model (router, selection, compute, attention,
-                   block, models, state, decode); imports nothing below
+                   mlp, block, models, state, decode); imports nothing below
   gating.convert   gate_heads (retrofit, causal-safe), set_path, prune (thin export)
   gating.linen     Linen factories through flax.nnx.bridge
   gating.data      the synthetic benchmark (tasks), the text corpus (corpus), batches
@@ -25,7 +26,9 @@ from gating.convert import PruneReport, gate_heads, prune, set_path
 from gating.layers import decode
 from gating.layers.attention import GatedMultiHeadAttention
 from gating.layers.block import GatedTransformerBlock
-from gating.layers.compute import HeadWeights, gathered_attention, masked_attention
+from gating.layers.compute import (HeadWeights, MLPWeights, gathered_attention, gathered_mlp,
+                                   masked_attention, masked_mlp)
+from gating.layers.mlp import GatedMLP
 from gating.layers.models import EncoderOutput, GatedEncoder, GatedLM, LMOutput
 from gating.layers.router import HeadRouter, StaticRouter
 from gating.layers.selection import RULES, Gate, select
@@ -33,9 +36,10 @@ from gating.layers.state import GateStats, GateTemperature, gate_stats, set_temp
 
 __all__ = [
     'EncoderOutput', 'Gate', 'GateStats', 'GateTemperature', 'GatedEncoder', 'GatedLM',
-    'GatedMultiHeadAttention', 'GatedTransformerBlock', 'HeadRouter', 'LMOutput',
-    'HeadWeights', 'PruneReport', 'RULES', 'StaticRouter', 'gate_heads', 'gate_stats',
-    'gathered_attention', 'masked_attention', 'prune', 'select', 'set_path', 'set_temperature',
+    'GatedMLP', 'GatedMultiHeadAttention', 'GatedTransformerBlock', 'HeadRouter', 'LMOutput',
+    'HeadWeights', 'MLPWeights', 'PruneReport', 'RULES', 'StaticRouter', 'gate_heads',
+    'gate_stats', 'gathered_attention', 'gathered_mlp', 'masked_attention', 'masked_mlp',
+    'prune', 'select', 'set_path', 'set_temperature',
 ]
 
 # Modules that lived directly under gating/ before the layout of subpackages: the name

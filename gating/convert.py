@@ -25,6 +25,11 @@ prune(model, usage_or_threshold, ...)
     layer equals the gated one on every input; with a per-sequence router and
     scaled_weights the pruned heads weigh 1 and equal the gated layer only where its
     weights are 1.
+    Gated MLP channel groups (GatedMLP) are pruned the same way: a block keeps the W1
+    columns, b1 entries and W2 rows of its kept groups in an ordinary ungated MLP
+    (`mlp_in`, `mlp_out`), so a pruned GatedLM or GatedEncoder is the model its
+    constructor builds with `mlp_features=[F_1, ..., F_N]` and no mlp_groups (a GatedMLP
+    outside a block becomes a dense GatedMLP of its kept groups).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
+from gating.layers.block import GatedTransformerBlock
+from gating.layers.mlp import GatedMLP
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.layers.router import StaticRouter
 from gating.layers.selection import get_rule
@@ -140,6 +147,9 @@ class PruneReport:
   """What prune kept and what it saved.
 
   kept_heads: {layer path: the kept head indices of the gated layer, in order}.
+  kept_groups: {MLP layer path: the kept channel-group indices}, for GatedMLP layers.
+  mlp_features: the kept MLP width of every layer of a GatedLM/GatedEncoder with gated
+    groups (rebuild with mlp_features=mlp_features and no mlp_groups), else None.
   num_heads: the kept head count of every layer, in model order (GatedLM/GatedEncoder
     rebuild with num_heads=num_heads and head_dim=head_dim).
   params_before/after: elements of every nnx.Param.
@@ -155,9 +165,16 @@ class PruneReport:
   flops_before: float | None
   flops_after: float | None
   flops_input_shape: tuple[int, ...] | None
+  kept_groups: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  mlp_features: tuple[int, ...] | None = None
 
   def __str__(self):
-    lines = [f'prune: heads per layer {list(self.num_heads)} (Dh={self.head_dim})',
+    lines = [f'prune: heads per layer {list(self.num_heads)} (Dh={self.head_dim})']
+    if self.kept_groups:
+      lines.append(f'  MLP groups per layer {[len(g) for g in self.kept_groups.values()]}'
+                   + ('' if self.mlp_features is None else
+                      f', MLP widths {list(self.mlp_features)}'))
+    lines += [
              f'  params {self.params_before:,} -> {self.params_after:,} '
              f'({self.params_after / self.params_before:.3f}x)']
     if self.flops_before is not None:
@@ -182,9 +199,20 @@ def forward_flops(model: nnx.Module, *inputs) -> float:
   return float(jax.jit(forward).lower(state, *inputs).compile().cost_analysis()['flops'])
 
 
+def _gated_layers(model) -> dict:
+  """{path: layer} of every GatedMultiHeadAttention and GatedMLP, in model order."""
+  return {_path_str(p): m for p, m in nnx.iter_graph(model)
+          if isinstance(m, (GatedMultiHeadAttention, GatedMLP))}
+
+
+def _units(layer) -> tuple[int, str]:
+  if isinstance(layer, GatedMLP):
+    return layer.num_groups, 'groups'
+  return layer.num_heads, 'heads'
+
+
 def _usage_by_layer(model, usage_or_threshold, threshold) -> tuple[dict[str, np.ndarray], float]:
-  layers = {_path_str(p): m for p, m in nnx.iter_graph(model)
-            if isinstance(m, GatedMultiHeadAttention)}
+  layers = _gated_layers(model)
   if not layers:
     raise ValueError(f'prune found no GatedMultiHeadAttention in {type(model).__name__}')
   if isinstance(usage_or_threshold, Mapping):
@@ -195,15 +223,16 @@ def _usage_by_layer(model, usage_or_threshold, threshold) -> tuple[dict[str, np.
       raise ValueError('pass the threshold once: prune(model, threshold) reads the usage from '
                        'the model; prune(model, usage, threshold=t) takes it from `usage`')
     threshold = float(usage_or_threshold)
-    usage = {path: np.asarray(m.head_usage[...]) for path, m in layers.items()}
+    usage = {path: np.asarray((m.group_usage if isinstance(m, GatedMLP) else m.head_usage)[...])
+             for path, m in layers.items()}
   missing, unknown = sorted(set(layers) - set(usage)), sorted(set(usage) - set(layers))
   if missing or unknown:
     raise ValueError(f'usage must have one entry per gated layer {sorted(layers)}; missing '
                      f'{missing}, unknown {unknown}')
   for path, u in usage.items():
-    if u.shape != (layers[path].num_heads,):
-      raise ValueError(f'usage of {path!r} has shape {u.shape}; that layer has '
-                       f'{layers[path].num_heads} heads')
+    n, unit = _units(layers[path])
+    if u.shape != (n,):
+      raise ValueError(f'usage of {path!r} has shape {u.shape}; that layer has {n} {unit}')
   return usage, threshold
 
 
@@ -238,6 +267,28 @@ def _thin_layer(attn: GatedMultiHeadAttention, kept: np.ndarray) -> GatedMultiHe
   return thin
 
 
+def _thin_mlp(mlp: GatedMLP, kept: np.ndarray) -> GatedMLP:
+  """A dense GatedMLP (no router) with only the channel groups `kept` of `mlp`."""
+  Fg = mlp.hidden_features // mlp.num_groups
+  thin = GatedMLP(mlp.in_features, len(kept) * Fg, len(kept), gate='dense', dtype=mlp.dtype,
+                  param_dtype=mlp.linear_in.kernel[...].dtype, precision=mlp.precision,
+                  rngs=nnx.Rngs(0))
+  scale_G = np.ones(mlp.num_groups, np.float32)
+  if mlp.scaled_weights and isinstance(mlp.router, StaticRouter):
+    # A static router weighs every sequence alike: fold its weights into W2.
+    gate = mlp.gate(jnp.zeros((1, 1, mlp.in_features)), deterministic=True)
+    scale_G = np.asarray(gate.weights_BxH[0], np.float32)
+  channels = jnp.asarray((kept[:, None] * Fg + np.arange(Fg)[None, :]).reshape(-1))
+  src_in, src_out = mlp.linear_in, mlp.linear_out
+  thin.linear_in.kernel = src_in.kernel.replace(jnp.take(src_in.kernel[...], channels, axis=1))
+  thin.linear_in.bias = src_in.bias.replace(jnp.take(src_in.bias[...], channels, axis=0))
+  scale_F = jnp.asarray(np.repeat(scale_G[kept], Fg), src_out.kernel[...].dtype)
+  thin.linear_out.kernel = src_out.kernel.replace(
+      jnp.take(src_out.kernel[...], channels, axis=0) * scale_F[:, None])
+  thin.linear_out.bias = src_out.bias.replace(src_out.bias[...])
+  return thin
+
+
 def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = None,
           inputs: tuple | None = None) -> tuple[nnx.Module, PruneReport]:
   """Exports a thin static copy of a gated model without the heads it (almost) never uses.
@@ -255,11 +306,27 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
     inputs: arguments of `model(*inputs)` for the FLOP count (default for GatedLM and
       GatedEncoder: int tokens of shape [1, max_length]).
 
+  Gated MLP layers (GatedMLP, with mlp_groups) are pruned alike from their group usage
+  (`group_usage`; in a usage mapping, their paths such as 'trunk/blocks/0/mlp').
+
   Returns (pruned model, PruneReport). Raises ValueError if a layer would keep fewer
-  heads than its budget K (its gate always opens up to K heads, so sequences would use
+  heads than its budget K (or groups than its active_groups) (its gate always opens up to K heads, so sequences would use
   removed heads) or no head at all.
   """
   usage, threshold = _usage_by_layer(model, usage_or_threshold, threshold)
+  kept_groups = {}
+  for path, mlp in ((p, m) for p, m in _gated_layers(model).items() if isinstance(m, GatedMLP)):
+    kept = np.flatnonzero(usage[path] > threshold)
+    k = mlp.num_groups if get_rule(mlp.gate_rule).budget == 'none' else mlp.active_groups
+    if len(kept) == 0:
+      raise ValueError(f'MLP layer {path!r} would keep no channel group (usage '
+                       f'{usage[path].tolist()} <= threshold {threshold}); lower the threshold')
+    if k is not None and k > len(kept):
+      raise ValueError(f'MLP layer {path!r} has a budget of active_groups={k} but only '
+                       f'{len(kept)} groups would be left after pruning (usage '
+                       f'{usage[path].tolist()}, threshold {threshold}); lower the threshold '
+                       'or the budget (active_groups)')
+    kept_groups[path] = tuple(int(g) for g in kept)
   kept_heads, counts, head_dims = {}, [], set()
   for path, attn in ((_path_str(p), m) for p, m in nnx.iter_graph(model)
                      if isinstance(m, GatedMultiHeadAttention)):
@@ -279,12 +346,24 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
   def replace(path, node):
     if isinstance(node, GatedMultiHeadAttention):
       return _thin_layer(node, np.asarray(kept_heads[_path_str(path)]))
+    if isinstance(node, GatedMLP):
+      return _thin_mlp(node, np.asarray(kept_groups[_path_str(path)]))
+    if isinstance(node, GatedTransformerBlock) and node.gated_mlp is not None:
+      # Children are mapped first: its MLP is already thin and dense; make it the
+      # block's ordinary MLP (mlp_in, mlp_out), as a block without mlp_groups holds it.
+      node.mlp_in, node.mlp_out = node.mlp.linear_in, node.mlp.linear_out
+      del node.mlp
     return node
   pruned = nnx.recursive_map(replace, nnx.clone(model))
   head_dim = next(iter(head_dims)) if len(head_dims) == 1 else None
+  mlp_features = None
   if isinstance(pruned, (GatedLM, GatedEncoder)):  # as their constructor records them
     pruned.trunk.num_heads = tuple(counts)
     pruned.trunk.head_dim = head_dim
+    if kept_groups:
+      mlp_features = tuple(int(b.mlp_in.kernel.shape[1]) for b in pruned.blocks)
+      pruned.trunk.mlp_features = mlp_features
+      pruned.trunk.mlp_groups = None
 
   if inputs is None and isinstance(model, (GatedLM, GatedEncoder)):
     inputs = (jnp.zeros((1, model.trunk.max_length), jnp.int32),)
@@ -294,5 +373,6 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
       kept_heads=kept_heads, num_heads=tuple(counts), head_dim=head_dim,
       params_before=count_params(model), params_after=count_params(pruned),
       flops_before=flops[0], flops_after=flops[1],
-      flops_input_shape=None if inputs is None else tuple(np.shape(inputs[0])))
+      flops_input_shape=None if inputs is None else tuple(np.shape(inputs[0])),
+      kept_groups=kept_groups, mlp_features=mlp_features)
   return pruned, report

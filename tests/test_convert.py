@@ -339,3 +339,64 @@ def test_prune_bad_arguments():
     gating.prune(model, 0.1, threshold=0.1)
   with pytest.raises(ValueError, match='found no GatedMultiHeadAttention'):
     gating.prune(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 0.0)
+
+
+# -- MLP channel groups ------------------------------------------------------------------------
+
+F, G = 64, 4
+
+
+def grouped_lm(gate='topk', **kw):
+  return gating.GatedLM(V, num_layers=2, features=D, num_heads=H, max_length=L, prefix_len=P,
+                        mlp_features=F, gate=gate, active_heads=2, mlp_groups=G,
+                        active_groups=2, path='gathered', rngs=nnx.Rngs(0), **kw)
+
+
+@pytest.mark.parametrize('path', ['masked', 'gathered'])
+def test_pruned_groups_equal_the_gated_parent_on_sequences_that_use_the_kept_groups(path):
+  model = grouped_lm()
+  x = tokens(b=4)
+  out = forward(model, x)
+  # Keep exactly the heads and groups that sequence 0 uses, in every layer.
+  usage = {}
+  for i in range(2):
+    usage[f'trunk/blocks/{i}/attention'] = np.asarray(out.gate_weights_BxNxH[0, i] != 0, float)
+    usage[f'trunk/blocks/{i}/mlp'] = np.asarray(out.group_weights_BxNxG[0, i] != 0, float)
+  thin, report = gating.prune(model, usage)
+  assert report.num_heads == (2, 2) and report.mlp_features == (F // 2, F // 2)
+  assert [len(g) for g in report.kept_groups.values()] == [2, 2]
+  assert report.flops_after < report.flops_before
+  assert report.params_after < report.params_before
+  assert 'MLP groups per layer [2, 2]' in str(report)
+  assert [b.mlp_in.kernel.shape for b in thin.blocks] == [(D, F // 2)] * 2
+  np.testing.assert_allclose(forward(thin, x[:1]).logits_BxLxV,
+                             model(x[:1], path=path).logits_BxLxV, atol=1e-4)
+  # The thin model is what the constructor builds with per-layer MLP widths, no groups.
+  abstract = nnx.eval_shape(lambda: gating.GatedLM(
+      V, num_layers=2, features=D, num_heads=list(report.num_heads), head_dim=report.head_dim,
+      mlp_features=list(report.mlp_features), max_length=L, prefix_len=P, gate='dense',
+      rngs=nnx.Rngs(0)))
+  shapes = lambda m: jax.tree.map(lambda v: v.shape, nnx.state(m, nnx.Param))
+  assert shapes(abstract) == shapes(thin)
+
+
+def test_static_group_router_with_scaled_weights_folds_them():
+  model = grouped_lm('static', scaled_weights=True, deterministic=True)
+  for block in model.blocks:
+    block.attention.router.logits_H[...] = jnp.array([1.0, -5.0, 0.3, -5.0])
+    block.mlp.router.logits_H[...] = jnp.array([-5.0, 0.7, -5.0, 2.0])
+  want = forward(model, tokens()).logits_BxLxV
+  thin, report = gating.prune(model, 0.5)
+  assert report.kept_groups == {'trunk/blocks/0/mlp': (1, 3), 'trunk/blocks/1/mlp': (1, 3)}
+  np.testing.assert_allclose(forward(thin, tokens()).logits_BxLxV, want, atol=1e-5)
+
+
+def test_prune_refuses_fewer_groups_than_the_budget():
+  model = grouped_lm()
+  usage = {f'trunk/blocks/{i}/{unit}': [1.0, 1.0, 0.0, 0.0] for i in range(2)
+           for unit in ('attention', 'mlp')}
+  usage['trunk/blocks/1/mlp'] = [1.0, 0.0, 0.0, 0.0]
+  with pytest.raises(ValueError, match='active_groups=2 but only 1 groups would be left'):
+    gating.prune(model, usage)
+  with pytest.raises(ValueError, match=r"missing \['trunk/blocks/0/mlp'"):
+    gating.prune(model, {f'trunk/blocks/{i}/attention': [1.0] * 4 for i in range(2)})

@@ -2,6 +2,10 @@
 
     h = x + Dropout(GatedAttention(LayerNorm(x)))
     y = h + Dropout(W2 gelu(W1 LayerNorm(h) + b1) + b2)
+
+With `mlp_groups=G` the MLP is a GatedMLP: its F hidden channels form G groups, of which a
+router (the same rule, path and router kind as the attention's) opens Kf per sequence.
+Without it the MLP is the two nnx.Linear layers `mlp_in` and `mlp_out`, as before.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gating.layers.attention import GatedMultiHeadAttention
+from gating.layers.attention import GatedMultiHeadAttention, valid_tokens
+from gating.layers.mlp import GATE_KWARGS, GatedMLP, check_groups
 
 
 class GatedTransformerBlock(nnx.Module):
@@ -22,6 +27,9 @@ class GatedTransformerBlock(nnx.Module):
     mlp_features: hidden width of the MLP (default 4 D).
     dropout_rate: dropout on both residual branches.
     attention_dropout_rate: dropout on the attention weights.
+    mlp_groups: G, gate the MLP's hidden channels in G groups (a divisor of mlp_features);
+      None (the default) keeps the ungated MLP and its parameter names.
+    active_groups: Kf, the MLP's budget of open groups (needs mlp_groups).
     dtype, param_dtype: computation and parameter dtypes (as in flax).
     rngs: nnx.Rngs; dropout and gate noise draw from its 'dropout' stream.
     **attention_kwargs: passed to GatedMultiHeadAttention (gate=, active_heads=, path=,
@@ -30,34 +38,70 @@ class GatedTransformerBlock(nnx.Module):
 
   def __init__(self, features: int, num_heads: int, *, mlp_features: int | None = None,
                dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
+               mlp_groups: int | None = None, active_groups: int | None = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs, **attention_kwargs):
     mlp_features = mlp_features or 4 * features
+    if mlp_groups is None and active_groups is not None:
+      raise ValueError(f'active_groups={active_groups} needs mlp_groups (the number of '
+                       'channel groups G of the MLP)')
+    if mlp_groups is not None:
+      check_groups(mlp_features, mlp_groups, 'mlp_groups')
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attention_norm = nnx.LayerNorm(features, **dense)
     self.attention = GatedMultiHeadAttention(
         num_heads, features, dropout_rate=attention_dropout_rate, **dense, **attention_kwargs)
     self.mlp_norm = nnx.LayerNorm(features, **dense)
-    self.mlp_in = nnx.Linear(features, mlp_features, **dense)
-    self.mlp_out = nnx.Linear(mlp_features, features, **dense)
+    if mlp_groups is None:
+      self.mlp_in = nnx.Linear(features, mlp_features, **dense)
+      self.mlp_out = nnx.Linear(mlp_features, features, **dense)
+    else:
+      gate_kwargs = {k: v for k, v in attention_kwargs.items() if k in GATE_KWARGS}
+      self.mlp = GatedMLP(features, mlp_features, mlp_groups, active_groups=active_groups,
+                          precision=attention_kwargs.get('precision'), **dense, **gate_kwargs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  @property
+  def gated_mlp(self) -> GatedMLP | None:
+    """The GatedMLP when the block was built with mlp_groups, else None."""
+    return getattr(self, 'mlp', None)
 
   def __call__(self, x_BxLxD, *, mask=None, is_causal: bool = False,
                deterministic: bool | None = None, rngs=None, path: str | None = None,
-               active_heads: int | None = None, positions=None, return_gate: bool = False):
-    """x_BxLxD -> y_BxLxD (and the attention's Gate when return_gate)."""
+               active_heads: int | None = None, positions=None, return_gate: bool = False,
+               active_groups: int | None = None, return_gates: bool = False):
+    """x_BxLxD -> y_BxLxD; with return_gate, (y, the attention's Gate); with return_gates,
+    (y, (the attention's Gate, the MLP's Gate over groups or None)). `active_groups`
+    overrides the MLP's budget Kf, as `active_heads` does the attention's K."""
     y_BxLxD, gate = self.attention(
         self.attention_norm(x_BxLxD), mask=mask, is_causal=is_causal,
         deterministic=deterministic, rngs=rngs, path=path, active_heads=active_heads,
         positions=positions, return_gate=True)
     h_BxLxD = x_BxLxD + self.dropout(y_BxLxD, deterministic=deterministic, rngs=rngs)
-    out_BxLxD = self.feed_forward(h_BxLxD, deterministic=deterministic, rngs=rngs)
+    valid_BxL = None if mask is None else valid_tokens(mask, *x_BxLxD.shape[:2])
+    out_BxLxD, group_gate = self.feed_forward(
+        h_BxLxD, deterministic=deterministic, rngs=rngs, valid_BxL=valid_BxL, path=path,
+        active_groups=active_groups, return_gate=True)
+    if return_gates:
+      return out_BxLxD, (gate, group_gate)
     return (out_BxLxD, gate) if return_gate else out_BxLxD
 
-  def feed_forward(self, h_BxLxD, *, deterministic: bool | None = None, rngs=None):
-    """The MLP half of the block: h + Dropout(W2 gelu(W1 LayerNorm(h) + b1) + b2).
+  def feed_forward(self, h_BxLxD, *, deterministic: bool | None = None, rngs=None,
+                   valid_BxL=None, path: str | None = None, active_groups: int | None = None,
+                   return_gate: bool = False):
+    """The MLP half of the block: h + Dropout(W2 gelu(W1 LayerNorm(h) + b1) + b2), its
+    channel groups gated when the block has mlp_groups (return_gate: also that Gate, or
+    None for the ungated MLP).
 
     Also used on its own by `gating.decode`, which runs the attention half from its cache.
     """
-    m_BxLxF = jax.nn.gelu(self.mlp_in(self.mlp_norm(h_BxLxD)))
-    return h_BxLxD + self.dropout(self.mlp_out(m_BxLxF), deterministic=deterministic,
-                                  rngs=rngs)
+    if self.gated_mlp is None:
+      if active_groups is not None:
+        raise ValueError('active_groups needs a block built with mlp_groups')
+      y_BxLxD = self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(h_BxLxD))))
+      group_gate = None
+    else:
+      y_BxLxD, group_gate = self.gated_mlp(
+          self.mlp_norm(h_BxLxD), valid_BxL, deterministic=deterministic, rngs=rngs,
+          path=path, active_groups=active_groups, return_gate=True)
+    out_BxLxD = h_BxLxD + self.dropout(y_BxLxD, deterministic=deterministic, rngs=rngs)
+    return (out_BxLxD, group_gate) if return_gate else out_BxLxD

@@ -1,4 +1,5 @@
-"""The two compute paths of gated attention, as pure functions (no modules, no state).
+"""The two compute paths of gated attention and of the gated MLP, as pure functions (no
+modules, no state). The MLP's channel groups are at the end of this file.
 
 With o_bh head h's attention output for sequence b and w_bh its gate weight:
 
@@ -157,3 +158,64 @@ def gathered_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, idx_BxK, we
                                 take_heads(w.bv_HxDh, idx_BxK), p)
   o_BxLxKxDh = attend(q_BxLxKxDh, k_BxSxKxDh, v_BxSxKxDh, options)
   return output_gathered(o_BxLxKxDh, weights_BxK, take_heads(w.wo_HxDhxDo, idx_BxK), w.bo_Do, p)
+
+
+# -- gated MLP: channel groups ------------------------------------------------------------
+#
+# The MLP's hidden width F is split into G groups of Fg = F / G contiguous channels: group
+# g holds channels g Fg .. (g+1) Fg - 1, i.e. the columns of W1 [D, F] and the rows of
+# W2 [F, D] viewed as W1 [D, G, Fg] and W2 [G, Fg, D]. With w_bg group g's gate weight:
+#
+#   masked:    y_b = sum_g  w_bg  act(x_b W1_g + b1_g) W2_g + b2             every group
+#   gathered:  y_b = sum_j  w_b,idx_bj  act(x_b W1_idx_bj + b1_idx_bj) W2_idx_bj + b2
+#
+# The gathered path gathers W1 columns, b1 entries and W2 rows of each sequence's Kf
+# groups once, [D, G, Fg] -> [B, D, Kf, Fg], so its FLOPs scale as Kf / G. With all
+# weights 1, masked equals the ungated MLP  act(x W1 + b1) W2 + b2  with the same weights.
+# Einsum letters: G groups, K the Kf selected groups, C the Fg channels of a group.
+
+
+class MLPWeights(NamedTuple):
+  """The MLP's weights in nnx.Linear's layout (kernels [in, out]; biases may be None)."""
+  w1_DxF: jax.Array
+  w2_FxD: jax.Array
+  b1_F: jax.Array | None = None
+  b2_D: jax.Array | None = None
+
+
+def group_view(w: MLPWeights, num_groups: int):
+  """(w1_DxGxFg, b1_GxFg, w2_GxFgxD): the weights split into G contiguous channel groups."""
+  D, F = w.w1_DxF.shape
+  Fg = F // num_groups
+  b1_GxFg = None if w.b1_F is None else w.b1_F.reshape(num_groups, Fg)
+  return (w.w1_DxF.reshape(D, num_groups, Fg), b1_GxFg,
+          w.w2_FxD.reshape(num_groups, Fg, w.w2_FxD.shape[1]))
+
+
+def gather_groups(w1_DxGxFg, idx_BxK):
+  """Each sequence's groups: [D, G, Fg] -> [B, D, Kf, Fg] (a clean batched-matmul layout)."""
+  return jnp.take(w1_DxGxFg, idx_BxK, axis=1, mode='clip').transpose(1, 0, 2, 3)
+
+
+def masked_mlp(x_BxLxD, w: MLPWeights, weights_BxG, num_groups: int,
+               activation=jax.nn.gelu, precision=None):
+  """All G groups computed; group g's activations scaled by weights_BxG[:, g]. -> y_BxLxD."""
+  w1_DxGxFg, b1_GxFg, w2_GxFgxD = group_view(w, num_groups)
+  h_BxLxGxFg = _add(jnp.einsum('BLD,DGC->BLGC', x_BxLxD, w1_DxGxFg, precision=precision),
+                    b1_GxFg)
+  h_BxLxGxFg = activation(h_BxLxGxFg) * weights_BxG[:, None, :, None].astype(h_BxLxGxFg.dtype)
+  return _add(jnp.einsum('BLGC,GCD->BLD', h_BxLxGxFg, w2_GxFgxD, precision=precision), w.b2_D)
+
+
+def gathered_mlp(x_BxLxD, w: MLPWeights, idx_BxK, weights_BxK, num_groups: int,
+                 activation=jax.nn.gelu, precision=None):
+  """Only each sequence's Kf groups idx_BxK computed, scaled by weights_BxK. -> y_BxLxD."""
+  w1_DxGxFg, b1_GxFg, w2_GxFgxD = group_view(w, num_groups)
+  w1_BxDxKxFg = gather_groups(w1_DxGxFg, idx_BxK)
+  w2_BxKxFgxD = jnp.take(w2_GxFgxD, idx_BxK, axis=0, mode='clip')
+  h_BxLxKxFg = jnp.einsum('BLD,BDKC->BLKC', x_BxLxD, w1_BxDxKxFg, precision=precision)
+  if b1_GxFg is not None:
+    h_BxLxKxFg = h_BxLxKxFg + jnp.take(b1_GxFg, idx_BxK, axis=0, mode='clip')[:, None, :, :]
+  h_BxLxKxFg = activation(h_BxLxKxFg) * weights_BxK[:, None, :, None].astype(h_BxLxKxFg.dtype)
+  return _add(jnp.einsum('BLKC,BKCD->BLD', h_BxLxKxFg, w2_BxKxFgxD, precision=precision),
+              w.b2_D)

@@ -136,6 +136,9 @@ def layer_plan(model: GatedLM, batch: int, *, path=None, active_heads=None,
 def _check_model(model):
   if not isinstance(model, GatedLM):
     raise ValueError(f'decoding needs a GatedLM, got {type(model).__name__}')
+  if model.trunk.mlp_groups is not None:
+    raise ValueError('cached decoding of a GatedLM with gated MLP channel groups '
+                     '(mlp_groups) is not supported yet')
 
 
 def _rotate(attn: GatedMultiHeadAttention, x_BxLxNxDh, positions_BxL):

@@ -31,12 +31,15 @@ class LMOutput(NamedTuple):
   scored_BxL: jax.Array     # bool: position t is scored (t >= P-1, target t+1 is valid)
   gate_weights_BxNxH: jax.Array  # every layer's gate weights per sequence (N = layers;
                                  # with per-layer head counts, padded with 0 to max H)
+  group_weights_BxNxG: jax.Array | None = None  # the MLP channel groups' gate weights,
+                                 # the twin of gate_weights_BxNxH (None without mlp_groups)
 
 
 class EncoderOutput(NamedTuple):
   class_logits_BxC: jax.Array   # classification of the mean-pooled final states
   hidden_BxLxD: jax.Array       # per-token final states (after the final LayerNorm)
   gate_weights_BxNxH: jax.Array
+  group_weights_BxNxG: jax.Array | None = None
 
 
 
@@ -76,7 +79,8 @@ class _Trunk(nnx.Module):
   def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads,
                head_dim: int | None, max_length: int, positions: str, mlp_features: int | None,
                dropout_rate: float, attention_dropout_rate: float, active_heads,
-               rotary_base: float, dtype, param_dtype, rngs: nnx.Rngs, **attention_kwargs):
+               rotary_base: float, dtype, param_dtype, rngs: nnx.Rngs, mlp_groups=None,
+               active_groups=None, **attention_kwargs):
     if positions not in POSITIONS:
       raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}')
     for name, value in (('vocab_size', vocab_size), ('num_layers', num_layers),
@@ -87,6 +91,16 @@ class _Trunk(nnx.Module):
     if any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in heads):
       raise ValueError(f'num_heads must be an int >= 1 or a list of them, got {num_heads!r}')
     heads = [int(h) for h in heads]
+    if mlp_groups is None and active_groups is not None:
+      raise ValueError(f'active_groups={active_groups!r} needs mlp_groups (the number of '
+                       'channel groups G of each MLP)')
+    groups = per_layer(mlp_groups, num_layers, 'mlp_groups')
+    widths = per_layer(mlp_features, num_layers, 'mlp_features')
+    if any(f is not None and (isinstance(f, bool) or not isinstance(f, (int, np.integer))
+                              or f < 1) for f in widths):
+      raise ValueError(f'mlp_features must be an int >= 1 or a list of them, got '
+                       f'{mlp_features!r}')
+    group_ks = per_layer(active_groups, num_layers, 'active_groups')
     if head_dim is None and len(set(heads)) > 1:
       raise ValueError('num_heads differs between layers: pass head_dim (Dh) explicitly')
     if head_dim is not None and head_dim < 1:
@@ -96,6 +110,10 @@ class _Trunk(nnx.Module):
     self.num_heads = heads[0] if isinstance(num_heads, (int, np.integer)) else tuple(heads)
     self.head_dim = head_dim
     self.positions = positions
+    self.mlp_features = mlp_features if mlp_features is None or isinstance(
+        mlp_features, (int, np.integer)) else tuple(widths)
+    self.mlp_groups = mlp_groups if mlp_groups is None or isinstance(
+        mlp_groups, (int, np.integer)) else tuple(groups)
     self.token_embed = nnx.Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype,
                                  rngs=rngs)
     self.position_embed = (
@@ -103,12 +121,14 @@ class _Trunk(nnx.Module):
         if positions == 'learned' else nnx.data(None))
     self.blocks = nnx.List([
         GatedTransformerBlock(
-            features, h, mlp_features=mlp_features, dropout_rate=dropout_rate,
+            features, h, mlp_features=f, dropout_rate=dropout_rate,
             attention_dropout_rate=attention_dropout_rate, active_heads=k,
             qkv_features=None if head_dim is None else h * head_dim,
             rotary_base=rotary_base if positions == 'rotary' else None, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs, **attention_kwargs)
-        for h, k in zip(heads, per_layer(active_heads, num_layers))])
+            param_dtype=param_dtype, rngs=rngs,
+            **({} if g is None else dict(mlp_groups=g, active_groups=kf)), **attention_kwargs)
+        for h, k, f, g, kf in zip(heads, per_layer(active_heads, num_layers), widths, groups,
+                                  group_ks)])
     self.final_norm = nnx.LayerNorm(features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
@@ -122,7 +142,10 @@ class _Trunk(nnx.Module):
       raise ValueError(f'valid_BxL shape {valid_BxL.shape} != tokens shape {tokens_BxL.shape}')
 
   def __call__(self, tokens_BxL, valid_BxL, *, is_causal, deterministic, rngs, path,
-               active_heads, positions_BxL=None):
+               active_heads, active_groups=None, positions_BxL=None):
+    """-> (final states h_BxLxD, gate_weights_BxNxH, group_weights_BxNxG or None)."""
+    if active_groups is not None and self.mlp_groups is None:
+      raise ValueError('active_groups needs a model built with mlp_groups')
     B, L = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L)[None, :], (B, L))
@@ -131,14 +154,19 @@ class _Trunk(nnx.Module):
       x_BxLxD = x_BxLxD + self.position_embed(positions_BxL)
     x_BxLxD = self.dropout(x_BxLxD, deterministic=deterministic, rngs=rngs)
     mask = None if valid_BxL is None else padding_mask(valid_BxL, is_causal)
-    weights = []
-    for layer, k in zip(self.blocks, per_layer(active_heads, len(self.blocks))):
-      x_BxLxD, gate = layer(
+    weights, group_weights = [], []
+    for layer, k, kf in zip(self.blocks, per_layer(active_heads, len(self.blocks)),
+                            per_layer(active_groups, len(self.blocks), 'active_groups')):
+      x_BxLxD, (gate, group_gate) = layer(
           x_BxLxD, mask=mask, is_causal=is_causal and mask is None,
           deterministic=deterministic, rngs=rngs, path=path, active_heads=k,
-          positions=positions_BxL if self.positions == 'rotary' else None, return_gate=True)
+          positions=positions_BxL if self.positions == 'rotary' else None,
+          active_groups=kf, return_gates=True)
       weights.append(gate.weights_BxH)
-    return self.final_norm(x_BxLxD), stack_weights(weights)
+      if group_gate is not None:
+        group_weights.append(group_gate.weights_BxH)
+    return (self.final_norm(x_BxLxD), stack_weights(weights),
+            stack_weights(group_weights) if group_weights else None)
 
 
 class GatedLM(nnx.Module):
@@ -154,9 +182,15 @@ class GatedLM(nnx.Module):
     prefix_len: P, the tokens every layer's gate reads; positions < P-1 are not scored.
     positions: 'learned' or 'rotary'.
     tie_embeddings: the output projection is the token embedding (transposed).
-    mlp_features, dropout_rate, attention_dropout_rate: as in GatedTransformerBlock.
+    mlp_features: the MLP's hidden width F (default 4 D), or a list with one per layer (as
+      `gating.prune` exports).
+    dropout_rate, attention_dropout_rate: as in GatedTransformerBlock.
     gate, active_heads, path: the gate rule, K (an int, or a list with one K per layer),
       and the compute path; see GatedMultiHeadAttention.
+    mlp_groups, active_groups: gate each MLP's hidden channels in G groups with a budget
+      of Kf open groups (each an int, or a list with one per layer); the MLP's router is
+      built like the attention's (the same rule, path and prefix P). None (the default):
+      ungated MLPs with today's parameter names.
     rotary_base: RoPE base for positions='rotary'.
     **attention_kwargs: other GatedMultiHeadAttention arguments (noise=, temperature=,
       scaled_weights=, router_hidden_features=, ...). The router is always 'prefix'.
@@ -167,6 +201,7 @@ class GatedLM(nnx.Module):
                tie_embeddings: bool = True, mlp_features: int | None = None,
                dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
                gate: str = 'topk', active_heads=None, path: str = 'masked',
+               mlp_groups=None, active_groups=None,
                rotary_base: float = 10_000.0, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs, **attention_kwargs):
     if not 1 <= prefix_len <= max_length:
@@ -184,7 +219,7 @@ class GatedLM(nnx.Module):
         dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
         active_heads=active_heads, rotary_base=rotary_base, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs, gate=gate, path=path, prefix_len=prefix_len,
-        **attention_kwargs)
+        mlp_groups=mlp_groups, active_groups=active_groups, **attention_kwargs)
     self.unembed = (nnx.data(None) if tie_embeddings else
                     nnx.Linear(features, vocab_size, use_bias=False, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs))
@@ -203,20 +238,23 @@ class GatedLM(nnx.Module):
     return self.trunk.token_embed.attend(h_BxLxD)
 
   def __call__(self, tokens_BxL, *, valid_BxL=None, deterministic: bool | None = None,
-               rngs=None, path: str | None = None, active_heads=None) -> LMOutput:
+               rngs=None, path: str | None = None, active_heads=None,
+               active_groups=None) -> LMOutput:
     """tokens_BxL (int) -> LMOutput. valid_BxL marks real tokens (default: all).
 
-    Sequences are left-aligned: token 0 is the first of the prefix. `path` and
-    `active_heads` (an int or a list per layer) override the constructor's.
+    Sequences are left-aligned: token 0 is the first of the prefix. `path`,
+    `active_heads` and `active_groups` (an int or a list per layer) override the
+    constructor's.
     """
     self.trunk.check_tokens(tokens_BxL, valid_BxL)
     if tokens_BxL.shape[1] < self.prefix_len:
       raise ValueError(f'sequence length {tokens_BxL.shape[1]} is shorter than the gate '
                        f'prefix P={self.prefix_len}')
-    h_BxLxD, weights_BxNxH = self.trunk(
+    h_BxLxD, weights_BxNxH, groups_BxNxG = self.trunk(
         tokens_BxL, valid_BxL, is_causal=True, deterministic=deterministic, rngs=rngs,
-        path=path, active_heads=active_heads)
-    return LMOutput(self.logits(h_BxLxD), self.scored(tokens_BxL, valid_BxL), weights_BxNxH)
+        path=path, active_heads=active_heads, active_groups=active_groups)
+    return LMOutput(self.logits(h_BxLxD), self.scored(tokens_BxL, valid_BxL), weights_BxNxH,
+                    groups_BxNxG)
 
   def scored(self, tokens_BxL, valid_BxL=None):
     """scored_BxL: t >= P-1, t < L-1 and token t+1 is valid (position t predicts it)."""
@@ -233,7 +271,7 @@ class GatedLM(nnx.Module):
 class GatedEncoder(nnx.Module):
   """A bidirectional encoder with gated heads, a pooled classifier and per-token states.
 
-  Args as GatedLM, plus num_classes (C) for the classification head; `router` is 'mean'
+  Args as GatedLM (mlp_groups and active_groups included), plus num_classes (C) for the classification head; `router` is 'mean'
   (all valid tokens; the default), 'first' or 'static'.
   """
 
@@ -241,7 +279,8 @@ class GatedEncoder(nnx.Module):
                max_length: int, num_classes: int, head_dim: int | None = None, positions: str = 'learned',
                mlp_features: int | None = None, dropout_rate: float = 0.0,
                attention_dropout_rate: float = 0.0, gate: str = 'topk', active_heads=None,
-               path: str = 'masked', rotary_base: float = 10_000.0, dtype=None,
+               path: str = 'masked', mlp_groups=None, active_groups=None,
+               rotary_base: float = 10_000.0, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs, **attention_kwargs):
     if num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {num_classes}')
@@ -255,7 +294,8 @@ class GatedEncoder(nnx.Module):
         head_dim=head_dim, max_length=max_length, positions=positions, mlp_features=mlp_features,
         dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
         active_heads=active_heads, rotary_base=rotary_base, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs, gate=gate, path=path, **attention_kwargs)
+        param_dtype=param_dtype, rngs=rngs, gate=gate, path=path, mlp_groups=mlp_groups,
+        active_groups=active_groups, **attention_kwargs)
     self.classifier = nnx.Linear(features, num_classes, dtype=dtype, param_dtype=param_dtype,
                                  rngs=rngs)
 
@@ -268,15 +308,16 @@ class GatedEncoder(nnx.Module):
     return self.trunk.blocks
 
   def __call__(self, tokens_BxL, *, valid_BxL=None, deterministic: bool | None = None,
-               rngs=None, path: str | None = None, active_heads=None) -> EncoderOutput:
+               rngs=None, path: str | None = None, active_heads=None,
+               active_groups=None) -> EncoderOutput:
     self.trunk.check_tokens(tokens_BxL, valid_BxL)
-    h_BxLxD, weights_BxNxH = self.trunk(
+    h_BxLxD, weights_BxNxH, groups_BxNxG = self.trunk(
         tokens_BxL, valid_BxL, is_causal=False, deterministic=deterministic, rngs=rngs,
-        path=path, active_heads=active_heads)
+        path=path, active_heads=active_heads, active_groups=active_groups)
     if valid_BxL is None:
       pooled_BxD = h_BxLxD.mean(axis=1)
     else:
       w_BxL = valid_BxL.astype(h_BxLxD.dtype)
       pooled_BxD = (jnp.einsum('BLD,BL->BD', h_BxLxD, w_BxL)
                     / jnp.maximum(w_BxL.sum(axis=1, keepdims=True), 1))
-    return EncoderOutput(self.classifier(pooled_BxD), h_BxLxD, weights_BxNxH)
+    return EncoderOutput(self.classifier(pooled_BxD), h_BxLxD, weights_BxNxH, groups_BxNxG)

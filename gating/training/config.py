@@ -52,6 +52,8 @@ class ModelConfig:
   gate_options: tuple[tuple[str, float], ...] = ()  # the rule's options, by name: on the
                                          # command line model.gate_options=p=0.9,cap=4
   active_heads: int | tuple[int, ...] | None = 2   # K, or one K per layer
+  mlp_groups: int | None = None          # G: gate each MLP's channels in G groups (None: off)
+  active_groups: int | tuple[int, ...] | None = None  # Kf of G open groups, or one per layer
   path: str = 'masked'                   # the training path
   eval_path: str = 'gathered'            # the path of evaluation (needs K; dense: masked)
   noise: str | None = None               # 'gumbel' | 'jitter' exploration noise in training
@@ -107,6 +109,31 @@ class ModelConfig:
     _check(not needs_k or None not in ks, 'model.active_heads',
            "the gathered path (model.path or model.eval_path) needs K; set "
            "model.eval_path='masked' for a rule without a budget")
+    self._check_groups(rule, needs_k)
+
+  def _check_groups(self, rule, needs_k: bool) -> None:
+    """mlp_groups G divides the MLP width F; active_groups Kf in [1, G] and only with G."""
+    G, kfs = self.mlp_groups, self.active_groups
+    _check(G is not None or kfs is None, 'model.active_groups',
+           f'{kfs!r} needs model.mlp_groups (the number of channel groups G)')
+    if G is None:
+      return
+    F = self.mlp_features or 4 * self.features
+    _check(G >= 1 and F % G == 0, 'model.mlp_groups',
+           f'G={G} must be >= 1 and divide the MLP width F={F}')
+    kfs = kfs if isinstance(kfs, tuple) else (kfs,)
+    if isinstance(self.active_groups, tuple):
+      _check(len(kfs) == self.num_layers, 'model.active_groups',
+             f'has {len(kfs)} entries for num_layers={self.num_layers}')
+    for kf in kfs:
+      _check(kf is None or 1 <= kf <= G, 'model.active_groups',
+             f'Kf={kf} must be in [1, mlp_groups={G}]')
+    _check(not rule.needs_k or None not in kfs, 'model.active_groups',
+           f'gate={self.gate!r} needs Kf')
+    _check(rule.budget != 'none' or all(kf in (None, G) for kf in kfs),
+           'model.active_groups', f'gate={self.gate!r} opens all groups: Kf must be None or {G}')
+    _check(not needs_k or None not in kfs, 'model.active_groups',
+           'the gathered path (model.path or model.eval_path) needs Kf')
 
   @property
   def effective_eval_path(self) -> str:

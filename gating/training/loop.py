@@ -75,7 +75,7 @@ def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx
       head_dim=cfg.head_dim, max_length=info.seq_len, positions=cfg.positions,
       mlp_features=cfg.mlp_features,
       dropout_rate=cfg.dropout_rate, gate=cfg.gate, active_heads=cfg.active_heads,
-      path=cfg.path, noise=cfg.noise, noise_scale=cfg.noise_scale,
+      mlp_groups=cfg.mlp_groups, active_groups=cfg.active_groups, path=cfg.path, noise=cfg.noise, noise_scale=cfg.noise_scale,
       scaled_weights=cfg.scaled_weights, temperature=cfg.temperature,
       gate_options=dict(cfg.gate_options),
       router=cfg.router, router_hidden_features=cfg.router_hidden_features,
@@ -174,8 +174,11 @@ def total_loss(learner: Learner, batch, cfg: TrainConfig, *, target, rngs, activ
       'accuracy': losses.weighted_mean(correct.astype(jnp.float32), weight),
       'expected_active_fraction': s_hat,
       'active_heads': losses.active_heads_per_layer(stats),
-      'usage': jnp.stack([s['head_usage'] for s in stats.values()]),
+      'usage': jnp.stack([s['usage'] for s in losses.units(stats, 'head').values()]),
       'usage_entropy': losses.usage_entropy(stats),
+      **({'active_groups': losses.active_groups_per_layer(stats),
+          'group_usage': jnp.stack([s['usage'] for s in losses.units(stats, 'group').values()])}
+         if learner.model.trunk.mlp_groups is not None else {}),
       **{f'reg/{name}': value for name, (_, value) in terms.items()},
   }
   return loss, metrics

@@ -14,6 +14,13 @@ The regularizers read the gate statistics that every gated layer writes on its c
   z_loss         mean over sequences of logsumexp(logits)^2 (ST-MoE)
 
 For the topk rule P_h is a softmax, so s_hat is always 1/H: its budget is K, not a penalty.
+
+Units: a gated MLP layer writes the same statistics for its channel groups
+('group_usage', 'group_prob', 'group_weight', 'router_z_loss'). Every regularizer treats a
+layer of groups like a layer of heads (`units` reads either), so with `mlp_groups` the
+means above run over the attention layers and the MLP layers together. The metrics
+`active_heads_per_layer` and `usage_entropy` report heads; their twins
+`active_groups_per_layer` and `usage_entropy(stats, 'group')` report groups.
 """
 
 from __future__ import annotations
@@ -57,20 +64,35 @@ def classification_losses(logits_BxC, labels_B):
 
 # -- sparsity terms ---------------------------------------------------------------------------
 
+UNIT_KINDS = ('head', 'group')
+
+
+def units(stats, kind: str | None = None):
+  """The gated layers' statistics under unit-agnostic names: {layer: {'usage', 'prob',
+  'weight', 'router_z_loss'}}, for heads and groups (kind=None) or one kind only."""
+  out = {}
+  for layer, s in stats.items():
+    for k in UNIT_KINDS if kind is None else (kind,):
+      if f'{k}_usage' in s:
+        out[layer] = {'usage': s[f'{k}_usage'], 'prob': s[f'{k}_prob'],
+                      'weight': s[f'{k}_weight'], 'router_z_loss': s['router_z_loss']}
+  return out
+
+
 def _mean_over_layers(stats, term):
-  values = [term(layer) for layer in stats.values()]
+  values = [term(layer) for layer in units(stats).values()]
   if not values:
     raise ValueError('the model has no gated layers: nothing to regularize')
   return jnp.mean(jnp.stack(values))
 
 
 def expected_l0(stats):
-  """s_hat: the expected fraction of open heads (mean over layers of mean_h P_h)."""
-  return _mean_over_layers(stats, lambda s: jnp.mean(s['head_prob']))
+  """s_hat: the expected fraction of open units (mean over layers of mean_h P_h)."""
+  return _mean_over_layers(stats, lambda s: jnp.mean(s['prob']))
 
 
 def l1(stats):
-  return _mean_over_layers(stats, lambda s: jnp.mean(jnp.abs(s['head_weight'])))
+  return _mean_over_layers(stats, lambda s: jnp.mean(jnp.abs(s['weight'])))
 
 
 def lagrangian(s_hat, target, lambda1, lambda2):
@@ -80,8 +102,8 @@ def lagrangian(s_hat, target, lambda1, lambda2):
 
 def load_balance(stats):
   def term(s):
-    f_H = s['head_usage'] / jnp.maximum(jnp.sum(s['head_usage']), 1e-9)
-    p_H = s['head_prob'] / jnp.maximum(jnp.sum(s['head_prob']), 1e-9)
+    f_H = s['usage'] / jnp.maximum(jnp.sum(s['usage']), 1e-9)
+    p_H = s['prob'] / jnp.maximum(jnp.sum(s['prob']), 1e-9)
     return f_H.shape[0] * jnp.sum(jax.lax.stop_gradient(f_H) * p_H)
   return _mean_over_layers(stats, term)
 
@@ -91,16 +113,21 @@ def z_loss(stats):
 
 
 def active_heads_per_layer(stats):
-  """Mean number of open heads per sequence, one value per layer (a metric)."""
-  return jnp.stack([jnp.sum(s['head_usage']) for s in stats.values()])
+  """Mean number of open heads per sequence, one value per attention layer (a metric)."""
+  return jnp.stack([jnp.sum(s['usage']) for s in units(stats, 'head').values()])
 
 
-def usage_entropy(stats):
-  """Entropy (nats) of each layer's usage distribution over heads: log H when uniform."""
+def active_groups_per_layer(stats):
+  """Mean number of open MLP channel groups per sequence, one value per MLP layer."""
+  return jnp.stack([jnp.sum(s['usage']) for s in units(stats, 'group').values()])
+
+
+def usage_entropy(stats, kind: str = 'head'):
+  """Entropy (nats) of each layer's usage distribution over its units: log H when uniform."""
   def entropy(s):
-    f_H = s['head_usage'] / jnp.maximum(jnp.sum(s['head_usage']), 1e-9)
+    f_H = s['usage'] / jnp.maximum(jnp.sum(s['usage']), 1e-9)
     return -jnp.sum(jnp.where(f_H > 0, f_H * jnp.log(jnp.maximum(f_H, 1e-9)), 0.0))
-  return jnp.stack([entropy(s) for s in stats.values()])
+  return jnp.stack([entropy(s) for s in units(stats, kind).values()])
 
 
 # -- schedules ----------------------------------------------------------------------------------

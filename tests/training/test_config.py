@@ -72,3 +72,26 @@ def test_intervals_default_to_fractions_of_the_run():
   cfg = TrainConfig(steps=200)
   assert cfg.eval_interval == 40 and cfg.checkpoint_interval == 20
   assert dataclasses.replace(cfg, checkpoint_every=7).checkpoint_interval == 7
+
+
+@pytest.mark.parametrize('fields,message', [
+    (dict(mlp_groups=3), r'model.mlp_groups: G=3 must be >= 1 and divide the MLP width F=256'),
+    (dict(mlp_groups=0), 'model.mlp_groups'),
+    (dict(active_groups=2), 'model.active_groups: 2 needs model.mlp_groups'),
+    (dict(mlp_groups=8, active_groups=9), r'model.active_groups: Kf=9 must be in \[1, mlp_groups=8\]'),
+    (dict(mlp_groups=8, active_groups=0), 'model.active_groups: Kf=0'),
+    (dict(mlp_groups=8, active_groups=(1, 2, 3)), 'model.active_groups: has 3 entries'),
+    (dict(mlp_groups=8, active_groups=None), "model.active_groups: gate='topk' needs Kf"),
+])
+def test_bad_group_settings_name_the_field(fields, message):
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(**fields)
+
+
+def test_group_settings_round_trip_and_parse():
+  cfg = config.override(TrainConfig(), ['model.mlp_groups=8', 'model.active_groups=2,4'])
+  assert cfg.model.mlp_groups == 8 and cfg.model.active_groups == (2, 4)
+  assert config.from_dict(cfg.to_dict()) == cfg
+  old = TrainConfig().to_dict()
+  del old['model']['mlp_groups'], old['model']['active_groups']   # a config from before
+  assert config.from_dict(old).model.mlp_groups is None

@@ -71,3 +71,17 @@ def test_schedules():
 def test_no_gated_layers_is_an_error():
   with pytest.raises(ValueError, match='no gated layers'):
     losses.expected_l0({})
+
+
+def test_groups_are_regularized_like_heads():
+  heads = stats(usage=[1, 1, 0, 0], prob=[0.9, 0.7, 0.2, 0.2], weight=[1, 0.5, 0, 0], z=2.0)
+  group = {'mlp': {'group_usage': jnp.array([1.0, 0.0]), 'group_prob': jnp.array([0.5, 0.1]),
+                   'group_weight': jnp.array([1.0, 0.0]), 'router_z_loss': jnp.asarray(4.0)}}
+  both = {**heads, **group}
+  assert float(losses.expected_l0(both)) == pytest.approx((0.5 + 0.3) / 2)
+  assert float(losses.l1(both)) == pytest.approx((0.375 + 0.5) / 2)
+  assert float(losses.z_loss(both)) == pytest.approx(3.0)
+  assert float(losses.load_balance(group)) == pytest.approx(2 * 1.0 * 0.5 / 0.6)
+  np.testing.assert_allclose(losses.active_heads_per_layer(both), [2.0])
+  np.testing.assert_allclose(losses.active_groups_per_layer(both), [1.0])
+  np.testing.assert_allclose(losses.usage_entropy(both, 'group'), [0.0], atol=1e-6)

@@ -229,3 +229,15 @@ def test_schedules_grad_accumulation_and_bfloat16(tmp_path):
   # the budget shows in the usage: K heads per sequence
   assert [round(r['active_heads'][0]) for r in lines] == [4] * 4 + [3] * 4 + [2] * 4
   assert all(np.isfinite(r['loss']) for r in lines)
+
+
+def test_a_run_with_gated_mlp_groups_learns_and_logs_group_usage(tmp_path):
+  cfg = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, mlp_groups=4,
+                                                            active_groups=2))
+  run(cfg, tmp_path)
+  lines = metrics(tmp_path)
+  first, last = np.mean([r['task_loss'] for r in lines[:5]]), np.mean(
+      [r['task_loss'] for r in lines[-5:]])
+  assert last < first - 0.2
+  assert np.asarray(lines[-1]['group_usage']).shape == (1, 4)
+  np.testing.assert_allclose(lines[-1]['active_groups'], [2.0])

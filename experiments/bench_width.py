@@ -1,0 +1,104 @@
+"""Width benchmark: heads and MLP channel groups gated together, against the dense model.
+
+Forward pass (gathered path) of a GatedLM with 4 layers, D=256, H=8, F=1024 hidden MLP
+channels in G=8 groups, L=512, batch 8 (--quick: 2 layers), random weights and tokens:
+
+  dense       gate='dense', ungated MLP (the denominator)
+  heads_k2    top-k, K=2 of 8 heads, ungated MLP
+  groups_k2   top-k, all 8 heads (K = H: no head is skipped), Kf=2 of 8 MLP groups
+  both_k2     top-k, K=2 of 8 heads and Kf=2 of 8 MLP groups
+
+and the train step (`train.jit_train_step`, as training runs it) on the masked path,
+dense against both_k2 (every head and group computed, then gated). Candidates are timed
+interleaved in one run; FLOPs are XLA's cost analysis of each compiled function.
+Targets (issue 12): both_k2 forward <= 0.40x dense time; masked train step <= 1.10x.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from experiments.bench_train import step_callable
+from experiments.timing import summarize, time_interleaved
+from gating.layers.models import GatedLM
+from gating.training.config import DataConfig, ModelConfig, TrainConfig
+
+FULL = dict(layers=4, features=256, heads=8, mlp=1024, groups=8, length=512, batch=8,
+            prefix=64, vocab=256)
+QUICK = dict(FULL, layers=2)
+# name: (gate, K heads, G groups or None, Kf groups)
+FORWARD = {'dense': ('dense', None, None, None), 'heads_k2': ('topk', 2, None, None),
+           'groups_k2': ('topk', 8, 8, 2), 'both_k2': ('topk', 2, 8, 2)}
+TRAIN = {'train_dense': ('dense', None, None, None), 'train_masked_both_k2': ('topk', 2, 8, 2)}
+
+
+def _forward(gate, k, groups, kf, sizes):
+  """(zero-argument forward callable, XLA flops of the compiled forward)."""
+  model = GatedLM(sizes['vocab'], num_layers=sizes['layers'], features=sizes['features'],
+                  num_heads=sizes['heads'], mlp_features=sizes['mlp'],
+                  max_length=sizes['length'], prefix_len=sizes['prefix'], gate=gate,
+                  active_heads=k, mlp_groups=groups, active_groups=kf,
+                  path='masked' if gate == 'dense' else 'gathered', rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  tokens = jax.random.randint(jax.random.key(0), (sizes['batch'], sizes['length']), 0,
+                              sizes['vocab'])
+  fn = jax.jit(lambda state, tokens: nnx.merge(graphdef, state, copy=True)(
+      tokens, deterministic=True).logits_BxLxV)
+  compiled = fn.lower(state, tokens).compile()
+  return (lambda: compiled(state, tokens)), compiled.cost_analysis().get('flops')
+
+
+def _train(gate, k, groups, kf, sizes):
+  model = ModelConfig(num_layers=sizes['layers'], features=sizes['features'],
+                      num_heads=sizes['heads'], mlp_features=sizes['mlp'],
+                      prefix_len=sizes['prefix'], gate=gate, active_heads=k,
+                      mlp_groups=groups, active_groups=kf, path='masked',
+                      eval_path='masked', noise=None if gate == 'dense' else 'gumbel')
+  cfg = TrainConfig(model=model, data=DataConfig(kind='text', seq_len=sizes['length']),
+                    steps=10_000, batch_size=sizes['batch'])
+  return step_callable(cfg, sizes)
+
+
+def _rows(kind, specs, built, times, sizes):
+  base_name = next(iter(specs))
+  base = summarize(times[base_name])['median_s']
+  rows = []
+  for name, (gate, k, groups, kf) in specs.items():
+    stats = summarize(times[name])
+    flops, base_flops = built[name][1], built[base_name][1]
+    rows.append(dict(section='width', kind=kind, candidate=name, gate=gate, K=k, G=groups,
+                     Kf=kf, **sizes, xla_flops=flops,
+                     flop_ratio=None if not (flops and base_flops) else flops / base_flops,
+                     ratio_vs_dense=stats['median_s'] / base, **stats))
+  return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+  sizes = QUICK if quick else FULL
+  forward = {name: _forward(*spec, sizes) for name, spec in FORWARD.items()}
+  times = time_interleaved({n: fn for n, (fn, _) in forward.items()}, 3 if quick else 9)
+  rows = _rows('forward (gathered)', FORWARD, forward, times, sizes)
+  del forward
+  steps = {name: _train(*spec, sizes) for name, spec in TRAIN.items()}
+  times = time_interleaved({n: fn for n, (fn, _) in steps.items()}, 3 if quick else 7,
+                           min_seconds=0.5)
+  return rows + _rows('train step (masked)', TRAIN, steps, times, sizes)
+
+
+def format_table(rows: list[dict]) -> str:
+  r0 = rows[0]
+  lines = [f"width: GatedLM {r0['layers']} layers, D={r0['features']}, H={r0['heads']}, "
+           f"F={r0['mlp']} in G={r0['groups']} groups, L={r0['length']}, batch {r0['batch']}: "
+           'median ms [IQR], time and FLOP ratios to dense',
+           '  targets: both_k2 forward <= 0.40x, masked train step <= 1.10x']
+  kind = None
+  for r in rows:
+    if r['kind'] != kind:
+      kind = r['kind']
+      lines.append(f'  {kind}')
+    flops = '-' if r['flop_ratio'] is None else f"{r['flop_ratio']:6.3f}x FLOPs"
+    lines.append(f"    {r['candidate']:<22} {r['median_s'] * 1e3:9.1f} ms "
+                 f"[{r['q25_s'] * 1e3:.1f}, {r['q75_s'] * 1e3:.1f}]  "
+                 f"{r['ratio_vs_dense']:6.3f}x time  {flops}")
+  return '\n'.join(lines)

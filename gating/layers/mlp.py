@@ -1,0 +1,228 @@
+"""GatedMLP: an MLP whose hidden channel groups are gated per sequence.
+
+The hidden width F is split into G groups of F / G contiguous channels (compute.py). A
+router reads each sequence and scores the G groups; a selection rule (any rule of
+selection.RULES, with its options) turns the scores into a Gate over groups, exactly as
+for attention heads; the layer then runs on one of two paths:
+
+  masked:    y = sum_g w_bg gelu(x W1_g + b1_g) W2_g + b2     every group computed
+  gathered:  only the Kf selected groups of each sequence, their W1 columns, b1 entries
+             and W2 rows gathered once: FLOPs scale as Kf / G
+
+Contract: masked equals gathered on the same gate; with every group open at weight 1 the
+layer equals the ungated MLP  W2 gelu(W1 x + b1) + b2  carrying the same weights (the
+parameters `linear_in` [D, F] and `linear_out` [F, D] are ordinary nnx.Linear layers).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx.nn import dtypes
+
+from gating.layers import compute, selection
+from gating.layers.router import POOLS, HeadRouter, StaticRouter
+from gating.layers.state import GateStats, GateTemperature
+
+PATHS = ('masked', 'gathered')
+ROUTERS = POOLS + ('static',)
+# The gate arguments a block passes to its MLP as well as to its attention.
+GATE_KWARGS = ('gate', 'path', 'router', 'prefix_len', 'router_hidden_features',
+               'router_init_logit', 'temperature', 'noise', 'noise_scale', 'scaled_weights',
+               'gate_options', 'deterministic')
+
+
+def check_groups(hidden_features: int, num_groups, name: str = 'num_groups') -> None:
+  """G must be an int >= 1 that divides F (ValueError naming the argument)."""
+  if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) \
+      or num_groups < 1:
+    raise ValueError(f'{name} must be an int >= 1, got {num_groups!r}')
+  if hidden_features % num_groups:
+    raise ValueError(f'{name}={num_groups} must divide the MLP hidden width '
+                     f'F={hidden_features}')
+
+
+def check_active_groups(active_groups, num_groups: int, gate: str, path: str,
+                        name: str = 'active_groups') -> None:
+  """Validates a budget Kf against G, the rule and the path (ValueError naming `name`)."""
+  if active_groups is not None:
+    if isinstance(active_groups, bool) or not isinstance(active_groups, (int, np.integer)):
+      raise ValueError(f'{name} must be an int (Kf), got {active_groups!r}')
+    if not 1 <= active_groups <= num_groups:
+      raise ValueError(f'{name} must be in [1, G={num_groups}], got {active_groups}')
+  if path not in PATHS:
+    raise ValueError(f'path must be one of {PATHS}, got {path!r}')
+  if active_groups is None and path == 'gathered':
+    raise ValueError(f"path='gathered' needs a static budget: pass {name}=Kf")
+  rule = selection.get_rule(gate)
+  if active_groups is None and rule.budget == 'required':
+    raise ValueError(f'gate={gate!r} needs a budget: pass {name}=Kf')
+  if rule.budget == 'none' and active_groups not in (None, num_groups):
+    raise ValueError(f'gate={gate!r} opens all {num_groups} groups; {name} must be None '
+                     f'or {num_groups}, got {active_groups}')
+
+
+class GatedMLP(nnx.Module):
+  """y_BxLxD = W2 (w_group * gelu(W1 x + b1)) + b2, with G channel groups gated per sequence.
+
+  Args:
+    in_features: D.
+    hidden_features: F, the MLP's hidden width.
+    num_groups: G, a divisor of F; each group holds F / G contiguous channels.
+    gate, active_groups, path: the selection rule (a name in selection.RULES), the static
+      budget Kf (required by 'topk' and by path='gathered') and the compute path
+      ('masked' | 'gathered'; at Kf = G the gathered path computes every group with the
+      shared weights). `path` and `active_groups` are also call-time overrides.
+    router: 'mean' | 'prefix' | 'first' | 'static' (default 'static' for gate='static',
+      else 'mean'); 'prefix' needs prefix_len=P (causal models: the gate reads tokens
+      0..P-1 only).
+    router_hidden_features, router_init_logit, temperature, noise, noise_scale,
+      scaled_weights, gate_options: as in GatedMultiHeadAttention.
+    dtype, param_dtype, precision: as in nnx.Linear.
+    rngs: nnx.Rngs; a stochastic gate draws from its 'dropout' stream.
+
+  State: GateStats `group_usage` [G] (fraction of sequences using each group),
+  `group_prob` [G], `group_weight` [G] and `router_z_loss` [], written on every call, as
+  GatedMultiHeadAttention writes its heads' (`gating.gate_stats` collects both).
+  """
+
+  def __init__(self, in_features: int, hidden_features: int, num_groups: int, *,
+               gate: str = 'topk', active_groups: int | None = None, path: str = 'masked',
+               router: str | None = None, prefix_len: int | None = None,
+               router_hidden_features: int | None = None, router_init_logit: float = 0.0,
+               temperature: float | None = None, noise: str | None = None,
+               noise_scale: float = 1.0, scaled_weights: bool = False,
+               gate_options: Mapping[str, float] | None = None, dtype=None,
+               param_dtype=jnp.float32, precision: jax.lax.PrecisionLike = None,
+               deterministic: bool | None = None, rngs: nnx.Rngs):
+    check_groups(hidden_features, num_groups)
+    check_active_groups(active_groups, num_groups, gate, path)
+    rule = selection.get_rule(gate)
+    router = router or ('static' if rule.router == 'static' else 'mean')
+    if router not in ROUTERS:
+      raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
+    if rule.router == 'static' and router != 'static':
+      raise ValueError(f"gate={gate!r} uses the static router; got router={router!r}")
+    if noise not in selection.NOISES:
+      raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
+    self.in_features = in_features
+    self.hidden_features = hidden_features
+    self.num_groups = num_groups
+    self.gate_rule = gate
+    self.active_groups = active_groups
+    self.path = path
+    self.noise = noise
+    self.noise_scale = noise_scale
+    self.scaled_weights = scaled_weights
+    self.gate_options = tuple(sorted(rule.resolve_options(gate_options).items()))
+    self.dtype = dtype
+    self.precision = precision
+    self.deterministic = deterministic
+    dense = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    self.linear_in = nnx.Linear(in_features, hidden_features, **dense)
+    self.linear_out = nnx.Linear(hidden_features, in_features, **dense)
+    self.router: HeadRouter | StaticRouter | None
+    if rule.router is None:
+      self.router = nnx.data(None)
+    elif router == 'static':
+      self.router = StaticRouter(num_groups, init_logit=router_init_logit, rngs=rngs)
+    else:
+      self.router = HeadRouter(in_features, num_groups, pool=router, prefix_len=prefix_len,
+                               hidden_features=router_hidden_features,
+                               init_logit=router_init_logit, rngs=rngs)
+    self.temperature = GateTemperature(jnp.asarray(
+        rule.temperature if temperature is None else temperature, jnp.float32))
+    self.group_usage = GateStats(jnp.zeros((num_groups,), jnp.float32))
+    self.group_prob = GateStats(jnp.zeros((num_groups,), jnp.float32))
+    self.group_weight = GateStats(jnp.zeros((num_groups,), jnp.float32))
+    self.router_z_loss = GateStats(jnp.zeros((), jnp.float32))
+    self.rngs = rngs.dropout.fork() if self.stochastic_gate else nnx.data(None)
+
+  @property
+  def stochastic_gate(self) -> bool:
+    """True when the gate samples in training (hard-concrete, or noise on the logits)."""
+    return selection.RULES[self.gate_rule].samples or self.noise is not None
+
+  def mlp_weights(self) -> compute.MLPWeights:
+    return compute.MLPWeights(self.linear_in.kernel[...], self.linear_out.kernel[...],
+                              self.linear_in.bias[...], self.linear_out.bias[...])
+
+  def gate(self, x_BxLxD, valid_BxL=None, *, deterministic: bool | None = None, rngs=None,
+           active_groups: int | None = None) -> selection.Gate:
+    """The per-sequence decision over groups: Gate(weights_BxG, idx_BxKf | None, probs_BxG).
+
+    Writes no state. valid_BxL marks real tokens (padding never moves the gate).
+    """
+    k = self.active_groups if active_groups is None else active_groups
+    check_active_groups(k, self.num_groups, self.gate_rule, 'masked')
+    deterministic = self._deterministic(deterministic)
+    return self._select(self._logits(x_BxLxD, valid_BxL), k, deterministic,
+                        self._gate_rng(rngs, deterministic))
+
+  def __call__(self, x_BxLxD, valid_BxL=None, *, deterministic: bool | None = None,
+               rngs=None, path: str | None = None, active_groups: int | None = None,
+               return_gate: bool = False):
+    """x_BxLxD -> y_BxLxD (and the Gate over groups when return_gate)."""
+    if x_BxLxD.ndim != 3 or x_BxLxD.shape[-1] != self.in_features:
+      raise ValueError(f'GatedMLP expects inputs [batch, length, {self.in_features}], got '
+                       f'shape {x_BxLxD.shape}')
+    path = self.path if path is None else path
+    k = self.active_groups if active_groups is None else active_groups
+    check_active_groups(k, self.num_groups, self.gate_rule, path)
+    deterministic = self._deterministic(deterministic)
+    logits_BxG = self._logits(x_BxLxD, valid_BxL)
+    gate = self._select(logits_BxG, k, deterministic, self._gate_rng(rngs, deterministic))
+    self._record(logits_BxG, gate)
+
+    x_BxLxD, *weights = dtypes.promote_dtype((x_BxLxD, *self.mlp_weights()), dtype=self.dtype)
+    w = compute.MLPWeights(*weights)
+    if path == 'masked' or k == self.num_groups:
+      y = compute.masked_mlp(x_BxLxD, w, gate.weights_BxH, self.num_groups,
+                             precision=self.precision)
+    else:
+      weights_BxK = jnp.take_along_axis(gate.weights_BxH, gate.idx_BxK, axis=1)
+      y = compute.gathered_mlp(x_BxLxD, w, gate.idx_BxK, weights_BxK, self.num_groups,
+                               precision=self.precision)
+    return (y, gate) if return_gate else y
+
+  # -- helpers ---------------------------------------------------------------------------
+
+  def _logits(self, x_BxLxD, valid_BxL):
+    if self.router is None:
+      return jnp.zeros((x_BxLxD.shape[0], self.num_groups), jnp.float32)
+    return self.router(x_BxLxD, valid_BxL)
+
+  def _select(self, logits_BxG, k, deterministic, rng) -> selection.Gate:
+    return selection.select(
+        self.gate_rule, logits_BxG, k=k, temperature=self.temperature[...],
+        deterministic=deterministic, rng=rng, noise=self.noise, noise_scale=self.noise_scale,
+        scaled_weights=self.scaled_weights, options=dict(self.gate_options))
+
+  def _record(self, logits_BxG, gate: selection.Gate) -> None:
+    open_BxG = jax.lax.stop_gradient(gate.weights_BxH) != 0
+    self.group_usage[...] = open_BxG.mean(axis=0, dtype=jnp.float32)
+    self.group_prob[...] = gate.probs_BxH.mean(axis=0)
+    self.group_weight[...] = gate.weights_BxH.mean(axis=0)
+    if self.router is None:
+      self.router_z_loss[...] = jnp.zeros((), jnp.float32)
+    else:
+      self.router_z_loss[...] = jnp.mean(jax.nn.logsumexp(logits_BxG, axis=-1) ** 2)
+
+  def _deterministic(self, deterministic):
+    if not self.stochastic_gate:
+      return True
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if deterministic is None:
+      raise ValueError('GatedMLP with a stochastic gate needs `deterministic` (as a call '
+                       'argument, constructor argument, or via model.train() / model.eval())')
+    return deterministic
+
+  def _gate_rng(self, rngs, deterministic):
+    if deterministic or not self.stochastic_gate:
+      return None
+    rngs = self.rngs if rngs is None else rngs
+    return (rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs)()
