@@ -20,30 +20,15 @@ from flax.nnx.nn import dtypes, initializers
 from flax.nnx.nn.linear import default_kernel_init
 
 from gating.layers import compute, selection
-from gating.layers.router import POOLS, HeadRouter, StaticRouter
-from gating.layers.state import GateStats, GateTemperature
+from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
+from gating.layers.state import GateStats, GateTemperature, record_gate
 
-PATHS = ('masked', 'gathered')
-ROUTERS = POOLS + ('static',)
+PATHS = selection.PATHS
 
 
 def check_active_heads(active_heads, num_heads: int, gate: str, path: str) -> None:
   """Validates a budget K against H, the rule and the path (ValueError naming the problem)."""
-  if active_heads is not None:
-    if isinstance(active_heads, bool) or not isinstance(active_heads, (int, np.integer)):
-      raise ValueError(f'active_heads must be an int (K), got {active_heads!r}')
-    if not 1 <= active_heads <= num_heads:
-      raise ValueError(f'active_heads must be in [1, num_heads={num_heads}], got {active_heads}')
-  if path not in PATHS:
-    raise ValueError(f'path must be one of {PATHS}, got {path!r}')
-  if active_heads is None and path == 'gathered':
-    raise ValueError("path='gathered' needs a static budget: pass active_heads=K")
-  rule = selection.get_rule(gate)
-  if active_heads is None and rule.budget == 'required':
-    raise ValueError(f"gate={gate!r} needs a budget: pass active_heads=K")
-  if rule.budget == 'none' and active_heads not in (None, num_heads):
-    raise ValueError(f"gate={gate!r} opens all {num_heads} heads; active_heads must be None "
-                     f'or {num_heads}, got {active_heads}')
+  selection.check_budget(active_heads, num_heads, gate, path)
 
 
 def causal_router(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,14 +201,7 @@ class GatedMultiHeadAttention(nnx.Module):
       raise ValueError(f'qkv_features ({qkv_features}) must be divisible by '
                        f'num_heads ({num_heads})')
     check_active_heads(active_heads, num_heads, gate, path)
-    router = router or ('static' if rule.router == 'static' else 'mean')
-    if router not in ROUTERS:
-      raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
-    if router == 'prefix' and (prefix_len is None or prefix_len < 1):
-      raise ValueError(f"router='prefix' needs prefix_len=P >= 1 (the gate reads tokens "
-                       f'0..P-1), got prefix_len={prefix_len!r}')
-    if rule.router == 'static' and router != 'static':
-      raise ValueError(f"gate={gate!r} uses the static router; got router={router!r}")
+    router = resolve_router(gate, router, prefix_len)
     if noise not in selection.NOISES:
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
     if not 0.0 <= dropout_rate < 1.0:
@@ -271,15 +249,11 @@ class GatedMultiHeadAttention(nnx.Module):
                       kernel_metadata=out_kernel_metadata or kernel_metadata,
                       bias_metadata=out_bias_metadata or bias_metadata)
 
-    self.router: HeadRouter | StaticRouter | None
-    if rule.router is None:
-      self.router = nnx.data(None)
-    elif router == 'static':
-      self.router = StaticRouter(num_heads, init_logit=router_init_logit, rngs=rngs)
-    else:
-      self.router = HeadRouter(in_features, num_heads, pool=router, prefix_len=prefix_len,
-                               hidden_features=router_hidden_features,
-                               init_logit=router_init_logit, rngs=rngs)
+    router_module = build_router(
+        gate, router, num_heads, in_features, prefix_len=prefix_len,
+        hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
+    self.router: HeadRouter | StaticRouter | None = (
+        nnx.data(None) if router_module is None else router_module)
     default_t = rule.temperature
     self.temperature = GateTemperature(jnp.asarray(
         default_t if temperature is None else temperature, jnp.float32))
@@ -389,14 +363,8 @@ class GatedMultiHeadAttention(nnx.Module):
         scaled_weights=self.scaled_weights, options=dict(self.gate_options))
 
   def _record(self, logits_BxH, gate: selection.Gate) -> None:
-    open_BxH = jax.lax.stop_gradient(gate.weights_BxH) != 0
-    self.head_usage[...] = open_BxH.mean(axis=0, dtype=jnp.float32)
-    self.head_prob[...] = gate.probs_BxH.mean(axis=0)
-    self.head_weight[...] = gate.weights_BxH.mean(axis=0)
-    if self.router is None:
-      self.router_z_loss[...] = jnp.zeros((), jnp.float32)
-    else:
-      self.router_z_loss[...] = jnp.mean(jax.nn.logsumexp(logits_BxH, axis=-1) ** 2)
+    record_gate(self.head_usage, self.head_prob, self.head_weight, self.router_z_loss,
+                logits_BxH, gate, self.router is not None)
 
   # -- the call -------------------------------------------------------------------------
 

@@ -25,11 +25,10 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 
 from gating.layers import compute, selection
-from gating.layers.router import POOLS, HeadRouter, StaticRouter
-from gating.layers.state import GateStats, GateTemperature
+from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
+from gating.layers.state import GateStats, GateTemperature, record_gate
 
-PATHS = ('masked', 'gathered')
-ROUTERS = POOLS + ('static',)
+PATHS = selection.PATHS
 # The gate arguments a block passes to its MLP as well as to its attention.
 GATE_KWARGS = ('gate', 'path', 'router', 'prefix_len', 'router_hidden_features',
                'router_init_logit', 'temperature', 'noise', 'noise_scale', 'scaled_weights',
@@ -49,21 +48,8 @@ def check_groups(hidden_features: int, num_groups, name: str = 'num_groups') -> 
 def check_active_groups(active_groups, num_groups: int, gate: str, path: str,
                         name: str = 'active_groups') -> None:
   """Validates a budget Kf against G, the rule and the path (ValueError naming `name`)."""
-  if active_groups is not None:
-    if isinstance(active_groups, bool) or not isinstance(active_groups, (int, np.integer)):
-      raise ValueError(f'{name} must be an int (Kf), got {active_groups!r}')
-    if not 1 <= active_groups <= num_groups:
-      raise ValueError(f'{name} must be in [1, G={num_groups}], got {active_groups}')
-  if path not in PATHS:
-    raise ValueError(f'path must be one of {PATHS}, got {path!r}')
-  if active_groups is None and path == 'gathered':
-    raise ValueError(f"path='gathered' needs a static budget: pass {name}=Kf")
-  rule = selection.get_rule(gate)
-  if active_groups is None and rule.budget == 'required':
-    raise ValueError(f'gate={gate!r} needs a budget: pass {name}=Kf')
-  if rule.budget == 'none' and active_groups not in (None, num_groups):
-    raise ValueError(f'gate={gate!r} opens all {num_groups} groups; {name} must be None '
-                     f'or {num_groups}, got {active_groups}')
+  selection.check_budget(active_groups, num_groups, gate, path, name=name, count='G',
+                         units='groups', symbol='Kf')
 
 
 class GatedMLP(nnx.Module):
@@ -102,11 +88,7 @@ class GatedMLP(nnx.Module):
     check_groups(hidden_features, num_groups)
     check_active_groups(active_groups, num_groups, gate, path)
     rule = selection.get_rule(gate)
-    router = router or ('static' if rule.router == 'static' else 'mean')
-    if router not in ROUTERS:
-      raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
-    if rule.router == 'static' and router != 'static':
-      raise ValueError(f"gate={gate!r} uses the static router; got router={router!r}")
+    router = resolve_router(gate, router, prefix_len)
     if noise not in selection.NOISES:
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
     self.in_features = in_features
@@ -125,15 +107,11 @@ class GatedMLP(nnx.Module):
     dense = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.linear_in = nnx.Linear(in_features, hidden_features, **dense)
     self.linear_out = nnx.Linear(hidden_features, in_features, **dense)
-    self.router: HeadRouter | StaticRouter | None
-    if rule.router is None:
-      self.router = nnx.data(None)
-    elif router == 'static':
-      self.router = StaticRouter(num_groups, init_logit=router_init_logit, rngs=rngs)
-    else:
-      self.router = HeadRouter(in_features, num_groups, pool=router, prefix_len=prefix_len,
-                               hidden_features=router_hidden_features,
-                               init_logit=router_init_logit, rngs=rngs)
+    router_module = build_router(
+        gate, router, num_groups, in_features, prefix_len=prefix_len,
+        hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
+    self.router: HeadRouter | StaticRouter | None = (
+        nnx.data(None) if router_module is None else router_module)
     self.temperature = GateTemperature(jnp.asarray(
         rule.temperature if temperature is None else temperature, jnp.float32))
     self.group_usage = GateStats(jnp.zeros((num_groups,), jnp.float32))
@@ -203,14 +181,8 @@ class GatedMLP(nnx.Module):
         scaled_weights=self.scaled_weights, options=dict(self.gate_options))
 
   def _record(self, logits_BxG, gate: selection.Gate) -> None:
-    open_BxG = jax.lax.stop_gradient(gate.weights_BxH) != 0
-    self.group_usage[...] = open_BxG.mean(axis=0, dtype=jnp.float32)
-    self.group_prob[...] = gate.probs_BxH.mean(axis=0)
-    self.group_weight[...] = gate.weights_BxH.mean(axis=0)
-    if self.router is None:
-      self.router_z_loss[...] = jnp.zeros((), jnp.float32)
-    else:
-      self.router_z_loss[...] = jnp.mean(jax.nn.logsumexp(logits_BxG, axis=-1) ** 2)
+    record_gate(self.group_usage, self.group_prob, self.group_weight, self.router_z_loss,
+                logits_BxG, gate, self.router is not None)
 
   def _deterministic(self, deterministic):
     if not self.stochastic_gate:

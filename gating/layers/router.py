@@ -20,7 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gating.layers.selection import get_rule
+
 POOLS = ('mean', 'prefix', 'first')
+ROUTERS = POOLS + ('static',)
 
 
 def pool_valid(x_BxLxD: jax.Array, valid_BxL: jax.Array | None, pool: str,
@@ -91,3 +94,31 @@ class StaticRouter(nnx.Module):
     del valid_BxL
     return jnp.broadcast_to(self.logits_H[...].astype(jnp.float32),
                             (x_BxLxD.shape[0], self.num_heads))
+
+
+def resolve_router(gate: str, router: str | None, prefix_len: int | None) -> str:
+  """The router name a layer of rule `gate` uses: `router`, or its default ('static' for a
+  rule that pairs with StaticRouter, else 'mean'); a ValueError names a bad combination."""
+  rule = get_rule(gate)
+  router = router or ('static' if rule.router == 'static' else 'mean')
+  if router not in ROUTERS:
+    raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
+  if router == 'prefix' and (prefix_len is None or prefix_len < 1):
+    raise ValueError(f"router='prefix' needs prefix_len=P >= 1 (the gate reads tokens "
+                     f'0..P-1), got prefix_len={prefix_len!r}')
+  if rule.router == 'static' and router != 'static':
+    raise ValueError(f"gate={gate!r} uses the static router; got router={router!r}")
+  return router
+
+
+def build_router(gate: str, router: str, num_units: int, in_features: int, *,
+                 prefix_len: int | None, hidden_features: int | None, init_logit: float,
+                 rngs: nnx.Rngs) -> HeadRouter | StaticRouter | None:
+  """The router module of a layer with `num_units` gated units (heads, channel groups):
+  None for a rule without one (dense), StaticRouter, or a HeadRouter pooling as `router`."""
+  if get_rule(gate).router is None:
+    return None
+  if router == 'static':
+    return StaticRouter(num_units, init_logit=init_logit, rngs=rngs)
+  return HeadRouter(in_features, num_units, pool=router, prefix_len=prefix_len,
+                    hidden_features=hidden_features, init_logit=init_logit, rngs=rngs)

@@ -57,8 +57,10 @@ from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NOISES = (None, 'gumbel', 'jitter')
+PATHS = ('masked', 'gathered')
 HARD_CONCRETE_STRETCH = (-0.1, 1.1)  # (gamma, zeta), Louizos et al. 2018
 
 
@@ -135,6 +137,27 @@ def get_rule(name: str) -> Rule:
   if name not in RULES:
     raise ValueError(f'gate must be one of {tuple(RULES)}, got {name!r}')
   return RULES[name]
+
+
+def check_budget(k, num_units: int, gate: str, path: str, *, name: str = 'active_heads',
+                 count: str = 'num_heads', units: str = 'heads', symbol: str = 'K') -> None:
+  """Validates a budget `k` (K heads, Kf groups: any unit) against the unit count, the
+  rule and the compute path; the ValueError names the argument (`name`)."""
+  if k is not None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+      raise ValueError(f'{name} must be an int ({symbol}), got {k!r}')
+    if not 1 <= k <= num_units:
+      raise ValueError(f'{name} must be in [1, {count}={num_units}], got {k}')
+  if path not in PATHS:
+    raise ValueError(f'path must be one of {PATHS}, got {path!r}')
+  if k is None and path == 'gathered':
+    raise ValueError(f"path='gathered' needs a static budget: pass {name}={symbol}")
+  rule = get_rule(gate)
+  if k is None and rule.budget == 'required':
+    raise ValueError(f'gate={gate!r} needs a budget: pass {name}={symbol}')
+  if rule.budget == 'none' and k not in (None, num_units):
+    raise ValueError(f'gate={gate!r} opens all {num_units} {units}; {name} must be None '
+                     f'or {num_units}, got {k}')
 
 
 def straight_through(open_BxH: jax.Array, p_BxH: jax.Array) -> jax.Array:

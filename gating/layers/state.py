@@ -67,3 +67,19 @@ def set_temperature(model: nnx.Module, temperature: float | jax.Array) -> None:
   for _, variable in nnx.iter_graph(model):
     if isinstance(variable, GateTemperature):
       variable[...] = jnp.asarray(temperature, variable[...].dtype)
+
+
+def record_gate(usage: GateStats, prob: GateStats, weight: GateStats, z_loss: GateStats,
+                logits_BxU: jax.Array, gate, has_router: bool) -> None:
+  """Writes a layer's gate statistics over its U units (heads or channel groups): usage
+  [U] (fraction of sequences with the unit open), prob [U] (mean open probability),
+  weight [U] (mean gate weight) and the router z-loss mean(logsumexp(logits)^2) (0
+  without a router)."""
+  open_BxU = jax.lax.stop_gradient(gate.weights_BxH) != 0
+  usage[...] = open_BxU.mean(axis=0, dtype=jnp.float32)
+  prob[...] = gate.probs_BxH.mean(axis=0)
+  weight[...] = gate.weights_BxH.mean(axis=0)
+  if has_router:
+    z_loss[...] = jnp.mean(jax.nn.logsumexp(logits_BxU, axis=-1) ** 2)
+  else:
+    z_loss[...] = jnp.zeros((), jnp.float32)
