@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gating import data
 from gating.training import checkpoint
 from gating.training import losses
+from gating.training import tensorboard
 from gating.training.config import ModelConfig, TrainConfig, compatibility, from_dict
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.training.provenance import provenance
@@ -425,6 +426,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       print(f'warm start: {copied} parameter arrays from {cfg.init_from}', flush=True)
     if main_process:
       log.truncate_after(-1)
+  # Event files beside metrics.jsonl; steps after the checkpoint are purged on resume.
+  board = tensorboard.ScalarLog(workdir, purge_step=start + 1) if main_process else None
   if main_process:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json())
@@ -451,8 +454,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     dataset = getattr(splits, split)
     result = evaluate(eval_fn, state, dataset, info, cfg.batch_size, max_batches, shard_eval)
     if main_process:
-      log.write({'step': step, 'kind': 'eval', 'split': split, 'path': eval_path,
-                 **result})
+      record = {'step': step, 'kind': 'eval', 'split': split, 'path': eval_path, **result}
+      log.write(record)
+      board.write(record)
     return result
 
   accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
@@ -468,10 +472,12 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
           f'loss is {metrics["loss"]} (gradient norm {metrics["grad_norm"]}) at step {step}; '
           f'stopping. The last good checkpoint (step {last}) is kept in {mngr.directory}')
     if main_process:
-      log.write({'step': step, 'kind': 'train', **metrics, 'K': k,
-                 'lr': learning_rate(cfg, step - 1),
-                 'tokens_per_s': tokens_per_step / max(time.time() - t_dispatch, 1e-9),
-                 'time': time.time()})
+      record = {'step': step, 'kind': 'train', **metrics, 'K': k,
+                'lr': learning_rate(cfg, step - 1),
+                'tokens_per_s': tokens_per_step / max(time.time() - t_dispatch, 1e-9),
+                'time': time.time()}
+      log.write(record)
+      board.write(record)
     return metrics
 
   bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main_process),
@@ -498,6 +504,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
         bar.set_postfix(val_loss=f'{result["loss"]:.3f}', val_acc=f'{result["accuracy"]:.3f}')
       if save_now:
         checkpoint.save(mngr, step, state, _meta(cfg, info, step))
+        if board:
+          board.flush()
     if last_metrics is not None:
       bar.set_postfix(loss=f'{last_metrics["loss"]:.3f}', refresh=False)
     bar.update(1)
@@ -506,12 +514,15 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   bar.close()
   if last_step < cfg.steps:
     mngr.close()
+    if board:
+      board.close()
     return None
 
   summary = {'steps': cfg.steps, 'tokens_seen': cfg.steps * tokens_per_step,
              'validation': run_eval(cfg.steps, 'validation', None),
              'test': run_eval(cfg.steps, 'test', None)}
   if main_process:
+    board.close()
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=1)
   mngr.close()
