@@ -18,10 +18,15 @@ seeds per rule x K) and OUT/plots/ (quality vs active-head fraction, per label).
 With --parallel N >= the number of cores, each run's XLA uses single-threaded CPU kernels
 (--xla_cpu_multi_thread_eigen=false), so N runs do not oversubscribe the machine.
 
+With --gpus-per-run G, each run sees only its own G GPUs (CUDA_VISIBLE_DEVICES), and
+--parallel defaults to the number of groups of G; with more runs than groups, runs share
+GPUs and each one's memory preallocation is capped (XLA_PYTHON_CLIENT_MEM_FRACTION).
+
 Examples:
   python -m experiments.sweep synthetic --parallel 2
   python -m experiments.sweep text --out runs/sweeps/text_short --steps 500 --seeds 0
   python -m experiments.sweep tiny --dry-run
+  python -m experiments.sweep synthetic --gpus-per-run 1     # one run per GPU
 """
 
 from __future__ import annotations
@@ -40,7 +45,14 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('name', help=f'the sweep, one of {sorted(SWEEPS)}')
-  parser.add_argument('--parallel', type=int, default=1, help='runs at once (default 1)')
+  parser.add_argument('--parallel', type=int, default=None,
+                      help='runs at once (default 1; with --gpus-per-run, the number of '
+                           'GPU groups)')
+  parser.add_argument('--gpus-per-run', type=int, default=None, metavar='G',
+                      help='give each run its own G GPUs (CUDA_VISIBLE_DEVICES)')
+  parser.add_argument('--num-gpus', type=int, default=None, metavar='N',
+                      help='the GPUs to share out with --gpus-per-run (default: as many '
+                           'as JAX sees, counted in a subprocess)')
   parser.add_argument('--out', default=None, help='sweep folder (default: runs/sweeps/NAME)')
   parser.add_argument('--steps', type=int, default=None,
                       help="training steps of every run, warm starts included (overrides "
@@ -85,6 +97,28 @@ def points(sweep, out, *, steps, seeds):
   return record, result
 
 
+def worker_envs(args):
+  """(parallel, env): the subprocesses' environment, or one per worker slot with
+  --gpus-per-run. Raises ValueError for a bad --parallel or --gpus-per-run."""
+  from gating.study import devices
+  from gating.study import sweep as runner
+  if args.parallel is not None and args.parallel < 1:
+    raise ValueError(f'--parallel must be >= 1, got {args.parallel}')
+  if args.gpus_per_run is None:
+    parallel = args.parallel or 1
+    env = runner.worker_env(parallel)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
+    return parallel, env
+  if args.num_gpus is not None and args.num_gpus < 0:
+    raise ValueError(f'--num-gpus must be >= 0, got {args.num_gpus}')
+  count = devices.count_gpus() if args.num_gpus is None else args.num_gpus
+  groups = devices.device_groups(devices.device_ids(count, os.environ), args.gpus_per_run)
+  parallel = args.parallel or len(groups)
+  env = runner.worker_env(parallel)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
+  return parallel, devices.slot_envs(env, groups, parallel)
+
+
 def finish(sweep, out, names):
   """Writes results.csv, results.md and the sweep plots from the point folders."""
   from experiments import plots
@@ -110,31 +144,31 @@ def main(argv=None):
     seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(',') if s]
     out = args.out or os.path.join('runs', 'sweeps', sweep.name)
     record, todo = points(sweep, out, steps=args.steps, seeds=seeds)
-    if args.parallel < 1:
-      raise ValueError(f'--parallel must be >= 1, got {args.parallel}')
+    parallel, env = worker_envs(args)
   except ValueError as e:
     sys.exit(f'error: {e}')
   if args.dry_run:
     for point in todo:
       print(f'{point.name}:\n  {" ".join(point.train_command)}\n  {" ".join(point.eval_command)}')
+    if args.gpus_per_run is not None:
+      for slot, slot_env in enumerate(env):
+        print(f'slot {slot}: CUDA_VISIBLE_DEVICES={slot_env["CUDA_VISIBLE_DEVICES"]}')
     return
   try:
     runner.claim_folder(out, record)
   except runner.SweepError as e:
     sys.exit(f'error: {e}')
 
-  env = runner.worker_env(args.parallel)
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
   finished = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
   print(f'sweep {sweep.name}: {len(todo)} points ({finished} finished before) in {out}, '
-        f'{args.parallel} at once', flush=True)
+        f'{parallel} at once', flush=True)
   signal.signal(signal.SIGTERM, _stop_on_sigterm)
   start = time.time()
   report = lambda line: print(line, flush=True)
   warm = [p for p in todo if p.name.startswith(runner.WARM_PREFIX)]
   studied = [p for p in todo if p not in warm]
-  outcomes = runner.run_points(warm, parallel=args.parallel, env=env, report=report)
-  outcomes += runner.run_points(studied, parallel=args.parallel, env=env, report=report)
+  outcomes = runner.run_points(warm, parallel=parallel, env=env, report=report)
+  outcomes += runner.run_points(studied, parallel=parallel, env=env, report=report)
   print(f'sweep {sweep.name}: {time.time() - start:.0f} s this sitting', flush=True)
   for path in finish(sweep, out, [p.name for p in studied]):
     print(f'wrote {path}')
