@@ -46,6 +46,9 @@ def parse_args(argv):
                       help='with --distributed: the number of processes')
   parser.add_argument('--process-id', type=int, default=None, metavar='I',
                       help='with --distributed: this process, 0..N-1')
+  parser.add_argument('--heartbeat-timeout', type=int, default=None, metavar='S',
+                      help="with --distributed: seconds before the others fail when a "
+                           "process stops answering (default: JAX's)")
   return parser.parse_args(argv)
 
 
@@ -84,9 +87,12 @@ def main(argv=None):
   from gating.training.loop import mesh_and_shardings, train
   try:
     if args.distributed:
-      distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    elif (args.coordinator, args.num_processes, args.process_id) != (None, None, None):
-      raise ValueError('--coordinator, --num-processes and --process-id need --distributed')
+      distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                             heartbeat_timeout_s=args.heartbeat_timeout)
+    elif (args.coordinator, args.num_processes, args.process_id,
+          args.heartbeat_timeout) != (None,) * 4:
+      raise ValueError('--coordinator, --num-processes, --process-id and '
+                       '--heartbeat-timeout need --distributed')
     mesh_and_shardings(cfg.batch_size, cfg.grad_accum)  # refuse a bad batch before compiling
   except ValueError as e:
     sys.exit(f'error: {e}')

@@ -28,11 +28,14 @@ import numpy as np
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, *,
+               heartbeat_timeout_s: int | None = None) -> None:
   """jax.distributed.initialize, from the cluster's environment when no argument is given.
 
   coordinator, num_processes and process_id go together (JAX's cluster detection fills
-  in none of them when one is given). Raises ValueError for an incomplete or bad set.
+  in none of them when one is given). heartbeat_timeout_s: how long the others wait for a
+  process that stopped answering before they fail (JAX's default when None). Raises
+  ValueError for an incomplete or bad set.
   """
   given = {'--coordinator': coordinator, '--num-processes': num_processes,
            '--process-id': process_id}
@@ -47,8 +50,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       raise ValueError(f'--process-id must be in [0, {num_processes}), got {process_id}')
     if ':' not in coordinator:
       raise ValueError(f'--coordinator must be HOST:PORT, got {coordinator!r}')
+  kwargs = {}
+  if heartbeat_timeout_s is not None:
+    if heartbeat_timeout_s < 1:
+      raise ValueError(f'--heartbeat-timeout must be >= 1 s, got {heartbeat_timeout_s}')
+    kwargs['heartbeat_timeout_seconds'] = heartbeat_timeout_s
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id)
+                             process_id=process_id, **kwargs)
 
 
 def local_rows(sharding: jax.sharding.Sharding, shape: Sequence[int],

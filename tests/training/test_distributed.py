@@ -11,9 +11,11 @@ refused before anything compiles.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -160,3 +162,44 @@ def test_a_batch_the_devices_do_not_divide_is_refused_before_compiling(tmp_path)
         'error: batch_size: the micro-batch of 18 rows (batch_size / grad_accum) is not '
         'divisible by the 4 devices')
   assert not (tmp_path / 'odd').exists()
+
+
+def test_a_process_that_dies_leaves_the_last_checkpoint_and_the_run_resumes(tmp_path):
+  """Process 1 is killed after a checkpoint; process 0 fails within the (low) heartbeat
+  timeout instead of hanging; the checkpoints left are whole, and two processes resume."""
+  workdir = tmp_path / 'run'
+  overrides = [*OVERRIDES, 'steps=60', 'eval_every=60', 'checkpoint_every=3']
+  sets = [a for o in overrides for a in ('--set', o)]
+  port = _free_port()
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'experiments.train', '--distributed', '--coordinator',
+       f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i),
+       '--heartbeat-timeout', '5', '--workdir', str(workdir), '--no-progress', *sets],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  try:
+    deadline = time.time() + TIMEOUT
+    while not (workdir / 'checkpoints' / '6').exists():
+      assert time.time() < deadline and procs[0].poll() is None
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    procs[0].communicate(timeout=120)
+    assert procs[0].returncode != 0
+    assert time.time() - killed < 30   # the heartbeat timeout (5 s), not a hang
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  mngr = checkpoint.manager(str(workdir / 'checkpoints'))
+  last = mngr.latest_step()
+  assert last is not None and 6 <= last < 60
+  mngr.close()
+  assert not (workdir / 'summary.json').exists()
+
+  codes, outs = _train(workdir, overrides)
+  assert codes == [0, 0], outs
+  assert f'resuming {workdir} from step {last}' in outs[0]
+  assert sorted(_losses(workdir)) == list(range(1, 61))
