@@ -18,10 +18,21 @@ seeds per rule x K) and OUT/plots/ (quality vs active-head fraction, per label).
 With --parallel N >= the number of cores, each run's XLA uses single-threaded CPU kernels
 (--xla_cpu_multi_thread_eigen=false), so N runs do not oversubscribe the machine.
 
+With --gpus-per-run G, each run sees only its own G GPUs (CUDA_VISIBLE_DEVICES), and
+--parallel defaults to the number of groups of G; with more runs than groups, runs share
+GPUs and each one's memory preallocation is capped (XLA_PYTHON_CLIENT_MEM_FRACTION).
+
+With --backend ray, each point is a Ray task (Ray core) on a local Ray cluster started in
+this process, or on the cluster at --address; each task reserves --cpus-per-run CPUs
+(default 1) and --gpus-per-run GPUs, and Ray sets its visible GPUs. OUT must then be on
+storage that every node reaches. Needs the extra: pip install -e ".[cluster]".
+
 Examples:
   python -m experiments.sweep synthetic --parallel 2
   python -m experiments.sweep text --out runs/sweeps/text_short --steps 500 --seeds 0
   python -m experiments.sweep tiny --dry-run
+  python -m experiments.sweep synthetic --gpus-per-run 1     # one run per GPU
+  python -m experiments.sweep synthetic --backend ray --address HEAD:6379 --gpus-per-run 1
 """
 
 from __future__ import annotations
@@ -40,7 +51,21 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('name', help=f'the sweep, one of {sorted(SWEEPS)}')
-  parser.add_argument('--parallel', type=int, default=1, help='runs at once (default 1)')
+  parser.add_argument('--parallel', type=int, default=None,
+                      help='runs at once (default 1; with --gpus-per-run, the number of '
+                           'GPU groups)')
+  parser.add_argument('--gpus-per-run', type=int, default=None, metavar='G',
+                      help='give each run its own G GPUs (CUDA_VISIBLE_DEVICES)')
+  parser.add_argument('--backend', choices=('local', 'ray'), default='local',
+                      help='local: subprocesses on this machine (default); ray: Ray tasks')
+  parser.add_argument('--address', default=None,
+                      help='ray: the cluster to join (HOST:PORT of its head, or auto); '
+                           'default: a local Ray cluster started in this process')
+  parser.add_argument('--cpus-per-run', type=float, default=None, metavar='C',
+                      help='ray: CPUs reserved by each run (default 1)')
+  parser.add_argument('--num-gpus', type=int, default=None, metavar='N',
+                      help='the GPUs to share out with --gpus-per-run (default: as many '
+                           'as JAX sees, counted in a subprocess)')
   parser.add_argument('--out', default=None, help='sweep folder (default: runs/sweeps/NAME)')
   parser.add_argument('--steps', type=int, default=None,
                       help="training steps of every run, warm starts included (overrides "
@@ -85,6 +110,54 @@ def points(sweep, out, *, steps, seeds):
   return record, result
 
 
+def worker_envs(args):
+  """(parallel, env): the subprocesses' environment, or one per worker slot with
+  --gpus-per-run. Raises ValueError for a bad --parallel or --gpus-per-run."""
+  from gating.study import devices
+  from gating.study import sweep as runner
+  if args.parallel is not None and args.parallel < 1:
+    raise ValueError(f'--parallel must be >= 1, got {args.parallel}')
+  if args.backend == 'ray':
+    return None, ray_env(args)
+  for flag, value in (('--address', args.address), ('--cpus-per-run', args.cpus_per_run)):
+    if value is not None:
+      raise ValueError(f'{flag} is for --backend ray')
+  if args.gpus_per_run is None:
+    parallel = args.parallel or 1
+    env = runner.worker_env(parallel)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
+    return parallel, env
+  if args.num_gpus is not None and args.num_gpus < 0:
+    raise ValueError(f'--num-gpus must be >= 0, got {args.num_gpus}')
+  count = devices.count_gpus() if args.num_gpus is None else args.num_gpus
+  groups = devices.device_groups(devices.device_ids(count, os.environ), args.gpus_per_run)
+  parallel = args.parallel or len(groups)
+  env = runner.worker_env(parallel)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
+  return parallel, devices.slot_envs(env, groups, parallel)
+
+
+def ray_env(args):
+  """The variables each Ray task adds to its own environment for the commands. Raises
+  ValueError for flags of the local backend or bad amounts."""
+  from gating.study import ray_backend
+  from gating.study import sweep as runner
+  for flag, value in (('--parallel', args.parallel), ('--num-gpus', args.num_gpus)):
+    if value is not None:
+      raise ValueError(f'{flag} is for the local backend; Ray runs as many points at once '
+                       'as the resources of its cluster allow')
+  cpus = 1 if args.cpus_per_run is None else args.cpus_per_run
+  if cpus <= 0:
+    raise ValueError(f'--cpus-per-run must be > 0, got {cpus}')
+  if args.gpus_per_run is not None and args.gpus_per_run < 1:
+    raise ValueError(f'--gpus-per-run must be >= 1, got {args.gpus_per_run}')
+  ray_backend._ray()  # names the extra now when Ray is missing
+  # one CPU per run: single-threaded XLA CPU kernels, as the local backend at full load
+  env = runner.worker_env(1, base={}, cores=1) if cpus <= 1 else {}
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
+  return env
+
+
 def finish(sweep, out, names):
   """Writes results.csv, results.md and the sweep plots from the point folders."""
   from experiments import plots
@@ -95,6 +168,14 @@ def finish(sweep, out, names):
     f.write(results.markdown(rows, f'{sweep.name}: {sweep.description}'))
   written = plots.plot_sweep(out)
   return [os.path.join(out, 'results.csv'), os.path.join(out, 'results.md'), *written]
+
+
+def env_cpus(args):
+  return 1 if args.cpus_per_run is None else args.cpus_per_run
+
+
+def ray_backend_where(args):
+  return f'the cluster at {args.address}' if args.address else 'a local cluster'
 
 
 def _stop_on_sigterm(signum, frame):
@@ -109,32 +190,52 @@ def main(argv=None):
     sweep = sweeps.get(args.name)
     seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(',') if s]
     out = args.out or os.path.join('runs', 'sweeps', sweep.name)
+    if args.backend == 'ray':  # the tasks run in other folders, maybe on other nodes
+      out = os.path.abspath(out)
     record, todo = points(sweep, out, steps=args.steps, seeds=seeds)
-    if args.parallel < 1:
-      raise ValueError(f'--parallel must be >= 1, got {args.parallel}')
-  except ValueError as e:
+    parallel, env = worker_envs(args)
+  except (ValueError, runner.SweepError) as e:
     sys.exit(f'error: {e}')
   if args.dry_run:
     for point in todo:
       print(f'{point.name}:\n  {" ".join(point.train_command)}\n  {" ".join(point.eval_command)}')
+    if args.gpus_per_run is not None and args.backend == 'local':
+      for slot, slot_env in enumerate(env):
+        print(f'slot {slot}: CUDA_VISIBLE_DEVICES={slot_env["CUDA_VISIBLE_DEVICES"]}')
     return
+  from gating.study import ray_backend
   try:
+    if args.backend == 'ray':
+      ray_backend.connect(args.address)
+      ray_backend.check_resources(env_cpus(args), args.gpus_per_run or 0)
     runner.claim_folder(out, record)
   except runner.SweepError as e:
+    if args.backend == 'ray':
+      ray_backend.shutdown()
     sys.exit(f'error: {e}')
 
-  env = runner.worker_env(args.parallel)
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
   finished = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
+  at_once = (f'{parallel} at once' if args.backend == 'local' else
+             f'on Ray ({ray_backend_where(args)})')
   print(f'sweep {sweep.name}: {len(todo)} points ({finished} finished before) in {out}, '
-        f'{args.parallel} at once', flush=True)
+        f'{at_once}', flush=True)
   signal.signal(signal.SIGTERM, _stop_on_sigterm)
   start = time.time()
   report = lambda line: print(line, flush=True)
   warm = [p for p in todo if p.name.startswith(runner.WARM_PREFIX)]
   studied = [p for p in todo if p not in warm]
-  outcomes = runner.run_points(warm, parallel=args.parallel, env=env, report=report)
-  outcomes += runner.run_points(studied, parallel=args.parallel, env=env, report=report)
+  if args.backend == 'ray':
+    run = lambda todo: ray_backend.run_points(
+        todo, extra_env=env, cpus_per_run=env_cpus(args),
+        gpus_per_run=args.gpus_per_run or 0, report=report)
+  else:
+    run = lambda todo: runner.run_points(todo, parallel=parallel, env=env, report=report)
+  try:
+    outcomes = run(warm)
+    outcomes += run(studied)
+  finally:
+    if args.backend == 'ray':
+      ray_backend.shutdown()
   print(f'sweep {sweep.name}: {time.time() - start:.0f} s this sitting', flush=True)
   for path in finish(sweep, out, [p.name for p in studied]):
     print(f'wrote {path}')

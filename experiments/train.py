@@ -42,8 +42,17 @@ def parse_args(argv):
   parser.add_argument('--print-config', action='store_true',
                       help='print the resolved config and exit')
   parser.add_argument('--distributed', action='store_true',
-                      help='call jax.distributed.initialize() (multi-host launch; also '
-                           'implied by JAX_COORDINATOR_ADDRESS)')
+                      help='multi-process training: jax.distributed from a detected cluster '
+                           '(SLURM, Open MPI, TPU pod) or from the three flags below')
+  parser.add_argument('--coordinator', default=None, metavar='HOST:PORT',
+                      help='with --distributed: the address of process 0')
+  parser.add_argument('--num-processes', type=int, default=None, metavar='N',
+                      help='with --distributed: the number of processes')
+  parser.add_argument('--process-id', type=int, default=None, metavar='I',
+                      help='with --distributed: this process, 0..N-1')
+  parser.add_argument('--heartbeat-timeout', type=int, default=None, metavar='S',
+                      help="with --distributed: seconds before the others fail when a "
+                           "process stops answering (default: JAX's)")
   return parser.parse_args(argv)
 
 
@@ -78,10 +87,20 @@ def main(argv=None):
   if args.print_config:
     print(cfg.to_json())
     return
-  if args.distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
+  from gating.training import distributed
   from gating.training.checkpoint import CheckpointError
-  from gating.training.loop import train
+  from gating.training.loop import mesh_and_shardings, train
+  try:
+    if args.distributed:
+      distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                             heartbeat_timeout_s=args.heartbeat_timeout)
+    elif (args.coordinator, args.num_processes, args.process_id,
+          args.heartbeat_timeout) != (None,) * 4:
+      raise ValueError('--coordinator, --num-processes, --process-id and '
+                       '--heartbeat-timeout need --distributed')
+    mesh_and_shardings(cfg.batch_size, cfg.grad_accum)  # refuse a bad batch before compiling
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   workdir = args.workdir or os.path.join('runs', args.preset)
   try:
     summary = train(cfg, workdir, progress=not args.no_progress,

@@ -64,7 +64,7 @@ def _check_dataset(dataset, batch_size) -> int:
 
 
 def batch_at(dataset: datasets.Dataset, step: int, batch_size: int,
-             seed: int) -> dict[str, np.ndarray]:
+             seed: int, positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """The training batch at `step`: a pure function of (dataset, step, batch_size, seed).
 
   Rows are visited epoch by epoch, each epoch in its own permutation drawn from (seed,
@@ -72,6 +72,8 @@ def batch_at(dataset: datasets.Dataset, step: int, batch_size: int,
   may end one epoch and start the next, and every row is seen once per epoch. A resumed
   run needs only the step. Returns {column: array [B, ...]} in the stored dtypes
   (tokens int32 [B, L], valid and target_mask bool [B, L], label int64 [B]).
+  positions: which rows of the batch to load, in this order (default all B): a process
+  of a multi-process run loads only the rows its devices hold.
   """
   N = _check_dataset(dataset, batch_size)
   if batch_size > N:
@@ -80,8 +82,10 @@ def batch_at(dataset: datasets.Dataset, step: int, batch_size: int,
     raise ValueError(f'step must be an int >= 0, got {step!r}')
   _check_seed('seed', seed)
   position_B = int(step) * int(batch_size) + np.arange(batch_size, dtype=np.int64)
+  if positions is not None:
+    position_B = position_B[np.asarray(positions, np.int64)]
   epoch_B, row_B = np.divmod(position_B, N)
-  index_B = np.empty(batch_size, np.int64)
+  index_B = np.empty(len(position_B), np.int64)
   for epoch in np.unique(epoch_B):    # one epoch, or two at a wrap
     here = epoch_B == epoch
     index_B[here] = _permutation(N, int(seed), int(epoch))[row_B[here]]

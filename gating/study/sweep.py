@@ -16,6 +16,7 @@ it (held by the subprocess too), so two sweeps never train into one folder.
 Threads: N parallel XLA processes on C cores would each start a thread pool of C threads.
 `worker_env(N)` turns off XLA's multi-threaded CPU kernels (--xla_cpu_multi_thread_eigen=
 false) when N >= C, so each run uses about one core; with N < C the runs keep XLA's default.
+On GPUs, `devices.slot_envs` gives each worker slot its own devices (`--gpus-per-run`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import queue
 import re
 import subprocess
 import threading
@@ -265,21 +267,40 @@ def run_point(point: Point, env: Mapping[str, str], children: _Children) -> Outc
 
 
 def run_points(points: Sequence[Point], *, parallel: int = 1,
-               env: Mapping[str, str] | None = None, report=print) -> list[Outcome]:
+               env: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
+               report=print) -> list[Outcome]:
   """Runs the points, `parallel` at once, and returns their outcomes in order.
 
+  env: the subprocesses' environment, or one per worker slot (`parallel` of them, e.g.
+  from `devices.slot_envs`: each point runs in the environment of the slot it holds).
   report(line) is called as each point ends. On an interrupt (KeyboardInterrupt, or
   SystemExit from a signal handler) the running subprocesses are terminated; their points
   resume from their last checkpoint next time.
   """
   if parallel < 1:
     raise ValueError(f'parallel must be >= 1, got {parallel}')
-  env = worker_env(parallel) if env is None else dict(env)
+  if env is None or isinstance(env, Mapping):
+    envs = [worker_env(parallel) if env is None else dict(env)] * parallel
+  else:
+    envs = [dict(e) for e in env]
+    if len(envs) != parallel:
+      raise ValueError(f'{len(envs)} worker environments for parallel={parallel}')
+  slots: queue.SimpleQueue = queue.SimpleQueue()
+  for slot_env in envs:
+    slots.put(slot_env)
+
+  def run_in_slot(point):
+    slot_env = slots.get()
+    try:
+      return run_point(point, slot_env, children)
+    finally:
+      slots.put(slot_env)
+
   children = _Children()
   outcomes: dict[str, Outcome] = {}
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
   try:
-    futures = {pool.submit(run_point, p, env, children): p for p in points}
+    futures = {pool.submit(run_in_slot, p): p for p in points}
     for future in concurrent.futures.as_completed(futures):
       outcome = future.result()
       outcomes[outcome.name] = outcome

@@ -10,7 +10,9 @@ late, so the host never stalls the device) and stop on a NaN or Inf; every `eval
 steps evaluate; every `checkpoint_every` steps and at the end, fetch this step's metrics
 (NaN check first), then checkpoint. Files in the run folder: config.json (the resolved
 config), provenance.json, metrics.jsonl (one JSON line per train step and per eval),
-checkpoints/, summary.json (written last: the run is complete).
+events.out.tfevents.* (the same scalars for TensorBoard), checkpoints/, summary.json
+(written last: the run is complete). In a multi-process run only process 0 writes files
+(orbax aside); each process loads only its rows of the batch (see distributed.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gating import data
 from gating.training import checkpoint
+from gating.training import distributed
 from gating.training import losses
+from gating.training import tensorboard
 from gating.training.config import ModelConfig, TrainConfig, compatibility, from_dict
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.training.provenance import provenance
@@ -248,11 +252,13 @@ def eval_step(state, batch, *, graphdef, path, active_heads):
 # -- evaluation ---------------------------------------------------------------------------------
 
 def evaluate(eval_fn, state, dataset, info: data.DataInfo, batch_size: int,
-             max_batches: int | None, shard=lambda b: b) -> dict[str, Any]:
+             max_batches: int | None, shard=lambda b: b,
+             fetch=jax.device_get) -> dict[str, Any]:
   """Loss, accuracy and head usage overall and per label, over the rows in order.
 
   max_batches=None reads every row: the last batch is filled up with repeats of the
-  first rows (one compiled shape), whose results are dropped.
+  first rows (one compiled shape), whose results are dropped. shard puts a batch on the
+  devices, fetch brings the outputs back (`distributed.fetch` across processes).
   """
   sums = None
   for i, rows in enumerate(data.eval_batches(dataset, batch_size)):
@@ -262,7 +268,7 @@ def evaluate(eval_fn, state, dataset, info: data.DataInfo, batch_size: int,
     if n < batch_size:
       rows = {k: np.concatenate([v, np.resize(v, (batch_size - n,) + v.shape[1:])])
               for k, v in rows.items()}
-    out = jax.device_get(eval_fn(state, shard(_model_inputs(rows))))
+    out = fetch(eval_fn(state, shard(_model_inputs(rows))))
     out = {k: v[:n] for k, v in out.items()}
     out['label'] = rows['label'][:n]
     sums = out if sums is None else {k: np.concatenate([sums[k], out[k]]) for k in out}
@@ -368,8 +374,16 @@ def mesh_and_shardings(batch_size: int, grad_accum: int):
           NamedSharding(mesh, PartitionSpec('data')))
 
 
-def _global_array(sharding, array):
-  return jax.make_array_from_process_local_data(sharding, array)
+def train_batch(dataset, step: int, cfg: TrainConfig, sharding):
+  """The global batch of `step` as arrays [A, B/A, ...] sharded on the batch axis; each
+  process loads only the rows its devices hold (all of them in a one-process run)."""
+  accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
+  lo, hi = distributed.local_rows(sharding, (accum, micro), axis=1)
+  positions = (np.arange(accum)[:, None] * micro + np.arange(lo, hi)[None, :]).reshape(-1)
+  rows = data.batch_at(dataset, step, cfg.batch_size, cfg.seed, positions=positions)
+  return {k: jax.make_array_from_process_local_data(
+              sharding, v.reshape((accum, hi - lo) + v.shape[1:]), (accum, micro) + v.shape[1:])
+          for k, v in _model_inputs(rows).items()}
 
 
 def warm_start(state, graphdef, source_dir: str):
@@ -434,6 +448,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   replicated, batch_sharding, eval_sharding = mesh_and_shardings(cfg.batch_size,
                                                                 cfg.grad_accum)
   graphdef, state = create(cfg, info)
+  state = distributed.replicate(state, replicated)  # the restore target's placement
   checkpoints = os.path.join(workdir, 'checkpoints')
   if restore_step is not None and not os.path.isdir(checkpoints):
     raise checkpoint.CheckpointError(f'--restore-step {restore_step}: {workdir} holds no '
@@ -475,6 +490,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       print(f'warm start: {copied} parameter arrays from {cfg.init_from}', flush=True)
     if main_process:
       log.truncate_after(-1)
+  # Event files beside metrics.jsonl; steps after the checkpoint are purged on resume.
+  board = tensorboard.ScalarLog(workdir, purge_step=start + 1) if main_process else None
   if main_process:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json())
@@ -482,7 +499,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       json.dump(dataclasses.asdict(info), f, indent=1)
     _write_provenance(os.path.join(workdir, 'provenance.json'),
                       {**provenance(), 'data': info.fingerprint, 'from_step': start})
-  state = jax.device_put(state, replicated)
+  state = distributed.replicate(state, replicated)
 
   steps_fn = {}
 
@@ -495,36 +512,39 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   eval_path = cfg.model.effective_eval_path
   eval_fn = jax.jit(lambda s, b: eval_step(s, b, graphdef=graphdef, path=eval_path,
                                            active_heads=final_k))
-  shard_eval = lambda b: jax.tree.map(lambda x: _global_array(eval_sharding, x), b)
+  shard_eval = lambda b: distributed.global_batch(eval_sharding, b)
 
   def run_eval(step, split='validation', max_batches=cfg.eval_batches):
     dataset = getattr(splits, split)
-    result = evaluate(eval_fn, state, dataset, info, cfg.batch_size, max_batches, shard_eval)
+    result = evaluate(eval_fn, state, dataset, info, cfg.batch_size, max_batches, shard_eval,
+                      distributed.fetch)
     if not math.isfinite(result['loss']):
       raise FloatingPointError(f'the {split} loss is {result["loss"]} at step {step}; '
                                'stopping (nothing of this evaluation was written)')
     if main_process:
-      log.write({'step': step, 'kind': 'eval', 'split': split, 'path': eval_path,
-                 **result})
+      record = {'step': step, 'kind': 'eval', 'split': split, 'path': eval_path, **result}
+      log.write(record)
+      board.write(record)
     return result
 
-  accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
   tokens_per_step = cfg.batch_size * info.seq_len
   pending = None  # (step, metrics on device, dispatch time) of the previous step
 
   def flush(pending):
     step, metrics, t_dispatch, k = pending
-    metrics = _to_python(jax.device_get(metrics))
+    metrics = _to_python(distributed.fetch(metrics))
     if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
       last = mngr.latest_step()
       raise FloatingPointError(
           f'loss is {metrics["loss"]} (gradient norm {metrics["grad_norm"]}) at step {step}; '
           f'stopping. The last good checkpoint (step {last}) is kept in {mngr.directory}')
     if main_process:
-      log.write({'step': step, 'kind': 'train', **metrics, 'K': k,
-                 'lr': learning_rate(cfg, step - 1),
-                 'tokens_per_s': tokens_per_step / max(time.time() - t_dispatch, 1e-9),
-                 'time': time.time()})
+      record = {'step': step, 'kind': 'train', **metrics, 'K': k,
+                'lr': learning_rate(cfg, step - 1),
+                'tokens_per_s': tokens_per_step / max(time.time() - t_dispatch, 1e-9),
+                'time': time.time()}
+      log.write(record)
+      board.write(record)
     return metrics
 
   bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main_process),
@@ -533,10 +553,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   last_step = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
   for step in range(start + 1, last_step + 1):
     k = losses.k_at(step - 1, cfg.k_schedule, final_k)
-    rows = data.batch_at(splits.train, step - 1, cfg.batch_size, cfg.seed)
-    batch = jax.tree.map(
-        lambda x: _global_array(batch_sharding, x.reshape((accum, micro) + x.shape[1:])),
-        _model_inputs(rows))
+    batch = train_batch(splits.train, step - 1, cfg, batch_sharding)
     t_dispatch = time.time()
     state, metrics = step_fn(k)(state, batch, jnp.int32(step - 1))
     if pending is not None:
@@ -551,6 +568,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
         bar.set_postfix(val_loss=f'{result["loss"]:.3f}', val_acc=f'{result["accuracy"]:.3f}')
       if save_now:
         checkpoint.save(mngr, step, state, _meta(cfg, info, step))
+        if board:
+          board.flush()
     if last_metrics is not None:
       bar.set_postfix(loss=f'{last_metrics["loss"]:.3f}', refresh=False)
     bar.update(1)
@@ -559,12 +578,15 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   bar.close()
   if last_step < cfg.steps:
     mngr.close()
+    if board:
+      board.close()
     return None
 
   summary = {'steps': cfg.steps, 'tokens_seen': cfg.steps * tokens_per_step,
              'validation': run_eval(cfg.steps, 'validation', None),
              'test': run_eval(cfg.steps, 'test', None)}
   if main_process:
+    board.close()
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=1)
   mngr.close()

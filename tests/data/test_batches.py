@@ -31,6 +31,17 @@ def test_batch_at_epochs_wrap_and_cover():
   assert not (other == seen[:12]).all()
 
 
+def test_batch_at_positions_load_only_those_rows():
+  """A process of a multi-process run loads its own rows of the batch, across a wrap."""
+  ds = indexed(10)
+  full = data.batch_at(ds, 3, 4, seed=5)           # positions 12..15: epoch 1
+  part = data.batch_at(ds, 3, 4, seed=5, positions=np.array([3, 1]))
+  np.testing.assert_array_equal(part['label'], full['label'][[3, 1]])
+  np.testing.assert_array_equal(part['tokens'], full['tokens'][[3, 1]])
+  wrap = data.batch_at(ds, 2, 4, seed=5, positions=np.array([1, 2]))  # positions 9, 10
+  np.testing.assert_array_equal(wrap['label'], data.batch_at(ds, 2, 4, seed=5)['label'][1:3])
+
+
 def test_batch_at_resumes(small):
   """The batch at step s from a fresh rebuild equals the one reached by iterating."""
   iterated = [data.batch_at(small.train, s, 32, seed=7) for s in range(25)]  # > 1 epoch

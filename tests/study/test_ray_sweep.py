@@ -1,0 +1,76 @@
+"""--backend ray: the tiny sweep on a local Ray cluster, and its bad input."""
+
+import csv
+import os
+import shutil
+import socket
+import sys
+import time
+
+import pytest
+
+from experiments import sweep as sweep_script
+
+TIMING = ('train_wall_s', 'eval_wall_s')
+
+
+def _rows(out):
+  with open(out / 'results.csv', newline='') as f:
+    return {row['point']: {k: v for k, v in row.items() if k not in TIMING}
+            for row in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_tiny_sweep_on_ray_matches_local_and_resumes(tmp_path, capsys):
+  local, on_ray = tmp_path / 'local', tmp_path / 'ray'
+  sweep_script.main(['tiny', '--out', str(local), '--parallel', '2'])
+  sweep_script.main(['tiny', '--out', str(on_ray), '--backend', 'ray'])
+  assert 'on Ray (a local cluster)' in capsys.readouterr().out
+  rows = _rows(on_ray)
+  assert set(rows) == {'dense_s0', 'topk_k2_s0'}
+  assert all(row['status'] == 'done' for row in rows.values())
+  assert rows == _rows(local)
+  for name in ('sweep.json', 'results.md', 'plots/pareto.png'):
+    assert (on_ray / name).exists()
+
+  # Stopped after its first points: the finished ones are skipped, the other resumes.
+  point = on_ray / 'topk_k2_s0'
+  for name in ('summary.json', 'eval.json'):
+    (point / name).unlink()
+  for step in os.listdir(point / 'checkpoints'):
+    if int(step) > 4:
+      shutil.rmtree(point / 'checkpoints' / step)
+  sweep_script.main(['tiny', '--out', str(on_ray), '--backend', 'ray'])
+  printed = capsys.readouterr().out
+  assert printed.count('skipped') == 2     # warm_s0 and dense_s0
+  assert 'resuming' in (point / 'sweep.log').read_text()
+  assert _rows(on_ray) == rows
+
+
+def test_an_unreachable_address_fails_in_seconds_naming_it(tmp_path):
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]   # nothing listens here once the socket is closed
+  out = tmp_path / 'x'
+  start = time.time()
+  with pytest.raises(SystemExit, match=f'error: cannot reach the Ray cluster at '
+                                       f'127.0.0.1:{port}'):
+    sweep_script.main(['tiny', '--out', str(out), '--backend', 'ray', '--address',
+                       f'127.0.0.1:{port}'])
+  assert time.time() - start < 10
+  assert not out.exists()
+
+
+def test_ray_missing_names_the_extra(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'ray', None)   # `import ray` raises ImportError
+  with pytest.raises(SystemExit, match=r'error: --backend ray needs Ray, which is not '
+                                       r'installed: pip install -e "\.\[cluster\]"'):
+    sweep_script.main(['tiny', '--out', str(tmp_path / 'x'), '--backend', 'ray'])
+  assert not (tmp_path / 'x').exists()
+
+
+def test_flags_of_the_other_backend_are_refused(tmp_path):
+  with pytest.raises(SystemExit, match='error: --parallel is for the local backend'):
+    sweep_script.main(['tiny', '--out', str(tmp_path), '--backend', 'ray', '--parallel', '2'])
+  with pytest.raises(SystemExit, match='error: --address is for --backend ray'):
+    sweep_script.main(['tiny', '--out', str(tmp_path), '--address', '127.0.0.1:6379'])
