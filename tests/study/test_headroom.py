@@ -1,0 +1,80 @@
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from experiments import headroom as headroom_script
+from gating.study import evaluation, headroom
+from gating.training import loop as train
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'fixtures',
+                       'run_format1')
+
+
+def test_positions_alternate_between_choice_and_score_and_never_overlap():
+  weight = np.array([[0, 1, 1, 1, 0, 1], [1, 0, 0, 1, 1, 0]], float)
+  choice, score = headroom.split_positions(weight)
+  np.testing.assert_array_equal(choice, [[0, 1, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0]])
+  np.testing.assert_array_equal(score, [[0, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0]])
+  assert not (choice & score).any()
+
+
+def known_losses(num_subsets=4, batch=6, length=8, seed=0):
+  """Sequence b's best subset is b % num_subsets (loss 0.1); every other subset costs 1.
+  Subset 0 is also decent everywhere (0.5), so it is the best static subset."""
+  rng = np.random.default_rng(seed)
+  ce = np.ones((num_subsets, batch, length)) + 0.01 * rng.random((num_subsets, batch, length))
+  ce[0] = 0.5
+  for b in range(batch):
+    ce[b % num_subsets, b] = 0.1
+  return ce
+
+
+def test_the_oracle_finds_the_best_subset_known_by_construction():
+  ce = known_losses()
+  weight = np.ones(ce.shape[1:])
+  choice, score = headroom.split_positions(weight)
+  out = headroom.oracle_from_losses(ce, choice, score, router_ce_BxL=ce[0])
+  np.testing.assert_array_equal(out['oracle_subsets_B'], np.arange(6) % 4)
+  assert out['static_subset'] == 0
+  assert out['oracle'] == pytest.approx(0.1) and out['static'] == pytest.approx(0.5 * 4 / 6 + 0.1 * 2 / 6)
+  assert out['router'] == pytest.approx(out['static']) and out['headroom'] > 0
+  assert out['captured'] == pytest.approx(0.0)   # the router is the static subset
+
+
+def test_the_oracle_never_scores_on_its_choice_positions():
+  ce = known_losses()
+  weight = np.ones(ce.shape[1:])
+  choice, score = headroom.split_positions(weight)
+  base = headroom.oracle_from_losses(ce, choice, score)
+  # Sabotage the best subsets on the score positions only: the choice cannot see it, and
+  # the reported oracle loss must show the damage in full.
+  spoiled = ce.copy()
+  for b in range(ce.shape[1]):
+    spoiled[b % 4, b][score[b]] = 9.0
+  out = headroom.oracle_from_losses(spoiled, choice, score)
+  np.testing.assert_array_equal(out['oracle_subsets_B'], base['oracle_subsets_B'])
+  assert out['oracle'] == pytest.approx(9.0)
+  with pytest.raises(ValueError, match='disjoint'):
+    headroom.oracle_from_losses(ce, choice, choice)
+
+
+def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
+  shutil.copytree(FIXTURE, tmp_path / 'run')
+  headroom_script.main(['--workdir', str(tmp_path / 'run'), '--max-sequences', '16'])
+  report = json.load(open(tmp_path / 'run' / 'headroom.json'))
+  (layer,) = report['layers']
+  assert layer['K'] == 2 and layer['num_subsets'] == 6 and report['sequences'] == 16
+  assert layer['headroom'] == pytest.approx(layer['static'] - layer['oracle'])
+  assert layer['score_tokens'] > 0 and layer['choice_tokens'] > 0
+  with pytest.raises(SystemExit, match='error: layer 3 does not exist'):
+    headroom_script.main(['--workdir', str(tmp_path / 'run'), '--layers', '3'])
+  run = evaluation.load_run(str(tmp_path / 'run'))
+  dense = dataclasses.replace(run.config, model=dataclasses.replace(
+      run.config.model, gate='dense', active_heads=None))
+  graphdef, state = train.create(dense, run.splits.info)
+  with pytest.raises(ValueError, match="no gated attention layer with a router .*'dense'"):
+    headroom.headroom(run._replace(config=dense, graphdef=graphdef, state=state))
