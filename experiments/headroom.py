@@ -1,13 +1,15 @@
 """The headroom oracle of a run: python -m experiments.headroom --workdir DIR [...]
 
-For every gated attention layer: the best static K-subset, the per-sequence oracle (each
-sequence's best K-subset, chosen on half of its target positions and scored on the other
-half) and the run's own router, as loss on the scored positions (see
-gating/study/headroom.py). Writes DIR/headroom.json.
+For every attention layer and budget K: dense (all heads), the best static K-subset, the
+best subset per task or domain, the per-sequence oracle (each sequence's best K-subset,
+chosen on half of its target positions and scored on the other half) and the run's own
+router, as loss on the scored positions, and the share of static's gap to dense that the
+oracle closes (see gating/study/headroom.py). Writes DIR/headroom.json.
 
 Examples:
   python -m experiments.headroom --workdir runs/synthetic
   python -m experiments.headroom --workdir runs/text --layers 0 --max-sequences 256
+  python -m experiments.headroom --workdir runs/dense --k 2,4          # a dense model
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True, help='run folder (from experiments.train)')
+  parser.add_argument('--k', default=None,
+                      help="comma-separated budgets K (default: the run's own K; required "
+                           'for a dense run)')
   parser.add_argument('--layers', default=None,
                       help='comma-separated gated layer indices (default: all)')
   parser.add_argument('--split', default='validation', choices=('validation', 'test'),
@@ -40,8 +45,9 @@ def main(argv=None):
   from gating.training import checkpoint
   try:
     layers = None if args.layers is None else [int(x) for x in args.layers.split(',') if x]
+    ks = None if args.k is None else [int(x) for x in args.k.split(',') if x]
     run = evaluation.load_run(args.workdir, step=args.restore_step)
-    report = headroom.headroom(run, layers=layers, split=args.split,
+    report = headroom.headroom(run, ks=ks, layers=layers, split=args.split,
                                max_sequences=args.max_sequences or None)
   except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
     sys.exit(f'error: {e}')
@@ -51,12 +57,16 @@ def main(argv=None):
   os.replace(out + '.tmp', out)
   print(f"{report['workdir']} at step {report['step']}, {report['split']} split, "
         f"{report['sequences']} sequences; loss per score-position token:")
+  def num(value, fmt='.4f'):
+    return '-' if value is None else format(value, fmt)
   for r in report['layers']:
-    captured = '-' if r['captured'] is None else f"{r['captured']:.2f}"
-    print(f"  layer {r['layer']} (K={r['K']}, {r['num_subsets']} subsets): static "
-          f"{r['static']:.4f} {r['static_subset']}  oracle {r['oracle']:.4f} "
-          f"({r['oracle_distinct_subsets']} distinct)  router {r['router']:.4f}  "
-          f"headroom {r['headroom']:.4f}  captured {captured}")
+    print(f"  layer {r['layer']} K={r['K']} ({r['num_subsets']} subsets): dense "
+          f"{r['dense']:.4f}  static {r['static']:.4f} {r['static_subset']}  by label "
+          f"{r['by_label']:.4f}  oracle {r['oracle']:.4f} ({r['oracle_distinct_subsets']} "
+          f"distinct)  router {num(r.get('router'))}  oracle closes "
+          f"{num(r['oracle_closes'], '.0%')} of static's gap to dense, by label "
+          f"{num(r['by_label_closes'], '.0%')}; router captures {num(r.get('captured'), '.2f')} "
+          'of the headroom')
   print(f'wrote {out}')
 
 

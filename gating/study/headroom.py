@@ -1,9 +1,10 @@
 """The headroom oracle: how much could any per-sequence router win over static pruning?
 
-For one gated attention layer n of a trained run with budget K, every K-subset S of its H
-heads is forced in turn (the layer's router is replaced by a static one whose logits open
-exactly S; every other layer keeps its own gate), and the model's loss is measured per
-sequence and per scored position. Each sequence's scored positions are split in two:
+For one attention layer n of a trained run (gated or dense) and a budget K, every K-subset
+S of its H heads is forced in turn (the layer runs top-K on a static router whose logits
+open exactly S, weights 1; every other layer runs as the model runs it), and the model's
+loss is measured per sequence and per scored position. Each sequence's scored positions
+are split in two:
 
   choice positions (even-numbered targets)  pick the subset,
   score positions  (odd-numbered targets)   measure it,
@@ -11,13 +12,21 @@ sequence and per scored position. Each sequence's scored positions are split in 
 so the oracle never scores on the positions it chose with. Reported per layer, as mean
 cross-entropy per score-position token:
 
+  dense      layer n with all H heads open
   static     the single subset with the lowest choice loss over all sequences (the best
              static pruning of this layer, given the rest of the model)
+  by_label   for each task or domain its own subset (lowest choice loss over its
+             sequences): the ceiling of a router that only recognises the label
   oracle     for every sequence its own subset with the lowest choice loss: the ceiling
              of a per-sequence router on this model
-  router     the run's own gate, unchanged
+  router     the run's own gate, unchanged (a gated run at its own K only)
   headroom   static - oracle: what a per-sequence router could win at most
-  captured   (static - router) / (static - oracle): the share of it the router wins
+  oracle_closes, by_label_closes   (static - x) / (static - dense): the share of static's
+             gap to dense that the oracle, or routing by label, closes
+  captured   (static - router) / (static - oracle): the share of the headroom the router wins
+
+The search is exhaustive over the C(H, K) subsets of one layer at a time (28 for K = 2 of
+8, 70 for K = 4 of 8); the other layers are not searched jointly.
 
 Where the headroom is small, no router can win much on this model and data: the ceiling
 is the model's, not the router's (RESEARCH.md, "measure the ceiling first").
@@ -53,9 +62,12 @@ def split_positions(weight_BxL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def oracle_from_losses(ce_SxBxL: np.ndarray, choice_BxL: np.ndarray, score_BxL: np.ndarray,
-                       router_ce_BxL: np.ndarray | None = None) -> dict[str, Any]:
-  """The static, oracle and router losses (see the module docstring) from the per-position
-  cross-entropy of every forced subset s (ce_SxBxL) and of the router (router_ce_BxL).
+                       router_ce_BxL: np.ndarray | None = None,
+                       dense_ce_BxL: np.ndarray | None = None,
+                       label_B: np.ndarray | None = None) -> dict[str, Any]:
+  """The dense, static, by-label, oracle and router losses (see the module docstring) from
+  the per-position cross-entropy (times the position's weight) of every forced subset s
+  (ce_SxBxL), of the router and of the dense layer.
 
   Only `choice_BxL` positions pick subsets; only `score_BxL` positions are reported.
   """
@@ -72,6 +84,18 @@ def oracle_from_losses(ce_SxBxL: np.ndarray, choice_BxL: np.ndarray, score_BxL: 
          'oracle': float(score_SxB[best_B, np.arange(best_B.size)].sum()) / tokens,
          'score_tokens': int(tokens), 'choice_tokens': int(choice_BxL.sum())}
   out['headroom'] = out['static'] - out['oracle']
+  if label_B is not None:
+    by_label_B = np.empty_like(best_B)
+    for label in np.unique(label_B):
+      members = label_B == label
+      by_label_B[members] = np.argmin(choice_SxB[:, members].sum(axis=1))
+    out['by_label'] = float(score_SxB[by_label_B, np.arange(best_B.size)].sum()) / tokens
+  if dense_ce_BxL is not None:
+    out['dense'] = float((dense_ce_BxL * score_BxL).sum()) / tokens
+    gap = out['static'] - out['dense']
+    out['oracle_closes'] = (out['static'] - out['oracle']) / gap if gap > 0 else None
+    if label_B is not None:
+      out['by_label_closes'] = (out['static'] - out['by_label']) / gap if gap > 0 else None
   if router_ce_BxL is not None:
     out['router'] = float((router_ce_BxL * score_BxL).sum()) / tokens
     out['captured'] = ((out['static'] - out['router']) / out['headroom']
@@ -79,21 +103,21 @@ def oracle_from_losses(ce_SxBxL: np.ndarray, choice_BxL: np.ndarray, score_BxL: 
   return out
 
 
-def gated_layers(model: nnx.Module) -> list[tuple[str, GatedMultiHeadAttention]]:
+def attention_layers(model: nnx.Module) -> list[tuple[str, GatedMultiHeadAttention]]:
   return [('/'.join(map(str, p)), m) for p, m in nnx.iter_graph(model)
-          if isinstance(m, GatedMultiHeadAttention) and m.router is not None]
+          if isinstance(m, GatedMultiHeadAttention)]
 
 
-def headroom(run: Run, *, layers: Sequence[int] | None = None, split: str = 'validation',
-             max_sequences: int | None = 512) -> dict[str, Any]:
-  """The oracle for each gated attention layer of a run (all, or those in `layers`), on the
-  first `max_sequences` sequences of `split` (None: all), at the run's own budget K."""
+def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int] | None = None,
+             split: str = 'validation', max_sequences: int | None = 512) -> dict[str, Any]:
+  """The oracle for each attention layer of a run (all, or those in `layers`) at every
+  budget in `ks` (default: the run's own K; a dense run needs `ks`), on the first
+  `max_sequences` sequences of `split` (None: all)."""
   learner, _ = nnx.merge(run.graphdef, run.state)
   model = learner.model
-  found = gated_layers(model)
+  found = attention_layers(model)
   if not found:
-    raise ValueError(f'{run.workdir}: the model has no gated attention layer with a router '
-                     f'(gate={run.config.model.gate!r}); headroom needs one')
+    raise ValueError(f'{run.workdir}: the model has no attention layer to search')
   if run.config.model.kind != 'lm':
     raise ValueError(f'{run.workdir}: headroom needs a language model (positions to choose '
                      f'a subset on and others to score it), got model.kind='
@@ -101,28 +125,47 @@ def headroom(run: Run, *, layers: Sequence[int] | None = None, split: str = 'val
   layers = list(range(len(found))) if layers is None else list(layers)
   for n in layers:
     if not 0 <= n < len(found):
-      raise ValueError(f'layer {n} does not exist: the model has {len(found)} gated layers')
-  if found[0][1].active_heads is None:
-    raise ValueError(f'{run.workdir}: headroom compares K-subsets; the gate has no budget K '
-                     '(model.active_heads)')
+      raise ValueError(f'layer {n} does not exist: the model has {len(found)} attention '
+                       'layers')
+  own = {n: found[n][1].active_heads for n in layers}
+  if ks is None:
+    if None in own.values():
+      raise ValueError(f'{run.workdir}: the run has no budget K (gate='
+                       f'{run.config.model.gate!r}); pass the budgets to search (--k 2,4)')
+  for k in ks or ():
+    if not 1 <= k < min(found[n][1].num_heads for n in layers):
+      raise ValueError(f'K={k} must be in [1, H) for every searched layer')
   rows = _rows(getattr(run.splits, split), max_sequences)
-  router_ce_BxL, weight_BxL = _per_position(model, rows, None, None)
+  graphdef, state = nnx.split(model)
+  router_ce_BxL, weight_BxL = _forward(graphdef, state, rows, None, None, None)
+  router_ce_BxL, weight_BxL = np.asarray(router_ce_BxL), np.asarray(weight_BxL)
   choice_BxL, score_BxL = split_positions(weight_BxL)
-  report = {'workdir': run.workdir, 'step': run.step, 'split': split,
+  report = {'workdir': run.workdir, 'step': run.step, 'split': split, 'gate': run.config.model.gate,
             'sequences': int(weight_BxL.shape[0]), 'layers': []}
   for n in layers:
     name, attn = found[n]
-    subsets = list(itertools.combinations(range(attn.num_heads), attn.active_heads))
-    ce_SxBxL = np.stack([_per_position(model, rows, name, s)[0] for s in subsets])
-    result = oracle_from_losses(ce_SxBxL, choice_BxL, score_BxL, router_ce_BxL)
-    counts = np.bincount(result.pop('oracle_subsets_B'), minlength=len(subsets))
-    report['layers'].append({
-        'layer': n, 'path': name, 'K': attn.active_heads, 'num_subsets': len(subsets),
-        **result, 'static_subset': list(subsets[result['static_subset']]),
-        'oracle_distinct_subsets': int((counts > 0).sum()),
-        'oracle_top_subsets': [[list(subsets[i]), int(counts[i])]
-                               for i in np.argsort(-counts)[:5] if counts[i] > 0]})
+    H = attn.num_heads
+    dense_ce_BxL = np.asarray(_forward(graphdef, state, rows, name, jnp.zeros((H,)), H)[0])
+    for k in ([own[n]] if ks is None else ks):
+      subsets = list(itertools.combinations(range(H), k))
+      ce_SxBxL = np.stack([np.asarray(_forward(graphdef, state, rows, name, _open(H, s), k)[0])
+                           for s in subsets])
+      result = oracle_from_losses(
+          ce_SxBxL, choice_BxL, score_BxL,
+          router_ce_BxL=router_ce_BxL if k == own[n] else None, dense_ce_BxL=dense_ce_BxL,
+          label_B=rows['label'])
+      counts = np.bincount(result.pop('oracle_subsets_B'), minlength=len(subsets))
+      report['layers'].append({
+          'layer': n, 'path': name, 'K': k, 'num_subsets': len(subsets), **result,
+          'static_subset': list(subsets[result['static_subset']]),
+          'oracle_distinct_subsets': int((counts > 0).sum()),
+          'oracle_top_subsets': [[list(subsets[i]), int(counts[i])]
+                                 for i in np.argsort(-counts)[:5] if counts[i] > 0]})
   return report
+
+
+def _open(num_heads: int, subset) -> jax.Array:
+  return jnp.full((num_heads,), -FORCE_LOGIT).at[jnp.array(subset)].set(FORCE_LOGIT)
 
 
 def _rows(dataset, max_sequences):
@@ -132,25 +175,16 @@ def _rows(dataset, max_sequences):
   return {k: rows[k] for k in ('tokens', 'valid', 'target_mask', 'label')}
 
 
-def _per_position(model, rows, layer_path, subset):
-  """(ce * weight, weight) per position [B, L] with `subset` forced on `layer_path`."""
-  graphdef, state = nnx.split(model)
-  logits_H = None
-  if layer_path is not None:
-    attn = dict(gated_layers(model))[layer_path]
-    logits_H = jnp.full((attn.num_heads,), -FORCE_LOGIT).at[jnp.array(subset)].set(FORCE_LOGIT)
-  ce, weight = _forward(graphdef, state, rows, layer_path, logits_H)
-  return np.asarray(ce), np.asarray(weight)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _forward(graphdef, state, rows, layer_path, logits_H):
+@functools.partial(jax.jit, static_argnums=(0, 3, 5))
+def _forward(graphdef, state, rows, layer_path, logits_H, k):
+  """(ce * weight, weight) per position [B, L]; with `layer_path`, that layer runs top-k
+  with weights 1 on a static router with `logits_H` (the forced subset)."""
   model = nnx.merge(graphdef, state, copy=True)
   if layer_path is not None:
-    attn = dict(gated_layers(model))[layer_path]
+    attn = dict(attention_layers(model))[layer_path]
+    attn.gate_rule, attn.active_heads, attn.gate_options = 'topk', k, ()
+    attn.noise, attn.scaled_weights = None, False
     attn.router = StaticRouter(attn.num_heads)
     attn.router.logits_H[...] = logits_H
   ce, _, weight, _ = train.task_outputs(model, rows, deterministic=True)
-  if ce.ndim == 1:   # an encoder: one loss per sequence
-    ce, weight = ce[:, None], weight[:, None]
   return ce * weight, weight

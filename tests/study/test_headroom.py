@@ -37,7 +37,16 @@ def test_the_oracle_finds_the_best_subset_known_by_construction():
   ce = known_losses()
   weight = np.ones(ce.shape[1:])
   choice, score = headroom.split_positions(weight)
-  out = headroom.oracle_from_losses(ce, choice, score, router_ce_BxL=ce[0])
+  dense = np.full(ce.shape[1:], 0.05)
+  label = np.arange(6) % 2          # two labels: sequences 0, 2, 4 and 1, 3, 5
+  out = headroom.oracle_from_losses(ce, choice, score, router_ce_BxL=ce[0],
+                                    dense_ce_BxL=dense, label_B=label)
+  assert out['dense'] == pytest.approx(0.05)
+  assert out['oracle_closes'] == pytest.approx((out['static'] - 0.1) / (out['static'] - 0.05))
+  # label 0 (b = 0, 2, 4) keeps subset 0 (0.1, 0.5, 0.1); label 1 (b = 1, 3, 5) takes
+  # subset 1 (0.1, ~1, 0.1 beats 0.5 x 3): better than static, short of the oracle
+  assert out['by_label'] == pytest.approx((0.1 + 0.5 + 0.1 + 0.1 + 0.1) / 6 + 1.0 / 6, abs=0.01)
+  assert out['oracle'] < out['by_label'] < out['static']
   np.testing.assert_array_equal(out['oracle_subsets_B'], np.arange(6) % 4)
   assert out['static_subset'] == 0
   assert out['oracle'] == pytest.approx(0.1) and out['static'] == pytest.approx(0.5 * 4 / 6 + 0.1 * 2 / 6)
@@ -69,6 +78,7 @@ def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
   (layer,) = report['layers']
   assert layer['K'] == 2 and layer['num_subsets'] == 6 and report['sequences'] == 16
   assert layer['headroom'] == pytest.approx(layer['static'] - layer['oracle'])
+  assert {'dense', 'by_label', 'router', 'oracle_closes', 'captured'} <= set(layer)
   assert layer['score_tokens'] > 0 and layer['choice_tokens'] > 0
   with pytest.raises(SystemExit, match='error: layer 3 does not exist'):
     headroom_script.main(['--workdir', str(tmp_path / 'run'), '--layers', '3'])
@@ -76,5 +86,12 @@ def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
   dense = dataclasses.replace(run.config, model=dataclasses.replace(
       run.config.model, gate='dense', active_heads=None))
   graphdef, state = train.create(dense, run.splits.info)
-  with pytest.raises(ValueError, match="no gated attention layer with a router .*'dense'"):
-    headroom.headroom(run._replace(config=dense, graphdef=graphdef, state=state))
+  dense_run = run._replace(config=dense, graphdef=graphdef, state=state)
+  with pytest.raises(ValueError, match="no budget K .*'dense'.*--k 2,4"):
+    headroom.headroom(dense_run)
+  report = headroom.headroom(dense_run, ks=[1, 3], max_sequences=16)
+  assert [r['K'] for r in report['layers']] == [1, 3]
+  assert [r['num_subsets'] for r in report['layers']] == [4, 4]
+  assert 'router' not in report['layers'][0]     # a dense run has no router to compare
+  with pytest.raises(ValueError, match=r'K=4 must be in \[1, H\)'):
+    headroom.headroom(dense_run, ks=[4])
