@@ -31,6 +31,22 @@ def check_active_heads(active_heads, num_heads: int, gate: str, path: str) -> No
   selection.check_budget(active_heads, num_heads, gate, path)
 
 
+def check_shared_heads(shared_heads: int, active_heads, num_heads: int, gate: str) -> None:
+  """S always-on heads: 0 <= S < H, S < K (K counts them), and a rule with a budget."""
+  if isinstance(shared_heads, bool) or not isinstance(shared_heads, (int, np.integer)) \
+      or shared_heads < 0:
+    raise ValueError(f'shared_heads must be an int >= 0, got {shared_heads!r}')
+  if not shared_heads:
+    return
+  if selection.get_rule(gate).budget == 'none':
+    raise ValueError(f'shared_heads={shared_heads}: gate={gate!r} opens every head already')
+  if shared_heads >= num_heads:
+    raise ValueError(f'shared_heads={shared_heads} must be < num_heads={num_heads}')
+  if active_heads is not None and shared_heads >= active_heads:
+    raise ValueError(f'shared_heads={shared_heads} must be < active_heads={active_heads}: '
+                     'K counts the shared heads, so at least one head must be routed')
+
+
 def causal_router(kwargs: Mapping[str, Any]) -> dict[str, Any]:
   """Constructor arguments with a router that reads no token after the prefix: the given
   one, or 'prefix' (with prefix_len) / 'first' (token 0) by default; 'mean' is refused."""
@@ -114,6 +130,10 @@ class GatedMultiHeadAttention(nnx.Module):
       value, selection.RULES[gate].temperature). It is state: `gating.set_temperature`.
     noise, noise_scale: exploration noise on the logits in training ('gumbel', 'jitter').
     scaled_weights: weigh open heads by the rule's value instead of exactly 1.
+    shared_heads: S heads (the first S) always on, as in MoH; the router scores the other
+      H - S and the rule picks K - S of them, so active_heads=K counts every head that
+      runs (S shared + K - S routed), the gathered path computes K and a KV cache holds K.
+      Refused: S >= K, S >= H, and S with a rule that has no budget (dense).
     gate_options: the rule's options by name (selection.RULES[gate].options), e.g.
       {'threshold': 0.7} for sigmoid, {'p': 0.8} for top_p, {'gamma': -0.1, 'zeta': 1.1}
       for hard_concrete; an unknown name is refused.
@@ -151,6 +171,7 @@ class GatedMultiHeadAttention(nnx.Module):
       noise_scale: float = 1.0,
       scaled_weights: bool = False,
       gate_options: Mapping[str, float] | None = None,
+      shared_heads: int = 0,
       threshold: float | None = None,
       stretch: tuple[float, float] | None = None,
       rotary_base: float | None = None,
@@ -201,6 +222,7 @@ class GatedMultiHeadAttention(nnx.Module):
       raise ValueError(f'qkv_features ({qkv_features}) must be divisible by '
                        f'num_heads ({num_heads})')
     check_active_heads(active_heads, num_heads, gate, path)
+    check_shared_heads(shared_heads, active_heads, num_heads, gate)
     router = resolve_router(gate, router, prefix_len)
     if noise not in selection.NOISES:
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
@@ -219,6 +241,7 @@ class GatedMultiHeadAttention(nnx.Module):
     self.head_dim = qkv_features // num_heads
     self.gate_rule = gate
     self.active_heads = active_heads
+    self.shared_heads = int(shared_heads)
     self.path = path
     self.noise = noise
     self.noise_scale = noise_scale
@@ -250,7 +273,7 @@ class GatedMultiHeadAttention(nnx.Module):
                       bias_metadata=out_bias_metadata or bias_metadata)
 
     router_module = build_router(
-        gate, router, num_heads, in_features, prefix_len=prefix_len,
+        gate, router, num_heads - self.shared_heads, in_features, prefix_len=prefix_len,
         hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
     self.router: HeadRouter | StaticRouter | None = (
         nnx.data(None) if router_module is None else router_module)
@@ -323,7 +346,8 @@ class GatedMultiHeadAttention(nnx.Module):
         self.out.kernel[...], b(self.query), b(self.key), b(self.value), b(self.out))
 
   def router_logits(self, inputs_q, valid_BxL=None):
-    """logits_BxH (float32); zeros for the dense gate, which has no router."""
+    """logits_BxR (float32) of the R = H - shared_heads routed heads; zeros for the dense
+    gate, which has no router."""
     if self.router is None:
       return jnp.zeros((inputs_q.shape[0], self.num_heads), jnp.float32)
     return self.router(inputs_q, valid_BxL)
@@ -356,11 +380,27 @@ class GatedMultiHeadAttention(nnx.Module):
     valid_BxL = valid_tokens(mask, *inputs_q.shape[:2])
     return self._select(self.router_logits(inputs_q, valid_BxL), k, deterministic, rng)
 
-  def _select(self, logits_BxH, k, deterministic, rng) -> selection.Gate:
-    return selection.select(
-        self.gate_rule, logits_BxH, k=k, temperature=self.temperature[...],
-        deterministic=deterministic, rng=rng, noise=self.noise, noise_scale=self.noise_scale,
-        scaled_weights=self.scaled_weights, options=dict(self.gate_options))
+  def _select(self, logits_BxR, k, deterministic, rng) -> selection.Gate:
+    """The rule on the routed heads' logits; the S shared heads are prepended, open with
+    weight 1: weights_BxH = [1_S, w_routed], idx_BxK = [0..S-1, S + idx_routed]."""
+    S = self.shared_heads
+    if S and k is not None and k <= S:
+      raise ValueError(f'active_heads={k} must be > shared_heads={S} (K counts the shared '
+                       'heads)')
+    gate = selection.select(
+        self.gate_rule, logits_BxR, k=None if k is None else k - S,
+        temperature=self.temperature[...], deterministic=deterministic, rng=rng,
+        noise=self.noise, noise_scale=self.noise_scale, scaled_weights=self.scaled_weights,
+        options=dict(self.gate_options))
+    if not S:
+      return gate
+    B = logits_BxR.shape[0]
+    shared_BxS = jnp.ones((B, S), gate.weights_BxH.dtype)
+    idx_BxK = None if gate.idx_BxK is None else jnp.concatenate(
+        [jnp.broadcast_to(jnp.arange(S, dtype=gate.idx_BxK.dtype), (B, S)),
+         gate.idx_BxK + S], axis=1)
+    return selection.Gate(jnp.concatenate([shared_BxS, gate.weights_BxH], axis=1), idx_BxK,
+                          jnp.concatenate([shared_BxS, gate.probs_BxH], axis=1))
 
   def _record(self, logits_BxH, gate: selection.Gate) -> None:
     record_gate(self.head_usage, self.head_prob, self.head_weight, self.router_z_loss,

@@ -132,6 +132,9 @@ def unsupported(cfg: TrainConfig, path: str, k) -> str | None:
   for one in ks:
     if not isinstance(one, int) or not 1 <= one <= m.num_heads:
       raise ValueError(f'K={k!r}: every K must be an int in [1, num_heads={m.num_heads}]')
+  if m.shared_heads and any(one <= m.shared_heads for one in ks):
+    return (f'K must exceed the {m.shared_heads} shared heads (K counts them); '
+            f'K={k} cannot run')
   if get_rule(m.gate).budget == 'none' and any(one != m.num_heads for one in ks):
     return f'the {m.gate!r} gate opens all {m.num_heads} heads; it runs at K={m.num_heads} only'
   return None

@@ -64,6 +64,7 @@ class ModelConfig:
                                          # 'static' for an input-free router
   router_hidden_features: int | None = None
   router_init_logit: float = 0.0
+  shared_heads: int = 0                  # S always-on heads per layer; K counts them (MoH)
   dtype: str = 'float32'                 # compute dtype; parameters stay float32
 
   def __post_init__(self):
@@ -110,6 +111,13 @@ class ModelConfig:
            "the gathered path (model.path or model.eval_path) needs K; set "
            "model.eval_path='masked' for a rule without a budget")
     self._check_groups(rule, needs_k)
+    S = self.shared_heads
+    _check(S >= 0, 'model.shared_heads', f'must be >= 0, got {S}')
+    _check(S == 0 or rule.budget != 'none', 'model.shared_heads',
+           f'gate={self.gate!r} opens every head already')
+    _check(S < self.num_heads, 'model.shared_heads', f'{S} must be < num_heads={self.num_heads}')
+    _check(all(k is None or S < k for k in ks), 'model.shared_heads',
+           f'{S} must be < every active_heads K (K counts the shared heads), got K={ks}')
 
   def _check_groups(self, rule, needs_k: bool) -> None:
     """mlp_groups G divides the MLP width F; active_groups Kf in [1, G] and only with G."""

@@ -83,7 +83,8 @@ def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx
       scaled_weights=cfg.scaled_weights, temperature=cfg.temperature,
       gate_options=dict(cfg.gate_options),
       router=cfg.router, router_hidden_features=cfg.router_hidden_features,
-      router_init_logit=cfg.router_init_logit, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+      router_init_logit=cfg.router_init_logit, shared_heads=cfg.shared_heads,
+      dtype=jnp.dtype(cfg.dtype), rngs=rngs)
   if cfg.kind == 'encoder':
     return GatedEncoder(info.vocab_size, num_classes=len(info.label_names), **common)
   prefix_len = cfg.prefix_len or info.prompt_len
