@@ -22,6 +22,7 @@ import typing
 from typing import Any
 
 from gating.layers.selection import NOISES, RULES, get_rule
+from gating.training.elastic import check_ks as check_elastic_ks
 
 PATHS = ('masked', 'gathered')
 FORMAT = 2               # 1: configs written before the format key (read the same way)
@@ -200,6 +201,9 @@ class LossConfig:
   target_warmup_steps: int = 0           # t ramps from 1 to target_fraction over these steps
   load_balance_weight: float = 0.0       # Switch: H sum_h f_h P_h, per micro-batch
   z_loss_weight: float = 0.0             # ST-MoE router z-loss
+  elastic_ks: tuple[int, ...] = ()       # elastic training: one random-subset sub-model per
+                                         # K each step, beside the full model (off: ())
+  distill_weight: float = 1.0            # a: sub-models learn (1 - a) targets + a full pass
 
   def __post_init__(self):
     for name in ('l0_weight', 'l1_weight', 'load_balance_weight', 'z_loss_weight',
@@ -207,6 +211,13 @@ class LossConfig:
       _check(getattr(self, name) >= 0, f'loss.{name}', f'must be >= 0, got {getattr(self, name)}')
     _check(self.target_fraction is None or 0 < self.target_fraction <= 1,
            'loss.target_fraction', f'must be in (0, 1], got {self.target_fraction}')
+    _check(0 <= self.distill_weight <= 1, 'loss.distill_weight',
+           f'must be in [0, 1], got {self.distill_weight}')
+    sparsity = ('l0_weight', 'l1_weight', 'load_balance_weight', 'z_loss_weight')
+    _check(not self.elastic_ks or (not any(getattr(self, n) for n in sparsity)
+                                   and self.target_fraction is None),
+           'loss.elastic_ks', 'elastic training uses random subsets, not the routers: turn '
+           'the sparsity terms off (l0, l1, load_balance, z_loss, target_fraction)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +280,11 @@ class TrainConfig:
     _check(self.temperature_start is None or (self.temperature_start > 0 and
                                               self.temperature_end > 0),
            'temperature_start', 'temperatures must be > 0')
+    if self.loss.elastic_ks:
+      check_elastic_ks(self.loss.elastic_ks, self.model.num_heads, self.model.shared_heads)
+      _check(self.model.mlp_groups is None, 'loss.elastic_ks',
+             'elastic training covers attention heads only; model.mlp_groups must be unset')
+      _check(not self.k_schedule, 'loss.elastic_ks', 'elastic training has no k_schedule')
     last = 0
     for k, until in self.k_schedule:
       _check(1 <= k <= self.model.num_heads, 'k_schedule',

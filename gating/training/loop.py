@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gating import data
-from gating.training import checkpoint
+from gating.training import checkpoint, elastic
 from gating.training import distributed
 from gating.training import losses
 from gating.training import tensorboard
@@ -140,26 +140,59 @@ def create(cfg: TrainConfig, info: data.DataInfo):
 
 # -- the steps ---------------------------------------------------------------------------------
 
-def task_outputs(model, batch, *, deterministic, rngs=None, path=None, active_heads=None):
-  """Per-position losses of one batch: (ce, correct, weight, gate_weights_BxNxH).
+def model_outputs(model, batch, *, deterministic, rngs=None, path=None, active_heads=None):
+  """(logits, ce, correct, weight, gate_weights_BxNxH) of one batch.
 
-  LM: next-token cross-entropy at every position, weighted by scored & next-is-target.
-  Encoder: one classification loss per sequence (shapes [B]).
+  LM: logits [B, L, V] and next-token cross-entropy at every position, weighted by scored
+  & next-is-target. Encoder: class logits [B, C] and one loss per sequence (shapes [B]).
   """
   kw = dict(valid_BxL=batch['valid'], deterministic=deterministic, rngs=rngs, path=path,
             active_heads=active_heads)
   if isinstance(model, GatedEncoder):
     out = model(batch['tokens'], **kw)
     ce_B, correct_B = losses.classification_losses(out.class_logits_BxC, batch['label'])
-    return ce_B, correct_B, jnp.ones_like(ce_B), out.gate_weights_BxNxH
+    return out.class_logits_BxC, ce_B, correct_B, jnp.ones_like(ce_B), out.gate_weights_BxNxH
   out = model(batch['tokens'], **kw)
   ce_BxL, correct_BxL = losses.next_token_losses(out.logits_BxLxV, batch['tokens'])
   weight_BxL = losses.next_token_weights(out.scored_BxL, batch['target_mask'])
-  return ce_BxL, correct_BxL, weight_BxL, out.gate_weights_BxNxH
+  return out.logits_BxLxV, ce_BxL, correct_BxL, weight_BxL, out.gate_weights_BxNxH
+
+
+def task_outputs(model, batch, **kwargs):
+  """Per-position losses of one batch: (ce, correct, weight, gate_weights_BxNxH); see
+  model_outputs."""
+  return model_outputs(model, batch, **kwargs)[1:]
+
+
+def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs):
+  """The full model plus one random-subset sub-model per K of loss.elastic_ks, each
+  distilled from the full pass (see gating/training/elastic.py); returns (loss, metrics)."""
+  model, a = learner.model, cfg.loss.distill_weight
+  elastic.random_subsets(model, cfg.model.num_heads)
+  logits_full, ce, correct, weight, _ = model_outputs(model, batch, deterministic=False,
+                                                      rngs=rngs)
+  full = losses.weighted_mean(ce, weight)
+  metrics, subs = {}, []
+  for k in cfg.loss.elastic_ks:
+    if k == cfg.model.num_heads:
+      continue          # every head: the full pass itself
+    elastic.random_subsets(model, k)
+    logits_k, ce_k, _, _, _ = model_outputs(model, batch, deterministic=False, rngs=rngs)
+    task_k = losses.weighted_mean(ce_k, weight)
+    distill_k = elastic.distillation(logits_k, logits_full, weight)
+    subs.append((1 - a) * task_k + a * distill_k)
+    metrics.update({f'elastic/task_K{k}': task_k, f'elastic/distill_K{k}': distill_k})
+  loss = full + (sum(subs) / len(subs) if subs else 0.0)
+  stats = gate_stats(model)
+  return loss, {'loss': loss, 'task_loss': full,
+                'accuracy': losses.weighted_mean(correct.astype(jnp.float32), weight),
+                'active_heads': losses.active_heads_per_layer(stats), **metrics}
 
 
 def total_loss(learner: Learner, batch, cfg: TrainConfig, *, target, rngs, active_heads):
   """Task loss plus the weighted sparsity terms; returns (loss, metrics)."""
+  if cfg.loss.elastic_ks:
+    return elastic_total_loss(learner, batch, cfg, rngs=rngs)
   ce, correct, weight, _ = task_outputs(learner.model, batch, deterministic=False, rngs=rngs,
                                         active_heads=active_heads)
   task = losses.weighted_mean(ce, weight)

@@ -1,0 +1,82 @@
+"""Elastic training: random K-subsets per sequence, the full pass untouched by them,
+in-place distillation, and the config's checks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gating
+from gating.training import config, elastic
+from gating.training import loop as train
+from tests.training.test_train import TINY
+
+V, L, D, H = 24, 12, 32, 4
+
+
+def lm(**kw):
+  return gating.GatedLM(vocab_size=V, num_layers=2, features=D, num_heads=H, max_length=L,
+                        prefix_len=3, rngs=nnx.Rngs(0), **kw)
+
+
+def tokens(b=16):
+  return jax.random.randint(jax.random.key(0), (b, L), 0, V)
+
+
+def test_sub_models_use_different_random_subsets_per_sequence():
+  model = elastic.random_subsets(lm(gate='dense'), 2)
+  out = model(tokens(), deterministic=False, rngs=nnx.Rngs(dropout=1))
+  open_BxNxH = np.asarray(out.gate_weights_BxNxH != 0)
+  assert (open_BxNxH.sum(axis=2) == 2).all()                  # exactly K per sequence
+  np.testing.assert_array_equal(np.unique(out.gate_weights_BxNxH), [0.0, 1.0])
+  subsets = {tuple(np.flatnonzero(row)) for row in open_BxNxH[:, 0]}
+  assert len(subsets) > 3                                     # they differ per sequence
+  again = model(tokens(), deterministic=False, rngs=nnx.Rngs(dropout=2))
+  assert (np.asarray(again.gate_weights_BxNxH != 0) != open_BxNxH).any()   # and per step
+
+
+def test_the_full_pass_is_the_dense_model_unchanged():
+  dense = lm(gate='dense')
+  want = dense(tokens(), deterministic=True).logits_BxLxV
+  full = elastic.random_subsets(nnx.clone(dense), H)
+  got = full(tokens(), deterministic=False, rngs=nnx.Rngs(dropout=3)).logits_BxLxV
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_distillation_is_zero_for_the_teacher_and_teaches_only_the_student():
+  teacher = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  weight = jnp.ones((2, 5))
+  assert float(elastic.distillation(teacher, teacher, weight)) == pytest.approx(0.0, abs=1e-6)
+  student = jax.random.normal(jax.random.key(1), (2, 5, 7))
+  g_student, g_teacher = jax.grad(elastic.distillation, argnums=(0, 1))(student, teacher, weight)
+  assert np.abs(np.asarray(g_student)).sum() > 0 and np.abs(np.asarray(g_teacher)).sum() == 0
+
+
+def test_a_short_elastic_run_trains_every_width(tmp_path):
+  cfg = dataclasses.replace(
+      TINY, steps=12, eval_every=12, checkpoint_every=12,
+      model=dataclasses.replace(TINY.model, gate='dense', active_heads=None, noise=None,
+                                eval_path='masked'),
+      loss=dataclasses.replace(TINY.loss, elastic_ks=(1, 2), distill_weight=0.5))
+  train.train(cfg, str(tmp_path), progress=False)
+  lines = [r for r in train.read_metrics(str(tmp_path / 'metrics.jsonl')) if r['kind'] == 'train']
+  assert {'elastic/task_K1', 'elastic/distill_K2'} <= set(lines[-1])
+  assert lines[-1]['elastic/task_K1'] < lines[0]['elastic/task_K1']
+  assert all(np.isfinite(r['loss']) for r in lines)
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (['loss.elastic_ks=0,2'], r'K=0 must be an int in \(0, num_heads=8\]'),
+    (['loss.elastic_ks=2,9'], r'K=9 must be'),
+    (['loss.elastic_ks=2,2'], 'repeats a K'),
+    (['loss.elastic_ks=2', 'loss.l0_weight=0.1'], 'turn the sparsity terms off'),
+    (['loss.elastic_ks=2', 'model.shared_heads=1', 'model.active_heads=2',
+      'loss.elastic_ks=1'], r'K=1 must be an int in \(1,'),
+    (['loss.distill_weight=1.5'], r'loss.distill_weight: must be in \[0, 1\]'),
+])
+def test_bad_elastic_settings_are_refused(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    config.override(config.TrainConfig(), overrides)
