@@ -13,7 +13,7 @@ import pytest
 from gating.training import checkpoint
 from gating.training import config
 from gating.training import loop as train
-from gating.training.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from gating.training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 
