@@ -31,7 +31,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--quick', action='store_true',
-                      help='fewer sizes and trials: a short run (about a minute)')
+                      help='fewer sizes and trials: a shorter run (each section prints '
+                           'its own time)')
   parser.add_argument('--sections', default=','.join(SECTIONS),
                       help=f'comma-separated subset of: {", ".join(SECTIONS)}')
   parser.add_argument('--out', default='runs/benchmark',

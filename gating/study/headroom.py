@@ -183,7 +183,7 @@ def _forward(graphdef, state, rows, layer_path, logits_H, k):
   if layer_path is not None:
     attn = dict(attention_layers(model))[layer_path]
     attn.gate_rule, attn.active_heads, attn.gate_options = 'topk', k, ()
-    attn.noise, attn.scaled_weights = None, False
+    attn.noise, attn.scaled_weights, attn.shared_heads = None, False, 0  # search every head
     attn.router = StaticRouter(attn.num_heads)
     attn.router.logits_H[...] = logits_H
   ce, _, weight, _ = train.task_outputs(model, rows, deterministic=True)
