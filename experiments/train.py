@@ -88,8 +88,7 @@ def main(argv=None):
     print(cfg.to_json())
     return
   from gating.training import distributed
-  from gating.training.checkpoint import CheckpointError
-  from gating.training.loop import mesh_and_shardings, train
+  from gating.training.loop import mesh_and_shardings
   try:
     if args.distributed:
       distributed.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -102,9 +101,17 @@ def main(argv=None):
   except ValueError as e:
     sys.exit(f'error: {e}')
   workdir = args.workdir or os.path.join('runs', args.preset)
+  run_and_report(cfg, workdir, progress=not args.no_progress, plots=not args.no_plots,
+                 restore_step=args.restore_step)
+
+
+def run_and_report(cfg, workdir, *, progress=True, plots=True, restore_step=None):
+  """Trains (or resumes) cfg in workdir, prints the summary and writes the plots; bad
+  input exits with one `error:` line."""
+  from gating.training.checkpoint import CheckpointError
+  from gating.training.loop import train
   try:
-    summary = train(cfg, workdir, progress=not args.no_progress,
-                    restore_step=args.restore_step)
+    summary = train(cfg, workdir, progress=progress, restore_step=restore_step)
   except (FileNotFoundError, ValueError, FloatingPointError, CheckpointError) as e:
     sys.exit(f'error: {e}')
   if summary.get('already_finished'):
@@ -113,9 +120,9 @@ def main(argv=None):
     return
   if jax.process_index() == 0:
     print_summary(summary)
-    if not args.no_plots:
-      from experiments import plots
-      written = plots.plot_run(workdir)
+    if plots:
+      from experiments import plots as plotting
+      written = plotting.plot_run(workdir)
       print(f'plots: {", ".join(written)}')
   print(f'run folder: {workdir}')
 

@@ -286,6 +286,8 @@ class GatedMultiHeadAttention(nnx.Module):
     self.router_z_loss = GateStats(jnp.zeros((), jnp.float32))
     needs_rng = dropout_rate > 0 or self.stochastic_gate
     self.rngs = rngs.dropout.fork() if keep_rngs and needs_rng else nnx.data(None)
+    # Analysis tools (gating.training.importance) force a gate here; see `force_gate`.
+    self.forced_weights_BxH = nnx.data(None)
 
   @property
   def reads_every_token(self) -> bool:
@@ -402,6 +404,17 @@ class GatedMultiHeadAttention(nnx.Module):
     return selection.Gate(jnp.concatenate([shared_BxS, gate.weights_BxH], axis=1), idx_BxK,
                           jnp.concatenate([shared_BxS, gate.probs_BxH], axis=1))
 
+  def force_gate(self, weights_BxH: jax.Array | None) -> None:
+    """Replaces the rule's decision by the given gate weights (None: the rule again).
+
+    While set, every call runs the masked path with y = sum_h w_bh * head_h(x_b) + bias,
+    w = weights_BxH exactly (differentiable in w, any real values), the router still runs,
+    and its logits [B, H - S] and the layer's output [B, L, D] are sown as
+    nnx.Intermediate 'router_logits' and 'output' (read them with nnx.pop). For analysis
+    on a copy of a model: head-importance labels, router fitting; not for training.
+    """
+    self.forced_weights_BxH = weights_BxH
+
   def _record(self, logits_BxH, gate: selection.Gate) -> None:
     record_gate(self.head_usage, self.head_prob, self.head_weight, self.router_z_loss,
                 logits_BxH, gate, self.router is not None)
@@ -480,7 +493,15 @@ class GatedMultiHeadAttention(nnx.Module):
 
     valid_BxL = valid_tokens(mask, *inputs_q.shape[:2])
     logits_BxH = self.router_logits(inputs_q, valid_BxL)
-    gate = self._select(logits_BxH, k, deterministic, gate_rng)
+    forced = self.forced_weights_BxH
+    if forced is None:
+      gate = self._select(logits_BxH, k, deterministic, gate_rng)
+    else:
+      if forced.shape != (inputs_q.shape[0], self.num_heads):
+        raise ValueError(f'forced gate weights of shape {forced.shape}: expected '
+                         f'{(inputs_q.shape[0], self.num_heads)} (batch, num_heads)')
+      gate, path = selection.Gate(forced, None, forced), 'masked'
+      self.sow(nnx.Intermediate, 'router_logits', logits_BxH)
     self._record(logits_BxH, gate)
 
     xq, xk, xv, *weights = dtypes.promote_dtype(
@@ -499,6 +520,8 @@ class GatedMultiHeadAttention(nnx.Module):
     else:
       weights_BxK = jnp.take_along_axis(gate.weights_BxH, gate.idx_BxK, axis=1)
       y = compute.gathered_attention(xq, xk, xv, w, gate.idx_BxK, weights_BxK, options)
+    if forced is not None:
+      self.sow(nnx.Intermediate, 'output', y)
     return (y, gate) if return_gate else y
 
   # -- checks -----------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from typing import Any
 
 from gating.layers.selection import NOISES, RULES, get_rule
 from gating.training.elastic import check_ks as check_elastic_ks
+from gating.training.importance import LABELS
+from gating.training.router_fit import LOSSES as ROUTER_LOSSES
 
 PATHS = ('masked', 'gathered')
 FORMAT = 2               # 1: configs written before the format key (read the same way)
@@ -204,6 +206,9 @@ class LossConfig:
   elastic_ks: tuple[int, ...] = ()       # elastic training: one random-subset sub-model per
                                          # K each step, beside the full model (off: ())
   distill_weight: float = 1.0            # a: sub-models learn (1 - a) targets + a full pass
+  router_labels: str | None = None       # fit only the routers to the frozen model's head
+                                         # importance: 'ablation' | 'grad_x_act' | 'output_norm'
+  router_loss: str = 'bce'               # ... by 'bce' on the top-K heads or 'listwise'
 
   def __post_init__(self):
     for name in ('l0_weight', 'l1_weight', 'load_balance_weight', 'z_loss_weight',
@@ -218,6 +223,15 @@ class LossConfig:
                                    and self.target_fraction is None),
            'loss.elastic_ks', 'elastic training uses random subsets, not the routers: turn '
            'the sparsity terms off (l0, l1, load_balance, z_loss, target_fraction)')
+    _check(self.router_labels in (None,) + LABELS, 'loss.router_labels',
+           f'must be one of {LABELS}, got {self.router_labels!r}')
+    _check(self.router_loss in ROUTER_LOSSES, 'loss.router_loss',
+           f'must be one of {ROUTER_LOSSES}, got {self.router_loss!r}')
+    _check(self.router_labels is None or not (
+        self.elastic_ks or any(getattr(self, n) for n in sparsity)
+        or self.target_fraction is not None),
+           'loss.router_labels', 'router fitting trains only the routers on importance '
+           'labels: turn elastic_ks and the sparsity terms off')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +299,17 @@ class TrainConfig:
       _check(self.model.mlp_groups is None, 'loss.elastic_ks',
              'elastic training covers attention heads only; model.mlp_groups must be unset')
       _check(not self.k_schedule, 'loss.elastic_ks', 'elastic training has no k_schedule')
+    if self.loss.router_labels:
+      m = self.model
+      _check(self.init_from is not None, 'loss.router_labels',
+             'router fitting needs init_from: the trained run whose routers to fit')
+      _check(get_rule(m.gate).router == 'input' and get_rule(m.gate).needs_k
+             and m.router != 'static', 'loss.router_labels',
+             f'needs a rule with a budget K and a dynamic router (e.g. topk), got '
+             f'gate={m.gate!r}, router={m.router!r}')
+      _check(m.mlp_groups is None, 'loss.router_labels',
+             'router fitting covers attention heads only; model.mlp_groups must be unset')
+      _check(not self.k_schedule, 'loss.router_labels', 'router fitting has no k_schedule')
     last = 0
     for k, until in self.k_schedule:
       _check(1 <= k <= self.model.num_heads, 'k_schedule',

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gating import data
-from gating.training import checkpoint, elastic
+from gating.training import checkpoint, elastic, router_fit
 from gating.training import distributed
 from gating.training import losses
 from gating.training import tensorboard
@@ -106,7 +106,8 @@ def _label(path, _) -> str:
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """Clipping, then AdamW with warmup and cosine decay (router: its own rate); the
-  Lagrange multipliers take plain gradient ascent."""
+  Lagrange multipliers take plain gradient ascent. With loss.router_labels only the
+  routers train."""
   o = cfg.optim
 
   def adamw(peak):
@@ -115,10 +116,12 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         end_value=peak * o.final_learning_rate_fraction)
     return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
+  # Router fitting (loss.router_labels): every parameter but the routers' stays frozen.
+  frozen = cfg.loss.router_labels is not None
   return optax.chain(
       optax.clip_by_global_norm(o.clip_norm),
       optax.multi_transform(
-          {'default': adamw(o.learning_rate),
+          {'default': optax.set_to_zero() if frozen else adamw(o.learning_rate),
            'router': adamw(o.router_learning_rate or o.learning_rate),
            'lagrange': optax.sgd(-o.lagrange_learning_rate)},
           lambda params: jax.tree_util.tree_map_with_path(_label, params)))
@@ -190,9 +193,13 @@ def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs):
 
 
 def total_loss(learner: Learner, batch, cfg: TrainConfig, *, target, rngs, active_heads):
-  """Task loss plus the weighted sparsity terms; returns (loss, metrics)."""
+  """Task loss plus the weighted sparsity terms; returns (loss, metrics). Elastic training
+  and router fitting have their own losses (elastic.py, router_fit.py)."""
   if cfg.loss.elastic_ks:
     return elastic_total_loss(learner, batch, cfg, rngs=rngs)
+  if cfg.loss.router_labels:
+    return router_fit.fit_loss(learner.model, batch, labels=cfg.loss.router_labels,
+                               kind=cfg.loss.router_loss, outputs_fn=model_outputs)
   ce, correct, weight, _ = task_outputs(learner.model, batch, deterministic=False, rngs=rngs,
                                         active_heads=active_heads)
   task = losses.weighted_mean(ce, weight)
@@ -420,12 +427,24 @@ def train_batch(dataset, step: int, cfg: TrainConfig, sharding):
           for k, v in _model_inputs(rows).items()}
 
 
-def warm_start(state, graphdef, source_dir: str):
+def warm_start(state, graphdef, source_dir: str, *, every_param: bool = False):
   """Copies the parameters of another run's final checkpoint that exist here with the same
-  shape (e.g. a dense run's attention weights into a gated model; new routers stay fresh)."""
-  saved_cfg = from_dict(json.load(open(os.path.join(source_dir, 'config.json'))))
-  saved_info = data.DataInfo(**json.load(open(os.path.join(source_dir, 'data_info.json'))))
+  shape (e.g. a dense run's attention weights into a gated model; new routers stay fresh).
+
+  every_param: refuse (ValueError) unless every parameter outside the routers was copied:
+  the source must be the same model (router fitting). A missing or damaged source
+  checkpoint is a checkpoint.CheckpointError."""
+  for name in ('config.json', 'data_info.json'):
+    if not os.path.exists(os.path.join(source_dir, name)):
+      raise checkpoint.CheckpointError(f'init_from: {source_dir} is not a run folder (no '
+                                       f'{name})')
+  with open(os.path.join(source_dir, 'config.json')) as f:
+    saved_cfg = from_dict(json.load(f))
+  with open(os.path.join(source_dir, 'data_info.json')) as f:
+    saved_info = data.DataInfo(**json.load(f))
   src_def, src_state = create(saved_cfg, saved_info)
+  if not os.path.isdir(os.path.join(source_dir, 'checkpoints')):
+    raise checkpoint.CheckpointError(f'init_from: no checkpoint in {source_dir}/checkpoints')
   mngr = checkpoint.manager(os.path.join(source_dir, 'checkpoints'))
   try:
     loaded = checkpoint.load(mngr, src_state, where=source_dir)
@@ -437,11 +456,17 @@ def warm_start(state, graphdef, source_dir: str):
   source, _ = nnx.merge(src_def, src_state)
   learner, optimizer = nnx.merge(graphdef, state)
   src_params = dict(nnx.to_flat_state(nnx.state(source.model, nnx.Param)))
-  copied = 0
+  copied, missing = 0, []
   for path, var in nnx.to_flat_state(nnx.state(learner.model, nnx.Param)):
     if path in src_params and src_params[path][...].shape == var[...].shape:
       var[...] = src_params[path][...]
       copied += 1
+    elif 'router' not in map(str, path):
+      there = src_params[path][...].shape if path in src_params else 'absent'
+      missing.append(f"{'/'.join(map(str, path))} ({there} there, {var[...].shape} here)")
+  if every_param and missing:
+    raise ValueError(f'init_from={source_dir} is another model: {len(missing)} parameters do '
+                     f'not match, e.g. {missing[0]}')
   return nnx.state((learner, optimizer)), copied
 
 
@@ -487,6 +512,11 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   if restore_step is not None and not os.path.isdir(checkpoints):
     raise checkpoint.CheckpointError(f'--restore-step {restore_step}: {workdir} holds no '
                                      'checkpoints')
+  warm = None
+  if cfg.init_from and not os.path.isdir(checkpoints):
+    # A new run: read the source before any folder is made, so a bad one leaves none.
+    warm = warm_start(state, graphdef, cfg.init_from,
+                      every_param=cfg.loss.router_labels is not None)
 
   os.makedirs(workdir, exist_ok=True)
   mngr = checkpoint.manager(checkpoints, cfg.keep_checkpoints)
@@ -520,7 +550,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       print(f'resuming {workdir} from step {start}', flush=True)
   else:
     if cfg.init_from:
-      state, copied = warm_start(state, graphdef, cfg.init_from)
+      state, copied = warm or warm_start(state, graphdef, cfg.init_from,
+                                         every_param=cfg.loss.router_labels is not None)
       print(f'warm start: {copied} parameter arrays from {cfg.init_from}', flush=True)
     if main_process:
       log.truncate_after(-1)

@@ -1,0 +1,107 @@
+"""Routers fitted to a frozen model's own per-sequence head importance (Deja Vu, ShadowLLM).
+
+A run with `loss.router_labels` set trains only the routers; every other parameter is
+frozen (its update is zero) after a warm start from a trained run (`init_from`, typically
+an elastic one). Each step, for the batch:
+
+  u_NxBxH  = importance labels of the frozen model (gating.training.importance), with
+             every layer running all its heads; stop-gradient
+  r_n,BxR  = router n's logits on the same forward's layer input (R = H - S routed heads;
+             the S shared heads are always on and not scored)
+  T_n,BxR  = 1 on the top-(K - S) routed heads of u_n per sequence, else 0
+
+and the loss is the mean over layers of
+
+  'bce'       mean_{b,h} BCE(sigmoid(r_n,bh), T_n,bh)              (Deja Vu, Polar Sparsity)
+  'listwise'  mean_b CE(softmax(u_n,b / std_h(u_n,b)), softmax(r_n,b))   (ListNet top-1)
+
+The run's gate then picks top-(K - S) of the router's logits (gate='topk', weights 1, as
+the sub-models of elastic training ran). `router/recall` is the mean share of the label's
+top-(K - S) routed heads that the router's top-(K - S) holds; the validation loss of the
+routed model is the loop's usual evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gating.training import importance
+
+LOSSES = ('bce', 'listwise')
+
+
+def top_k_mask(scores_BxR: jax.Array, k: int) -> jax.Array:
+  """1.0 on the k highest scores of each row, else 0.0."""
+  _, idx_BxK = jax.lax.top_k(scores_BxR, k)
+  return jnp.zeros_like(scores_BxR).at[jnp.arange(scores_BxR.shape[0])[:, None], idx_BxK].set(1.0)
+
+
+def router_loss(logits_BxR: jax.Array, labels_BxR: jax.Array, k: int, kind: str) -> jax.Array:
+  """The router's loss against importance labels (see the module docstring)."""
+  if kind == 'bce':
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits_BxR, top_k_mask(labels_BxR, k)))
+  if kind == 'listwise':
+    scale_Bx1 = jnp.std(labels_BxR, axis=1, keepdims=True) + 1e-6
+    target_BxR = jax.nn.softmax(labels_BxR / scale_Bx1, axis=1)
+    return jnp.mean(optax.softmax_cross_entropy(logits_BxR, target_BxR))
+  raise ValueError(f'loss.router_loss must be one of {LOSSES}, got {kind!r}')
+
+
+def recall(logits_BxR: jax.Array, labels_BxR: jax.Array, k: int) -> jax.Array:
+  """Mean |top-k(logits) & top-k(labels)| / k over the batch."""
+  both = top_k_mask(logits_BxR, k) * top_k_mask(labels_BxR, k)
+  return jnp.sum(both) / (k * logits_BxR.shape[0])
+
+
+def fit_loss(model, batch, *, labels: str, kind: str, outputs_fn):
+  """(loss, metrics) of the routers of `model` against the frozen model's labels."""
+  layers = importance.attention_layers(model)
+  u_NxBxH = jax.lax.stop_gradient(importance.head_importance(model, batch, labels, outputs_fn))
+  ones_NxBxH = jnp.ones_like(u_NxBxH)
+  _, logits, _ = importance.forced_forward(model, batch, ones_NxBxH, outputs_fn)
+  per_layer, recalls = [], []
+  for n, (_, attn) in enumerate(layers):
+    S, k = attn.shared_heads, attn.active_heads - attn.shared_heads
+    labels_BxR = u_NxBxH[n][:, S:]
+    per_layer.append(router_loss(logits[n], labels_BxR, k, kind))
+    recalls.append(recall(logits[n], labels_BxR, k))
+  loss = jnp.mean(jnp.stack(per_layer))
+  return loss, {'loss': loss, 'task_loss': loss, 'router/recall': jnp.mean(jnp.stack(recalls)),
+                'router/recall_per_layer': jnp.stack(recalls)}
+
+
+def check_source(source_model, model) -> None:
+  """A ValueError unless `model` (to fit) has the gated attention layers of the source."""
+  mine, theirs = importance.attention_layers(model), importance.attention_layers(source_model)
+  if len(mine) != len(theirs) or any(a.num_heads != b.num_heads
+                                     for (_, a), (_, b) in zip(mine, theirs)):
+    raise ValueError('the source run has another shape: '
+                     f'{[a.num_heads for _, a in theirs]} heads per layer there, '
+                     f'{[a.num_heads for _, a in mine]} here')
+
+
+def fit_config(source, *, k: int, labels: str = 'grad_x_act', loss: str = 'bce',
+               shared_heads: int = 0, steps: int = 300, learning_rate: float = 3e-3,
+               init_from: str, seed: int | None = None, router: str | None = None):
+  """The TrainConfig of a router fit on the run `init_from` whose config is `source`: the
+  same model shape and data, gate='topk' at budget K (S shared), labels and loss as given,
+  the routers trained at `learning_rate` for `steps` and nothing else."""
+  if labels not in importance.LABELS:
+    raise ValueError(f'labels must be one of {importance.LABELS}, got {labels!r}')
+  if loss not in LOSSES:
+    raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+  model = dataclasses.replace(
+      source.model, gate='topk', active_heads=k, shared_heads=shared_heads, gate_options=(),
+      noise=None, scaled_weights=False, temperature=None, router=router,
+      path='masked', eval_path='gathered')
+  return dataclasses.replace(
+      source, model=model, loss=type(source.loss)(router_labels=labels, router_loss=loss),
+      optim=dataclasses.replace(source.optim, learning_rate=learning_rate,
+                                router_learning_rate=None, warmup_steps=min(20, steps - 1)),
+      steps=steps, eval_every=None, checkpoint_every=None, temperature_start=None,
+      temperature_end=None, temperature_steps=0, k_schedule=(), init_from=init_from,
+      seed=source.seed if seed is None else seed)
