@@ -66,7 +66,7 @@ def main(argv=None):
           f"distinct)  router {num(r.get('router'))}  oracle closes "
           f"{num(r['oracle_closes'], '.0%')} of static's gap to dense, by label "
           f"{num(r['by_label_closes'], '.0%')}; router captures {num(r.get('captured'), '.2f')} "
-          'of the headroom')
+          f"of the headroom and runs {num(r.get('router_recall'), '.0%')} of the oracle's heads")
   print(f'wrote {out}')
 
 

@@ -107,10 +107,13 @@ def plot_training_curves(run_dir, train, evals, out):
     loss_title = 'loss'
   else:
     loss_title = 'loss (total = task: no regularizer is on)'
-  accuracy = [r['accuracy'] for r in train]
+  # A router fit (loss.router_labels) trains on labels, not targets: its recall instead.
+  key, name = (('accuracy', 'train accuracy') if 'accuracy' in train[0] else
+               ('router/recall', "train: router's recall of the labels' top-K"))
+  accuracy = [r[key] for r in train]
   ax_acc.plot(steps, accuracy, lw=0.5, alpha=0.2, color='C0')
   ax_acc.plot(steps, _smooth(accuracy, window), lw=1.2, color='C0',
-              label=f'train accuracy ({window}-step mean)')
+              label=f'{name} ({window}-step mean)')
   val = [r for r in evals if r.get('split') == 'validation']
   if val:
     style = dict(marker='o', ms=6, lw=2, color='C3', mec='k', zorder=5)

@@ -24,6 +24,8 @@ cross-entropy per score-position token:
   oracle_closes, by_label_closes   (static - x) / (static - dense): the share of static's
              gap to dense that the oracle, or routing by label, closes
   captured   (static - router) / (static - oracle): the share of the headroom the router wins
+  router_recall   mean over sequences of |router's heads & oracle's subset| / K: how often
+             the router runs the heads the per-sequence oracle picked (own K only)
 
 The search is exhaustive over the C(H, K) subsets of one layer at a time (28 for K = 2 of
 8, 70 for K = 4 of 8); the other layers are not searched jointly.
@@ -103,6 +105,15 @@ def oracle_from_losses(ce_SxBxL: np.ndarray, choice_BxL: np.ndarray, score_BxL: 
   return out
 
 
+def oracle_recall(router_open_BxH: np.ndarray, subsets, best_B: np.ndarray) -> float:
+  """Mean over sequences b of |router's open heads & subsets[best_B[b]]| / K."""
+  oracle_BxH = np.zeros_like(router_open_BxH, dtype=bool)
+  for b, s in enumerate(best_B):
+    oracle_BxH[b, list(subsets[s])] = True
+  k = len(subsets[0])
+  return float((router_open_BxH.astype(bool) & oracle_BxH).sum() / (k * len(best_B)))
+
+
 def attention_layers(model: nnx.Module) -> list[tuple[str, GatedMultiHeadAttention]]:
   return [('/'.join(map(str, p)), m) for p, m in nnx.iter_graph(model)
           if isinstance(m, GatedMultiHeadAttention)]
@@ -137,8 +148,8 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
       raise ValueError(f'K={k} must be in [1, H) for every searched layer')
   rows = _rows(getattr(run.splits, split), max_sequences)
   graphdef, state = nnx.split(model)
-  router_ce_BxL, weight_BxL = _forward(graphdef, state, rows, None, None, None)
-  router_ce_BxL, weight_BxL = np.asarray(router_ce_BxL), np.asarray(weight_BxL)
+  router_ce_BxL, weight_BxL, router_open_BxNxH = map(
+      np.asarray, _forward(graphdef, state, rows, None, None, None))
   choice_BxL, score_BxL = split_positions(weight_BxL)
   report = {'workdir': run.workdir, 'step': run.step, 'split': split, 'gate': run.config.model.gate,
             'sequences': int(weight_BxL.shape[0]), 'layers': []}
@@ -154,7 +165,10 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
           ce_SxBxL, choice_BxL, score_BxL,
           router_ce_BxL=router_ce_BxL if k == own[n] else None, dense_ce_BxL=dense_ce_BxL,
           label_B=rows['label'])
-      counts = np.bincount(result.pop('oracle_subsets_B'), minlength=len(subsets))
+      best_B = result.pop('oracle_subsets_B')
+      counts = np.bincount(best_B, minlength=len(subsets))
+      if k == own[n]:
+        result['router_recall'] = oracle_recall(router_open_BxNxH[:, n], subsets, best_B)
       report['layers'].append({
           'layer': n, 'path': name, 'K': k, 'num_subsets': len(subsets), **result,
           'static_subset': list(subsets[result['static_subset']]),
@@ -177,8 +191,9 @@ def _rows(dataset, max_sequences):
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5))
 def _forward(graphdef, state, rows, layer_path, logits_H, k):
-  """(ce * weight, weight) per position [B, L]; with `layer_path`, that layer runs top-k
-  with weights 1 on a static router with `logits_H` (the forced subset)."""
+  """(ce * weight, weight) per position [B, L] and the open heads [B, N, H]; with
+  `layer_path`, that layer runs top-k with weights 1 on a static router with `logits_H`
+  (the forced subset)."""
   model = nnx.merge(graphdef, state, copy=True)
   if layer_path is not None:
     attn = dict(attention_layers(model))[layer_path]
@@ -186,5 +201,5 @@ def _forward(graphdef, state, rows, layer_path, logits_H, k):
     attn.noise, attn.scaled_weights, attn.shared_heads = None, False, 0  # search every head
     attn.router = StaticRouter(attn.num_heads)
     attn.router.logits_H[...] = logits_H
-  ce, _, weight, _ = train.task_outputs(model, rows, deterministic=True)
-  return ce * weight, weight
+  ce, _, weight, gate_weights_BxNxH = train.task_outputs(model, rows, deterministic=True)
+  return ce * weight, weight, gate_weights_BxNxH != 0

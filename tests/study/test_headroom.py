@@ -79,6 +79,7 @@ def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
   assert layer['K'] == 2 and layer['num_subsets'] == 6 and report['sequences'] == 16
   assert layer['headroom'] == pytest.approx(layer['static'] - layer['oracle'])
   assert {'dense', 'by_label', 'router', 'oracle_closes', 'captured'} <= set(layer)
+  assert 0.0 <= layer['router_recall'] <= 1.0
   assert layer['score_tokens'] > 0 and layer['choice_tokens'] > 0
   with pytest.raises(SystemExit, match='error: layer 3 does not exist'):
     headroom_script.main(['--workdir', str(tmp_path / 'run'), '--layers', '3'])
@@ -93,5 +94,13 @@ def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
   assert [r['K'] for r in report['layers']] == [1, 3]
   assert [r['num_subsets'] for r in report['layers']] == [4, 4]
   assert 'router' not in report['layers'][0]     # a dense run has no router to compare
+  assert 'router_recall' not in report['layers'][0]
   with pytest.raises(ValueError, match=r'K=4 must be in \[1, H\)'):
     headroom.headroom(dense_run, ks=[4])
+
+
+def test_router_recall_of_the_oracle_subsets():
+  subsets = [(0, 1), (0, 2), (2, 3)]
+  router_open_BxH = np.array([[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 1, 1]], bool)
+  # sequence 0: both heads of (0, 1); 1: head 0 of (0, 2); 2: none of (0, 1)
+  assert headroom.oracle_recall(router_open_BxH, subsets, np.array([0, 1, 0])) == pytest.approx(3 / 6)
