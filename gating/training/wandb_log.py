@@ -5,18 +5,22 @@ event files (`tensorboard.scalars`: `train/loss`, `train/active_heads/0`,
 `validation/accuracy`, `test/permute_0/loss`, ...), each record logged with
 `run.log(scalars, step=record['step'])`, plus the resolved config as the run's config.
 
-Mode: offline, unless the environment variable WANDB_MODE is set to a non-empty value,
-which W&B then reads as it always does (`online` syncs to the server that `wandb login`
-or WANDB_API_KEY configured, `disabled` writes nothing). `wandb login` alone, or
-`wandb online`, does not make a run online here: set WANDB_MODE=online. An offline run
-can be uploaded later with `wandb sync RUN_FOLDER/wandb/offline-run-*`.
+Mode: `wandb.init(mode=os.environ['WANDB_MODE'])` when the environment variable
+WANDB_MODE is set to a non-empty value (`online` sends the run to the server that
+`wandb login` or WANDB_API_KEY configured, `disabled` turns W&B off; W&B checks the
+value), else `mode='offline'`. So `wandb login` alone, or `wandb online`, does not make
+a run online here: set WANDB_MODE=online. An offline run can be uploaded later with
+`wandb sync RUN_FOLDER/wandb/offline-run-*`. (The mode is passed on explicitly because
+W&B reads its environment only once per process.)
 
 Files: W&B writes into the run folder (`dir=workdir`: RUN_FOLDER/wandb/). The W&B run id
 is made once and kept in RUN_FOLDER/wandb_id.txt; a resumed run opens the same id with
-`resume='allow'`, so it continues the same W&B run. (Steps that an earlier sitting logged
-past its last checkpoint are not purged, as they are in TensorBoard; W&B keeps the values
-it has for a step. On the same machine they are the same numbers: the loop is
-deterministic.) The run's name is the run folder's name.
+`resume='allow'`, so it continues the same W&B run. Steps that an earlier sitting logged
+past its last checkpoint are not purged, as they are in TensorBoard: offline, each sitting
+has its own folder; online, W&B ignores a step below the last it has (with its warning
+"Tried to log to step ..."), so it keeps the earlier sitting's values. On the same
+machine they are the same numbers: the loop is deterministic. The run's name is the run
+folder's name.
 
 wandb is imported only when log.wandb is set; `require` fails early, before anything is
 written, with the extra to install. Only process 0 logs (the loop decides).
@@ -44,9 +48,9 @@ def require() -> None:
                      f'installed: {EXTRA}') from None
 
 
-def mode() -> str | None:
-  """'offline', or None (W&B reads WANDB_MODE) when WANDB_MODE is set and non-empty."""
-  return None if os.environ.get('WANDB_MODE') else 'offline'
+def mode() -> str:
+  """WANDB_MODE when it is set and non-empty, else 'offline'."""
+  return os.environ.get('WANDB_MODE') or 'offline'
 
 
 def run_id(workdir: str) -> str:

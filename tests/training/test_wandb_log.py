@@ -135,8 +135,9 @@ def test_offline_unless_wandb_mode_is_set(monkeypatch):
   assert wandb_log.mode() == 'offline'
   monkeypatch.setenv('WANDB_MODE', '')
   assert wandb_log.mode() == 'offline'
-  monkeypatch.setenv('WANDB_MODE', 'online')
-  assert wandb_log.mode() is None                      # W&B reads WANDB_MODE itself
+  for value in ('online', 'disabled'):
+    monkeypatch.setenv('WANDB_MODE', value)
+    assert wandb_log.mode() == value
 
 
 def test_the_run_id_is_made_once_per_run_folder(tmp_path):
