@@ -28,6 +28,7 @@ written, with the extra to install. Only process 0 logs (the loop decides).
 
 from __future__ import annotations
 
+import importlib
 import os
 import secrets
 import string
@@ -42,7 +43,7 @@ ID_FILE = 'wandb_id.txt'
 def require() -> None:
   """A ValueError naming the extra when wandb is not installed (log.wandb needs it)."""
   try:
-    import wandb  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    importlib.import_module('wandb')
   except ImportError:
     raise ValueError('log.wandb: logging to W&B needs the wandb package, which is not '
                      f'installed: {EXTRA}') from None
