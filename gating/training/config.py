@@ -10,7 +10,8 @@ lacks (it was added later) takes its default, so a new field never makes an olde
 different model". `compatibility` is the part of a config that decides whether a
 checkpoint fits a run: every model field except the compute path, which by the masked /
 gathered contract does not change the function. Data identity is the data fingerprint
-(training.loop.check_compatible), not the data settings.
+(training.loop.check_compatible), not the data settings. The `log` section (where metrics
+go besides metrics.jsonl) never counts: a run resumes with W&B turned on or off.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FORMAT = 2               # 1: configs written before the format key (read the sa
 # Model fields that choose how the same parameters run, not which model they are.
 NOT_COMPATIBILITY = ('path', 'eval_path')
 DTYPES = ('float32', 'bfloat16')
+WANDB_FORBIDDEN = '/\\#?%:'     # characters W&B refuses in a project name
 
 
 def _check(condition: bool, field: str, message: str) -> None:
@@ -261,12 +263,30 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogConfig:
+  """Where the metrics go besides metrics.jsonl and the TensorBoard event files."""
+  wandb: str | None = None               # a W&B project: log to W&B too (offline unless
+                                         # WANDB_MODE is set; training/wandb_log.py)
+
+  def __post_init__(self):
+    if self.wandb is None:
+      return
+    _check(isinstance(self.wandb, str) and self.wandb.strip() != '', 'log.wandb',
+           f'must be a W&B project name (or none: off), got {self.wandb!r}')
+    bad = sorted(set(self.wandb) & set(WANDB_FORBIDDEN))
+    _check(len(self.wandb) <= 128 and not bad, 'log.wandb',
+           f'{self.wandb!r} is not a W&B project name (at most 128 characters, none of '
+           f'{" ".join(WANDB_FORBIDDEN)})')
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run."""
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   loss: LossConfig = LossConfig()
   optim: OptimConfig = OptimConfig()
+  log: LogConfig = LogConfig()
   steps: int = 1000
   batch_size: int = 64
   grad_accum: int = 1                    # micro-batches per step
@@ -334,7 +354,8 @@ class TrainConfig:
     return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
 
-SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'loss': LossConfig, 'optim': OptimConfig}
+SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'loss': LossConfig, 'optim': OptimConfig,
+            'log': LogConfig}
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:

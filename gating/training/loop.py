@@ -10,9 +10,10 @@ late, so the host never stalls the device) and stop on a NaN or Inf; every `eval
 steps evaluate; every `checkpoint_every` steps and at the end, fetch this step's metrics
 (NaN check first), then checkpoint. Files in the run folder: config.json (the resolved
 config), provenance.json, metrics.jsonl (one JSON line per train step and per eval),
-events.out.tfevents.* (the same scalars for TensorBoard), checkpoints/, summary.json
-(written last: the run is complete). In a multi-process run only process 0 writes files
-(orbax aside); each process loads only its rows of the batch (see distributed.py).
+events.out.tfevents.* (the same scalars for TensorBoard), wandb/ and wandb_id.txt (the
+same scalars for W&B, only with log.wandb set), checkpoints/, summary.json (written last:
+the run is complete). In a multi-process run only process 0 writes files (orbax aside)
+and logs to W&B; each process loads only its rows of the batch (see distributed.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gating.training import checkpoint, elastic, router_fit
 from gating.training import distributed
 from gating.training import losses
 from gating.training import tensorboard
+from gating.training import wandb_log
 from gating.training.config import ModelConfig, TrainConfig, compatibility, from_dict
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.training.provenance import provenance
@@ -491,8 +493,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   """Trains (or resumes) the run in `workdir`; returns the final summary.
 
   The data and the model are built before anything is written, so bad data leaves no
-  folder behind. A finished run (its last step checkpointed and summary.json written) is
-  left as it is: its summary comes back with 'already_finished': True.
+  folder behind (nor does log.wandb without wandb installed: checked first). A finished
+  run (its last step checkpointed and summary.json written) is left as it is: its summary
+  comes back with 'already_finished': True.
 
   stop_after: checkpoint at this step and return None (the run resumes from there later,
   exactly as if it had not stopped).
@@ -502,6 +505,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   from tqdm.auto import tqdm
 
   main_process = jax.process_index() == 0
+  if cfg.log.wandb:
+    wandb_log.require()
   splits = load_data(cfg)
   info = splits.info
   replicated, batch_sharding, eval_sharding = mesh_and_shardings(cfg.batch_size,
@@ -557,6 +562,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       log.truncate_after(-1)
   # Event files beside metrics.jsonl; steps after the checkpoint are purged on resume.
   board = tensorboard.ScalarLog(workdir, purge_step=start + 1) if main_process else None
+  # With log.wandb, the same scalars to W&B (offline unless WANDB_MODE says otherwise).
+  w_and_b = (wandb_log.WandbLog(cfg.log.wandb, workdir, config=cfg.to_dict())
+             if main_process and cfg.log.wandb else None)
   if main_process:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json())
@@ -590,6 +598,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       record = {'step': step, 'kind': 'eval', 'split': split, 'path': eval_path, **result}
       log.write(record)
       board.write(record)
+      if w_and_b:
+        w_and_b.write(record)
     return result
 
   tokens_per_step = cfg.batch_size * info.seq_len
@@ -610,6 +620,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
                 'time': time.time()}
       log.write(record)
       board.write(record)
+      if w_and_b:
+        w_and_b.write(record)
     return metrics
 
   bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main_process),
@@ -645,6 +657,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     mngr.close()
     if board:
       board.close()
+    if w_and_b:
+      w_and_b.close()
     return None
 
   summary = {'steps': cfg.steps, 'tokens_seen': cfg.steps * tokens_per_step,
@@ -652,6 +666,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
              'test': run_eval(cfg.steps, 'test', None)}
   if main_process:
     board.close()
+    if w_and_b:
+      w_and_b.close()
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=1)
   mngr.close()
