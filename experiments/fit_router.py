@@ -39,6 +39,10 @@ def parse_args(argv):
   parser.add_argument('--loss', default='bce', help='router loss: bce (default) or listwise')
   parser.add_argument('--shared-heads', type=int, default=0, metavar='S',
                       help='S heads always on; the router picks K - S of the others')
+  parser.add_argument('--router', default=None,
+                      help="the router's pooling ('prefix', 'first', 'mean'; default: the "
+                           "model's) or 'static': one subset for every sequence, fitted to "
+                           'the labels (the static baseline of the same recipe)')
   parser.add_argument('--steps', type=int, default=300, help='router training steps (300)')
   parser.add_argument('--lr', type=float, default=3e-3, help="the routers' learning rate")
   parser.add_argument('--seed', type=int, default=None, help="default: the source run's")
@@ -64,7 +68,8 @@ def resolve(args):
     source = from_dict(json.load(f))
   cfg = router_fit.fit_config(
       source, k=args.k, labels=args.labels, loss=args.loss, shared_heads=args.shared_heads,
-      steps=args.steps, learning_rate=args.lr, init_from=args.source, seed=args.seed)
+      steps=args.steps, learning_rate=args.lr, init_from=args.source, seed=args.seed,
+      router=args.router)
   return override(cfg, args.overrides)
 
 

@@ -13,7 +13,7 @@ For a run (a folder with metrics.jsonl) it writes into DIR/plots/:
 
 For a sweep (a folder with sweep.json and results.csv, see experiments/sweep.py) it writes
 into DIR/plots/:
-  pareto.png            test quality (accuracy for synthetic data, bits per token for text)
+  pareto.png            test (or validation) quality (accuracy for synthetic data, bits per token for text)
                         vs the active-head fraction, one line per gate rule over K, error
                         bars = std over seeds; dense as a point and a dashed reference
   pareto_flops.png      the same against XLA's FLOPs per token of the eval forward
@@ -302,7 +302,9 @@ def plot_sweep(sweep_dir: str) -> list[str]:
   if not os.path.exists(path):
     raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
                             'first, it writes the results at the end')
-  groups = results.aggregate(results.read_csv(path))
+  rows = results.read_csv(path)
+  groups = results.aggregate(rows)
+  split = results.split_of(rows)
   out = os.path.join(sweep_dir, 'plots')
   os.makedirs(out, exist_ok=True)
   if not groups:
@@ -312,9 +314,9 @@ def plot_sweep(sweep_dir: str) -> list[str]:
   except (OSError, KeyError, json.JSONDecodeError):
     name = os.path.basename(os.path.normpath(sweep_dir))
   text = groups[0]['data'] == 'text'
-  y_key, y_label = _quality(text)
+  y_key, y_label = _quality(text, f'{split}_')
   seeds = max(g['seeds'] for g in groups)
-  subtitle = (f'test split, gathered path at each K; mean ± std over up to {seeds} '
+  subtitle = (f'{split} split, gathered path at each K; mean ± std over up to {seeds} '
               f'seed{"s" if seeds > 1 else ""}')
   plt = _pyplot()
   written = []
@@ -326,7 +328,7 @@ def plot_sweep(sweep_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     _pareto(ax, groups, x_key, y_key)
     versus = 'active heads' if x_key == 'active_fraction' else 'compute'
-    ax.set(xlabel=x_label, ylabel=f'test {y_label}', title=f'{name}: quality vs {versus}')
+    ax.set(xlabel=x_label, ylabel=f'{split} {y_label}', title=f'{name}: quality vs {versus}')
     if x_key == 'active_fraction':
       ax.set_xlim(0, 1.05)
     ax.legend(fontsize=8)
@@ -350,7 +352,7 @@ def plot_sweep(sweep_dir: str) -> list[str]:
       ax.set_ylabel('bits per token' if text else 'accuracy')
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc='lower center', ncol=min(4, len(names)), fontsize=8)
-    fig.suptitle(f'{name}: test {y_label} per {"domain" if text else "task"} vs '
+    fig.suptitle(f'{name}: {split} {y_label} per {"domain" if text else "task"} vs '
                  f'active-head fraction ({subtitle})', fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     written.append(os.path.join(out, 'per_label.png'))

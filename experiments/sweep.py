@@ -3,7 +3,8 @@
 Sweeps are defined in experiments/configs/sweeps.py: points of overrides over a preset,
 each trained once per seed. Every point is an ordinary training run in OUT/<point>_s<seed>
 (`python -m experiments.train` in a subprocess, then `python -m experiments.eval` on the
-test split, gathered path at the point's own K, plus the masked-path training-gate gap).
+test split (validation for a tuning sweep), gathered path at the point's own K, plus the
+masked-path training-gate gap).
 Stopped and started again, a sweep skips finished points (summary.json and eval.json
 present) and resumes unfinished ones from their checkpoints; a crashed point is reported
 and the others go on. OUT/sweep.json records the definition: a folder of another sweep,
@@ -102,9 +103,11 @@ def points(sweep, out, *, steps, seeds):
     train = [sys.executable, '-m', 'experiments.train', '--preset', sweep.preset,
              '--workdir', workdir, '--no-progress', *sets]
     evaluate = [sys.executable, '-m', 'experiments.eval', '--workdir', workdir,
-                '--paths', 'gathered', '--k', str(k), '--split', 'test']
+                '--paths', 'gathered', '--k', str(k), '--split', sweep.split]
     result.append(Point(name, workdir, train, evaluate))
   record = {'sweep': sweep.name, 'preset': sweep.preset, 'runs': runs}
+  if sweep.split != 'test':       # (a study's record stays as older sweep folders hold it)
+    record['split'] = sweep.split
   if warm:
     record['warm_runs'] = warm
   return record, result
@@ -162,7 +165,7 @@ def finish(sweep, out, names):
   """Writes results.csv, results.md and the sweep plots from the point folders."""
   from experiments import plots
   from gating.study import results
-  rows = [results.point_row(os.path.join(out, name), name) for name in names]
+  rows = [results.point_row(os.path.join(out, name), name, sweep.split) for name in names]
   results.write_csv(rows, os.path.join(out, 'results.csv'))
   with open(os.path.join(out, 'results.md'), 'w') as f:
     f.write(results.markdown(rows, f'{sweep.name}: {sweep.description}'))

@@ -32,6 +32,22 @@ def rule_label(rule: str) -> str:
   return RULES[rule].label if rule in RULES else rule
 
 
+def recipe_rule(cfg: TrainConfig, source: TrainConfig | None = None) -> str:
+  """The row's rule: the gate's name, or for the recipes of elastic training and router
+  fitting what was trained, e.g. 'elastic', 'elastic + router fit (grad_x_act, bce)',
+  'elastic + static fit (grad_x_act, bce)', '... S=1' with shared heads."""
+  loss = cfg.loss
+  if loss.elastic_ks:
+    return 'elastic'
+  if not loss.router_labels:
+    return cfg.model.gate
+  kind = 'static' if cfg.model.router == 'static' else 'router'
+  label = f'{kind} fit ({loss.router_labels}, {loss.router_loss})'
+  if cfg.model.shared_heads:
+    label += f' S={cfg.model.shared_heads}'
+  return f'elastic + {label}' if source is not None and source.loss.elastic_ks else label
+
+
 def regularizer_label(loss: LossConfig, k=None, num_heads: int | None = None) -> str:
   """The sparsity terms that are on, e.g. 'target=K/H', 'l0=0.05+balance=0.01', 'none'.
 
@@ -59,15 +75,17 @@ def _read(path):
     return json.load(f)
 
 
-def point_row(workdir: str, name: str) -> dict[str, Any]:
-  """One results row for the run folder `workdir` of point `name`."""
+def point_row(workdir: str, name: str, split: str = 'test') -> dict[str, Any]:
+  """One results row for the run folder `workdir` of point `name`, its eval.json scored on
+  `split` ('test' for a study, 'validation' for tuning): quality columns are named
+  f'{split}_loss', f'{split}_accuracy', ..."""
   config = _read(os.path.join(workdir, 'config.json'))
   summary = _read(os.path.join(workdir, 'summary.json'))
   report = _read(os.path.join(workdir, 'eval.json'))
   wall = _read(os.path.join(workdir, 'wall_time.json')) or {}
   status = ('done' if summary and report else 'trained, not evaluated' if summary else
             'unfinished' if config else 'not started')
-  row: dict[str, Any] = {'point': name, 'status': status}
+  row: dict[str, Any] = {'point': name, 'status': status, 'split': split}
   if config is None:
     return row
   cfg: TrainConfig = from_dict(config)
@@ -76,15 +94,21 @@ def point_row(workdir: str, name: str) -> dict[str, Any]:
   if cfg.init_from and warm is None:
     raise ValueError(f'{workdir} starts from {cfg.init_from}, which holds no summary.json')
   warm_steps = warm['steps'] if warm else 0
-  row.update(data=cfg.data.kind, rule=cfg.model.gate, K=_k_label(k),
+  source = _read(os.path.join(cfg.init_from, 'config.json')) if cfg.init_from else None
+  rule = recipe_rule(cfg, None if source is None else from_dict(source))
+  row.update(data=cfg.data.kind, rule=rule, K=_k_label(k),
              regularizer=regularizer_label(cfg.loss, k, cfg.model.num_heads), seed=cfg.seed,
              steps=cfg.steps + warm_steps, warm_start_steps=warm_steps)
   if summary:
     row['tokens_seen'] = summary['tokens_seen'] + (warm['tokens_seen'] if warm else 0)
+    # XLA's count of every step trained, the warm start's included (absent: not counted)
+    flops = summary.get('train_flops_with_init' if cfg.init_from else 'train_flops')
+    if flops is not None:
+      row['train_flops'] = flops
   if report:
-    if report['split'] != 'test':
-      raise ValueError(f"{workdir}/eval.json scores the {report['split']} split; results "
-                       'report the test split: evaluate with --split test')
+    if report['split'] != split:
+      raise ValueError(f"{workdir}/eval.json scores the {report['split']} split; these "
+                       f'results report the {split} split: evaluate with --split {split}')
     own = report['own_K']
     budgeted = next((r for r in report['results'] if r['path'] == 'gathered'
                      and r['K'] == own and 'skipped' not in r), None)
@@ -92,10 +116,9 @@ def point_row(workdir: str, name: str) -> dict[str, Any]:
       raise ValueError(f'{workdir}/eval.json has no gathered-path result at the run\'s own '
                        f'K={own}; evaluate with --paths gathered --k {own}')
     gate, gap = report['training_gate'], report['gap']
-    row.update(test_loss=budgeted['loss'], test_accuracy=budgeted['accuracy'],
-               test_exact_match=budgeted['exact_match'],
-               test_bits_per_token=budgeted['bits_per_token'],
-               active_fraction=budgeted['active_fraction'],
+    row.update({f'{split}_{key}': budgeted[key]
+                for key in ('loss', 'accuracy', 'exact_match', 'bits_per_token')})
+    row.update(active_fraction=budgeted['active_fraction'],
                flops_per_token=budgeted['flops_per_token'],
                training_gate_loss=gate['loss'], training_gate_accuracy=gate['accuracy'],
                training_gate_active_fraction=gate['active_fraction'],
@@ -162,6 +185,11 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
+def split_of(rows: Sequence[dict[str, Any]]) -> str:
+  """The split the rows report ('test' unless they say otherwise)."""
+  return next((r['split'] for r in rows if r.get('split')), 'test')
+
+
 def _pm(cell, digits=3) -> str:
   if cell is None:
     return '-'
@@ -178,34 +206,37 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
   per-label table (accuracy per task for synthetic data, bits per token per domain)."""
   groups = aggregate(rows)
   done = sum(r.get('status') == 'done' for r in rows)
+  split = split_of(rows)
   lines = [f'# {title}' if title else '# Sweep results', '',
-           f'{done} of {len(rows)} points finished. Mean ± sample std over seeds, test split, '
+           f'{done} of {len(rows)} points finished. Mean ± sample std over seeds, {split} split, '
            "gathered path at each point's own K (dense: all heads). Active fraction: mean "
            'fraction of heads with a non-zero gate, over layers and sequences. FLOPs per '
-           "token: XLA's cost analysis of the compiled eval step / (B x L). Gap: gathered "
-           "top-K minus the masked path with the rule's own gate (gating/study/evaluation.py).", '']
+           "token: XLA's cost analysis of the compiled eval step / (B x L); train FLOPs: its "
+           'count of the compiled train step times the steps, warm start included. Gap: '
+           "gathered top-K minus the masked path with the rule's own gate (gating/study/evaluation.py).", '']
   if not groups:
     return '\n'.join(lines + ['No finished points yet.', ''])
   text = groups[0]['data'] == 'text'
-  quality = ('test_bits_per_token', 'bits / token') if text else ('test_accuracy', 'accuracy')
+  quality = ((f'{split}_bits_per_token', 'bits / token') if text else
+             (f'{split}_accuracy', 'accuracy'))
   gap = ('gap_bits_per_token', 'gap (bits / token)') if text else ('gap_accuracy',
                                                                   'gap (accuracy)')
   header = ['rule', 'regularizer', 'K', 'seeds', 'active fraction', 'FLOPs / token',
-            quality[1], 'test loss (nats)']
+            quality[1], f'{split} loss (nats)']
   if not text:
     header.append('exact match')
-  header += [gap[1], 'steps', 'tokens seen', 'train wall (min)']
+  header += [gap[1], 'steps', 'tokens seen', 'train FLOPs', 'train wall (min)']
   lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for g in groups:
     cells = [rule_label(g['rule']), str(g['regularizer']), str(g['K']),
              str(g['seeds']), _pm(g.get('active_fraction')),
              _num(g.get('flops_per_token'), ',.0f'), _pm(g.get(quality[0])),
-             _pm(g.get('test_loss'))]
+             _pm(g.get(f'{split}_loss'))]
     if not text:
-      cells.append(_pm(g.get('test_exact_match')))
+      cells.append(_pm(g.get(f'{split}_exact_match')))
     wall = g.get('train_wall_s')
     cells += [_pm(g.get(gap[0]), 4), _num(g.get('steps'), '.0f'),
-              _num(g.get('tokens_seen'), ',.0f'),
+              _num(g.get('tokens_seen'), ',.0f'), _num(g.get('train_flops'), '.3g'),
               '-' if wall is None else _pm((wall[0] / 60, wall[1] / 60, wall[2]), 1)]
     lines.append('| ' + ' | '.join(cells) + ' |')
   prefix = 'bits_per_token/' if text else 'accuracy/'

@@ -57,6 +57,8 @@ class Sweep:
   warm_start: overrides of a warm-start run trained once per seed, before the points, in
     f'warm_s{seed}'. A point starts from it with the override f'init_from={WARM}'; the
     placeholder becomes that folder (`resolve_warm`). Empty: no warm start.
+  split: the split every point is evaluated and reported on: 'test' (a study) or
+    'validation' (a tuning round: settings are chosen on validation, never on test).
   """
   name: str
   preset: str
@@ -65,8 +67,12 @@ class Sweep:
   common: tuple[str, ...] = ()
   description: str = ''
   warm_start: tuple[str, ...] = ()
+  split: str = 'test'
 
   def __post_init__(self):
+    if self.split not in ('test', 'validation'):
+      raise ValueError(f"sweep {self.name!r}: split must be 'test' or 'validation', got "
+                       f'{self.split!r}')
     if not self.points:
       raise ValueError(f'sweep {self.name!r}: points is empty')
     if not self.seeds:

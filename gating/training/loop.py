@@ -472,6 +472,37 @@ def warm_start(state, graphdef, source_dir: str, *, every_param: bool = False):
   return nnx.state((learner, optimizer)), copied
 
 
+def training_flops(cfg: TrainConfig, graphdef, state, batch) -> dict[str, Any]:
+  """XLA's FLOP count of the compiled train step (cost_analysis of the lowered step, at
+  every K the run trains with) times the steps run at that K; with init_from, the source
+  run's total is added (`train_flops_with_init`), so a warm-started point reports what
+  all of its training cost."""
+  counts: dict[int, int] = {}
+  for step in range(cfg.steps):
+    k = losses.k_at(step, cfg.k_schedule, cfg.model.active_heads)
+    counts[k] = counts.get(k, 0) + 1
+  per_step = {}
+  for k in counts:
+    lowered = jax.jit(lambda s, b, i: train_step(s, b, i, graphdef=graphdef, cfg=cfg,
+                                                 active_heads=k)).lower(state, batch,
+                                                                        jnp.int32(0))
+    cost = lowered.cost_analysis()
+    per_step[k] = float(cost['flops']) if cost and 'flops' in cost else None
+  if any(v is None for v in per_step.values()):
+    return {}
+  own = sum(per_step[k] * n for k, n in counts.items())
+  out = {'train_flops': own, 'train_flops_per_step': {str(k): v for k, v in per_step.items()}}
+  if cfg.init_from:
+    try:
+      with open(os.path.join(cfg.init_from, 'summary.json')) as f:
+        source = json.load(f)
+    except (OSError, ValueError):
+      source = {}
+    earlier = source.get('train_flops_with_init', source.get('train_flops'))
+    out['train_flops_with_init'] = None if earlier is None else own + earlier
+  return out
+
+
 def _write_provenance(path: str, record: dict[str, Any]) -> None:
   """provenance.json holds the newest session's record; the records of the sessions that
   trained earlier steps are kept, oldest first, under 'earlier' (appended, never lost)."""
@@ -662,6 +693,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     return None
 
   summary = {'steps': cfg.steps, 'tokens_seen': cfg.steps * tokens_per_step,
+             **training_flops(cfg, graphdef, state, train_batch(splits.train, 0, cfg,
+                                                                batch_sharding)),
              'validation': run_eval(cfg.steps, 'validation', None),
              'test': run_eval(cfg.steps, 'test', None)}
   if main_process:

@@ -54,7 +54,8 @@ def test_regularizer_label(loss, k, expected):
 
 
 def test_point_row_of_an_unfinished_run(tmp_path):
-  assert results.point_row(str(tmp_path), 'p') == {'point': 'p', 'status': 'not started'}
+  assert results.point_row(str(tmp_path), 'p') == {'point': 'p', 'status': 'not started',
+                                                  'split': 'test'}
   cfg = TrainConfig(model=ModelConfig(num_heads=8, active_heads=2),
                     loss=LossConfig(target_fraction=0.25), seed=3)
   (tmp_path / 'config.json').write_text(cfg.to_json())

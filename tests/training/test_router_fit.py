@@ -13,6 +13,7 @@ from flax import nnx
 
 from experiments import eval as eval_cli
 from experiments import fit_router
+from gating.study import results
 from gating.training import checkpoint, router_fit
 from gating.training import loop as train
 from gating.training.config import TrainConfig, override
@@ -61,9 +62,17 @@ def test_the_chain_elastic_labels_router_eval(elastic_run, tmp_path, capsys):
   for p, v in source.items():
     np.testing.assert_array_equal(v, fitted[p])
 
-  eval_cli.main(['--workdir', out, '--paths', 'gathered', '--k', '1,2'])
-  printed = capsys.readouterr().out
-  assert 'K=2' in printed or 'k=2' in printed.lower()
+  eval_cli.main(['--workdir', out, '--paths', 'gathered', '--k', '1,2', '--split',
+                 'validation'])
+  # The sweep's results row: the recipe named, validation columns, every FLOP counted.
+  row = results.point_row(out, 'fit', 'validation')
+  assert row['status'] == 'done' and row['rule'] == 'elastic + router fit (grad_x_act, bce)'
+  assert row['validation_loss'] > 0 and 'test_loss' not in row
+  elastic_flops = json.load(open(os.path.join(elastic_run, 'summary.json')))['train_flops']
+  fit_flops = json.load(open(os.path.join(out, 'summary.json')))['train_flops']
+  assert row['train_flops'] == elastic_flops + fit_flops and fit_flops > 0
+  with pytest.raises(ValueError, match='scores the validation split'):
+    results.point_row(out, 'fit', 'test')
   before = open(os.path.join(out, 'metrics.jsonl')).read()
   fit_router.main(['--from', elastic_run, '--workdir', out, '--k', '2', '--steps', '8',
                    '--no-progress', '--no-plots'])
@@ -77,6 +86,7 @@ def test_the_chain_elastic_labels_router_eval(elastic_run, tmp_path, capsys):
     (['--k', '2', '--shared-heads', '-1'], 'must be >= 0'),
     (['--k', '2', '--labels', 'gradient'], 'labels must be one of'),
     (['--k', '2', '--loss', 'mse'], 'loss must be one of'),
+    (['--k', '2', '--router', 'average'], "router must be 'prefix'"),
 ])
 def test_bad_flags_are_one_error_line(elastic_run, tmp_path, argv, match, capsys):
   out = tmp_path / 'router'
@@ -109,7 +119,7 @@ def test_a_source_without_checkpoint_or_of_another_shape_is_refused(elastic_run,
 def test_router_fitting_needs_a_source_and_a_dynamic_router():
   with pytest.raises(ValueError, match='router fitting needs init_from'):
     override(TrainConfig(), ['loss.router_labels=grad_x_act'])
-  with pytest.raises(ValueError, match='needs a rule with a budget K and a dynamic router'):
+  with pytest.raises(ValueError, match='needs a rule with a budget K and a router it trains'):
     override(TrainConfig(), ['loss.router_labels=grad_x_act', 'init_from=x',
                              'model.gate=static', 'model.active_heads=none',
                              'model.eval_path=masked'])
