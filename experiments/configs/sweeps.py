@@ -12,6 +12,13 @@ gathered path at its own K:
   text        the same rules at K = 2, 4 on the multi-domain corpus; 3 seeds.
   tiny        two points and a warm start, a few steps, a tiny model: for the tests.
 
+The recipes (issue 11), tuned on the validation split before the study is frozen:
+  recipes_tune  text, K = 2 of 8, seeds 0 and 1: one elastic model per seed (dense gate,
+                sub-models at K = 2 and 4 distilled from the full pass, 400 steps), then
+                routers fitted to it, the model frozen, for 150 steps each: the three
+                importance labels with BCE on the top-K, grad x activation with the
+                listwise loss, and a static router fitted to the same labels.
+
 Every point has the same budget of training steps, STEPS. Dense and static train from
 scratch. The dynamic rules start from a dense warm start of WARM steps (one per seed,
 shared by all dynamic points of that seed; its steps count toward their budget) and train
@@ -53,6 +60,18 @@ def grid(ks, steps, warm):
   return points
 
 
+def elastic(ks, steps):
+  return [*dense(), 'model.eval_path=masked', f"loss.elastic_ks={','.join(map(str, ks))}",
+          f'steps={steps}']
+
+
+def fit(k, labels, loss='bce', steps=150, *extra):
+  """A router fit on the warm start (the elastic run), as experiments.fit_router makes it."""
+  return ['model.gate=topk', f'model.active_heads={k}', f'init_from={WARM}',
+          f'loss.router_labels={labels}', f'loss.router_loss={loss}', f'steps={steps}',
+          'optim.learning_rate=3e-3', 'optim.warmup_steps=20', *extra]
+
+
 SWEEPS = {
     'synthetic': Sweep(
         name='synthetic', preset='synthetic', points=grid((1, 2, 4), steps=6000, warm=3000),
@@ -78,6 +97,17 @@ SWEEPS = {
                 'data.num_train=256', 'data.num_validation=32', 'data.num_test=32'),
         warm_start=(*dense(), 'steps=2'),
         description='two tiny points and a warm start, a few steps (the tests)'),
+    'recipes_tune': Sweep(
+        name='recipes_tune', preset='text', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}',),
+        warm_start=tuple(elastic((2, 4), steps=400)),
+        points={'fit_grad_x_act_k2': fit(2, 'grad_x_act'),
+                'fit_output_norm_k2': fit(2, 'output_norm'),
+                'fit_ablation_k2': fit(2, 'ablation'),
+                'fit_grad_x_act_listwise_k2': fit(2, 'grad_x_act', 'listwise'),
+                'static_grad_x_act_k2': fit(2, 'grad_x_act', 'bce', 150, 'model.router=static')},
+        description='tuning the recipes on validation: elastic text model, routers fitted '
+                    'to three importance labels, K = 2'),
 }
 
 

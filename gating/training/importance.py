@@ -89,22 +89,22 @@ def head_importance(model: nnx.Module, batch, kind: str, outputs_fn) -> jax.Arra
   if kind == 'grad_x_act':
     grad_NxBxH = jax.grad(lambda w: jnp.sum(run(w)[0]))(ones_NxBxH)
     return -grad_NxBxH
+  # The loops below are Python loops, unrolled into the compiled program, so that XLA's
+  # cost analysis counts every pass (it counts the body of a lax.map or scan once).
   if kind == 'ablation':
     full_B = run(ones_NxBxH)[0]
-
-    def without(index):
-      n, h = index // H, index % H
-      return run(ones_NxBxH.at[n, :, h].set(0.0))[0] - full_B
-
-    return jax.lax.map(without, jnp.arange(N * H)).reshape(N, H, B).transpose(0, 2, 1)
+    return jnp.stack([jnp.stack([run(ones_NxBxH.at[n, :, h].set(0.0))[0] - full_B
+                                 for h in range(H)], axis=1) for n in range(N)])
   # output_norm: z_nh = dy_n / dW_nh (y_n is linear in W_n), one jvp per head.
   valid_BxL = batch['valid'].astype(jnp.float32)
+  tokens_B = jnp.maximum(valid_BxL.sum(axis=1), 1.0)
   labels = []
   for n in range(N):
-    def head_output(index, n=n):
-      tangent = jnp.zeros_like(ones_NxBxH).at[n, :, index].set(1.0)
-      _, z = jax.jvp(lambda w: run(w)[1][n], (ones_NxBxH,), (tangent,))
-      norm_BxL = jnp.linalg.norm(z.astype(jnp.float32), axis=-1)
-      return jnp.sum(norm_BxL * valid_BxL, axis=1) / jnp.maximum(valid_BxL.sum(axis=1), 1.0)
-    labels.append(jax.lax.map(head_output, jnp.arange(H)).T)     # [B, H]
+    norms = []
+    for h in range(H):
+      tangent = jnp.zeros_like(ones_NxBxH).at[n, :, h].set(1.0)
+      _, z_BxLxD = jax.jvp(lambda w, n=n: run(w)[1][n], (ones_NxBxH,), (tangent,))
+      norm_BxL = jnp.linalg.norm(z_BxLxD.astype(jnp.float32), axis=-1)
+      norms.append(jnp.sum(norm_BxL * valid_BxL, axis=1) / tokens_B)
+    labels.append(jnp.stack(norms, axis=1))                       # [B, H]
   return jnp.stack(labels)

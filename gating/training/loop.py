@@ -476,15 +476,20 @@ def training_flops(cfg: TrainConfig, graphdef, state, batch) -> dict[str, Any]:
   """XLA's FLOP count of the compiled train step (cost_analysis of the lowered step, at
   every K the run trains with) times the steps run at that K; with init_from, the source
   run's total is added (`train_flops_with_init`), so a warm-started point reports what
-  all of its training cost."""
+  all of its training cost. XLA counts a loop's body once, so the step is lowered without
+  gradient accumulation (grad_accum=1 on the whole batch: the same arithmetic, as one
+  micro-batch), and the importance labels unroll their passes (importance.py)."""
   counts: dict[int, int] = {}
   for step in range(cfg.steps):
     k = losses.k_at(step, cfg.k_schedule, cfg.model.active_heads)
     counts[k] = counts.get(k, 0) + 1
   per_step = {}
+  one = dataclasses.replace(cfg, grad_accum=1)
+  whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      (1, x.shape[0] * x.shape[1], *x.shape[2:]), x.dtype), batch)
   for k in counts:
-    lowered = jax.jit(lambda s, b, i: train_step(s, b, i, graphdef=graphdef, cfg=cfg,
-                                                 active_heads=k)).lower(state, batch,
+    lowered = jax.jit(lambda s, b, i: train_step(s, b, i, graphdef=graphdef, cfg=one,
+                                                 active_heads=k)).lower(state, whole,
                                                                         jnp.int32(0))
     cost = lowered.cost_analysis()
     per_step[k] = float(cost['flops']) if cost and 'flops' in cost else None
