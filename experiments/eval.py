@@ -31,6 +31,9 @@ def parse_args(argv):
   parser.add_argument('--k', default=None,
                       help='comma-separated budgets K, e.g. 1,2,4,8 (default: powers of two '
                            "up to H and the run's own K)")
+  parser.add_argument('--groups', type=int, default=None, metavar='KF',
+                      help='with MLP channel groups: run Kf groups of every MLP instead of '
+                           "the run's own active_groups (the groups' budget knob)")
   parser.add_argument('--split', default='test', choices=('test', 'validation'),
                       help='test (reported numbers; default) or validation (tuning)')
   parser.add_argument('--max-batches', type=int, default=None,
@@ -65,8 +68,10 @@ def print_report(report):
       print(f"  {r['path']:<9} {str(r['K']):>4}  skipped: {r['skipped']}")
       continue
     flops = '-' if r['flops_per_token'] is None else f"{r['flops_per_token']:,.0f}"
+    groups = (f"  groups Kf={r['Kf']}: active {r['active_group_fraction']:.3f}"
+              if 'Kf' in r else '')
     print(f"  {r['path']:<9} {str(r['K']):>4} {r['loss']:8.4f} {r['accuracy']:9.4f} "
-          f"{r['bits_per_token']:9.4f} {r['active_fraction']:7.3f} {flops:>12}")
+          f"{r['bits_per_token']:9.4f} {r['active_fraction']:7.3f} {flops:>12}{groups}")
   gap = report['gap']
   print(f"  * the training gate: {report['training_gate']['meaning']}")
   print(f"  gap (gathered at K={gap['K']} minus the training gate): loss {gap['loss']:+.4f}, "
@@ -83,7 +88,7 @@ def main(argv=None):
     run = evaluation.load_run(args.workdir, step=args.restore_step,
                               data_overrides=args.overrides)
     report = evaluation.evaluate_run(run, paths=paths, ks=ks, split=args.split,
-                                     max_batches=args.max_batches)
+                                     max_batches=args.max_batches, groups=args.groups)
   except (FileNotFoundError, ValueError, FloatingPointError, checkpoint.CheckpointError) as e:
     sys.exit(f'error: {e}')
   out = args.out or os.path.join(args.workdir, 'eval.json')

@@ -202,9 +202,9 @@ def plot_active_heads(run_dir, train, evals, out):
   plt.close(fig)
 
 
-def _heatmap(ax, usage_NxH, title):
+def _heatmap(ax, usage_NxH, title, unit='head'):
   image = ax.imshow(np.asarray(usage_NxH, float), vmin=0, vmax=1, cmap='viridis', aspect='auto')
-  ax.set(xlabel='head', ylabel='layer', title=title)
+  ax.set(xlabel=unit, ylabel='layer', title=title)
   ax.set_xticks(range(np.shape(usage_NxH)[1]))
   ax.set_yticks(range(np.shape(usage_NxH)[0]))
   return image
@@ -216,12 +216,15 @@ def plot_usage(run_dir, evals, out_all, out_by_label):
   if not val:
     return []
   last = val[-1]
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  image = _heatmap(ax, last['usage'], f"head usage, validation split, step {last['step']} "
-                                      f"({last['path']} path)")
-  fig.colorbar(image, ax=ax, label='fraction of sequences using the head')
+  groups = last.get('group_usage')     # MLP channel groups, beside the heads
+  fig, axes = plt.subplots(1, 2 if groups else 1, figsize=(11 if groups else 6, 3.5),
+                           squeeze=False, layout='constrained')
+  image = _heatmap(axes[0, 0], last['usage'], f"head usage, validation split, step "
+                                               f"{last['step']} ({last['path']} path)")
+  if groups:
+    _heatmap(axes[0, 1], groups, 'MLP channel-group usage', unit='channel group')
+  fig.colorbar(image, ax=axes[0].tolist(), label='fraction of sequences using the unit')
   fig.suptitle(_title(run_dir), fontsize=9)
-  fig.tight_layout()
   fig.savefig(out_all, dpi=110)
   plt.close(fig)
   labels = {k: v for k, v in last.get('per_label', {}).items() if v.get('usage') is not None}

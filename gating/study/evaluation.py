@@ -149,18 +149,23 @@ def _first_batch(dataset, batch_size):
 
 
 def evaluate_one(run: Run, path: str, k, split: str = 'test',
-                 max_batches: int | None = None) -> dict[str, Any]:
-  """Scores the run on `split` on one path at budget K (an int or one K per layer).
+                 max_batches: int | None = None, groups=None) -> dict[str, Any]:
+  """Scores the run on `split` on one path at budget K (an int or one K per layer) and,
+  for a model with MLP channel groups, at its own Kf or `groups` (the budget knob Kf).
 
   Returns train.summarize_eval's block (loss, accuracy, exact_match, bits_per_token,
-  sequences, usage [N][H], per_label) plus path, K, active_fraction (the mean fraction
-  of heads with a non-zero weight, over layers and sequences), active_heads_per_layer
-  and flops_per_token (see the module docstring).
+  sequences, usage [N][H], per_label; group_usage [N][G] with groups) plus path, K,
+  active_fraction (the mean fraction of heads with a non-zero weight, over layers and
+  sequences), active_heads_per_layer, with groups Kf, active_group_fraction and
+  active_groups_per_layer, and flops_per_token (see the module docstring).
   """
   cfg = run.config
+  if groups is not None and cfg.model.mlp_groups is None:
+    raise ValueError(f'{run.workdir}: the model has no MLP channel groups (model.mlp_groups '
+                     'is unset); a groups budget Kf cannot apply')
   dataset = getattr(run.splits, split)
   fn = jax.jit(functools.partial(train.eval_step, graphdef=run.graphdef, path=path,
-                                 active_heads=k))
+                                 active_heads=k, active_groups=groups))
   batch = _first_batch(dataset, cfg.batch_size)
   compiled = fn.lower(run.state, batch).compile()
   cost = compiled.cost_analysis()
@@ -172,6 +177,13 @@ def evaluate_one(run: Run, path: str, k, split: str = 'test',
         f'evaluating {run.workdir} (step {run.step}) on {split}, path {path}, K={k} gave a '
         f'non-finite loss ({result["loss"]}); no result is written')
   usage_NxH = np.asarray(result['usage'])
+  if 'group_usage' in result:
+    usage_NxG = np.asarray(result['group_usage'])
+    own_kf = cfg.model.active_groups
+    kf = own_kf if groups is None else groups
+    result = {'Kf': list(kf) if isinstance(kf, tuple) else kf,
+              'active_group_fraction': float(usage_NxG.mean()),
+              'active_groups_per_layer': usage_NxG.sum(axis=1).tolist(), **result}
   return {'path': path, 'K': list(k) if isinstance(k, tuple) else k,
           'active_fraction': float(usage_NxH.mean()),
           'active_heads_per_layer': usage_NxH.sum(axis=1).tolist(),
@@ -180,8 +192,10 @@ def evaluate_one(run: Run, path: str, k, split: str = 'test',
 
 
 def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None = None,
-                 split: str = 'test', max_batches: int | None = None) -> dict[str, Any]:
-  """Every (path, K) of paths x ks (default: default_ks), the training gate and the gap.
+                 split: str = 'test', max_batches: int | None = None,
+                 groups: int | None = None) -> dict[str, Any]:
+  """Every (path, K) of paths x ks (default: default_ks), the training gate and the gap;
+  a model with MLP channel groups runs its own Kf everywhere, or `groups`.
 
   Returns {'workdir', 'step', 'split', 'gate', 'num_heads', 'own_K', 'results': [one
   evaluate_one block per (path, K), or {'path', 'K', 'skipped': reason}],
@@ -192,6 +206,11 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   cfg = run.config
+  G = cfg.model.mlp_groups
+  if groups is not None and (G is None or not 1 <= groups <= G):
+    raise ValueError(f'groups Kf={groups}: ' + (
+        'the model has no MLP channel groups (model.mlp_groups is unset)' if G is None else
+        f'must be in [1, mlp_groups={G}]'))
   ks = default_ks(cfg) if ks is None else [tuple(k) if isinstance(k, list) else k
                                             for k in ks]
   for path in paths:
@@ -202,7 +221,7 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
   def once(path, k):
     key = (path, json.dumps(k))
     if key not in done:
-      done[key] = evaluate_one(run, path, k, split, max_batches)
+      done[key] = evaluate_one(run, path, k, split, max_batches, groups)
     return done[key]
 
   results = []

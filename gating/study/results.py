@@ -24,7 +24,7 @@ from gating.layers.selection import RULES
 from gating.training.config import LossConfig, TrainConfig, from_dict
 
 _DEFAULT_LOSS = LossConfig()
-GROUP = ('data', 'rule', 'regularizer', 'K')
+GROUP = ('data', 'rule', 'regularizer', 'K', 'Kf')   # Kf: MLP channel groups (or None)
 
 
 def rule_label(rule: str) -> str:
@@ -118,6 +118,9 @@ def point_row(workdir: str, name: str, split: str = 'test') -> dict[str, Any]:
     gate, gap = report['training_gate'], report['gap']
     row.update({f'{split}_{key}': budgeted[key]
                 for key in ('loss', 'accuracy', 'exact_match', 'bits_per_token')})
+    if 'active_group_fraction' in budgeted:
+      row.update(Kf=_k_label(budgeted['Kf']),
+                 active_group_fraction=budgeted['active_group_fraction'])
     row.update(active_fraction=budgeted['active_fraction'],
                flops_per_token=budgeted['flops_per_token'],
                training_gate_loss=gate['loss'], training_gate_accuracy=gate['accuracy'],
@@ -160,7 +163,7 @@ def read_csv(path: str) -> list[dict[str, Any]]:
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Finished rows grouped by (data, rule, regularizer, K), in first-seen order.
+  """Finished rows grouped by (data, rule, regularizer, K, Kf), in first-seen order.
 
   Every numeric column becomes (mean, std, n): std is the sample standard deviation
   over seeds (ddof=1; 0 for a single seed). Group keys stay as they are; 'seeds' is n.
@@ -221,14 +224,17 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
              (f'{split}_accuracy', 'accuracy'))
   gap = ('gap_bits_per_token', 'gap (bits / token)') if text else ('gap_accuracy',
                                                                   'gap (accuracy)')
-  header = ['rule', 'regularizer', 'K', 'seeds', 'active fraction', 'FLOPs / token',
-            quality[1], f'{split} loss (nats)']
+  with_groups = any(g.get('Kf') is not None for g in groups)
+  header = ['rule', 'regularizer', 'K', *(['Kf', 'active groups'] if with_groups else []),
+            'seeds', 'active fraction', 'FLOPs / token', quality[1], f'{split} loss (nats)']
   if not text:
     header.append('exact match')
   header += [gap[1], 'steps', 'tokens seen', 'train FLOPs', 'train wall (min)']
   lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for g in groups:
     cells = [rule_label(g['rule']), str(g['regularizer']), str(g['K']),
+             *([str(g.get('Kf') if g.get('Kf') is not None else '-'),
+                _pm(g.get('active_group_fraction'))] if with_groups else []),
              str(g['seeds']), _pm(g.get('active_fraction')),
              _num(g.get('flops_per_token'), ',.0f'), _pm(g.get(quality[0])),
              _pm(g.get(f'{split}_loss'))]

@@ -43,7 +43,7 @@ def attention_layers(model: nnx.Module) -> list[tuple[tuple, GatedMultiHeadAtten
 
 def sequence_losses(model: nnx.Module, batch, outputs_fn) -> jax.Array:
   """L_B: each sequence's mean cross-entropy over its scored positions (deterministic)."""
-  _, ce, _, weight, _ = outputs_fn(model, batch, deterministic=True)
+  _, ce, _, weight, *_ = outputs_fn(model, batch, deterministic=True)
   if ce.ndim == 1:               # an encoder: one loss per sequence already
     return ce
   return jnp.sum(ce * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
@@ -69,7 +69,7 @@ def forced_forward(model: nnx.Module, batch, weights_NxBxH: jax.Array, outputs_f
 def head_importance(model: nnx.Module, batch, kind: str, outputs_fn) -> jax.Array:
   """u_NxBxH, the `kind` label (see the module docstring) of every head of every gated
   attention layer for every sequence of `batch`. `outputs_fn(model, batch,
-  deterministic=True)` -> (logits, ce, correct, weight, gate weights), as
+  deterministic=True)` -> (logits, ce, correct, weight, ...), as
   gating.training.loop.model_outputs. The model is not changed."""
   if kind not in LABELS:
     raise ValueError(f'importance label must be one of {LABELS}, got {kind!r}')

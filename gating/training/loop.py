@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -145,28 +145,42 @@ def create(cfg: TrainConfig, info: data.DataInfo):
 
 # -- the steps ---------------------------------------------------------------------------------
 
-def model_outputs(model, batch, *, deterministic, rngs=None, path=None, active_heads=None):
-  """(logits, ce, correct, weight, gate_weights_BxNxH) of one batch.
+class Outputs(NamedTuple):
+  """What a model gives for one batch (see model_outputs)."""
+  logits: jax.Array
+  ce: jax.Array
+  correct: jax.Array
+  weight: jax.Array
+  gate_weights_BxNxH: jax.Array
+  group_weights_BxNxG: jax.Array | None    # the MLP channel groups' gates (None: no groups)
+
+
+def model_outputs(model, batch, *, deterministic, rngs=None, path=None, active_heads=None,
+                  active_groups=None) -> Outputs:
+  """Outputs(logits, ce, correct, weight, gate weights, group weights) of one batch.
 
   LM: logits [B, L, V] and next-token cross-entropy at every position, weighted by scored
   & next-is-target. Encoder: class logits [B, C] and one loss per sequence (shapes [B]).
+  `active_groups` overrides the MLP's budget Kf, as `active_heads` does K.
   """
   kw = dict(valid_BxL=batch['valid'], deterministic=deterministic, rngs=rngs, path=path,
-            active_heads=active_heads)
+            active_heads=active_heads, active_groups=active_groups)
   if isinstance(model, GatedEncoder):
     out = model(batch['tokens'], **kw)
     ce_B, correct_B = losses.classification_losses(out.class_logits_BxC, batch['label'])
-    return out.class_logits_BxC, ce_B, correct_B, jnp.ones_like(ce_B), out.gate_weights_BxNxH
+    return Outputs(out.class_logits_BxC, ce_B, correct_B, jnp.ones_like(ce_B),
+                   out.gate_weights_BxNxH, out.group_weights_BxNxG)
   out = model(batch['tokens'], **kw)
   ce_BxL, correct_BxL = losses.next_token_losses(out.logits_BxLxV, batch['tokens'])
   weight_BxL = losses.next_token_weights(out.scored_BxL, batch['target_mask'])
-  return out.logits_BxLxV, ce_BxL, correct_BxL, weight_BxL, out.gate_weights_BxNxH
+  return Outputs(out.logits_BxLxV, ce_BxL, correct_BxL, weight_BxL, out.gate_weights_BxNxH,
+                 out.group_weights_BxNxG)
 
 
 def task_outputs(model, batch, **kwargs):
   """Per-position losses of one batch: (ce, correct, weight, gate_weights_BxNxH); see
   model_outputs."""
-  return model_outputs(model, batch, **kwargs)[1:]
+  return model_outputs(model, batch, **kwargs)[1:5]
 
 
 def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs):
@@ -174,15 +188,15 @@ def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs):
   distilled from the full pass (see gating/training/elastic.py); returns (loss, metrics)."""
   model, a = learner.model, cfg.loss.distill_weight
   elastic.random_subsets(model, cfg.model.num_heads)
-  logits_full, ce, correct, weight, _ = model_outputs(model, batch, deterministic=False,
-                                                      rngs=rngs)
+  logits_full, ce, correct, weight, *_ = model_outputs(model, batch, deterministic=False,
+                                                       rngs=rngs)
   full = losses.weighted_mean(ce, weight)
   metrics, subs = {}, []
   for k in cfg.loss.elastic_ks:
     if k == cfg.model.num_heads:
       continue          # every head: the full pass itself
     elastic.random_subsets(model, k)
-    logits_k, ce_k, _, _, _ = model_outputs(model, batch, deterministic=False, rngs=rngs)
+    logits_k, ce_k, *_ = model_outputs(model, batch, deterministic=False, rngs=rngs)
     task_k = losses.weighted_mean(ce_k, weight)
     distill_k = elastic.distillation(logits_k, logits_full, weight)
     subs.append((1 - a) * task_k + a * distill_k)
@@ -278,18 +292,23 @@ def jit_train_step(graphdef, cfg: TrainConfig, active_heads):
                  donate_argnums=0)
 
 
-def eval_step(state, batch, *, graphdef, path, active_heads):
-  """Per-sequence sums on one batch with the deterministic gate: loss, hits, count, heads."""
+def eval_step(state, batch, *, graphdef, path, active_heads, active_groups=None):
+  """Per-sequence sums on one batch with the deterministic gate: loss, hits, count, heads
+  (and channel groups) open."""
   learner, _ = nnx.merge(graphdef, state)
-  ce, correct, weight, gate_weights_BxNxH = task_outputs(
-      learner.model, batch, deterministic=True, path=path, active_heads=active_heads)
+  out = model_outputs(learner.model, batch, deterministic=True, path=path,
+                      active_heads=active_heads, active_groups=active_groups)
+  ce, correct, weight = out.ce, out.correct, out.weight
   if ce.ndim == 1:
     ce, correct, weight = ce[:, None], correct[:, None], weight[:, None]
   hits = correct.astype(jnp.float32) * weight
-  return {'loss_sum': jnp.sum(ce * weight, axis=1), 'hits': jnp.sum(hits, axis=1),
+  sums = {'loss_sum': jnp.sum(ce * weight, axis=1), 'hits': jnp.sum(hits, axis=1),
           'count': jnp.sum(weight, axis=1),
           'exact': jnp.all((hits == weight), axis=1).astype(jnp.float32),
-          'open_BxNxH': (gate_weights_BxNxH != 0).astype(jnp.float32)}
+          'open_BxNxH': (out.gate_weights_BxNxH != 0).astype(jnp.float32)}
+  if out.group_weights_BxNxG is not None:
+    sums['open_BxNxG'] = (out.group_weights_BxNxG != 0).astype(jnp.float32)
+  return sums
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -325,7 +344,9 @@ def summarize_eval(sums, info: data.DataInfo) -> dict[str, Any]:
     return {'loss': loss, 'accuracy': float(sums['hits'][select].sum()) / max(count, 1.0),
             'exact_match': float(sums['exact'][select].mean()) if select.any() else 0.0,
             'bits_per_token': loss / math.log(2), 'sequences': int(select.sum()),
-            'usage': sums['open_BxNxH'][select].mean(axis=0).tolist() if select.any() else None}
+            'usage': sums['open_BxNxH'][select].mean(axis=0).tolist() if select.any() else None,
+            **({'group_usage': sums['open_BxNxG'][select].mean(axis=0).tolist()
+                if select.any() else None} if 'open_BxNxG' in sums else {})}
   everything = block(np.ones_like(sums['label'], bool))
   everything['per_label'] = {name: block(sums['label'] == i)
                              for i, name in enumerate(info.label_names)

@@ -245,3 +245,22 @@ def test_a_run_with_gated_mlp_groups_learns_and_logs_group_usage(tmp_path):
   assert last < first - 0.2
   assert np.asarray(lines[-1]['group_usage']).shape == (1, 4)
   np.testing.assert_allclose(lines[-1]['active_groups'], [2.0])
+  # Evaluation reports the groups beside the heads, at the run's Kf or another one.
+  evals = metrics(tmp_path, 'eval')
+  assert np.asarray(evals[-1]['group_usage']).sum(axis=1).tolist() == [2.0]
+  from experiments import eval as eval_cli
+  from experiments import plots
+  from gating.study import evaluation, results
+  run_ = evaluation.load_run(str(tmp_path))
+  report = evaluation.evaluate_run(run_, paths=['gathered'], ks=[2], max_batches=1, groups=3)
+  (one,) = report['results']
+  assert one['Kf'] == 3 and one['active_groups_per_layer'] == [3.0]
+  assert one['active_group_fraction'] == 0.75
+  with pytest.raises(ValueError, match=r'groups Kf=5: must be in \[1, mlp_groups=4\]'):
+    evaluation.evaluate_run(run_, paths=['gathered'], ks=[2], groups=5)
+  eval_cli.main(['--workdir', str(tmp_path), '--paths', 'gathered', '--k', '2',
+                 '--max-batches', '1'])
+  row = results.point_row(str(tmp_path), 'p')
+  assert row['Kf'] == 2 and row['active_group_fraction'] == 0.5
+  assert '| Kf | active groups |' in results.markdown([row])
+  assert 'usage_heatmap.png' in ' '.join(plots.plot_run(str(tmp_path)))
