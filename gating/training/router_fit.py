@@ -28,6 +28,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from gating.training import importance
 
@@ -58,7 +59,14 @@ def recall(logits_BxR: jax.Array, labels_BxR: jax.Array, k: int) -> jax.Array:
 
 
 def fit_loss(model, batch, *, labels: str, kind: str, outputs_fn):
-  """(loss, metrics) of the routers of `model` against the frozen model's labels."""
+  """(loss, metrics) of the routers of `model` against the frozen model's labels.
+
+  Every parameter outside the routers enters through stop_gradient, so its gradient is
+  exactly zero (no backward pass through the model; gradient clipping sees only the
+  routers' gradients)."""
+  graphdef, routers, rest = nnx.split(model, nnx.All(nnx.Param, nnx.PathContains('router')),
+                                      ...)
+  model = nnx.merge(graphdef, routers, jax.lax.stop_gradient(rest))
   layers = importance.attention_layers(model)
   u_NxBxH = jax.lax.stop_gradient(importance.head_importance(model, batch, labels, outputs_fn))
   ones_NxBxH = jnp.ones_like(u_NxBxH)

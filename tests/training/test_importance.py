@@ -155,3 +155,21 @@ def test_a_fitted_router_picks_the_task_head(loss, shared):
   for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     if p in frozen:
       np.testing.assert_array_equal(v[...], frozen[p])
+
+
+def test_only_the_routers_get_gradients():
+  """The model is frozen by stop_gradient inside the loss: every other gradient is 0."""
+  model = task_model()
+  batch = task_batch([0, 1, 2])
+
+  def loss_fn(model):
+    return router_fit.fit_loss(model, batch, labels='grad_x_act', kind='bce',
+                               outputs_fn=model_outputs)[0]
+
+  grads = nnx.jit(nnx.grad(loss_fn))(model)
+  flat = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+  routed = [p for p in flat if 'router' in map(str, p)]
+  assert routed and any(np.abs(flat[p]).sum() > 0 for p in routed)
+  for p, g in flat.items():
+    if p not in routed:
+      assert np.abs(g).sum() == 0, p
