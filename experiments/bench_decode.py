@@ -13,9 +13,14 @@ decode   One prompt of S - T tokens is prefilled (B=1) and its cache repeated to
            weight_bytes  an analytic count of the weight bytes a step reads: every
                          parameter once (the tied embedding whole, for the logits), routers
                          excluded (the gate was picked at prefill), and for a gathered layer
-                         under projection='weights' B K/H of its Q/K/V/O head weights.
+                         under projection='weights' B K/H of its Q/K/V/O head weights, and
+                         for a gathered MLP under 'weights' B Kf/G of its W1, b1 and W2.
            xla_bytes     XLA's cost analysis 'bytes accessed' of one compiled step (cache
                          donated): weights, cache and activations as XLA counts them.
+groups   The issue-12 configuration (F=2048 MLP channels in G=8 groups, a 512-token prompt,
+         64 new tokens, B=1 and 16), decoded as above: dense, heads only at K=2 of 8
+         (ungated MLP) and both at 2 of 8 (K=2 heads and Kf=2 MLP groups), with the same
+         counts (a row's `projections` gives the attention's then the MLPs' projections).
 forward  A whole forward pass (B x L tokens) of GatedLM on the gathered path at K=2 of 8 and
          on the masked path at K=2, against dense. FLOPs are XLA's cost analysis of each
          compiled forward; the FLOP-allowed speedup is dense FLOPs / candidate FLOPs, and
@@ -35,11 +40,20 @@ from gating.layers import decode
 SIZES = dict(features=512, heads=8, layers=2, vocab=256, prefix=16)
 
 
-def build(gate: str, max_length: int, active_heads=None, path='masked'):
+GROUPS = dict(prompt=512, steps=64, mlp_groups=8)  # issue 12: F = 4 D = 2048 in 8 groups
+# name: (gate, K heads, Kf MLP groups or None for the ungated MLP)
+GROUP_CANDIDATES = {'dense': ('dense', None, None), 'heads_k2': ('topk', 2, None),
+                    'both_k2': ('topk', 2, 2)}
+
+
+def build(gate: str, max_length: int, active_heads=None, path='masked', active_groups=None):
+  groups = {} if active_groups is None else dict(mlp_groups=GROUPS['mlp_groups'],
+                                                 active_groups=active_groups)
   return gating.GatedLM(
       SIZES['vocab'], num_layers=SIZES['layers'], features=SIZES['features'],
       num_heads=SIZES['heads'], max_length=max_length, prefix_len=SIZES['prefix'],
-      positions='rotary', gate=gate, active_heads=active_heads, path=path, rngs=nnx.Rngs(0))
+      positions='rotary', gate=gate, active_heads=active_heads, path=path, rngs=nnx.Rngs(0),
+      **groups)
 
 
 def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> int:
@@ -59,6 +73,14 @@ def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> i
         heads += sum(getattr(attn, name).bias[...].nbytes for name in ('query', 'key', 'value'))
       k = cache.idx_BxK.shape[1]
       total -= heads - heads * batch * k // attn.num_heads
+  for block, mlp_cache in zip(model.blocks, state.mlps):
+    if mlp_cache is not None and mlp_cache.projection == 'weights':
+      mlp = block.gated_mlp
+      groups = mlp.linear_in.kernel[...].nbytes + mlp.linear_out.kernel[...].nbytes
+      if mlp.linear_in.bias is not None:
+        groups += mlp.linear_in.bias[...].nbytes
+      kf = mlp_cache.idx_BxK.shape[1]
+      total -= groups - groups * batch * kf // mlp.num_groups
   return total
 
 
@@ -67,6 +89,10 @@ def _decode_candidate(model, prompt_1xL, batch, cache_length, steps, active_head
                                                      'projection'))
   if projection == 'auto':  # the choice for the batch decoded, not for the prefill's B=1
     projection = decode.choose_projection(batch, active_heads or SIZES['heads'], SIZES['heads'])
+    for step in decode.group_plan(model, batch):  # one `projection` serves heads and groups
+      if step is not None and step[1] != 'masked' and step[1] != projection:
+        raise ValueError(f'the MLP groups would decode with {step[1]!r}, the heads with '
+                         f'{projection!r}: prefill them at batch {batch}')
   _, state = prefill(model, prompt_1xL, cache_length=cache_length, active_heads=active_heads,
                      projection=projection)
   state = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), state)
@@ -87,7 +113,9 @@ def _decode_candidate(model, prompt_1xL, batch, cache_length, steps, active_head
   token_B = jnp.zeros((batch,), jnp.int32)
   xla_bytes = step.lower(params, state, token_B).compile().cost_analysis().get('bytes accessed')
   info = dict(kv_bytes=state.kv_bytes, weight_bytes=weight_bytes_per_step(model, state),
-              xla_bytes=xla_bytes, projections='/'.join(state.projections))
+              xla_bytes=xla_bytes, projections='/'.join(state.projections)
+              + ('' if not any(state.mlp_projections) else
+                 ' mlp ' + '/'.join(p or 'dense' for p in state.mlp_projections)))
   return (lambda: run_steps(params, state, token_B)), info
 
 
@@ -125,6 +153,36 @@ def run_decode(quick: bool) -> list[dict]:
   return rows
 
 
+def run_groups(quick: bool) -> list[dict]:
+  """Issue 12's decode rows: dense, heads only and heads + MLP groups at 2 of 8."""
+  prompt, steps = GROUPS['prompt'], GROUPS['steps']
+  cache_length = prompt + steps
+  trials = 3 if quick else 7
+  models = {name: (build(gate, cache_length, active_heads=k, active_groups=kf,
+                         path='masked' if gate == 'dense' else 'gathered'), k)
+            for name, (gate, k, kf) in GROUP_CANDIDATES.items()}
+  prompt_1xL = jax.random.randint(jax.random.key(0), (1, prompt), 0, SIZES['vocab'])
+  rows = []
+  for batch in (1, 16):
+    cands = {name: _decode_candidate(model, prompt_1xL, batch, cache_length, steps, k, 'auto')
+             for name, (model, k) in models.items()}
+    times = time_interleaved({n: fn for n, (fn, _) in cands.items()}, trials)
+    base = summarize(times['dense'])['median_s']
+    base_info = cands['dense'][1]
+    for name, (_, info) in cands.items():
+      stats = summarize(times[name])
+      rows.append(dict(
+          section='decode', batch=batch, cache_length=cache_length, prompt_length=prompt,
+          steps=steps, candidate=name, **SIZES, mlp_features=4 * SIZES['features'],
+          mlp_groups=GROUPS['mlp_groups'] if GROUP_CANDIDATES[name][2] else None,
+          active_groups=GROUP_CANDIDATES[name][2], **info,
+          tokens_per_s=batch * steps / stats['median_s'],
+          speedup_vs_dense=base / stats['median_s'],
+          kv_ratio_vs_dense=info['kv_bytes'] / base_info['kv_bytes'],
+          weight_ratio_vs_dense=info['weight_bytes'] / base_info['weight_bytes'], **stats))
+  return rows
+
+
 def run_forward(quick: bool) -> list[dict]:
   batch, length = (2, 1024) if quick else (2, 2048)
   trials = 3 if quick else 7
@@ -152,7 +210,7 @@ def run_forward(quick: bool) -> list[dict]:
 
 
 def run(quick: bool = False) -> list[dict]:
-  return run_decode(quick) + run_forward(quick)
+  return run_decode(quick) + run_groups(quick) + run_forward(quick)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -207,15 +207,47 @@ def masked_mlp(x_BxLxD, w: MLPWeights, weights_BxG, num_groups: int,
   return _add(jnp.einsum('BLGC,GCD->BLD', h_BxLxGxFg, w2_GxFgxD, precision=precision), w.b2_D)
 
 
+class GatheredMLPWeights(NamedTuple):
+  """The MLP weights of each sequence's Kf groups, gathered once (see `gather_mlp`)."""
+  w1_BxDxKxFg: jax.Array
+  b1_BxKxFg: jax.Array | None
+  w2_BxKxFgxD: jax.Array
+
+
+def gather_mlp(w: MLPWeights, idx_BxK, num_groups: int) -> GatheredMLPWeights:
+  """Each sequence's Kf groups idx_BxK: the W1 columns w1_DxGxFg -> w1_BxDxKxFg, the b1
+  entries b1_GxFg -> b1_BxKxFg (None stays None) and the W2 rows w2_GxFgxD -> w2_BxKxFgxD.
+  Reads B Kf / G of W1, b1 and W2's bytes."""
+  w1_DxGxFg, b1_GxFg, w2_GxFgxD = group_view(w, num_groups)
+  b1_BxKxFg = None if b1_GxFg is None else jnp.take(b1_GxFg, idx_BxK, axis=0, mode='clip')
+  return GatheredMLPWeights(gather_groups(w1_DxGxFg, idx_BxK), b1_BxKxFg,
+                            jnp.take(w2_GxFgxD, idx_BxK, axis=0, mode='clip'))
+
+
+def mlp_gathered_weights(x_BxLxD, g: GatheredMLPWeights, weights_BxK, b2_D,
+                         activation=jax.nn.gelu, precision=None):
+  """y_b = sum_j weights_bj act(x_b w1_bj + b1_bj) w2_bj + b2, with each sequence's Kf
+  groups' weights already gathered (`gather_mlp`): x_BxLxD -> y_BxLxD. FLOPs scale as
+  Kf / G; used by `gathered_mlp`, and by `decode` steps with weights gathered at prefill."""
+  h_BxLxKxFg = jnp.einsum('BLD,BDKC->BLKC', x_BxLxD, g.w1_BxDxKxFg, precision=precision)
+  if g.b1_BxKxFg is not None:
+    h_BxLxKxFg = h_BxLxKxFg + g.b1_BxKxFg[:, None, :, :]
+  h_BxLxKxFg = activation(h_BxLxKxFg) * weights_BxK[:, None, :, None].astype(h_BxLxKxFg.dtype)
+  return _add(jnp.einsum('BLKC,BKCD->BLD', h_BxLxKxFg, g.w2_BxKxFgxD, precision=precision),
+              b2_D)
+
+
+def scatter_groups(weights_BxK, idx_BxK, num_groups: int):
+  """weights_BxK of the groups idx_BxK back in their G slots, 0 elsewhere -> weights_BxG.
+  With it, `masked_mlp` computes every group with the full weights and zeroes the closed
+  groups' activations: it equals `gathered_mlp` on (idx_BxK, weights_BxK)."""
+  B = weights_BxK.shape[0]
+  return jnp.zeros((B, num_groups), weights_BxK.dtype).at[
+      jnp.arange(B)[:, None], idx_BxK].add(weights_BxK)
+
+
 def gathered_mlp(x_BxLxD, w: MLPWeights, idx_BxK, weights_BxK, num_groups: int,
                  activation=jax.nn.gelu, precision=None):
   """Only each sequence's Kf groups idx_BxK computed, scaled by weights_BxK. -> y_BxLxD."""
-  w1_DxGxFg, b1_GxFg, w2_GxFgxD = group_view(w, num_groups)
-  w1_BxDxKxFg = gather_groups(w1_DxGxFg, idx_BxK)
-  w2_BxKxFgxD = jnp.take(w2_GxFgxD, idx_BxK, axis=0, mode='clip')
-  h_BxLxKxFg = jnp.einsum('BLD,BDKC->BLKC', x_BxLxD, w1_BxDxKxFg, precision=precision)
-  if b1_GxFg is not None:
-    h_BxLxKxFg = h_BxLxKxFg + jnp.take(b1_GxFg, idx_BxK, axis=0, mode='clip')[:, None, :, :]
-  h_BxLxKxFg = activation(h_BxLxKxFg) * weights_BxK[:, None, :, None].astype(h_BxLxKxFg.dtype)
-  return _add(jnp.einsum('BLKC,BKCD->BLD', h_BxLxKxFg, w2_BxKxFgxD, precision=precision),
-              w.b2_D)
+  return mlp_gathered_weights(x_BxLxD, gather_mlp(w, idx_BxK, num_groups), weights_BxK,
+                              w.b2_D, activation, precision)

@@ -29,6 +29,19 @@ Masked and dense layers project every head with the full weights ('masked'). Pre
 computes a gathered layer with gathered weights whatever the step projection (with a
 long prompt the gather pays). `DecodeState.projections` says what every layer does.
 
+A model with gated MLP channel groups (mlp_groups=G, active_groups=Kf) decodes its MLPs
+the same way. Prefill decides each sequence's group gate once, from the prompt's first P
+tokens as the full forward does, and keeps it for every generated token; a step's MLP then
+runs with one of (`DecodeState.mlp_projections`; the same `projection=` choice):
+  'weights'      The Kf groups' W1 columns, b1 entries and W2 rows, gathered once at
+                 prefill ([B, D, Kf, F/G], kept in the state): a step reads B Kf/G of the
+                 MLP's weight bytes, and its FLOPs scale as Kf/G.
+  'activations'  Full W1 and W2, the closed groups' activations zeroed (the masked
+                 computation with the gate's weights on the Kf groups, 0 elsewhere).
+  'auto'         'weights' when B Kf < G, else 'activations'.
+A masked MLP (path='masked', or Kf = G) computes every group times its gate weight
+('masked'); an ungated MLP runs as in the block.
+
 Batched prompts are left-aligned: sequence b is tokens_BxL[b, :lengths_B[b]]; the rest is
 padding and is never read. Each sequence has its own positions (learned or rotary).
 
@@ -49,6 +62,7 @@ from flax.nnx.nn import dtypes
 
 from gating.layers import compute
 from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
+from gating.layers.mlp import check_active_groups
 from gating.layers.models import GatedLM, padding_mask, per_layer
 
 PROJECTIONS = ('auto', 'weights', 'activations')
@@ -79,10 +93,27 @@ class LayerCache(struct.PyTreeNode):
   projection: str = struct.field(pytree_node=False)
 
 
+class GroupCache(struct.PyTreeNode):
+  """One layer's MLP gate over channel groups, decided once per sequence at prefill.
+
+  projection: 'masked' (N = G: every group, times its gate weight), 'weights' (N = Kf:
+  the gathered groups' weights) or 'activations' (N = G: the gate's weights on the Kf
+  groups, 0 elsewhere; see the module docstring).
+  """
+  weights_BxN: jax.Array                         # gate weight of each group computed
+  idx_BxK: jax.Array | None                      # the Kf groups, for a gathered MLP
+  gathered: compute.GatheredMLPWeights | None    # for projection='weights'
+  projection: str = struct.field(pytree_node=False)
+
+
 class DecodeState(struct.PyTreeNode):
-  """Every layer's cache and, per sequence, the position its next token takes."""
+  """Every layer's cache and, per sequence, the position its next token takes.
+
+  mlps: every layer's GroupCache, or None for an ungated MLP (all None without mlp_groups).
+  """
   layers: tuple[LayerCache, ...]
   positions_B: jax.Array
+  mlps: tuple[GroupCache | None, ...] = ()
 
   @property
   def cache_length(self) -> int:
@@ -91,6 +122,11 @@ class DecodeState(struct.PyTreeNode):
   @property
   def projections(self) -> tuple[str, ...]:
     return tuple(layer.projection for layer in self.layers)
+
+  @property
+  def mlp_projections(self) -> tuple[str | None, ...]:
+    """Every layer's MLP step projection (None: an ungated MLP)."""
+    return tuple(None if mlp is None else mlp.projection for mlp in self.mlps)
 
   @property
   def kv_bytes(self) -> int:
@@ -102,12 +138,14 @@ class Generation(NamedTuple):
   tokens_BxT: jax.Array   # T = L + max_new_tokens; sequence b is tokens[b, :lengths[b]], then 0
   lengths_B: jax.Array    # prompt + generated tokens (up to and including eos_id)
   projections: tuple[str, ...]  # every layer's step projection (see the module docstring)
+  mlp_projections: tuple[str | None, ...] = ()  # every layer's MLP one (None: ungated)
 
 
 # -- the plan: K, path and projection of every layer ------------------------------------------
 
 def choose_projection(batch: int, active_heads: int, num_heads: int) -> str:
-  """'weights' when gathering weights reads fewer bytes than the full weights (B K < H)."""
+  """'weights' when gathering weights reads fewer bytes than the full weights (B K < H;
+  for MLP groups, B Kf < G)."""
   return 'weights' if batch * active_heads < num_heads else 'activations'
 
 
@@ -131,14 +169,40 @@ def layer_plan(model: GatedLM, batch: int, *, path=None, active_heads=None,
   return plan
 
 
+def group_plan(model: GatedLM, batch: int, *, path=None, active_groups=None,
+               projection: str = 'auto') -> list[tuple[int | None, str] | None]:
+  """(Kf, projection) of every layer's MLP (None for an ungated MLP), with the call
+  overrides `path` and `active_groups` (an int or one per layer)."""
+  if projection not in PROJECTIONS:
+    raise ValueError(f'projection must be one of {PROJECTIONS}, got {projection!r}')
+  if active_groups is not None and model.trunk.mlp_groups is None:
+    raise ValueError('active_groups needs a model built with mlp_groups')
+  plan = []
+  for block, kf in zip(model.blocks,
+                       per_layer(active_groups, len(model.blocks), 'active_groups')):
+    mlp = block.gated_mlp
+    if mlp is None:
+      if kf is not None:
+        raise ValueError('active_groups needs a block built with mlp_groups')
+      plan.append(None)
+      continue
+    kf = mlp.active_groups if kf is None else kf
+    layer_path = mlp.path if path is None else path
+    check_active_groups(kf, mlp.num_groups, mlp.gate_rule, layer_path)
+    if layer_path == 'masked' or kf == mlp.num_groups:
+      plan.append((kf, 'masked'))
+    elif projection == 'auto':
+      plan.append((kf, choose_projection(batch, kf, mlp.num_groups)))
+    else:
+      plan.append((kf, projection))
+  return plan
+
+
 # -- prefill ------------------------------------------------------------------------------------
 
 def _check_model(model):
   if not isinstance(model, GatedLM):
     raise ValueError(f'decoding needs a GatedLM, got {type(model).__name__}')
-  if model.trunk.mlp_groups is not None:
-    raise ValueError('cached decoding of a GatedLM with gated MLP channel groups '
-                     '(mlp_groups) is not supported yet')
 
 
 def _rotate(attn: GatedMultiHeadAttention, x_BxLxNxDh, positions_BxL):
@@ -197,8 +261,33 @@ def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projectio
   return y_BxLxD, cache
 
 
+def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection):
+  """The block's MLP half over the prompt; its group gate decided here, once. -> (out, cache)."""
+  mlp = block.gated_mlp
+  if mlp is None:
+    return block.feed_forward(h_BxLxD, deterministic=True), None
+  xn_BxLxD = block.mlp_norm(h_BxLxD)
+  gate = mlp.gate(xn_BxLxD, valid_BxL, deterministic=True, active_groups=k)
+  xn_BxLxD, w = mlp.promoted(xn_BxLxD)
+  G, p = mlp.num_groups, mlp.precision
+  if projection == 'masked':
+    cache = GroupCache(gate.weights_BxH, None, None, projection)
+    y_BxLxD = compute.masked_mlp(xn_BxLxD, w, gate.weights_BxH, G, precision=p)
+  else:
+    idx_BxK = gate.idx_BxK
+    weights_BxK = jnp.take_along_axis(gate.weights_BxH, idx_BxK, axis=1)
+    g = compute.gather_mlp(w, idx_BxK, G)
+    y_BxLxD = compute.mlp_gathered_weights(xn_BxLxD, g, weights_BxK, w.b2_D, precision=p)
+    if projection == 'weights':
+      cache = GroupCache(weights_BxK, idx_BxK, g, projection)
+    else:
+      cache = GroupCache(compute.scatter_groups(weights_BxK, idx_BxK, G), idx_BxK, None,
+                         projection)
+  return h_BxLxD + y_BxLxD, cache
+
+
 def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, path=None,
-            active_heads=None, projection: str = 'auto'):
+            active_heads=None, projection: str = 'auto', active_groups=None):
   """Runs the prompt through `model` and fills the cache. -> (logits_BxLxV, DecodeState).
 
   Args:
@@ -206,8 +295,10 @@ def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, pa
     tokens_BxL: int prompts, left-aligned; positions >= lengths_B are padding.
     lengths_B: every prompt's length (default: all L). Each must be >= P.
     cache_length: S, the positions the cache holds (>= L, <= the model's max_length).
-    path, active_heads: overrides, as in GatedLM's call (active_heads: int or per layer).
-    projection: how steps project gathered layers: 'auto' | 'weights' | 'activations'.
+    path, active_heads, active_groups: overrides, as in GatedLM's call (an int or one per
+      layer; active_groups needs mlp_groups).
+    projection: how steps project gathered layers (attention and MLP groups alike):
+      'auto' | 'weights' | 'activations'.
 
   logits_BxLxV[b, t] for t < lengths_B[b] equal the full forward's. Traceable (jit it with
   nnx.jit, or use `generate`); with concrete `lengths_B` they are checked.
@@ -235,20 +326,25 @@ def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, pa
     if lengths.min() < P or lengths.max() > L:
       raise ValueError(f'every prompt length must be in [P={P}, L={L}], got {lengths.tolist()}')
   plan = layer_plan(model, B, path=path, active_heads=active_heads, projection=projection)
+  mlp_plan = group_plan(model, B, path=path, active_groups=active_groups,
+                        projection=projection)
 
   valid_BxL = jnp.arange(L)[None, :] < lengths_B[:, None]
   positions_BxL = jnp.broadcast_to(jnp.arange(L)[None, :], (B, L))
   x_BxLxD = _embed(model, jnp.where(valid_BxL, tokens_BxL, 0), positions_BxL)
   mask_Bx1xLxL = padding_mask(valid_BxL, is_causal=True)
-  layers = []
-  for block, (k, layer_projection) in zip(model.blocks, plan):
+  layers, mlps = [], []
+  for block, (k, layer_projection), mlp_step in zip(model.blocks, plan, mlp_plan):
     y_BxLxD, cache = _prefill_attention(block.attention, block.attention_norm(x_BxLxD),
                                         mask_Bx1xLxL, positions_BxL, k, layer_projection,
                                         cache_length)
-    x_BxLxD = block.feed_forward(x_BxLxD + y_BxLxD, deterministic=True)
+    kf, mlp_projection = (None, None) if mlp_step is None else mlp_step
+    x_BxLxD, mlp_cache = _prefill_mlp(block, x_BxLxD + y_BxLxD, valid_BxL, kf,
+                                      mlp_projection)
     layers.append(cache)
+    mlps.append(mlp_cache)
   logits_BxLxV = model.logits(model.trunk.final_norm(x_BxLxD))
-  return logits_BxLxV, DecodeState(tuple(layers), lengths_B)
+  return logits_BxLxV, DecodeState(tuple(layers), lengths_B, tuple(mlps))
 
 
 # -- one token ------------------------------------------------------------------------------------
@@ -290,6 +386,21 @@ def _step_attention(attn, cache: LayerCache, xn_Bx1xD, positions_B, mask_Bx1x1xS
   return y_Bx1xD, cache.replace(k_BxNxSxDh=k_BxNxSxDh, v_BxNxSxDh=v_BxNxSxDh)
 
 
+def _step_mlp(block, cache: GroupCache | None, h_Bx1xD):
+  """The block's MLP half for one token, with the group gate decided at prefill."""
+  if cache is None:
+    return block.feed_forward(h_Bx1xD, deterministic=True)
+  mlp = block.gated_mlp
+  xn_Bx1xD, w = mlp.promoted(block.mlp_norm(h_Bx1xD))
+  if cache.projection == 'weights':
+    y_Bx1xD = compute.mlp_gathered_weights(xn_Bx1xD, cache.gathered, cache.weights_BxN,
+                                           w.b2_D, precision=mlp.precision)
+  else:  # 'masked' or 'activations': every group with the full weights, times its weight
+    y_Bx1xD = compute.masked_mlp(xn_Bx1xD, w, cache.weights_BxN, mlp.num_groups,
+                                 precision=mlp.precision)
+  return h_Bx1xD + y_Bx1xD
+
+
 def decode_step(model: GatedLM, state: DecodeState, tokens_B):
   """Feeds one token per sequence at state.positions_B. -> (logits_BxV, next state).
 
@@ -306,13 +417,14 @@ def decode_step(model: GatedLM, state: DecodeState, tokens_B):
   x_Bx1xD = _embed(model, tokens_B[:, None], positions_B[:, None])
   mask_Bx1x1xS = (jnp.arange(S)[None, :] <= positions_B[:, None])[:, None, None, :]
   layers = []
-  for block, cache in zip(model.blocks, state.layers):
+  mlps = state.mlps or (None,) * len(state.layers)
+  for block, cache, mlp_cache in zip(model.blocks, state.layers, mlps):
     y_Bx1xD, cache = _step_attention(block.attention, cache, block.attention_norm(x_Bx1xD),
                                      positions_B, mask_Bx1x1xS)
-    x_Bx1xD = block.feed_forward(x_Bx1xD + y_Bx1xD, deterministic=True)
+    x_Bx1xD = _step_mlp(block, mlp_cache, x_Bx1xD + y_Bx1xD)
     layers.append(cache)
   logits_BxV = model.logits(model.trunk.final_norm(x_Bx1xD))[:, 0]
-  return logits_BxV, DecodeState(tuple(layers), positions_B + 1)
+  return logits_BxV, DecodeState(tuple(layers), positions_B + 1, state.mlps)
 
 
 # -- sampling and the loop ----------------------------------------------------------------------
@@ -339,13 +451,15 @@ def sample(logits_BxV, rng, temperature=0.0, top_p=1.0):
 
 
 @partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'cache_length', 'eos_id',
-                                   'path', 'active_heads', 'projection'))
+                                   'path', 'active_heads', 'projection', 'active_groups'))
 def _generate(graphdef, model_state, tokens_BxL, lengths_B, rng, temperature, top_p, *,
-              max_new_tokens, cache_length, eos_id, path, active_heads, projection):
+              max_new_tokens, cache_length, eos_id, path, active_heads, projection,
+              active_groups):
   model = nnx.merge(graphdef, model_state)
   B, L = tokens_BxL.shape
   logits_BxLxV, state = prefill(model, tokens_BxL, lengths_B, cache_length=cache_length,
-                                path=path, active_heads=active_heads, projection=projection)
+                                path=path, active_heads=active_heads, projection=projection,
+                                active_groups=active_groups)
   logits_BxV = jnp.take_along_axis(logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   valid_BxL = jnp.arange(L)[None, :] < lengths_B[:, None]
   out_BxT = jnp.zeros((B, L + max_new_tokens), jnp.int32)
@@ -382,7 +496,7 @@ def _generate(graphdef, model_state, tokens_BxL, lengths_B, rng, temperature, to
 def generate(model: GatedLM, tokens_BxL, lengths_B=None, *, max_new_tokens: int, rng=None,
              temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None,
              cache_length: int | None = None, path=None, active_heads=None,
-             projection: str = 'auto') -> Generation:
+             projection: str = 'auto', active_groups=None) -> Generation:
   """Generates up to max_new_tokens tokens after every prompt, compiled once per shape.
 
   Args:
@@ -395,7 +509,7 @@ def generate(model: GatedLM, tokens_BxL, lengths_B=None, *, max_new_tokens: int,
     eos_id: a token that ends a sequence (it is kept; later slots are 0).
     cache_length: S (default L + max_new_tokens - 1, every position the model reads);
       at most the model's max_length.
-    path, active_heads, projection: as in `prefill`.
+    path, active_heads, projection, active_groups: as in `prefill`.
 
   Call it outside jit (it checks concrete inputs, then runs one jitted function).
   """
@@ -444,7 +558,11 @@ def generate(model: GatedLM, tokens_BxL, lengths_B=None, *, max_new_tokens: int,
                      f'{model.trunk.max_length}')
   if isinstance(active_heads, list):
     active_heads = tuple(active_heads)
+  if isinstance(active_groups, list):
+    active_groups = tuple(active_groups)
   plan = layer_plan(model, B, path=path, active_heads=active_heads, projection=projection)
+  mlp_plan = group_plan(model, B, path=path, active_groups=active_groups,
+                        projection=projection)
   if lengths.min() < model.prefix_len or lengths.max() > L:
     raise ValueError(f'every prompt length must be in [P={model.prefix_len}, L={L}] (the gate '
                      f'reads the first P tokens), got {lengths.tolist()}')
@@ -454,5 +572,6 @@ def generate(model: GatedLM, tokens_BxL, lengths_B=None, *, max_new_tokens: int,
       graphdef, model_state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths), rng,
       jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
       cache_length=cache_length, eos_id=eos_id, path=path, active_heads=active_heads,
-      projection=projection)
-  return Generation(tokens_BxT, lengths_B, tuple(p for _, p in plan))
+      projection=projection, active_groups=active_groups)
+  return Generation(tokens_BxT, lengths_B, tuple(p for _, p in plan),
+                    tuple(None if step is None else step[1] for step in mlp_plan))

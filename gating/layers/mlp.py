@@ -129,6 +129,11 @@ class GatedMLP(nnx.Module):
     return compute.MLPWeights(self.linear_in.kernel[...], self.linear_out.kernel[...],
                               self.linear_in.bias[...], self.linear_out.bias[...])
 
+  def promoted(self, x_BxLxD):
+    """(x_BxLxD, MLPWeights) promoted to the layer's compute dtype, as its call computes."""
+    x_BxLxD, *weights = dtypes.promote_dtype((x_BxLxD, *self.mlp_weights()), dtype=self.dtype)
+    return x_BxLxD, compute.MLPWeights(*weights)
+
   def gate(self, x_BxLxD, valid_BxL=None, *, deterministic: bool | None = None, rngs=None,
            active_groups: int | None = None) -> selection.Gate:
     """The per-sequence decision over groups: Gate(weights_BxG, idx_BxKf | None, probs_BxG).
@@ -156,8 +161,7 @@ class GatedMLP(nnx.Module):
     gate = self._select(logits_BxG, k, deterministic, self._gate_rng(rngs, deterministic))
     self._record(logits_BxG, gate)
 
-    x_BxLxD, *weights = dtypes.promote_dtype((x_BxLxD, *self.mlp_weights()), dtype=self.dtype)
-    w = compute.MLPWeights(*weights)
+    x_BxLxD, w = self.promoted(x_BxLxD)
     if path == 'masked' or k == self.num_groups:
       y = compute.masked_mlp(x_BxLxD, w, gate.weights_BxH, self.num_groups,
                              precision=self.precision)

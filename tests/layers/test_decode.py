@@ -191,3 +191,104 @@ def test_bad_decoding_arguments():
   # The drop-in layer itself has no decode mode: it points here.
   with pytest.raises(ValueError, match='gating.decode'):
     model.blocks[0].attention(jnp.ones((1, 4, D)), decode=True)
+
+
+# -- gated MLP channel groups ---------------------------------------------------------------
+
+G = 8  # MLP groups of F = 4 D = 128 channels: 16 each
+
+
+def grouped_lm(k=2, kf=2, path='gathered', **kw):
+  """Heads gated (K=k of H; k=H: no head skipped) and MLP groups gated (Kf=kf of G)."""
+  return lm('topk', k=k, path=path, mlp_groups=G, active_groups=kf, **kw)
+
+
+@nnx.jit
+def group_weights(model, tokens_BxL):
+  return model(tokens_BxL).group_weights_BxNxG
+
+
+def assert_greedy(model, out, prompt_len):
+  """Every generated token is the argmax of the full forward (no cache) over the tokens
+  before it: what re-running the model on the growing sequence gives (it is causal)."""
+  logits_BxTxV = full_forward(model, out.tokens_BxT)
+  np.testing.assert_array_equal(jnp.argmax(logits_BxTxV[:, prompt_len - 1:-1], -1),
+                                out.tokens_BxT[:, prompt_len:])
+
+
+@pytest.mark.parametrize('k,kf,path,batch,positions,mlp_projections', [
+    (2, 2, 'gathered', 2, 'rotary', ('weights', 'weights')),          # B Kf = 4 < G
+    (2, 2, 'gathered', 4, 'learned', ('activations', 'activations')),  # B Kf = 8 >= G
+    (H, 2, 'gathered', 3, 'rotary', ('weights', 'weights')),           # heads dense (K = H)
+    (H, 3, 'gathered', 3, 'learned', ('activations', 'activations')),
+    (2, (1, 5), 'gathered', 2, 'rotary', ('weights', 'activations')),  # Kf per layer
+    (2, 2, 'masked', 2, 'learned', ('masked', 'masked')),
+])
+def test_cached_decoding_with_mlp_groups_equals_the_full_forward(k, kf, path, batch,
+                                                                 positions, mlp_projections):
+  model = grouped_lm(k, list(kf) if isinstance(kf, tuple) else kf, path, positions=positions)
+  x = tokens(b=batch, length=10)
+  np.testing.assert_allclose(teacher_forced(model, x, 6, 'auto'), full_forward(model, x),
+                             atol=2e-5, rtol=2e-5)
+  out = decode.generate(model, x[:, :6], max_new_tokens=4)
+  assert out.mlp_projections == mlp_projections
+  assert_greedy(model, out, 6)
+
+
+@pytest.mark.parametrize('projection', ['weights', 'activations'])
+def test_mlp_group_projection_override_and_other_rules(projection):
+  for gate in ('sigmoid', 'hard_concrete'):
+    model = lm(gate, path='gathered', mlp_groups=G, active_groups=3, deterministic=True)
+    x = tokens(b=2, length=10)
+    np.testing.assert_allclose(teacher_forced(model, x, 6, projection),
+                               full_forward(model, x), atol=2e-5, rtol=2e-5)
+
+
+def test_mlp_groups_are_decided_once_at_prefill():
+  model = grouped_lm(kf=2)
+  x = tokens(b=3, length=8)
+  _, state = jit_prefill(model, x[:, :4], cache_length=L, projection='activations')
+  # The decision is the full forward's, which reads the prefix: its weights on the G groups,
+  # whatever tokens follow the prompt.
+  want_BxNxG = group_weights(model, x)
+  np.testing.assert_array_equal(jnp.stack([m.weights_BxN for m in state.mlps], axis=1),
+                                want_BxNxG)
+  _, after = nnx.jit(decode.decode_step)(model, state, x[:, 4])
+  for m, m_after in zip(state.mlps, after.mlps):
+    np.testing.assert_array_equal(m_after.idx_BxK, m.idx_BxK)
+    np.testing.assert_array_equal(m_after.weights_BxN, m.weights_BxN)
+
+
+def test_the_gathered_mlp_state_holds_only_the_selected_groups():
+  model = grouped_lm(kf=[1, 3])
+  _, state = jit_prefill(model, tokens(b=2, length=8), cache_length=12, projection='weights')
+  Fg = 4 * D // G
+  g0, g1 = (m.gathered for m in state.mlps)
+  assert g0.w1_BxDxKxFg.shape == (2, D, 1, Fg) and g1.w1_BxDxKxFg.shape == (2, D, 3, Fg)
+  assert g0.b1_BxKxFg.shape == (2, 1, Fg) and g1.w2_BxKxFgxD.shape == (2, 3, Fg, D)
+  assert [m.weights_BxN.shape for m in state.mlps] == [(2, 1), (2, 3)]
+  # Kf = G, or the masked path: every group with the full weights, nothing gathered.
+  _, full = jit_prefill(grouped_lm(kf=G), tokens(b=2, length=8), cache_length=12)
+  assert full.mlp_projections == ('masked', 'masked') and full.mlps[0].gathered is None
+  # Without mlp_groups there is no MLP gate to keep.
+  _, plain = jit_prefill(lm(), tokens(b=2, length=8), cache_length=12)
+  assert plain.mlp_projections == (None, None)
+
+
+def test_group_plan_rule_and_bad_arguments():
+  model = grouped_lm(kf=2)
+  assert decode.group_plan(model, 3) == [(2, 'weights')] * 2        # B Kf = 6 < 8
+  assert decode.group_plan(model, 4) == [(2, 'activations')] * 2    # B Kf = 8
+  assert decode.group_plan(model, 4, projection='weights') == [(2, 'weights')] * 2
+  assert decode.group_plan(model, 1, active_groups=[G, 1]) == [(G, 'masked'), (1, 'weights')]
+  assert decode.group_plan(model, 1, path='masked') == [(2, 'masked')] * 2
+  assert decode.group_plan(lm(), 1) == [None, None]
+  x = tokens(b=2, length=6)
+  with pytest.raises(ValueError, match='active_groups needs a model built with mlp_groups'):
+    decode.generate(lm(), x, max_new_tokens=2, active_groups=2)
+  with pytest.raises(ValueError, match='active_groups'):
+    decode.generate(model, x, max_new_tokens=2, active_groups=G + 1)
+  out = decode.generate(model, x, max_new_tokens=1, active_groups=[1, 4])
+  assert out.mlp_projections == ('weights', 'activations')
+  want = nnx.jit(lambda m, x: m(x, active_groups=[1, 4]).logits_BxLxV)(model, x)
+  np.testing.assert_array_equal(out.tokens_BxT[:, 6], want[:, -1].argmax(-1))

@@ -47,6 +47,14 @@ def test_both_paths_equal_the_per_group_loop():
   np.testing.assert_allclose(compute.masked_mlp(x, w, weights_BxG, G), want, atol=1e-4)
   np.testing.assert_allclose(compute.gathered_mlp(x, w, idx_BxK, weights_BxK, G), want,
                              atol=1e-4)
+  # The pieces decode uses: weights gathered once, then applied; or the Kf weights put
+  # back in their G slots for the masked computation with the full weights.
+  g = compute.gather_mlp(w, idx_BxK, G)
+  assert g.w1_BxDxKxFg.shape == (B, D, 2, F // G) and g.b1_BxKxFg.shape == (B, 2, F // G)
+  assert g.w2_BxKxFgxD.shape == (B, 2, F // G, D)
+  np.testing.assert_allclose(compute.mlp_gathered_weights(x, g, weights_BxK, w.b2_D), want,
+                             atol=1e-4)
+  np.testing.assert_array_equal(compute.scatter_groups(weights_BxK, idx_BxK, G), weights_BxG)
 
 
 def test_gather_groups_layout():
@@ -251,8 +259,3 @@ def test_state_paths_without_groups_are_unchanged():
                          gate='topk', active_heads=2, rngs=nnx.Rngs(0))
   paths = sorted('/'.join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model)))
   assert paths == STATE_PATHS_WITHOUT_GROUPS
-
-
-def test_decode_refuses_group_gating_clearly():
-  with pytest.raises(ValueError, match='mlp_groups'):
-    gating.decode.generate(lm(), tokens(), max_new_tokens=2)
