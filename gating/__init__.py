@@ -7,8 +7,9 @@ Shape legend (tensor names carry their shape; einsum strings use the same letter
 
 Layout (the folders are the architecture):
   gating.layers    what a user puts in a model (router, selection, compute, attention,
-                   mlp, block, models, state, decode); imports nothing below
-  gating.convert   gate_heads (retrofit, causal-safe), set_path, prune (thin export)
+                   mlp, channels, block, models, state, decode); imports nothing below
+  gating.convert   gate_heads (retrofit, causal-safe), gate_mlps (outside MLPs' channels,
+                   masked), set_path, prune (thin export)
   gating.linen     Linen factories through flax.nnx.bridge
   gating.data      the synthetic benchmark (tasks), the text corpus (corpus), batches
   gating.training  config, losses, the train loop, checkpoints, provenance
@@ -22,10 +23,11 @@ decode_step, generate for GatedLM) and `gating.linen` are attributes of the pack
 import importlib
 
 from gating import linen
-from gating.convert import PruneReport, gate_heads, prune, set_path
+from gating.convert import PruneReport, gate_heads, gate_mlps, prune, set_path
 from gating.layers import decode
 from gating.layers.attention import GatedMultiHeadAttention
 from gating.layers.block import GatedTransformerBlock
+from gating.layers.channels import GatedChannels
 from gating.layers.compute import (HeadWeights, MLPWeights, gathered_attention, gathered_mlp,
                                    masked_attention, masked_mlp)
 from gating.layers.mlp import GatedMLP
@@ -35,9 +37,10 @@ from gating.layers.selection import RULES, Gate, select
 from gating.layers.state import GateStats, GateTemperature, gate_stats, set_temperature
 
 __all__ = [
-    'EncoderOutput', 'Gate', 'GateStats', 'GateTemperature', 'GatedEncoder', 'GatedLM',
+    'EncoderOutput', 'Gate', 'GateStats', 'GateTemperature', 'GatedChannels', 'GatedEncoder',
+    'GatedLM',
     'GatedMLP', 'GatedMultiHeadAttention', 'GatedTransformerBlock', 'HeadRouter', 'LMOutput',
-    'HeadWeights', 'MLPWeights', 'PruneReport', 'RULES', 'StaticRouter', 'gate_heads',
+    'HeadWeights', 'MLPWeights', 'PruneReport', 'RULES', 'StaticRouter', 'gate_heads', 'gate_mlps',
     'gate_stats', 'gathered_attention', 'gathered_mlp', 'masked_attention', 'masked_mlp',
     'prune', 'select', 'set_path', 'set_temperature',
 ]

@@ -1,4 +1,5 @@
-"""Retrofit and export: gate the heads of a trained model; prune the heads it never uses.
+"""Retrofit and export: gate the heads (and MLP channels) of a trained model; prune the
+heads it never uses.
 
 gate_heads(model, rngs=..., causal=False, **gate_kwargs)
     A copy of any NNX model in which every `nnx.MultiHeadAttention` is a
@@ -8,6 +9,13 @@ gate_heads(model, rngs=..., causal=False, **gate_kwargs)
     the same mesh, which is what `nnx.get_partition_spec` says for variables without
     sharding metadata. Cross-attention (inputs_k/inputs_v, in_kv_features) is supported:
     the gate reads the query sequence.
+
+gate_mlps(model, num_groups=G, where=..., rngs=..., causal=False, **gate_kwargs)
+    A copy of any NNX model in which the MLP output projections that `where` selects
+    (nnx.Linear layers, by a path pattern or a callback) are `GatedChannels`: their input
+    channels (the MLP's hidden channels) are gated per sequence in G groups, on the
+    masked path only (the activation sits in the model's own code). With gate='dense' the
+    outputs do not change. `prune` does not export these; our own blocks (GatedMLP) do.
 
 set_path(model, path, active_heads=None)
     Switches every gated layer of a model to the masked or gathered path (and a budget).
@@ -35,6 +43,7 @@ prune(model, usage_or_threshold, ...)
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Mapping
 
 import jax
@@ -43,8 +52,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
+from gating.layers.attention import GatedMultiHeadAttention, causal_router, check_active_heads
 from gating.layers.block import GatedTransformerBlock
+from gating.layers.channels import GatedChannels
 from gating.layers.mlp import GatedMLP
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.layers.router import StaticRouter
@@ -106,6 +116,60 @@ def gate_heads(model: nnx.Module, *, rngs: nnx.Rngs, causal: bool = False,
     if not isinstance(node, nnx.MultiHeadAttention):
       return node
     gated = GatedMultiHeadAttention.from_dense(node, rngs=rngs, causal=causal, **gate_kwargs)
+    mesh = _mesh_of(node)
+    if mesh is not None:
+      _replicate_new_state(gated, mesh)
+    return gated
+  return nnx.recursive_map(replace, nnx.clone(model))
+
+
+def gate_mlps(model: nnx.Module, *, num_groups: int, where, rngs: nnx.Rngs,
+              causal: bool = False, **gate_kwargs) -> nnx.Module:
+  """A copy of `model` whose selected MLP output projections gate their input channels.
+
+  Args:
+    model: any NNX module (the original is not changed).
+    num_groups: G, the channel groups of each selected layer (a divisor of its in_features).
+    where: which nnx.Linear layers are MLP output projections (W2, whose inputs are the
+      hidden channels): a glob pattern over the '/'-joined attribute path (e.g.
+      'blocks/*/mlp/fc2'; fnmatch, '*' also crosses '/'), or a callback
+      `where(path: str, linear: nnx.Linear) -> bool`.
+    rngs: initializes the routers (and a stochastic gate's 'dropout' stream).
+    causal: the model is causal: the routers read no token after the prefix, as in
+      gate_heads ('prefix' with prefix_len=P, else 'first'; 'mean' refused).
+    **gate_kwargs: GatedChannels arguments (gate=, active_groups=, router=, prefix_len=,
+      noise=, ...); gate='dense' leaves the outputs unchanged.
+
+  A `where` that selects nothing, or selects a layer that is not an nnx.Linear, is a
+  ValueError naming the pattern and the layers it saw.
+  """
+  if causal:
+    gate_kwargs = causal_router(gate_kwargs)
+  if isinstance(where, str):
+    pattern = where
+    select = lambda path, node: fnmatch.fnmatchcase(path, pattern)
+  elif callable(where):
+    select = where
+  else:
+    raise ValueError(f'where must be a path pattern or a callable, got {where!r}')
+  chosen = [(_path_str(p), node) for p, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Module) and p and select(_path_str(p), node)]
+  if not chosen:
+    linears = [_path_str(p) for p, node in nnx.iter_graph(model)
+               if isinstance(node, nnx.Linear)]
+    raise ValueError(f'gate_mlps: where={where!r} selects no layer of '
+                     f'{type(model).__name__}; its nnx.Linear layers are {linears}')
+  for name, node in chosen:
+    if not isinstance(node, nnx.Linear):
+      raise ValueError(f'gate_mlps: where={where!r} selects {name!r}, a '
+                       f'{type(node).__name__}; it must select nnx.Linear layers (the '
+                       "MLPs' output projections)")
+  names = {name for name, _ in chosen}
+
+  def replace(path, node):
+    if not (isinstance(node, nnx.Linear) and _path_str(path) in names):
+      return node
+    gated = GatedChannels(node, num_groups, rngs=rngs, **gate_kwargs)
     mesh = _mesh_of(node)
     if mesh is not None:
       _replicate_new_state(gated, mesh)
