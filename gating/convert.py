@@ -353,6 +353,23 @@ def _thin_mlp(mlp: GatedMLP, kept: np.ndarray) -> GatedMLP:
   return thin
 
 
+def _kept_units(path, usage_U, threshold, budget, layer: str, unit: str, budget_name: str,
+                units: str, budget_field: str | None = None) -> tuple[int, ...]:
+  """The units (heads or channel groups) of one layer whose usage exceeds the threshold;
+  a ValueError if none would be left, or fewer than the layer's budget opens."""
+  kept = np.flatnonzero(np.asarray(usage_U) > threshold)
+  usage = np.asarray(usage_U).tolist()
+  if len(kept) == 0:
+    raise ValueError(f'{layer} {path!r} would keep no {unit} (usage {usage} <= threshold '
+                     f'{threshold}); lower the threshold')
+  if budget is not None and budget > len(kept):
+    raise ValueError(f'{layer} {path!r} has a budget of {budget_name}={budget} {units} but '
+                     f'only {len(kept)} would be left after pruning (usage {usage}, threshold '
+                     f'{threshold}); lower the threshold or the budget '
+                     f'({budget_field or budget_name})')
+  return tuple(int(u) for u in kept)
+
+
 def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = None,
           inputs: tuple | None = None) -> tuple[nnx.Module, PruneReport]:
   """Exports a thin static copy of a gated model without the heads it (almost) never uses.
@@ -374,37 +391,22 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
   (`group_usage`; in a usage mapping, their paths such as 'trunk/blocks/0/mlp').
 
   Returns (pruned model, PruneReport). Raises ValueError if a layer would keep fewer
-  heads than its budget K (or groups than its active_groups) (its gate always opens up to K heads, so sequences would use
-  removed heads) or no head at all.
+  heads than its budget K, or groups than its active_groups (its gate always opens that
+  many, so sequences would use removed units), or none at all.
   """
   usage, threshold = _usage_by_layer(model, usage_or_threshold, threshold)
   kept_groups = {}
   for path, mlp in ((p, m) for p, m in _gated_layers(model).items() if isinstance(m, GatedMLP)):
-    kept = np.flatnonzero(usage[path] > threshold)
     k = mlp.num_groups if get_rule(mlp.gate_rule).budget == 'none' else mlp.active_groups
-    if len(kept) == 0:
-      raise ValueError(f'MLP layer {path!r} would keep no channel group (usage '
-                       f'{usage[path].tolist()} <= threshold {threshold}); lower the threshold')
-    if k is not None and k > len(kept):
-      raise ValueError(f'MLP layer {path!r} has a budget of active_groups={k} but only '
-                       f'{len(kept)} groups would be left after pruning (usage '
-                       f'{usage[path].tolist()}, threshold {threshold}); lower the threshold '
-                       'or the budget (active_groups)')
-    kept_groups[path] = tuple(int(g) for g in kept)
+    kept_groups[path] = _kept_units(path, usage[path], threshold, k, 'MLP layer',
+                                    'channel group', 'active_groups', 'groups')
   kept_heads, counts, head_dims = {}, [], set()
   for path, attn in ((_path_str(p), m) for p, m in nnx.iter_graph(model)
                      if isinstance(m, GatedMultiHeadAttention)):
-    kept = np.flatnonzero(usage[path] > threshold)
     k = attn.num_heads if get_rule(attn.gate_rule).budget == 'none' else attn.active_heads
-    if len(kept) == 0:
-      raise ValueError(f'layer {path!r} would keep no head (usage {usage[path].tolist()} <= '
-                       f'threshold {threshold}); lower the threshold')
-    if k is not None and k > len(kept):
-      raise ValueError(f'layer {path!r} has a budget of K={k} heads but only {len(kept)} '
-                       f'would be left after pruning (usage {usage[path].tolist()}, threshold '
-                       f'{threshold}); lower the threshold or the budget (active_heads)')
-    kept_heads[path] = tuple(int(h) for h in kept)
-    counts.append(len(kept))
+    kept_heads[path] = _kept_units(path, usage[path], threshold, k, 'layer', 'head', 'K',
+                                   'heads', budget_field='active_heads')
+    counts.append(len(kept_heads[path]))
     head_dims.add(attn.head_dim)
 
   def replace(path, node):

@@ -396,7 +396,7 @@ def test_prune_refuses_fewer_groups_than_the_budget():
   usage = {f'trunk/blocks/{i}/{unit}': [1.0, 1.0, 0.0, 0.0] for i in range(2)
            for unit in ('attention', 'mlp')}
   usage['trunk/blocks/1/mlp'] = [1.0, 0.0, 0.0, 0.0]
-  with pytest.raises(ValueError, match='active_groups=2 but only 1 groups would be left'):
+  with pytest.raises(ValueError, match='active_groups=2 groups but only 1 would be left'):
     gating.prune(model, usage)
   with pytest.raises(ValueError, match=r"missing \['trunk/blocks/0/mlp'"):
     gating.prune(model, {f'trunk/blocks/{i}/attention': [1.0] * 4 for i in range(2)})
