@@ -18,6 +18,14 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 routers fitted to it, the model frozen, for 150 steps each: the three
                 importance labels with BCE on the top-K, grad x activation with the
                 listwise loss, and a static router fitted to the same labels.
+  recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
+                seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
+                K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
+                output-norm labels (BCE, 150 steps): per-sequence, static (one subset
+                for all, fitted to the same labels), and per-sequence with one shared
+                head; and a dense model trained for the same FLOPs as the elastic model
+                and one fit (XLA's count: 1500 x 9.58e10 + 150 x 2.3e11 = 1.79e14, a
+                dense step 2.40e10: 7450 steps).
 
 Every point has the same budget of training steps, STEPS. Dense and static train from
 scratch. The dynamic rules start from a dense warm start of WARM steps (one per seed,
@@ -108,6 +116,19 @@ SWEEPS = {
                 'static_grad_x_act_k2': fit(2, 'grad_x_act', 'bce', 150, 'model.router=static')},
         description='tuning the recipes on validation: elastic text model, routers fitted '
                     'to three importance labels, K = 2'),
+    'recipes': Sweep(
+        name='recipes', preset='text', seeds=(0, 1, 2),
+        common=(f'model.num_heads={H}',),
+        warm_start=tuple(elastic((1, 2, 4), steps=1500)),
+        points={'dense_equal_flops': [*dense(), 'steps=7450'],
+                **{f'router_k{k}': fit(k, 'output_norm') for k in (2, 4)},
+                **{f'static_k{k}': fit(k, 'output_norm', 'bce', 150, 'model.router=static')
+                   for k in (2, 4)},
+                **{f'router_shared1_k{k}': fit(k, 'output_norm', 'bce', 150,
+                                               'model.shared_heads=1') for k in (2, 4)}},
+        description='the recipes: elastic model, routers fitted to its head importance '
+                    '(per sequence, static, one shared head) at K = 2, 4, and dense at '
+                    'equal training FLOPs'),
 }
 
 
