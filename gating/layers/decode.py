@@ -160,13 +160,17 @@ def layer_plan(model: GatedLM, batch: int, *, path=None, active_heads=None,
     k = attn.active_heads if k is None else k
     layer_path = attn.path if path is None else path
     check_active_heads(k, attn.num_heads, attn.gate_rule, layer_path)
-    if layer_path == 'masked' or k == attn.num_heads:
-      plan.append((k, 'masked'))
-    elif projection == 'auto':
-      plan.append((k, choose_projection(batch, k, attn.num_heads)))
-    else:
-      plan.append((k, projection))
+    plan.append((k, _projection(layer_path, k, attn.num_heads, batch, projection)))
   return plan
+
+
+def _projection(layer_path: str, k, num_units: int, batch: int, projection: str) -> str:
+  """How a layer of `num_units` (heads or groups) with budget k projects each step:
+  'masked' on the masked path or when every unit runs, else `projection` ('auto':
+  choose_projection)."""
+  if layer_path == 'masked' or k == num_units:
+    return 'masked'
+  return choose_projection(batch, k, num_units) if projection == 'auto' else projection
 
 
 def group_plan(model: GatedLM, batch: int, *, path=None, active_groups=None,
@@ -189,12 +193,7 @@ def group_plan(model: GatedLM, batch: int, *, path=None, active_groups=None,
     kf = mlp.active_groups if kf is None else kf
     layer_path = mlp.path if path is None else path
     check_active_groups(kf, mlp.num_groups, mlp.gate_rule, layer_path)
-    if layer_path == 'masked' or kf == mlp.num_groups:
-      plan.append((kf, 'masked'))
-    elif projection == 'auto':
-      plan.append((kf, choose_projection(batch, kf, mlp.num_groups)))
-    else:
-      plan.append((kf, projection))
+    plan.append((kf, _projection(layer_path, kf, mlp.num_groups, batch, projection)))
   return plan
 
 
