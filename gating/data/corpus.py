@@ -270,11 +270,14 @@ def _pack(documents, tokenizer: _Tokenizer, seq_len: int, label: int):
   """Concatenates one domain's documents (each ended by doc_id) into windows of seq_len.
 
   The last window is padded with pad_id (valid False). target_mask: every valid token
-  but the first of a window (nothing in the window predicts it).
+  but the first of a window (nothing in the window predicts it). A last window that would
+  hold a single token (often just the final doc_id) has no target, so it is left out.
   """
   ids = tokenizer.encode([t for _, t in documents])
   end = [] if tokenizer.doc_id is None else [np.array([tokenizer.doc_id], np.int32)]
   stream = np.concatenate([part for doc in ids for part in [doc, *end]])
+  if len(stream) > seq_len and len(stream) % seq_len == 1:
+    stream = stream[:-1]
   N = -(-len(stream) // seq_len)
   tokens_NxL = np.full((N * seq_len,), tokenizer.pad_id, np.int32)
   tokens_NxL[:len(stream)] = stream
