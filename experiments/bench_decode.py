@@ -210,7 +210,8 @@ def run_forward(quick: bool) -> list[dict]:
 
 
 def run(quick: bool = False) -> list[dict]:
-  return run_decode(quick) + run_groups(quick) + run_forward(quick)
+  """The decode section; the MLP-group rows (`run_groups`) run in the width section."""
+  return run_decode(quick) + run_forward(quick)
 
 
 def format_table(rows: list[dict]) -> str:

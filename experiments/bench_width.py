@@ -11,7 +11,10 @@ channels in G=8 groups, L=512, batch 8 (--quick: 2 layers), random weights and t
 and the train step (`train.jit_train_step`, as training runs it) on the masked path,
 dense against both_k2 (every head and group computed, then gated). Candidates are timed
 interleaved in one run; FLOPs are XLA's cost analysis of each compiled function.
-Targets (issue 12): both_k2 forward <= 0.40x dense time; masked train step <= 1.10x.
+Then cached decoding with MLP groups (`bench_decode.run_groups`): D=512, F=2048 in G=8
+groups, a 512-token prompt, 64 greedy steps, B=1 and 16; dense, heads only at 2/8 and both
+at 2/8. Targets (issue 12): both_k2 forward <= 0.40x dense time; masked train step <=
+1.10x; decode both at 2/8 >= 3x dense tokens/s at B=1 and >= 1.3x heads only.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from experiments import bench_decode
 from experiments.bench_train import step_callable
 from experiments.timing import summarize, time_interleaved
 from gating.layers.models import GatedLM
@@ -83,10 +87,14 @@ def run(quick: bool = False) -> list[dict]:
   steps = {name: _train(*spec, sizes) for name, spec in TRAIN.items()}
   times = time_interleaved({n: fn for n, (fn, _) in steps.items()}, 3 if quick else 7,
                            min_seconds=0.5)
-  return rows + _rows('train step (masked)', TRAIN, steps, times, sizes)
+  rows += _rows('train step (masked)', TRAIN, steps, times, sizes)
+  del steps
+  return rows + bench_decode.run_groups(quick)
 
 
 def format_table(rows: list[dict]) -> str:
+  decode_rows = [r for r in rows if r['section'] == 'decode']
+  rows = [r for r in rows if r['section'] != 'decode']
   r0 = rows[0]
   lines = [f"width: GatedLM {r0['layers']} layers, D={r0['features']}, H={r0['heads']}, "
            f"F={r0['mlp']} in G={r0['groups']} groups, L={r0['length']}, batch {r0['batch']}: "
@@ -101,4 +109,12 @@ def format_table(rows: list[dict]) -> str:
     lines.append(f"    {r['candidate']:<22} {r['median_s'] * 1e3:9.1f} ms "
                  f"[{r['q25_s'] * 1e3:.1f}, {r['q75_s'] * 1e3:.1f}]  "
                  f"{r['ratio_vs_dense']:6.3f}x time  {flops}")
+  if decode_rows:
+    lines += ['', bench_decode.format_table(decode_rows),
+              '  targets: both_k2 >= 3x dense at B=1, >= 1.3x heads_k2']
+    for batch in sorted({r['batch'] for r in decode_rows}):
+      speed = {r['candidate']: r['speedup_vs_dense'] for r in decode_rows
+               if r['batch'] == batch}
+      lines.append(f"    B={batch}: both_k2 / heads_k2 = "
+                   f"{speed['both_k2'] / speed['heads_k2']:.2f}x tokens/s")
   return '\n'.join(lines)

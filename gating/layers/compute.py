@@ -199,12 +199,17 @@ def gather_groups(w1_DxGxFg, idx_BxK):
 
 def masked_mlp(x_BxLxD, w: MLPWeights, weights_BxG, num_groups: int,
                activation=jax.nn.gelu, precision=None):
-  """All G groups computed; group g's activations scaled by weights_BxG[:, g]. -> y_BxLxD."""
-  w1_DxGxFg, b1_GxFg, w2_GxFgxD = group_view(w, num_groups)
-  h_BxLxGxFg = _add(jnp.einsum('BLD,DGC->BLGC', x_BxLxD, w1_DxGxFg, precision=precision),
-                    b1_GxFg)
-  h_BxLxGxFg = activation(h_BxLxGxFg) * weights_BxG[:, None, :, None].astype(h_BxLxGxFg.dtype)
-  return _add(jnp.einsum('BLGC,GCD->BLD', h_BxLxGxFg, w2_GxFgxD, precision=precision), w.b2_D)
+  """All G groups computed; group g's activations scaled by weights_BxG[:, g]. -> y_BxLxD.
+
+  y = (act(x W1 + b1) * repeat(weights_BxG, F/G)) W2 + b2: group g is the channels
+  [g F/G, (g+1) F/G). Both products are plain [., D] x [D, F] matmuls (a [D, G, F/G]
+  einsum ran 1.6-1.9x slower on CPU).
+  """
+  F = w.w1_DxF.shape[1]
+  h_BxLxF = _add(jnp.einsum('BLD,DF->BLF', x_BxLxD, w.w1_DxF, precision=precision), w.b1_F)
+  scale_BxF = jnp.repeat(weights_BxG, F // num_groups, axis=-1)
+  h_BxLxF = activation(h_BxLxF) * scale_BxF[:, None, :].astype(h_BxLxF.dtype)
+  return _add(jnp.einsum('BLF,FD->BLD', h_BxLxF, w.w2_FxD, precision=precision), w.b2_D)
 
 
 class GatheredMLPWeights(NamedTuple):
@@ -228,13 +233,21 @@ def mlp_gathered_weights(x_BxLxD, g: GatheredMLPWeights, weights_BxK, b2_D,
                          activation=jax.nn.gelu, precision=None):
   """y_b = sum_j weights_bj act(x_b w1_bj + b1_bj) w2_bj + b2, with each sequence's Kf
   groups' weights already gathered (`gather_mlp`): x_BxLxD -> y_BxLxD. FLOPs scale as
-  Kf / G; used by `gathered_mlp`, and by `decode` steps with weights gathered at prefill."""
-  h_BxLxKxFg = jnp.einsum('BLD,BDKC->BLKC', x_BxLxD, g.w1_BxDxKxFg, precision=precision)
+  Kf / G; used by `gathered_mlp`, and by `decode` steps with weights gathered at prefill.
+
+  The Kf groups are flattened into one hidden axis of Kf F/G channels (free reshapes), so
+  both products are batched [L, D] x [D, Kf F/G] matmuls (1.3-2.6x faster on CPU than
+  keeping a separate group axis).
+  """
+  B, D, K, Fg = g.w1_BxDxKxFg.shape
+  h_BxLxC = jnp.einsum('BLD,BDC->BLC', x_BxLxD, g.w1_BxDxKxFg.reshape(B, D, K * Fg),
+                       precision=precision)
   if g.b1_BxKxFg is not None:
-    h_BxLxKxFg = h_BxLxKxFg + g.b1_BxKxFg[:, None, :, :]
-  h_BxLxKxFg = activation(h_BxLxKxFg) * weights_BxK[:, None, :, None].astype(h_BxLxKxFg.dtype)
-  return _add(jnp.einsum('BLKC,BKCD->BLD', h_BxLxKxFg, g.w2_BxKxFgxD, precision=precision),
-              b2_D)
+    h_BxLxC = h_BxLxC + g.b1_BxKxFg.reshape(B, 1, K * Fg)
+  scale_BxC = jnp.repeat(weights_BxK, Fg, axis=-1)
+  h_BxLxC = activation(h_BxLxC) * scale_BxC[:, None, :].astype(h_BxLxC.dtype)
+  return _add(jnp.einsum('BLC,BCD->BLD', h_BxLxC, g.w2_BxKxFgxD.reshape(B, K * Fg, -1),
+                         precision=precision), b2_D)
 
 
 def scatter_groups(weights_BxK, idx_BxK, num_groups: int):
