@@ -18,6 +18,9 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 routers fitted to it, the model frozen, for 150 steps each: the three
                 importance labels with BCE on the top-K, grad x activation with the
                 listwise loss, and a static router fitted to the same labels.
+  mlp_router    (issue 12) text, validation, seeds 0 and 1, heads and MLP groups at 2 of 8
+                after a 300-step dense warm start, as the `text` sweep's top-k: the groups
+                routed by each MLP's own router, or by the attention's (mlp_router=shared).
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -116,6 +119,15 @@ SWEEPS = {
                 'static_grad_x_act_k2': fit(2, 'grad_x_act', 'bce', 150, 'model.router=static')},
         description='tuning the recipes on validation: elastic text model, routers fitted '
                     'to three importance labels, K = 2'),
+    'mlp_router': Sweep(
+        name='mlp_router', preset='text', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'model.mlp_groups=8'),
+        warm_start=(*dense(), 'model.active_groups=none', 'steps=300'),
+        points={'own_k2_kf2': [*dynamic('topk', 2, 300), 'model.active_groups=2'],
+                'shared_k2_kf2': [*dynamic('topk', 2, 300), 'model.active_groups=2',
+                                  'model.mlp_router=shared']},
+        description="which router trains the MLP groups better: each MLP's own, or the "
+                    "attention's shared; K = 2 heads and Kf = 2 groups of 8"),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),

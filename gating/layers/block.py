@@ -6,6 +6,14 @@
 With `mlp_groups=G` the MLP is a GatedMLP: its F hidden channels form G groups, of which a
 router (the same rule, path and router kind as the attention's) opens Kf per sequence.
 Without it the MLP is the two nnx.Linear layers `mlp_in` and `mlp_out`, as before.
+
+The groups' router is the MLP's own (mlp_router='own': it reads LayerNorm(h), after the
+attention) or shared with the attention (mlp_router='shared'): one router reads the
+block's input once, and two output layers turn its hidden features into the heads' and
+the groups' logits,
+
+    f_BxF      = gelu(W1 LayerNorm(pool(LayerNorm(x))) + b1)    (the attention router)
+    logits_BxH = Wh f + bh,    logits_BxG = Wg f + bg            (`group_logits`)
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ from flax import nnx
 
 from gating.layers.attention import GatedMultiHeadAttention, valid_tokens
 from gating.layers.mlp import GATE_KWARGS, GatedMLP, check_groups
+from gating.layers.router import HeadRouter, logit_layer
+
+MLP_ROUTERS = ('own', 'shared')
 
 
 class GatedTransformerBlock(nnx.Module):
@@ -30,6 +41,9 @@ class GatedTransformerBlock(nnx.Module):
     mlp_groups: G, gate the MLP's hidden channels in G groups (a divisor of mlp_features);
       None (the default) keeps the ungated MLP and its parameter names.
     active_groups: Kf, the MLP's budget of open groups (needs mlp_groups).
+    mlp_router: 'own' (default: the MLP has its own router) or 'shared' (the groups'
+      logits come from the attention router's hidden features; needs mlp_groups and an
+      attention router that reads the input).
     dtype, param_dtype: computation and parameter dtypes (as in flax).
     rngs: nnx.Rngs; dropout and gate noise draw from its 'dropout' stream.
     **attention_kwargs: passed to GatedMultiHeadAttention (gate=, active_heads=, path=,
@@ -39,13 +53,18 @@ class GatedTransformerBlock(nnx.Module):
   def __init__(self, features: int, num_heads: int, *, mlp_features: int | None = None,
                dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
                mlp_groups: int | None = None, active_groups: int | None = None,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs, **attention_kwargs):
+               mlp_router: str = 'own', dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs, **attention_kwargs):
     mlp_features = mlp_features or 4 * features
     if mlp_groups is None and active_groups is not None:
       raise ValueError(f'active_groups={active_groups} needs mlp_groups (the number of '
                        'channel groups G of the MLP)')
     if mlp_groups is not None:
       check_groups(mlp_features, mlp_groups, 'mlp_groups')
+    if mlp_router not in MLP_ROUTERS:
+      raise ValueError(f'mlp_router must be one of {MLP_ROUTERS}, got {mlp_router!r}')
+    if mlp_router == 'shared' and mlp_groups is None:
+      raise ValueError("mlp_router='shared' needs mlp_groups (the MLP's channel groups)")
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attention_norm = nnx.LayerNorm(features, **dense)
     self.attention = GatedMultiHeadAttention(
@@ -56,6 +75,16 @@ class GatedTransformerBlock(nnx.Module):
       self.mlp_out = nnx.Linear(mlp_features, features, **dense)
     else:
       gate_kwargs = {k: v for k, v in attention_kwargs.items() if k in GATE_KWARGS}
+      if mlp_router == 'shared':
+        if not isinstance(self.attention.router, HeadRouter):
+          raise ValueError("mlp_router='shared' needs an attention router that reads the "
+                           f"input; gate={attention_kwargs.get('gate', 'topk')!r} with "
+                           f"router={attention_kwargs.get('router')!r} has none")
+        gate_kwargs['router'] = 'shared'
+        self.group_logits = logit_layer(
+            self.attention.router.hidden_features, mlp_groups,
+            init_logit=attention_kwargs.get('router_init_logit', 0.0),
+            param_dtype=param_dtype, rngs=rngs)
       self.mlp = GatedMLP(features, mlp_features, mlp_groups, active_groups=active_groups,
                           precision=attention_kwargs.get('precision'), **dense, **gate_kwargs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
@@ -65,6 +94,19 @@ class GatedTransformerBlock(nnx.Module):
     """The GatedMLP when the block was built with mlp_groups, else None."""
     return getattr(self, 'mlp', None)
 
+  @property
+  def mlp_router(self) -> str:
+    """'shared' when the groups' logits come from the attention router, else 'own'."""
+    return 'shared' if hasattr(self, 'group_logits') else 'own'
+
+  def shared_group_logits(self, xn_BxLxD, valid_BxL=None):
+    """logits_BxG of the MLP's groups from the attention router's hidden features of its
+    input xn_BxLxD = attention_norm(x), with mlp_router='shared'; None otherwise."""
+    if self.mlp_router != 'shared':
+      return None
+    return self.group_logits(self.attention.router.features(xn_BxLxD, valid_BxL)).astype(
+        jnp.float32)
+
   def __call__(self, x_BxLxD, *, mask=None, is_causal: bool = False,
                deterministic: bool | None = None, rngs=None, path: str | None = None,
                active_heads: int | None = None, positions=None, return_gate: bool = False,
@@ -72,25 +114,28 @@ class GatedTransformerBlock(nnx.Module):
     """x_BxLxD -> y_BxLxD; with return_gate, (y, the attention's Gate); with return_gates,
     (y, (the attention's Gate, the MLP's Gate over groups or None)). `active_groups`
     overrides the MLP's budget Kf, as `active_heads` does the attention's K."""
+    xn_BxLxD = self.attention_norm(x_BxLxD)
     y_BxLxD, gate = self.attention(
-        self.attention_norm(x_BxLxD), mask=mask, is_causal=is_causal,
+        xn_BxLxD, mask=mask, is_causal=is_causal,
         deterministic=deterministic, rngs=rngs, path=path, active_heads=active_heads,
         positions=positions, return_gate=True)
     h_BxLxD = x_BxLxD + self.dropout(y_BxLxD, deterministic=deterministic, rngs=rngs)
     valid_BxL = None if mask is None else valid_tokens(mask, *x_BxLxD.shape[:2])
     out_BxLxD, group_gate = self.feed_forward(
         h_BxLxD, deterministic=deterministic, rngs=rngs, valid_BxL=valid_BxL, path=path,
-        active_groups=active_groups, return_gate=True)
+        active_groups=active_groups, return_gate=True,
+        group_logits_BxG=self.shared_group_logits(xn_BxLxD, valid_BxL))
     if return_gates:
       return out_BxLxD, (gate, group_gate)
     return (out_BxLxD, gate) if return_gate else out_BxLxD
 
   def feed_forward(self, h_BxLxD, *, deterministic: bool | None = None, rngs=None,
                    valid_BxL=None, path: str | None = None, active_groups: int | None = None,
-                   return_gate: bool = False):
+                   return_gate: bool = False, group_logits_BxG=None):
     """The MLP half of the block: h + Dropout(W2 gelu(W1 LayerNorm(h) + b1) + b2), its
     channel groups gated when the block has mlp_groups (return_gate: also that Gate, or
-    None for the ungated MLP).
+    None for the ungated MLP). group_logits_BxG: with mlp_router='shared', the groups'
+    logits (`shared_group_logits` of the block's input).
 
     Also used on its own by `gating.decode`, which runs the attention half from its cache.
     """
@@ -102,6 +147,7 @@ class GatedTransformerBlock(nnx.Module):
     else:
       y_BxLxD, group_gate = self.gated_mlp(
           self.mlp_norm(h_BxLxD), valid_BxL, deterministic=deterministic, rngs=rngs,
-          path=path, active_groups=active_groups, return_gate=True)
+          path=path, active_groups=active_groups, return_gate=True,
+          logits_BxG=group_logits_BxG)
     out_BxLxD = h_BxLxD + self.dropout(y_BxLxD, deterministic=deterministic, rngs=rngs)
     return (out_BxLxD, group_gate) if return_gate else out_BxLxD

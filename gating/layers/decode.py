@@ -260,13 +260,15 @@ def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projectio
   return y_BxLxD, cache
 
 
-def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection):
-  """The block's MLP half over the prompt; its group gate decided here, once. -> (out, cache)."""
+def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection, group_logits_BxG=None):
+  """The block's MLP half over the prompt; its group gate decided here, once. -> (out, cache).
+  group_logits_BxG: the groups' logits when the block shares its attention router."""
   mlp = block.gated_mlp
   if mlp is None:
     return block.feed_forward(h_BxLxD, deterministic=True), None
   xn_BxLxD = block.mlp_norm(h_BxLxD)
-  gate = mlp.gate(xn_BxLxD, valid_BxL, deterministic=True, active_groups=k)
+  gate = mlp.gate(xn_BxLxD, valid_BxL, deterministic=True, active_groups=k,
+                  logits_BxG=group_logits_BxG)
   xn_BxLxD, w = mlp.promoted(xn_BxLxD)
   G, p = mlp.num_groups, mlp.precision
   if projection == 'masked':
@@ -334,12 +336,13 @@ def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, pa
   mask_Bx1xLxL = padding_mask(valid_BxL, is_causal=True)
   layers, mlps = [], []
   for block, (k, layer_projection), mlp_step in zip(model.blocks, plan, mlp_plan):
-    y_BxLxD, cache = _prefill_attention(block.attention, block.attention_norm(x_BxLxD),
-                                        mask_Bx1xLxL, positions_BxL, k, layer_projection,
-                                        cache_length)
+    xn_BxLxD = block.attention_norm(x_BxLxD)
+    y_BxLxD, cache = _prefill_attention(block.attention, xn_BxLxD, mask_Bx1xLxL,
+                                        positions_BxL, k, layer_projection, cache_length)
     kf, mlp_projection = (None, None) if mlp_step is None else mlp_step
     x_BxLxD, mlp_cache = _prefill_mlp(block, x_BxLxD + y_BxLxD, valid_BxL, kf,
-                                      mlp_projection)
+                                      mlp_projection,
+                                      block.shared_group_logits(xn_BxLxD, valid_BxL))
     layers.append(cache)
     mlps.append(mlp_cache)
   logits_BxLxV = model.logits(model.trunk.final_norm(x_BxLxD))

@@ -65,7 +65,10 @@ class GatedMLP(nnx.Module):
       shared weights). `path` and `active_groups` are also call-time overrides.
     router: 'mean' | 'prefix' | 'first' | 'static' (default 'static' for gate='static',
       else 'mean'); 'prefix' needs prefix_len=P (causal models: the gate reads tokens
-      0..P-1 only).
+      0..P-1 only). 'shared': no router of its own; every call takes the group logits
+      (`logits_BxG=`) from outside, e.g. from the block's attention router
+      (GatedTransformerBlock(mlp_router='shared')). It needs a rule whose router reads
+      the input.
     router_hidden_features, router_init_logit, temperature, noise, noise_scale,
       scaled_weights, gate_options: as in GatedMultiHeadAttention.
     dtype, param_dtype, precision: as in nnx.Linear.
@@ -88,7 +91,12 @@ class GatedMLP(nnx.Module):
     check_groups(hidden_features, num_groups)
     check_active_groups(active_groups, num_groups, gate, path)
     rule = selection.get_rule(gate)
-    router = resolve_router(gate, router, prefix_len)
+    self.shared_router = router == 'shared'
+    if self.shared_router and rule.router != 'input':
+      raise ValueError(f"router='shared' takes the group logits from another router; "
+                       f'gate={gate!r} has no router that reads the input')
+    if not self.shared_router:
+      router = resolve_router(gate, router, prefix_len)
     if noise not in selection.NOISES:
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
     self.in_features = in_features
@@ -107,7 +115,7 @@ class GatedMLP(nnx.Module):
     dense = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.linear_in = nnx.Linear(in_features, hidden_features, **dense)
     self.linear_out = nnx.Linear(hidden_features, in_features, **dense)
-    router_module = build_router(
+    router_module = None if self.shared_router else build_router(
         gate, router, num_groups, in_features, prefix_len=prefix_len,
         hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
     self.router: HeadRouter | StaticRouter | None = (
@@ -135,21 +143,23 @@ class GatedMLP(nnx.Module):
     return x_BxLxD, compute.MLPWeights(*weights)
 
   def gate(self, x_BxLxD, valid_BxL=None, *, deterministic: bool | None = None, rngs=None,
-           active_groups: int | None = None) -> selection.Gate:
+           active_groups: int | None = None, logits_BxG=None) -> selection.Gate:
     """The per-sequence decision over groups: Gate(weights_BxG, idx_BxKf | None, probs_BxG).
 
     Writes no state. valid_BxL marks real tokens (padding never moves the gate).
+    logits_BxG: the group logits, with router='shared' (and only then).
     """
     k = self.active_groups if active_groups is None else active_groups
     check_active_groups(k, self.num_groups, self.gate_rule, 'masked')
     deterministic = self._deterministic(deterministic)
-    return self._select(self._logits(x_BxLxD, valid_BxL), k, deterministic,
+    return self._select(self._logits(x_BxLxD, valid_BxL, logits_BxG), k, deterministic,
                         self._gate_rng(rngs, deterministic))
 
   def __call__(self, x_BxLxD, valid_BxL=None, *, deterministic: bool | None = None,
                rngs=None, path: str | None = None, active_groups: int | None = None,
-               return_gate: bool = False):
-    """x_BxLxD -> y_BxLxD (and the Gate over groups when return_gate)."""
+               return_gate: bool = False, logits_BxG=None):
+    """x_BxLxD -> y_BxLxD (and the Gate over groups when return_gate). logits_BxG: the
+    group logits, with router='shared' (and only then)."""
     if x_BxLxD.ndim != 3 or x_BxLxD.shape[-1] != self.in_features:
       raise ValueError(f'GatedMLP expects inputs [batch, length, {self.in_features}], got '
                        f'shape {x_BxLxD.shape}')
@@ -157,7 +167,7 @@ class GatedMLP(nnx.Module):
     k = self.active_groups if active_groups is None else active_groups
     check_active_groups(k, self.num_groups, self.gate_rule, path)
     deterministic = self._deterministic(deterministic)
-    logits_BxG = self._logits(x_BxLxD, valid_BxL)
+    logits_BxG = self._logits(x_BxLxD, valid_BxL, logits_BxG)
     gate = self._select(logits_BxG, k, deterministic, self._gate_rng(rngs, deterministic))
     self._record(logits_BxG, gate)
 
@@ -173,7 +183,17 @@ class GatedMLP(nnx.Module):
 
   # -- helpers ---------------------------------------------------------------------------
 
-  def _logits(self, x_BxLxD, valid_BxL):
+  def _logits(self, x_BxLxD, valid_BxL, logits_BxG=None):
+    if self.shared_router:
+      expected = (x_BxLxD.shape[0], self.num_groups)
+      if logits_BxG is None or logits_BxG.shape != expected:
+        got = None if logits_BxG is None else logits_BxG.shape
+        raise ValueError(f"this GatedMLP has router='shared': pass its group logits "
+                         f'logits_BxG of shape {expected}, got {got}')
+      return logits_BxG.astype(jnp.float32)
+    if logits_BxG is not None:
+      raise ValueError("logits_BxG is only taken by a GatedMLP built with router='shared'; "
+                       'this one has its own router')
     if self.router is None:
       return jnp.zeros((x_BxLxD.shape[0], self.num_groups), jnp.float32)
     return self.router(x_BxLxD, valid_BxL)
@@ -186,7 +206,7 @@ class GatedMLP(nnx.Module):
 
   def _record(self, logits_BxG, gate: selection.Gate) -> None:
     record_gate(self.group_usage, self.group_prob, self.group_weight, self.router_z_loss,
-                logits_BxG, gate, self.router is not None)
+                logits_BxG, gate, self.router is not None or self.shared_router)
 
   def _deterministic(self, deterministic):
     if not self.stochastic_gate:

@@ -80,7 +80,7 @@ class _Trunk(nnx.Module):
                head_dim: int | None, max_length: int, positions: str, mlp_features: int | None,
                dropout_rate: float, attention_dropout_rate: float, active_heads,
                rotary_base: float, dtype, param_dtype, rngs: nnx.Rngs, mlp_groups=None,
-               active_groups=None, **attention_kwargs):
+               active_groups=None, mlp_router: str = 'own', **attention_kwargs):
     if positions not in POSITIONS:
       raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}')
     for name, value in (('vocab_size', vocab_size), ('num_layers', num_layers),
@@ -94,6 +94,9 @@ class _Trunk(nnx.Module):
     if mlp_groups is None and active_groups is not None:
       raise ValueError(f'active_groups={active_groups!r} needs mlp_groups (the number of '
                        'channel groups G of each MLP)')
+    if mlp_router != 'own' and mlp_groups is None:
+      raise ValueError(f'mlp_router={mlp_router!r} needs mlp_groups (the number of channel '
+                       'groups G of each MLP)')
     groups = per_layer(mlp_groups, num_layers, 'mlp_groups')
     widths = per_layer(mlp_features, num_layers, 'mlp_features')
     if any(f is not None and (isinstance(f, bool) or not isinstance(f, (int, np.integer))
@@ -126,7 +129,9 @@ class _Trunk(nnx.Module):
             qkv_features=None if head_dim is None else h * head_dim,
             rotary_base=rotary_base if positions == 'rotary' else None, dtype=dtype,
             param_dtype=param_dtype, rngs=rngs,
-            **({} if g is None else dict(mlp_groups=g, active_groups=kf)), **attention_kwargs)
+            **({} if g is None else dict(mlp_groups=g, active_groups=kf,
+                                         mlp_router=mlp_router)),
+            **attention_kwargs)
         for h, k, f, g, kf in zip(heads, per_layer(active_heads, num_layers), widths, groups,
                                   group_ks)])
     self.final_norm = nnx.LayerNorm(features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -191,6 +196,8 @@ class GatedLM(nnx.Module):
       of Kf open groups (each an int, or a list with one per layer); the MLP's router is
       built like the attention's (the same rule, path and prefix P). None (the default):
       ungated MLPs with today's parameter names.
+    mlp_router: 'own' (each MLP routes its groups itself) or 'shared' (the attention
+      router's hidden features also give the groups' logits; see GatedTransformerBlock).
     rotary_base: RoPE base for positions='rotary'.
     **attention_kwargs: other GatedMultiHeadAttention arguments (noise=, temperature=,
       scaled_weights=, router_hidden_features=, ...). The router is always 'prefix'.

@@ -70,15 +70,29 @@ class HeadRouter(nnx.Module):
     self.prefix_len = prefix_len
     self.norm = nnx.LayerNorm(in_features, param_dtype=param_dtype, rngs=rngs)
     self.hidden = nnx.Linear(in_features, hidden_features, param_dtype=param_dtype, rngs=rngs)
-    self.logits = nnx.Linear(
-        hidden_features, num_heads, param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(stddev=0.02),
-        bias_init=nnx.initializers.constant(init_logit), rngs=rngs)
+    self.logits = logit_layer(hidden_features, num_heads, init_logit=init_logit,
+                              param_dtype=param_dtype, rngs=rngs)
+
+  @property
+  def hidden_features(self) -> int:
+    return self.hidden.out_features
+
+  def features(self, x_BxLxD: jax.Array, valid_BxL: jax.Array | None = None) -> jax.Array:
+    """h_BxF = gelu(W1 LayerNorm(pool(x)) + b1): the hidden features the logits read (a
+    block's MLP groups can read them too: mlp_router='shared')."""
+    s_BxD = pool_valid(x_BxLxD.astype(jnp.float32), valid_BxL, self.pool, self.prefix_len)
+    return jax.nn.gelu(self.hidden(self.norm(s_BxD)))
 
   def __call__(self, x_BxLxD: jax.Array, valid_BxL: jax.Array | None = None) -> jax.Array:
-    s_BxD = pool_valid(x_BxLxD.astype(jnp.float32), valid_BxL, self.pool, self.prefix_len)
-    h_BxF = jax.nn.gelu(self.hidden(self.norm(s_BxD)))
-    return self.logits(h_BxF).astype(jnp.float32)
+    return self.logits(self.features(x_BxLxD, valid_BxL)).astype(jnp.float32)
+
+
+def logit_layer(hidden_features: int, num_units: int, *, init_logit: float,
+                param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """A router's output layer: near-zero weights, so every unit starts at ~init_logit."""
+  return nnx.Linear(hidden_features, num_units, param_dtype=param_dtype,
+                    kernel_init=nnx.initializers.normal(stddev=0.02),
+                    bias_init=nnx.initializers.constant(init_logit), rngs=rngs)
 
 
 class StaticRouter(nnx.Module):

@@ -59,6 +59,8 @@ class ModelConfig:
   active_heads: int | tuple[int, ...] | None = 2   # K, or one K per layer
   mlp_groups: int | None = None          # G: gate each MLP's channels in G groups (None: off)
   active_groups: int | tuple[int, ...] | None = None  # Kf of G open groups, or one per layer
+  mlp_router: str = 'own'                # 'own' | 'shared': the groups' logits from the
+                                         # attention router's hidden features
   path: str = 'masked'                   # the training path
   eval_path: str = 'gathered'            # the path of evaluation (needs K; dense: masked)
   noise: str | None = None               # 'gumbel' | 'jitter' exploration noise in training
@@ -129,6 +131,13 @@ class ModelConfig:
     G, kfs = self.mlp_groups, self.active_groups
     _check(G is not None or kfs is None, 'model.active_groups',
            f'{kfs!r} needs model.mlp_groups (the number of channel groups G)')
+    _check(self.mlp_router in ('own', 'shared'), 'model.mlp_router',
+           f"must be 'own' or 'shared', got {self.mlp_router!r}")
+    _check(self.mlp_router == 'own' or G is not None, 'model.mlp_router',
+           "'shared' needs model.mlp_groups (the number of channel groups G)")
+    _check(self.mlp_router == 'own' or (rule.router == 'input' and self.router != 'static'),
+           'model.mlp_router', f"'shared' needs an attention router that reads the input; "
+           f'gate={self.gate!r} with router={self.router!r} has none')
     if G is None:
       return
     F = self.mlp_features or 4 * self.features

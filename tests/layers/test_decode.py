@@ -235,6 +235,21 @@ def test_cached_decoding_with_mlp_groups_equals_the_full_forward(k, kf, path, ba
   assert_greedy(model, out, 6)
 
 
+@pytest.mark.parametrize('batch,mlp_projection', [(2, 'weights'), (4, 'activations')])
+def test_cached_decoding_with_a_shared_group_router_equals_the_full_forward(batch,
+                                                                             mlp_projection):
+  model = grouped_lm(2, 2, 'gathered', mlp_router='shared')
+  for block in model.blocks:  # logits far from ties, so the decision is a clear one
+    p = block.group_logits.kernel
+    p[...] = jax.random.normal(jax.random.key(5), p.shape)
+  x = tokens(b=batch, length=10)
+  np.testing.assert_allclose(teacher_forced(model, x, 6, 'auto'), full_forward(model, x),
+                             atol=2e-5, rtol=2e-5)
+  out = decode.generate(model, x[:, :6], max_new_tokens=4)
+  assert out.mlp_projections == (mlp_projection,) * 2
+  assert_greedy(model, out, 6)
+
+
 @pytest.mark.parametrize('projection', ['weights', 'activations'])
 def test_mlp_group_projection_override_and_other_rules(projection):
   for gate in ('sigmoid', 'hard_concrete'):

@@ -170,6 +170,18 @@ def test_padding_does_not_move_the_group_gate():
                             prefix_len=P, active_heads=2, mlp_features=F, mlp_groups=G,
                             active_groups=[1, 2, 3], rngs=nnx.Rngs(0)),
      'active_groups has 3 entries for 2 layers'),
+    (lambda: gating.GatedTransformerBlock(D, 4, mlp_features=F, active_heads=2,
+                                          mlp_router='shared', rngs=nnx.Rngs(0)),
+     "mlp_router='shared' needs mlp_groups"),
+    (lambda: gating.GatedTransformerBlock(D, 4, mlp_features=F, mlp_groups=G, active_groups=2,
+                                          active_heads=2, mlp_router='both', rngs=nnx.Rngs(0)),
+     "mlp_router must be one of \\('own', 'shared'\\)"),
+    (lambda: gating.GatedTransformerBlock(D, 4, mlp_features=F, mlp_groups=G, active_groups=2,
+                                          gate='static', active_heads=2, mlp_router='shared',
+                                          rngs=nnx.Rngs(0)),
+     "mlp_router='shared' needs an attention router that reads the input"),
+    (lambda: GatedMLP(D, F, G, gate='dense', router='shared', rngs=nnx.Rngs(0)),
+     "router='shared' takes the group logits from another router"),
 ])
 def test_bad_arguments_name_the_argument(make, message):
   with pytest.raises(ValueError, match=message):
@@ -259,3 +271,58 @@ def test_state_paths_without_groups_are_unchanged():
                          gate='topk', active_heads=2, rngs=nnx.Rngs(0))
   paths = sorted('/'.join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model)))
   assert paths == STATE_PATHS_WITHOUT_GROUPS
+
+
+# -- the groups' router shared with the attention --------------------------------------------
+
+def test_shared_router_reads_the_attention_routers_features():
+  block = gating.GatedTransformerBlock(D, 4, mlp_features=F, mlp_groups=G, active_groups=2,
+                                       active_heads=2, router='mean', mlp_router='shared',
+                                       rngs=nnx.Rngs(0))
+  assert block.mlp_router == 'shared' and block.mlp.router is None
+  assert block.group_logits.kernel.shape == (block.attention.router.hidden_features, G)
+  for p in (block.group_logits.kernel, block.attention.router.logits.kernel):
+    p[...] = jax.random.normal(jax.random.key(4), p.shape)
+  x = x_BxLxD()
+  y, (head_gate, group_gate) = block(x, return_gates=True)
+  # The groups' logits are the attention router's hidden features times the groups' layer.
+  xn = block.attention_norm(x)
+  f_BxF = block.attention.router.features(xn)
+  want = block.mlp.gate(block.mlp_norm(x), logits_BxG=block.group_logits(f_BxF))
+  np.testing.assert_array_equal(group_gate.idx_BxK, want.idx_BxK)
+  np.testing.assert_allclose(group_gate.weights_BxH, want.weights_BxH)
+  np.testing.assert_allclose(y, block(x, path='gathered'), atol=1e-5)
+  # Its own router would read LayerNorm(h), after the attention: a different decision.
+  own = gating.GatedTransformerBlock(D, 4, mlp_features=F, mlp_groups=G, active_groups=2,
+                                     active_heads=2, router='mean', rngs=nnx.Rngs(0))
+  assert not hasattr(own, 'group_logits') and own.mlp.router is not None
+
+  def loss(block):
+    return jnp.sum(block(x) ** 2) + jnp.sum(block.mlp.group_prob[...])
+  grads = nnx.grad(loss)(block)
+  assert float(jnp.abs(grads.group_logits.kernel[...]).sum()) > 0
+  assert float(jnp.abs(grads.attention.router.hidden.kernel[...]).sum()) > 0
+
+
+def test_a_shared_router_mlp_needs_its_logits():
+  mlp = GatedMLP(D, F, G, gate='topk', active_groups=2, router='shared', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"router='shared': pass its group logits logits_BxG"):
+    mlp(x_BxLxD())
+  with pytest.raises(ValueError, match='of shape \\(3, 4\\), got \\(3, 2\\)'):
+    mlp(x_BxLxD(), logits_BxG=jnp.zeros((B, 2)))
+  own = GatedMLP(D, F, G, gate='topk', active_groups=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='only taken by a GatedMLP built with'):
+    own(x_BxLxD(), logits_BxG=jnp.zeros((B, G)))
+
+
+@pytest.mark.parametrize('path', ['masked', 'gathered'])
+def test_lm_with_a_shared_router_is_causal_through_gradients(path):
+  model = lm(path, mlp_router='shared', noise='gumbel', deterministic=False)
+  assert model.blocks[1].mlp_router == 'shared'
+  model.trunk.token_embed = ShiftedEmbed(model.trunk.token_embed, L, nnx.Rngs(1))
+  x = tokens()
+  scored = np.asarray(model(x, rngs=nnx.Rngs(dropout=3)).scored_BxL[0])
+  dependence_LxL = position_jacobian(model, x, lambda m, x: m(x, rngs=nnx.Rngs(dropout=3)))
+  for t in range(L):
+    if scored[t]:
+      assert (dependence_LxL[t, t + 1:] == 0).all(), f'scored logit {t} reads the future'
