@@ -24,6 +24,7 @@ from typing import Any
 
 from gating.layers.selection import NOISES, RULES, get_rule
 from gating.training.elastic import check_ks as check_elastic_ks
+from gating.training.elastic import group_ks as elastic_group_ks
 from gating.training.importance import LABELS
 from gating.training.router_fit import LOSSES as ROUTER_LOSSES
 
@@ -216,6 +217,8 @@ class LossConfig:
   z_loss_weight: float = 0.0             # ST-MoE router z-loss
   elastic_ks: tuple[int, ...] = ()       # elastic training: one random-subset sub-model per
                                          # K each step, beside the full model (off: ())
+  elastic_group_ks: tuple[int, ...] = ()  # Kf of each elastic sub-model's MLP groups, one per
+                                         # K of elastic_ks (default: K G / H)
   distill_weight: float = 1.0            # a: sub-models learn (1 - a) targets + a full pass
   router_labels: str | None = None       # fit only the routers to the frozen model's head
                                          # importance: 'ablation' | 'grad_x_act' | 'output_norm'
@@ -325,8 +328,13 @@ class TrainConfig:
            'temperature_start', 'temperatures must be > 0')
     if self.loss.elastic_ks:
       check_elastic_ks(self.loss.elastic_ks, self.model.num_heads, self.model.shared_heads)
-      _check(self.model.mlp_groups is None, 'loss.elastic_ks',
-             'elastic training covers attention heads only; model.mlp_groups must be unset')
+      elastic_group_ks(self.loss.elastic_ks, self.loss.elastic_group_ks, self.model.num_heads,
+                       self.model.mlp_groups)
+      _check(self.model.mlp_router == 'own', 'loss.elastic_ks',
+             'elastic training draws random groups: model.mlp_router must be own')
+    else:
+      _check(not self.loss.elastic_group_ks, 'loss.elastic_group_ks',
+             'needs loss.elastic_ks (one Kf per K)')
       _check(not self.k_schedule, 'loss.elastic_ks', 'elastic training has no k_schedule')
     if self.loss.router_labels:
       m = self.model

@@ -1,8 +1,11 @@
-"""Elastic (slimmable) training over head subsets: the sandwich rule, in-place distillation.
+"""Elastic (slimmable) training over head and channel-group subsets: the sandwich rule,
+in-place distillation.
 
-Every step trains the full model (every head of every layer open) and one sub-model per K
-in `loss.elastic_ks`, in which each sequence runs a uniformly random K-subset of every
-attention layer's heads, with weight 1 (Slimmable networks and US-Nets, Yu et al. 2019;
+Every step trains the full model (every head and MLP group of every layer open) and one
+sub-model per K in `loss.elastic_ks`, in which each sequence runs a uniformly random
+K-subset of every attention layer's heads (and, in a model with MLP groups, a random
+Kf-subset of every MLP's groups: Kf from `loss.elastic_group_ks`, by default the same
+fraction K G / H), with weight 1 (Slimmable networks and US-Nets, Yu et al. 2019;
 MatFormer; SortedNet). The set always holds the smallest K the model will run at, so the
 narrowest and the widest model train every step (the sandwich rule). Each sub-model learns
 both the targets and the full pass's predictions, taken with stop-gradient (in-place
@@ -28,23 +31,61 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gating.layers.attention import GatedMultiHeadAttention
+from gating.layers.mlp import GatedMLP
 from gating.layers.router import StaticRouter
 
 
-def random_subsets(model: nnx.Module, k: int) -> nnx.Module:
+def random_subsets(model: nnx.Module, k: int, kf: int | None = None) -> nnx.Module:
   """Makes every gated attention layer of `model` (in place; use on a copy inside the loss)
-  run a uniformly random K-subset of its heads per sequence, with weight 1. Shared heads
-  stay on and count towards K."""
-  for _, attn in nnx.iter_graph(model):
-    if not isinstance(attn, GatedMultiHeadAttention):
+  run a uniformly random K-subset of its heads per sequence, with weight 1, and with `kf`
+  every GatedMLP a random Kf-subset of its channel groups. Shared heads stay on and count
+  towards K."""
+  for _, layer in nnx.iter_graph(model):
+    if isinstance(layer, GatedMultiHeadAttention):
+      if not layer.shared_heads < k <= layer.num_heads:
+        raise ValueError(f'elastic K={k} must be in ({layer.shared_heads}, '
+                         f'num_heads={layer.num_heads}]')
+      layer.active_heads = k
+      layer.router = StaticRouter(layer.num_heads - layer.shared_heads)
+    elif isinstance(layer, GatedMLP) and kf is not None:
+      if not 1 <= kf <= layer.num_groups:
+        raise ValueError(f'elastic Kf={kf} must be in [1, num_groups={layer.num_groups}]')
+      if layer.shared_router:
+        raise ValueError("elastic training draws random groups; a GatedMLP with "
+                         "router='shared' takes its logits from the attention router")
+      layer.active_groups = kf
+      layer.router = StaticRouter(layer.num_groups)
+    else:
       continue
-    if not attn.shared_heads < k <= attn.num_heads:
-      raise ValueError(f'elastic K={k} must be in ({attn.shared_heads}, '
-                       f'num_heads={attn.num_heads}]')
-    attn.gate_rule, attn.active_heads, attn.gate_options = 'topk', k, ()
-    attn.noise, attn.noise_scale, attn.scaled_weights = 'gumbel', 1.0, False
-    attn.router = StaticRouter(attn.num_heads - attn.shared_heads)
+    layer.gate_rule, layer.gate_options = 'topk', ()
+    layer.noise, layer.noise_scale, layer.scaled_weights = 'gumbel', 1.0, False
   return model
+
+
+def group_ks(ks: Sequence[int], group_ks: Sequence[int], num_heads: int,
+             num_groups: int | None) -> tuple[int | None, ...]:
+  """Kf of each elastic sub-model, paired with `ks` in their order: `group_ks`, or, when
+  empty and the model has MLP groups, the same fraction of the groups, Kf = K G / H (which
+  must be a whole number). None for every sub-model of a model without groups."""
+  ks, group_ks = tuple(ks), tuple(group_ks)
+  if num_groups is None:
+    if group_ks:
+      raise ValueError(f'loss.elastic_group_ks={group_ks} needs model.mlp_groups')
+    return (None,) * len(ks)
+  if not group_ks:
+    bad = [k for k in ks if k * num_groups % num_heads]
+    if bad:
+      raise ValueError(f'loss.elastic_group_ks: K G / H is not whole for K={bad} (G='
+                       f'{num_groups}, H={num_heads}); give one Kf per K')
+    return tuple(k * num_groups // num_heads for k in ks)
+  if len(group_ks) != len(ks):
+    raise ValueError(f'loss.elastic_group_ks has {len(group_ks)} entries for '
+                     f'{len(ks)} elastic_ks (one Kf per K)')
+  for kf in group_ks:
+    if isinstance(kf, bool) or not isinstance(kf, int) or not 1 <= kf <= num_groups:
+      raise ValueError(f'loss.elastic_group_ks: Kf={kf!r} must be an int in [1, '
+                       f'mlp_groups={num_groups}]')
+  return group_ks
 
 
 def distillation(student_logits, teacher_logits, weight):

@@ -187,21 +187,24 @@ def task_outputs(model, batch, **kwargs):
 def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs):
   """The full model plus one random-subset sub-model per K of loss.elastic_ks, each
   distilled from the full pass (see gating/training/elastic.py); returns (loss, metrics)."""
-  model, a = learner.model, cfg.loss.distill_weight
-  elastic.random_subsets(model, cfg.model.num_heads)
+  model, a, m = learner.model, cfg.loss.distill_weight, cfg.model
+  kfs = elastic.group_ks(cfg.loss.elastic_ks, cfg.loss.elastic_group_ks, m.num_heads,
+                         m.mlp_groups)
+  elastic.random_subsets(model, m.num_heads, m.mlp_groups)
   logits_full, ce, correct, weight, *_ = model_outputs(model, batch, deterministic=False,
                                                        rngs=rngs)
   full = losses.weighted_mean(ce, weight)
   metrics, subs = {}, []
-  for k in cfg.loss.elastic_ks:
-    if k == cfg.model.num_heads:
-      continue          # every head: the full pass itself
-    elastic.random_subsets(model, k)
+  for k, kf in zip(cfg.loss.elastic_ks, kfs):
+    if k == m.num_heads and kf in (None, m.mlp_groups):
+      continue          # every head and group: the full pass itself
+    elastic.random_subsets(model, k, kf)
     logits_k, ce_k, *_ = model_outputs(model, batch, deterministic=False, rngs=rngs)
     task_k = losses.weighted_mean(ce_k, weight)
     distill_k = elastic.distillation(logits_k, logits_full, weight)
     subs.append((1 - a) * task_k + a * distill_k)
-    metrics.update({f'elastic/task_K{k}': task_k, f'elastic/distill_K{k}': distill_k})
+    name = f'K{k}' if kf is None else f'K{k}_Kf{kf}'
+    metrics.update({f'elastic/task_{name}': task_k, f'elastic/distill_{name}': distill_k})
   loss = full + (sum(subs) / len(subs) if subs else 0.0)
   stats = gate_stats(model)
   return loss, {'loss': loss, 'task_loss': full,

@@ -38,6 +38,28 @@ def test_sub_models_use_different_random_subsets_per_sequence():
   assert (np.asarray(again.gate_weights_BxNxH != 0) != open_BxNxH).any()   # and per step
 
 
+def test_sub_models_draw_random_group_subsets_too():
+  model = elastic.random_subsets(lm(gate='dense', mlp_groups=8), 2, 4)
+  out = model(tokens(), deterministic=False, rngs=nnx.Rngs(dropout=1))
+  open_BxNxH = np.asarray(out.gate_weights_BxNxH != 0)
+  open_BxNxG = np.asarray(out.group_weights_BxNxG != 0)
+  assert (open_BxNxH.sum(axis=2) == 2).all() and (open_BxNxG.sum(axis=2) == 4).all()
+  np.testing.assert_array_equal(np.unique(out.group_weights_BxNxG), [0.0, 1.0])
+  assert len({tuple(np.flatnonzero(row)) for row in open_BxNxG[:, 1]}) > 3
+  # Without Kf the groups stay as the model has them (dense: all open).
+  heads_only = elastic.random_subsets(lm(gate='dense', mlp_groups=8), 2)
+  out = heads_only(tokens(), deterministic=False, rngs=nnx.Rngs(dropout=1))
+  assert (np.asarray(out.group_weights_BxNxG) == 1).all()
+
+
+def test_group_ks_default_to_the_heads_fraction():
+  assert elastic.group_ks((1, 2, 4), (), 4, 8) == (2, 4, 8)
+  assert elastic.group_ks((1, 2), (), 4, None) == (None, None)
+  assert elastic.group_ks((1, 2), (3, 5), 4, 8) == (3, 5)
+  with pytest.raises(ValueError, match=r'K G / H is not whole for K=\[1, 3\]'):
+    elastic.group_ks((1, 2, 3), (), 4, 2)
+
+
 def test_the_full_pass_is_the_dense_model_unchanged():
   dense = lm(gate='dense')
   want = dense(tokens(), deterministic=True).logits_BxLxV
@@ -68,7 +90,29 @@ def test_a_short_elastic_run_trains_every_width(tmp_path):
   assert all(np.isfinite(r['loss']) for r in lines)
 
 
+def test_a_short_elastic_run_with_mlp_groups_trains_every_width(tmp_path):
+  cfg = dataclasses.replace(
+      TINY, steps=8, eval_every=8, checkpoint_every=8,
+      model=dataclasses.replace(TINY.model, gate='dense', active_heads=None, noise=None,
+                                eval_path='masked', mlp_groups=4),
+      loss=dataclasses.replace(TINY.loss, elastic_ks=(1, 2), elastic_group_ks=(1, 2)))
+  train.train(cfg, str(tmp_path), progress=False)
+  lines = [r for r in train.read_metrics(str(tmp_path / 'metrics.jsonl')) if r['kind'] == 'train']
+  assert {'elastic/task_K1_Kf1', 'elastic/distill_K2_Kf2'} <= set(lines[-1])
+  assert lines[-1]['elastic/task_K1_Kf1'] < lines[0]['elastic/task_K1_Kf1']
+
+
 @pytest.mark.parametrize('overrides, match', [
+    (['model.mlp_groups=4', 'model.active_groups=none', 'model.gate=dense',
+      'model.active_heads=none', 'loss.elastic_ks=1,2'], r'K G / H is not whole for K=\[1\]'),
+    (['model.mlp_groups=8', 'model.active_groups=none', 'model.gate=dense',
+      'model.active_heads=none', 'loss.elastic_ks=1,2', 'loss.elastic_group_ks=2'],
+     'loss.elastic_group_ks has 1 entries for 2 elastic_ks'),
+    (['model.mlp_groups=8', 'model.active_groups=none', 'model.gate=dense',
+      'model.active_heads=none', 'loss.elastic_ks=2', 'loss.elastic_group_ks=9'],
+     r'Kf=9 must be an int in \[1, mlp_groups=8\]'),
+    (['loss.elastic_ks=2', 'loss.elastic_group_ks=2'], 'needs model.mlp_groups'),
+    (['loss.elastic_group_ks=2'], 'loss.elastic_group_ks: needs loss.elastic_ks'),
     (['loss.elastic_ks=0,2'], r'K=0 must be an int in \(0, num_heads=8\]'),
     (['loss.elastic_ks=2,9'], r'K=9 must be'),
     (['loss.elastic_ks=2,2'], 'repeats a K'),
