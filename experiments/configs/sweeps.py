@@ -21,6 +21,8 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
   mlp_router    (issue 12) text, validation, seeds 0 and 1, heads and MLP groups at 2 of 8
                 after a 300-step dense warm start, as the `text` sweep's top-k: the groups
                 routed by each MLP's own router, or by the attention's (mlp_router=shared).
+  width_tune    (issue 12) the same point after a 300-step elastic warm start over heads
+                and groups (sub-models at K = Kf = 1, 2, 4) instead of a dense one.
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -128,6 +130,13 @@ SWEEPS = {
                                   'model.mlp_router=shared']},
         description="which router trains the MLP groups better: each MLP's own, or the "
                     "attention's shared; K = 2 heads and Kf = 2 groups of 8"),
+    'width_tune': Sweep(
+        name='width_tune', preset='text', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'model.mlp_groups=8'),
+        warm_start=(*elastic((1, 2, 4), steps=300), 'model.active_groups=none'),
+        points={'elastic_own_k2_kf2': [*dynamic('topk', 2, 300), 'model.active_groups=2']},
+        description='heads and MLP groups at 2 of 8 routed end to end after an elastic warm '
+                    'start over heads and groups (against the dense warm start of mlp_router)'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
