@@ -21,6 +21,7 @@ groups   The issue-12 configuration (F=2048 MLP channels in G=8 groups, a 512-to
          64 new tokens, B=1 and 16), decoded as above: dense, heads only at K=2 of 8
          (ungated MLP) and both at 2 of 8 (K=2 heads and Kf=2 MLP groups), with the same
          counts (a row's `projections` gives the attention's then the MLPs' projections).
+         `run_groups` makes these rows; the width section (bench_width) runs them.
 forward  A whole forward pass (B x L tokens) of GatedLM on the gathered path at K=2 of 8 and
          on the masked path at K=2, against dense. FLOPs are XLA's cost analysis of each
          compiled forward; the FLOP-allowed speedup is dense FLOPs / candidate FLOPs, and

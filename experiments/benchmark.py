@@ -4,12 +4,12 @@
 
 Sections: attention (nnx.MultiHeadAttention vs the masked and gathered paths, forward and
 forward+backward); decode (GatedLM decoding at K = 2, 4, 8 of 8 vs dense: tokens/s, KV-cache
-and weight bytes per step; heads only and heads + MLP groups at 2 of 8 on a 512-token
-prompt; and a whole forward pass against its FLOP-allowed speedup);
+and weight bytes per step; and a whole forward pass against its FLOP-allowed speedup);
 train (the train step of a GatedLM: masked and gathered at K=2 of 8 vs dense); study (the
 forward pass of the study's K=2 models, gathered and masked, vs their dense twins); width
 (heads and MLP channel groups gated at 2 of 8 each and together vs dense: forward on the
-gathered path, train step on the masked path).
+gathered path, train step on the masked path, and decoding with heads only and heads + MLP
+groups at 2 of 8 on a 512-token prompt).
 Every ratio is against the dense baseline measured in the same run, with candidates
 interleaved over repeated trials. Benchmarks never run in the tests.
 """
