@@ -13,7 +13,7 @@ block's input once, and two output layers turn its hidden features into the head
 the groups' logits,
 
     f_BxF      = gelu(W1 LayerNorm(pool(LayerNorm(x))) + b1)    (the attention router)
-    logits_BxH = Wh f + bh,    logits_BxG = Wg f + bg            (`group_logits`)
+    logits_BxH = Wh f + bh,    logits_BxG = Wg f + bg    (attention.router.group_logits)
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ class GatedTransformerBlock(nnx.Module):
                            f"input; gate={attention_kwargs.get('gate', 'topk')!r} with "
                            f"router={attention_kwargs.get('router')!r} has none")
         gate_kwargs['router'] = 'shared'
-        self.group_logits = logit_layer(
+        # Inside the router, so that it counts as a router parameter everywhere (the
+        # optimizer's router rate, warm starts, router fitting).
+        self.attention.router.group_logits = logit_layer(
             self.attention.router.hidden_features, mlp_groups,
             init_logit=attention_kwargs.get('router_init_logit', 0.0),
             param_dtype=param_dtype, rngs=rngs)
@@ -97,15 +99,15 @@ class GatedTransformerBlock(nnx.Module):
   @property
   def mlp_router(self) -> str:
     """'shared' when the groups' logits come from the attention router, else 'own'."""
-    return 'shared' if hasattr(self, 'group_logits') else 'own'
+    return 'shared' if self.gated_mlp is not None and self.gated_mlp.shared_router else 'own'
 
   def shared_group_logits(self, xn_BxLxD, valid_BxL=None):
     """logits_BxG of the MLP's groups from the attention router's hidden features of its
     input xn_BxLxD = attention_norm(x), with mlp_router='shared'; None otherwise."""
     if self.mlp_router != 'shared':
       return None
-    return self.group_logits(self.attention.router.features(xn_BxLxD, valid_BxL)).astype(
-        jnp.float32)
+    router = self.attention.router
+    return router.group_logits(router.features(xn_BxLxD, valid_BxL)).astype(jnp.float32)
 
   def __call__(self, x_BxLxD, *, mask=None, is_causal: bool = False,
                deterministic: bool | None = None, rngs=None, path: str | None = None,

@@ -55,6 +55,9 @@ class HeadRouter(nnx.Module):
     init_logit: initial value of every logit's bias (the output layer starts near zero
       weights, so all heads start with logit ~= init_logit).
     param_dtype: dtype of the router's parameters. The router always computes in float32.
+
+  A block whose MLP groups share this router (GatedTransformerBlock(mlp_router='shared'))
+  adds a second output layer `group_logits` [F, G] that reads the same `features`.
   """
 
   def __init__(self, in_features: int, num_heads: int, *, pool: str = 'mean',

@@ -240,7 +240,7 @@ def test_cached_decoding_with_a_shared_group_router_equals_the_full_forward(batc
                                                                              mlp_projection):
   model = grouped_lm(2, 2, 'gathered', mlp_router='shared')
   for block in model.blocks:  # logits far from ties, so the decision is a clear one
-    p = block.group_logits.kernel
+    p = block.attention.router.group_logits.kernel
     p[...] = jax.random.normal(jax.random.key(5), p.shape)
   x = tokens(b=batch, length=10)
   np.testing.assert_allclose(teacher_forced(model, x, 6, 'auto'), full_forward(model, x),

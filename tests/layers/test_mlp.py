@@ -280,27 +280,29 @@ def test_shared_router_reads_the_attention_routers_features():
                                        active_heads=2, router='mean', mlp_router='shared',
                                        rngs=nnx.Rngs(0))
   assert block.mlp_router == 'shared' and block.mlp.router is None
-  assert block.group_logits.kernel.shape == (block.attention.router.hidden_features, G)
-  for p in (block.group_logits.kernel, block.attention.router.logits.kernel):
+  router = block.attention.router
+  assert router.group_logits.kernel.shape == (router.hidden_features, G)
+  for p in (router.group_logits.kernel, router.logits.kernel):
     p[...] = jax.random.normal(jax.random.key(4), p.shape)
   x = x_BxLxD()
   y, (head_gate, group_gate) = block(x, return_gates=True)
   # The groups' logits are the attention router's hidden features times the groups' layer.
   xn = block.attention_norm(x)
   f_BxF = block.attention.router.features(xn)
-  want = block.mlp.gate(block.mlp_norm(x), logits_BxG=block.group_logits(f_BxF))
+  want = block.mlp.gate(block.mlp_norm(x), logits_BxG=router.group_logits(f_BxF))
   np.testing.assert_array_equal(group_gate.idx_BxK, want.idx_BxK)
   np.testing.assert_allclose(group_gate.weights_BxH, want.weights_BxH)
   np.testing.assert_allclose(y, block(x, path='gathered'), atol=1e-5)
   # Its own router would read LayerNorm(h), after the attention: a different decision.
   own = gating.GatedTransformerBlock(D, 4, mlp_features=F, mlp_groups=G, active_groups=2,
                                      active_heads=2, router='mean', rngs=nnx.Rngs(0))
-  assert not hasattr(own, 'group_logits') and own.mlp.router is not None
+  assert own.mlp_router == 'own' and own.mlp.router is not None
+  assert not hasattr(own.attention.router, 'group_logits')
 
   def loss(block):
     return jnp.sum(block(x) ** 2) + jnp.sum(block.mlp.group_prob[...])
   grads = nnx.grad(loss)(block)
-  assert float(jnp.abs(grads.group_logits.kernel[...]).sum()) > 0
+  assert float(jnp.abs(grads.attention.router.group_logits.kernel[...]).sum()) > 0
   assert float(jnp.abs(grads.attention.router.hidden.kernel[...]).sum()) > 0
 
 
