@@ -454,13 +454,14 @@ def train_batch(dataset, step: int, cfg: TrainConfig, sharding):
           for k, v in _model_inputs(rows).items()}
 
 
-def warm_start(state, graphdef, source_dir: str, *, every_param: bool = False):
-  """Copies the parameters of another run's final checkpoint that exist here with the same
-  shape (e.g. a dense run's attention weights into a gated model; new routers stay fresh).
+def warm_start(state, graphdef, source_dir: str):
+  """Copies the parameters of another run's final checkpoint into this model: every
+  parameter outside the routers must exist there with the same shape (e.g. a dense run's
+  weights into a gated model of the same size); routers absent there start fresh.
 
-  every_param: refuse (ValueError) unless every parameter outside the routers was copied:
-  the source must be the same model (router fitting). A missing or damaged source
-  checkpoint is a checkpoint.CheckpointError."""
+  A source that lacks a non-router parameter, or holds it in another shape, is another
+  model: ValueError, rather than a model that silently starts partly untrained. A missing
+  or damaged source checkpoint is a checkpoint.CheckpointError."""
   for name in ('config.json', 'data_info.json'):
     if not os.path.exists(os.path.join(source_dir, name)):
       raise checkpoint.CheckpointError(f'init_from: {source_dir} is not a run folder (no '
@@ -491,9 +492,9 @@ def warm_start(state, graphdef, source_dir: str, *, every_param: bool = False):
     elif 'router' not in map(str, path):
       there = src_params[path][...].shape if path in src_params else 'absent'
       missing.append(f"{'/'.join(map(str, path))} ({there} there, {var[...].shape} here)")
-  if every_param and missing:
-    raise ValueError(f'init_from={source_dir} is another model: {len(missing)} parameters do '
-                     f'not match, e.g. {missing[0]}')
+  if missing:
+    raise ValueError(f'init_from={source_dir} is another model: {len(missing)} parameters '
+                     f'outside the routers do not match, e.g. {missing[0]}')
   return nnx.state((learner, optimizer)), copied
 
 
@@ -581,8 +582,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   warm = None
   if cfg.init_from and not os.path.isdir(checkpoints):
     # A new run: read the source before any folder is made, so a bad one leaves none.
-    warm = warm_start(state, graphdef, cfg.init_from,
-                      every_param=cfg.loss.router_labels is not None)
+    warm = warm_start(state, graphdef, cfg.init_from)
 
   os.makedirs(workdir, exist_ok=True)
   mngr = checkpoint.manager(checkpoints, cfg.keep_checkpoints)
@@ -616,8 +616,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       print(f'resuming {workdir} from step {start}', flush=True)
   else:
     if cfg.init_from:
-      state, copied = warm or warm_start(state, graphdef, cfg.init_from,
-                                         every_param=cfg.loss.router_labels is not None)
+      state, copied = warm or warm_start(state, graphdef, cfg.init_from)
       print(f'warm start: {copied} parameter arrays from {cfg.init_from}', flush=True)
     if main_process:
       log.truncate_after(-1)

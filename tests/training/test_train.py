@@ -264,3 +264,22 @@ def test_a_run_with_gated_mlp_groups_learns_and_logs_group_usage(tmp_path):
   assert row['Kf'] == 2 and row['active_group_fraction'] == 0.5
   assert '| Kf | active groups |' in results.markdown([row])
   assert 'usage_heatmap.png' in ' '.join(plots.plot_run(str(tmp_path)))
+
+
+def test_warm_start_copies_everything_but_fresh_routers_and_refuses_another_model(tmp_path):
+  dense = dataclasses.replace(TINY, steps=4, eval_every=4, checkpoint_every=4,
+                              model=dataclasses.replace(TINY.model, gate='dense',
+                                                        active_heads=None, noise=None))
+  run(dense, tmp_path / 'dense')
+  gated = dataclasses.replace(dense, model=TINY.model, init_from=str(tmp_path / 'dense'))
+  graphdef, state = train.create(gated, train.load_data(gated).info)
+  state, copied = train.warm_start(state, graphdef, str(tmp_path / 'dense'))
+  assert copied > 0
+  # A model of another shape (other MLP width) or other parameter names (MLP groups)
+  # would start partly untrained: refused before any folder is made.
+  for other in (dict(mlp_features=64), dict(mlp_groups=4, active_groups=2)):
+    cfg = dataclasses.replace(gated, model=dataclasses.replace(TINY.model, **other))
+    with pytest.raises(ValueError, match=r'is another model: \d+ parameters outside the '
+                                         r'routers do not match'):
+      run(cfg, tmp_path / 'other')
+    assert not (tmp_path / 'other').exists()
