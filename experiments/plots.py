@@ -293,7 +293,8 @@ def _pareto(ax, groups, x_key, y_key):
                          yerr=[g[y_key][1] for g in members], fmt='o-', capsize=3, label=label)
     for g, x, y in zip(members, xs, ys):
       if not reference:
-        ax.annotate(f"K={g['K']}", (x, y), textcoords='offset points', xytext=(4, 4),
+        name = f"K={g['K']}" + (f", Kf={g['Kf']}" if g.get('Kf') is not None else '')
+        ax.annotate(name, (x, y), textcoords='offset points', xytext=(4, 4),
                     fontsize=7, color=line[0].get_color())
   ax.grid(alpha=0.3)
 

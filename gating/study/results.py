@@ -35,17 +35,40 @@ def rule_label(rule: str) -> str:
 def recipe_rule(cfg: TrainConfig, source: TrainConfig | None = None) -> str:
   """The row's rule: the gate's name, or for the recipes of elastic training and router
   fitting what was trained, e.g. 'elastic', 'elastic + router fit (grad_x_act, bce)',
-  'elastic + static fit (grad_x_act, bce)', '... S=1' with shared heads."""
+  'elastic + static fit (grad_x_act, bce)', '... S=1' with shared heads, 'elastic + topk'
+  (routed end to end after an elastic warm start). With MLP groups the gated units follow
+  in brackets ('topk [heads + groups]', with ', shared router' when the groups share the
+  attention's); a dense model with fewer than D attention channels or 4 D MLP channels is
+  'dense (thin)'."""
   loss = cfg.loss
   if loss.elastic_ks:
     return 'elastic'
   if not loss.router_labels:
-    return cfg.model.gate
+    rule = cfg.model.gate + _width_label(cfg.model)
+    return f'elastic + {rule}' if source is not None and source.loss.elastic_ks else rule
   kind = 'static' if cfg.model.router == 'static' else 'router'
   label = f'{kind} fit ({loss.router_labels}, {loss.router_loss})'
   if cfg.model.shared_heads:
     label += f' S={cfg.model.shared_heads}'
   return f'elastic + {label}' if source is not None and source.loss.elastic_ks else label
+
+
+def _width_label(m) -> str:
+  """' [heads]', ' [groups]', ' [heads + groups]' for a gated model with MLP groups (the
+  units that run below their count), ' (thin)' for a narrow dense model, else ''."""
+  D = m.features
+  width = (m.head_dim or D // m.num_heads) * m.num_heads
+  if m.gate == 'dense':
+    return ' (thin)' if width < D or (m.mlp_features or 4 * D) < 4 * D else ''
+  if m.mlp_groups is None:
+    return ''
+  ks = m.active_heads if isinstance(m.active_heads, tuple) else (m.active_heads,)
+  kfs = m.active_groups if isinstance(m.active_groups, tuple) else (m.active_groups,)
+  units = [name for name, some in (
+      ('heads', any(k is not None and k < m.num_heads for k in ks)),
+      ('groups', any(kf is not None and kf < m.mlp_groups for kf in kfs))) if some]
+  shared = ', shared router' if m.mlp_router == 'shared' else ''
+  return f" [{' + '.join(units) or 'every unit'}{shared}]"
 
 
 def regularizer_label(loss: LossConfig, k=None, num_heads: int | None = None) -> str:

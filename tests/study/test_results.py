@@ -64,3 +64,23 @@ def test_point_row_of_an_unfinished_run(tmp_path):
   assert (row['rule'], row['K'], row['seed']) == ('topk', 2, 3) and 'test_loss' not in row
   (tmp_path / 'summary.json').write_text(json.dumps({'tokens_seen': 5}))
   assert results.point_row(str(tmp_path), 'p')['status'] == 'trained, not evaluated'
+
+
+def test_recipe_rule_names_the_gated_width_and_thin_models():
+  from gating.study.results import recipe_rule  # pylint: disable=import-outside-toplevel
+
+  def rule(source=None, **model):
+    model = {'features': 64, 'num_heads': 8, **model}
+    return recipe_rule(TrainConfig(model=ModelConfig(**model)), source)
+  assert rule() == 'topk'                                     # heads, no groups: as before
+  assert rule(gate='dense', active_heads=None) == 'dense'
+  assert rule(gate='dense', active_heads=None, num_heads=4, head_dim=8) == 'dense (thin)'
+  assert rule(gate='dense', active_heads=None, mlp_features=128) == 'dense (thin)'
+  assert rule(mlp_groups=8, active_groups=2) == 'topk [heads + groups]'
+  assert rule(mlp_groups=8, active_groups=8) == 'topk [heads]'
+  assert rule(active_heads=8, mlp_groups=8, active_groups=1) == 'topk [groups]'
+  assert (rule(mlp_groups=8, active_groups=2, mlp_router='shared')
+          == 'topk [heads + groups, shared router]')
+  elastic = TrainConfig(model=ModelConfig(gate='dense', active_heads=None),
+                        loss=LossConfig(elastic_ks=(2, 4)))
+  assert rule(elastic, mlp_groups=8, active_groups=2) == 'elastic + topk [heads + groups]'
