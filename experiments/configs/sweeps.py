@@ -85,6 +85,17 @@ def fit(k, labels, loss='bce', steps=150, *extra):
           'optim.learning_rate=3e-3', 'optim.warmup_steps=20', *extra]
 
 
+def width(k, kf, steps, *extra):
+  """Heads (K of 8) and MLP groups (Kf of 8) routed by top-k from the warm start."""
+  return [*dynamic('topk', k, steps), f'model.active_groups={kf}', *extra]
+
+
+def thin(heads, mlp):
+  """A dense model with fewer heads of the same width Dh = 16 and a narrower MLP."""
+  return [*dense(), f'model.num_heads={heads}', 'model.head_dim=16',
+          f'model.mlp_features={mlp}', 'model.mlp_groups=none', 'model.active_groups=none']
+
+
 SWEEPS = {
     'synthetic': Sweep(
         name='synthetic', preset='synthetic', points=grid((1, 2, 4), steps=6000, warm=3000),
