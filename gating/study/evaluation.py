@@ -163,6 +163,9 @@ def evaluate_one(run: Run, path: str, k, split: str = 'test',
   if groups is not None and cfg.model.mlp_groups is None:
     raise ValueError(f'{run.workdir}: the model has no MLP channel groups (model.mlp_groups '
                      'is unset); a groups budget Kf cannot apply')
+  if (groups is None and path == 'gathered' and cfg.model.mlp_groups is not None
+      and cfg.model.active_groups is None):
+    groups = cfg.model.mlp_groups   # no budget (e.g. the dense gate): every group, as K = H
   dataset = getattr(run.splits, split)
   fn = jax.jit(functools.partial(train.eval_step, graphdef=run.graphdef, path=path,
                                  active_heads=k, active_groups=groups))

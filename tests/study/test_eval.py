@@ -81,3 +81,17 @@ def test_missing_checkpoint_says_where_it_looked(tmp_path):
                                        f'{where}/checkpoints'):
     eval_script.main(['--workdir', str(tmp_path)])
   assert not (tmp_path / 'checkpoints').exists()   # looking creates nothing
+
+
+def test_a_dense_model_with_mlp_groups_evaluates_every_group_on_the_gathered_path(tmp_path):
+  # The warm start of a sweep with groups: the dense gate has no Kf; gathered runs all G.
+  dense = dataclasses.replace(TINY, model=dataclasses.replace(
+      TINY.model, gate='dense', active_heads=None, noise=None, mlp_groups=4))
+  train.train(dense, str(tmp_path), progress=False)
+  run = evaluation.load_run(str(tmp_path))
+  report = evaluation.evaluate_run(run, paths=['gathered', 'masked'], ks=[4], max_batches=1,
+                                   split='validation')
+  gathered, masked = report['results']
+  assert gathered['Kf'] == 4 and gathered['active_groups_per_layer'] == [4.0]
+  assert masked['Kf'] is None and masked['active_groups_per_layer'] == [4.0]
+  assert gathered['loss'] == pytest.approx(masked['loss'], abs=1e-5)
