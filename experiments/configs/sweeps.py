@@ -23,6 +23,15 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 routed by each MLP's own router, or by the attention's (mlp_router=shared).
   width_tune    (issue 12) the same point after a 300-step elastic warm start over heads
                 and groups (sub-models at K = Kf = 1, 2, 4) instead of a dense one.
+  width         (issue 12) the study, test split, seeds 0, 1, 2, 600 steps each: dense;
+                at about 0.52x of dense forward FLOPs (XLA's count, eval forward) a thin
+                dense model from scratch (4 heads of 16, F = 256), static pruning of heads
+                and groups (K = 4, Kf = 4 of 8), groups routed (Kf = 1, all heads) and
+                both routed (K = 4, Kf = 4), plus heads alone at K = 1 (0.64x, their
+                floor); at about 0.35x thin (2 heads, F = 192), static (K = 2, Kf = 3)
+                and both routed (K = 2, Kf = 3). Routed points train 300 steps from the
+                warm start WIDTH_WARM, as in the `text` sweep; static and thin train from
+                scratch.
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -96,6 +105,9 @@ def thin(heads, mlp):
           f'model.mlp_features={mlp}', 'model.mlp_groups=none', 'model.active_groups=none']
 
 
+# The width study's warm start, frozen after width_tune (docs/tuning.md).
+WIDTH_WARM = (*dense(), 'model.active_groups=none', 'steps=300')
+
 SWEEPS = {
     'synthetic': Sweep(
         name='synthetic', preset='synthetic', points=grid((1, 2, 4), steps=6000, warm=3000),
@@ -148,6 +160,24 @@ SWEEPS = {
         points={'elastic_own_k2_kf2': [*dynamic('topk', 2, 300), 'model.active_groups=2']},
         description='heads and MLP groups at 2 of 8 routed end to end after an elastic warm '
                     'start over heads and groups (against the dense warm start of mlp_router)'),
+    'width': Sweep(
+        name='width', preset='text', seeds=(0, 1, 2),
+        common=(f'model.num_heads={H}', 'model.mlp_groups=8'),
+        warm_start=WIDTH_WARM,
+        points={'dense': [*dense(), 'model.mlp_groups=none', 'steps=600'],
+                # about 0.52x of dense forward FLOPs
+                'thin_h4_f256': [*thin(4, 256), 'steps=600'],
+                'static_k4_kf4': [*static(4), 'model.active_groups=4', 'steps=600'],
+                'groups_kf1': width(8, 1, 300),
+                'both_k4_kf4': width(4, 4, 300),
+                'heads_k1': width(1, 8, 300),      # 0.64x: heads alone go no lower
+                # about 0.35x
+                'thin_h2_f192': [*thin(2, 192), 'steps=600'],
+                'static_k2_kf3': [*static(2), 'model.active_groups=3', 'steps=600'],
+                'both_k2_kf3': width(2, 3, 300)},
+        description='dynamic width at about 0.52x and 0.35x of dense forward FLOPs: heads, '
+                    'MLP groups or both routed, against dense, thin dense models trained '
+                    'from scratch and static pruning of heads and groups'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
