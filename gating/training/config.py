@@ -332,10 +332,10 @@ class TrainConfig:
                        self.model.mlp_groups)
       _check(self.model.mlp_router == 'own', 'loss.elastic_ks',
              'elastic training draws random groups: model.mlp_router must be own')
+      _check(not self.k_schedule, 'loss.elastic_ks', 'elastic training has no k_schedule')
     else:
       _check(not self.loss.elastic_group_ks, 'loss.elastic_group_ks',
              'needs loss.elastic_ks (one Kf per K)')
-      _check(not self.k_schedule, 'loss.elastic_ks', 'elastic training has no k_schedule')
     if self.loss.router_labels:
       m = self.model
       _check(self.init_from is not None, 'loss.router_labels',

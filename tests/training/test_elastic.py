@@ -124,3 +124,8 @@ def test_a_short_elastic_run_with_mlp_groups_trains_every_width(tmp_path):
 def test_bad_elastic_settings_are_refused(overrides, match):
   with pytest.raises(ValueError, match=match):
     config.override(config.TrainConfig(), overrides)
+
+
+def test_elastic_training_has_no_k_schedule():
+  with pytest.raises(ValueError, match='loss.elastic_ks: elastic training has no k_schedule'):
+    config.TrainConfig(k_schedule=((8, 10), (4, 20)), loss=config.LossConfig(elastic_ks=(2,)))
