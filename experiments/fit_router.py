@@ -1,11 +1,13 @@
 """Fit routers to a trained run's own head importance, the model frozen:
 
-  python -m experiments.fit_router --from RUN --workdir DIR --k K [--labels grad_x_act]
-      [--loss bce] [--shared-heads S] [--steps 300] [--lr 3e-3] [--set KEY=VALUE ...]
+  python -m experiments.fit_router --from RUN --workdir DIR --k K [--groups KF]
+      [--labels grad_x_act] [--loss bce] [--shared-heads S] [--steps 300] [--lr 3e-3]
+      [--set KEY=VALUE ...]
 
 DIR becomes an ordinary run folder (config.json, metrics.jsonl with `router/recall`,
 checkpoints, summary.json, plots) of a gate='topk' model at budget K with RUN's weights
-and data; only its routers train (see gating/training/router_fit.py). Evaluate it with
+and data (with MLP channel groups, --groups KF: their routers are fitted too, at budget
+Kf); only its routers train (see gating/training/router_fit.py). Evaluate it with
 experiments.eval, search its headroom with experiments.headroom, resume it like any run.
 
 Labels (gating/training/importance.py): 'grad_x_act' (one backward pass; default),
@@ -34,6 +36,8 @@ def parse_args(argv):
   parser.add_argument('--workdir', required=True, help='the new run folder (resumes if it '
                       'holds a checkpoint)')
   parser.add_argument('--k', type=int, required=True, help='budget K: heads per layer that run')
+  parser.add_argument('--groups', type=int, default=None, metavar='KF',
+                      help='budget Kf of MLP channel groups (a source with mlp_groups)')
   parser.add_argument('--labels', default='grad_x_act',
                       help='importance labels: grad_x_act (default), output_norm, ablation')
   parser.add_argument('--loss', default='bce', help='router loss: bce (default) or listwise')
@@ -69,7 +73,7 @@ def resolve(args):
   cfg = router_fit.fit_config(
       source, k=args.k, labels=args.labels, loss=args.loss, shared_heads=args.shared_heads,
       steps=args.steps, learning_rate=args.lr, init_from=args.source, seed=args.seed,
-      router=args.router)
+      router=args.router, groups=args.groups)
   return override(cfg, args.overrides)
 
 

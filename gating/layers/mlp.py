@@ -127,6 +127,8 @@ class GatedMLP(nnx.Module):
     self.group_weight = GateStats(jnp.zeros((num_groups,), jnp.float32))
     self.router_z_loss = GateStats(jnp.zeros((), jnp.float32))
     self.rngs = rngs.dropout.fork() if self.stochastic_gate else nnx.data(None)
+    # Analysis tools (gating.training.importance) force a gate here; see `force_gate`.
+    self.forced_weights_BxG = nnx.data(None)
 
   @property
   def stochastic_gate(self) -> bool:
@@ -155,6 +157,17 @@ class GatedMLP(nnx.Module):
     return self._select(self._logits(x_BxLxD, valid_BxL, logits_BxG), k, deterministic,
                         self._gate_rng(rngs, deterministic))
 
+  def force_gate(self, weights_BxG: jax.Array | None) -> None:
+    """Replaces the rule's decision by the given group weights (None: the rule again).
+
+    While set, every call runs the masked path with y = sum_g w_bg act(x W1_g + b1_g) W2_g
+    + b2, w = weights_BxG exactly (differentiable in w), the router still runs, and its
+    logits [B, G] and the layer's output [B, L, D] are sown as nnx.Intermediate
+    'router_logits' and 'output'. For analysis on a copy of a model (importance labels,
+    router fitting), as GatedMultiHeadAttention.force_gate.
+    """
+    self.forced_weights_BxG = weights_BxG
+
   def __call__(self, x_BxLxD, valid_BxL=None, *, deterministic: bool | None = None,
                rngs=None, path: str | None = None, active_groups: int | None = None,
                return_gate: bool = False, logits_BxG=None):
@@ -168,7 +181,15 @@ class GatedMLP(nnx.Module):
     check_active_groups(k, self.num_groups, self.gate_rule, path)
     deterministic = self._deterministic(deterministic)
     logits_BxG = self._logits(x_BxLxD, valid_BxL, logits_BxG)
-    gate = self._select(logits_BxG, k, deterministic, self._gate_rng(rngs, deterministic))
+    forced = self.forced_weights_BxG
+    if forced is None:
+      gate = self._select(logits_BxG, k, deterministic, self._gate_rng(rngs, deterministic))
+    else:
+      if forced.shape != (x_BxLxD.shape[0], self.num_groups):
+        raise ValueError(f'forced gate weights of shape {forced.shape}: expected '
+                         f'{(x_BxLxD.shape[0], self.num_groups)} (batch, num_groups)')
+      gate, path = selection.Gate(forced, None, forced), 'masked'
+      self.sow(nnx.Intermediate, 'router_logits', logits_BxG)
     self._record(logits_BxG, gate)
 
     x_BxLxD, w = self.promoted(x_BxLxD)
@@ -179,6 +200,8 @@ class GatedMLP(nnx.Module):
       weights_BxK = jnp.take_along_axis(gate.weights_BxH, gate.idx_BxK, axis=1)
       y = compute.gathered_mlp(x_BxLxD, w, gate.idx_BxK, weights_BxK, self.num_groups,
                                precision=self.precision)
+    if forced is not None:
+      self.sow(nnx.Intermediate, 'output', y)
     return (y, gate) if return_gate else y
 
   # -- helpers ---------------------------------------------------------------------------

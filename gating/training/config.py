@@ -343,8 +343,6 @@ class TrainConfig:
       _check(get_rule(m.gate).router == 'input' and get_rule(m.gate).needs_k,
              'loss.router_labels', f'needs a rule with a budget K and a router it trains '
              f"(e.g. topk; router='static' fits one subset for all), got gate={m.gate!r}")
-      _check(m.mlp_groups is None, 'loss.router_labels',
-             'router fitting covers attention heads only; model.mlp_groups must be unset')
       _check(not self.k_schedule, 'loss.router_labels', 'router fitting has no k_schedule')
     last = 0
     for k, until in self.k_schedule:

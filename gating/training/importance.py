@@ -1,10 +1,13 @@
-"""Per-sequence head-importance labels from a frozen model (the targets of router fitting).
+"""Per-sequence unit-importance labels from a frozen model (the targets of router fitting).
 
-For attention layer n, sequence b and head h, with every gated layer running all its
-heads (weights forced to 1, `GatedMultiHeadAttention.force_gate`), let L_b(W) be the
-mean cross-entropy over b's scored positions when the layers run with gate weights
-W_NxBxH (all ones: the full model). Three labels u_NxBxH, each larger for a head that
-matters more to that sequence:
+A unit is an attention head or a group of MLP channels; the gated layers are the
+model's GatedMultiHeadAttention and GatedMLP layers, in graph order. For gated layer n,
+sequence b and unit h, with every gated layer running all its units (weights forced to 1,
+`force_gate`), let L_b(W) be the mean cross-entropy over b's scored positions when the
+layers run with gate weights W (one [B, U_n] per layer; all ones: the full model). Three
+labels u_n,BxU (`unit_importance`; `head_importance` stacks them, u_NxBxH), each larger
+for a unit that matters more to that sequence (below for heads; a group's z is its
+channels' contribution act(x W1_g + b1_g) W2_g):
 
   'ablation'     leave-one-head-out: u_nbh = L_b(W with W_nbh = 0) - L_b(1), the loss
                  increase when head h of layer n alone is dropped for sequence b
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gating.layers.attention import GatedMultiHeadAttention
+from gating.layers.mlp import GatedMLP
 
 LABELS = ('ablation', 'grad_x_act', 'output_norm')
 
@@ -41,6 +45,17 @@ def attention_layers(model: nnx.Module) -> list[tuple[tuple, GatedMultiHeadAtten
           if isinstance(m, GatedMultiHeadAttention)]
 
 
+def gated_layers(model: nnx.Module) -> list[tuple[tuple, GatedMultiHeadAttention | GatedMLP]]:
+  """(path, layer) of every gated layer, attention and MLP groups, in graph order."""
+  return [(path, m) for path, m in nnx.iter_graph(model)
+          if isinstance(m, (GatedMultiHeadAttention, GatedMLP))]
+
+
+def num_units(layer) -> int:
+  """H of an attention layer, G of a GatedMLP."""
+  return layer.num_heads if isinstance(layer, GatedMultiHeadAttention) else layer.num_groups
+
+
 def sequence_losses(model: nnx.Module, batch, outputs_fn) -> jax.Array:
   """L_B: each sequence's mean cross-entropy over its scored positions (deterministic)."""
   _, ce, _, weight, *_ = outputs_fn(model, batch, deterministic=True)
@@ -49,16 +64,17 @@ def sequence_losses(model: nnx.Module, batch, outputs_fn) -> jax.Array:
   return jnp.sum(ce * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
 
 
-def forced_forward(model: nnx.Module, batch, weights_NxBxH: jax.Array, outputs_fn):
-  """Runs a copy of `model` with layer n's gate weights forced to weights_NxBxH[n].
+def forced_forward(model: nnx.Module, batch, weights, outputs_fn):
+  """Runs a copy of `model` with gated layer n's gate weights forced to weights[n] (a list
+  of [B, U_n], or an array N x B x U when every layer has U units).
 
   Returns (L_B, [router logits_BxR of layer n], [output_BxLxD of layer n]); `model` is
   not changed. Differentiable in the weights and in the model's parameters."""
   graphdef, state = nnx.split(model)
   copy = nnx.merge(graphdef, state, copy=True)
-  layers = attention_layers(copy)
-  for n, (_, attn) in enumerate(layers):
-    attn.force_gate(weights_NxBxH[n])
+  layers = gated_layers(copy)
+  for n, (_, layer) in enumerate(layers):
+    layer.force_gate(weights[n])
   losses_B, sown = nnx.capture(lambda m: sequence_losses(m, batch, outputs_fn),
                                nnx.Intermediate)(copy)
   last = {path: v.get_value()[-1] for path, v in nnx.to_flat_state(sown)}
@@ -66,45 +82,55 @@ def forced_forward(model: nnx.Module, batch, weights_NxBxH: jax.Array, outputs_f
           [last[(*p, 'output')] for p, _ in layers])
 
 
-def head_importance(model: nnx.Module, batch, kind: str, outputs_fn) -> jax.Array:
-  """u_NxBxH, the `kind` label (see the module docstring) of every head of every gated
-  attention layer for every sequence of `batch`. `outputs_fn(model, batch,
-  deterministic=True)` -> (logits, ce, correct, weight, ...), as
-  gating.training.loop.model_outputs. The model is not changed."""
+def unit_importance(model: nnx.Module, batch, kind: str, outputs_fn) -> list[jax.Array]:
+  """[u_n,BxU], the `kind` label (see the module docstring) of every unit of every gated
+  layer for every sequence of `batch`. `outputs_fn(model, batch, deterministic=True)` ->
+  (logits, ce, correct, weight, ...), as gating.training.loop.model_outputs. The model
+  is not changed."""
   if kind not in LABELS:
     raise ValueError(f'importance label must be one of {LABELS}, got {kind!r}')
-  layers = attention_layers(model)
+  layers = gated_layers(model)
   if not layers:
-    raise ValueError('the model has no gated attention layer to label')
-  heads = {attn.num_heads for _, attn in layers}
-  if len(heads) != 1:
-    raise ValueError(f'every layer must have the same number of heads, got {sorted(heads)}')
-  B, (H,), N = batch['tokens'].shape[0], heads, len(layers)
-  ones_NxBxH = jnp.ones((N, B, H), jnp.float32)
+    raise ValueError('the model has no gated layer to label')
+  B = batch['tokens'].shape[0]
+  ones = [jnp.ones((B, num_units(layer)), jnp.float32) for _, layer in layers]
 
-  def run(weights_NxBxH):
-    losses_B, _, outputs = forced_forward(model, batch, weights_NxBxH, outputs_fn)
+  def run(weights):
+    losses_B, _, outputs = forced_forward(model, batch, weights, outputs_fn)
     return losses_B, outputs
 
+  def one_off(n, h):
+    return [w.at[:, h].set(0.0) if i == n else w for i, w in enumerate(ones)]
+
   if kind == 'grad_x_act':
-    grad_NxBxH = jax.grad(lambda w: jnp.sum(run(w)[0]))(ones_NxBxH)
-    return -grad_NxBxH
+    return [-g for g in jax.grad(lambda w: jnp.sum(run(w)[0]))(ones)]
   # The loops below are Python loops, unrolled into the compiled program, so that XLA's
   # cost analysis counts every pass (it counts the body of a lax.map or scan once).
   if kind == 'ablation':
-    full_B = run(ones_NxBxH)[0]
-    return jnp.stack([jnp.stack([run(ones_NxBxH.at[n, :, h].set(0.0))[0] - full_B
-                                 for h in range(H)], axis=1) for n in range(N)])
-  # output_norm: z_nh = dy_n / dW_nh (y_n is linear in W_n), one jvp per head.
+    full_B = run(ones)[0]
+    return [jnp.stack([run(one_off(n, h))[0] - full_B for h in range(w.shape[1])], axis=1)
+            for n, w in enumerate(ones)]
+  # output_norm: z_nh = dy_n / dW_nh (y_n is linear in W_n), one jvp per unit.
   valid_BxL = batch['valid'].astype(jnp.float32)
   tokens_B = jnp.maximum(valid_BxL.sum(axis=1), 1.0)
   labels = []
-  for n in range(N):
+  for n, w in enumerate(ones):
     norms = []
-    for h in range(H):
-      tangent = jnp.zeros_like(ones_NxBxH).at[n, :, h].set(1.0)
-      _, z_BxLxD = jax.jvp(lambda w, n=n: run(w)[1][n], (ones_NxBxH,), (tangent,))
+    for h in range(w.shape[1]):
+      tangent = [jnp.zeros_like(v).at[:, h].set(1.0) if i == n else jnp.zeros_like(v)
+                 for i, v in enumerate(ones)]
+      _, z_BxLxD = jax.jvp(lambda w, n=n: run(w)[1][n], (ones,), (tangent,))
       norm_BxL = jnp.linalg.norm(z_BxLxD.astype(jnp.float32), axis=-1)
       norms.append(jnp.sum(norm_BxL * valid_BxL, axis=1) / tokens_B)
-    labels.append(jnp.stack(norms, axis=1))                       # [B, H]
-  return jnp.stack(labels)
+    labels.append(jnp.stack(norms, axis=1))                       # [B, U_n]
+  return labels
+
+
+def head_importance(model: nnx.Module, batch, kind: str, outputs_fn) -> jax.Array:
+  """u_NxBxH: `unit_importance` stacked, for a model whose gated layers all have H units
+  (e.g. attention only)."""
+  units = {num_units(layer) for _, layer in gated_layers(model)}
+  if len(units) > 1:
+    raise ValueError(f'every gated layer must have the same number of units, got '
+                     f'{sorted(units)}; use unit_importance')
+  return jnp.stack(unit_importance(model, batch, kind, outputs_fn))

@@ -1,11 +1,13 @@
-"""Routers fitted to a frozen model's own per-sequence head importance (Deja Vu, ShadowLLM).
+"""Routers fitted to a frozen model's own per-sequence unit importance (Deja Vu, ShadowLLM).
 
 A run with `loss.router_labels` set trains only the routers; every other parameter is
 frozen (its update is zero) after a warm start from a trained run (`init_from`, typically
-an elastic one). Each step, for the batch:
+an elastic one). The routers are those of every gated layer: the attention's over heads
+and, in a model with MLP groups, the MLPs' over groups (H, S, K below read G, 0, Kf for
+them). Each step, for the batch:
 
   u_NxBxH  = importance labels of the frozen model (gating.training.importance), with
-             every layer running all its heads; stop-gradient
+             every layer running all its units; stop-gradient
   r_n,BxR  = router n's logits on the same forward's layer input (R = H - S routed heads;
              the S shared heads are always on and not scored)
   T_n,BxR  = 1 on the top-(K - S) routed heads of u_n per sequence, else 0
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gating.layers.mlp import GatedMLP
 from gating.training import importance
 
 LOSSES = ('bce', 'listwise')
@@ -67,14 +70,14 @@ def fit_loss(model, batch, *, labels: str, kind: str, outputs_fn):
   graphdef, routers, rest = nnx.split(model, nnx.All(nnx.Param, nnx.PathContains('router')),
                                       ...)
   model = nnx.merge(graphdef, routers, jax.lax.stop_gradient(rest))
-  layers = importance.attention_layers(model)
-  u_NxBxH = jax.lax.stop_gradient(importance.head_importance(model, batch, labels, outputs_fn))
-  ones_NxBxH = jnp.ones_like(u_NxBxH)
-  _, logits, _ = importance.forced_forward(model, batch, ones_NxBxH, outputs_fn)
+  layers = importance.gated_layers(model)
+  u = jax.lax.stop_gradient(importance.unit_importance(model, batch, labels, outputs_fn))
+  _, logits, _ = importance.forced_forward(model, batch, [jnp.ones_like(x) for x in u],
+                                           outputs_fn)
   per_layer, recalls = [], []
-  for n, (_, attn) in enumerate(layers):
-    S, k = attn.shared_heads, attn.active_heads - attn.shared_heads
-    labels_BxR = u_NxBxH[n][:, S:]
+  for n, (_, layer) in enumerate(layers):
+    S, k = routed_budget(layer)
+    labels_BxR = u[n][:, S:]
     per_layer.append(router_loss(logits[n], labels_BxR, k, kind))
     recalls.append(recall(logits[n], labels_BxR, k))
   loss = jnp.mean(jnp.stack(per_layer))
@@ -82,28 +85,34 @@ def fit_loss(model, batch, *, labels: str, kind: str, outputs_fn):
                 'router/recall_per_layer': jnp.stack(recalls)}
 
 
-def check_source(source_model, model) -> None:
-  """A ValueError unless `model` (to fit) has the gated attention layers of the source."""
-  mine, theirs = importance.attention_layers(model), importance.attention_layers(source_model)
-  if len(mine) != len(theirs) or any(a.num_heads != b.num_heads
-                                     for (_, a), (_, b) in zip(mine, theirs)):
-    raise ValueError('the source run has another shape: '
-                     f'{[a.num_heads for _, a in theirs]} heads per layer there, '
-                     f'{[a.num_heads for _, a in mine]} here')
+def routed_budget(layer) -> tuple[int, int]:
+  """(S, K - S) of a gated layer: its always-on units (shared heads; none for MLP groups)
+  and the budget its router picks among the rest."""
+  if isinstance(layer, GatedMLP):
+    return 0, layer.active_groups
+  return layer.shared_heads, layer.active_heads - layer.shared_heads
 
 
 def fit_config(source, *, k: int, labels: str = 'grad_x_act', loss: str = 'bce',
                shared_heads: int = 0, steps: int = 300, learning_rate: float = 3e-3,
-               init_from: str, seed: int | None = None, router: str | None = None):
+               init_from: str, seed: int | None = None, router: str | None = None,
+               groups: int | None = None):
   """The TrainConfig of a router fit on the run `init_from` whose config is `source`: the
-  same model shape and data, gate='topk' at budget K (S shared), labels and loss as given,
-  the routers trained at `learning_rate` for `steps` and nothing else."""
+  same model shape and data, gate='topk' at budget K (S shared) and, for a model with MLP
+  groups, Kf = `groups` (required there), labels and loss as given, the routers trained
+  at `learning_rate` for `steps` and nothing else."""
   if labels not in importance.LABELS:
     raise ValueError(f'labels must be one of {importance.LABELS}, got {labels!r}')
   if loss not in LOSSES:
     raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+  if (source.model.mlp_groups is None) != (groups is None):
+    raise ValueError('groups: ' + (
+        'the source has no MLP channel groups' if groups is not None else
+        f'the source has MLP channel groups (G={source.model.mlp_groups}): give their '
+        'budget Kf'))
   model = dataclasses.replace(
       source.model, gate='topk', active_heads=k, shared_heads=shared_heads, gate_options=(),
+      active_groups=groups,
       noise=None, scaled_weights=False, temperature=None, router=router,
       path='masked', eval_path='gathered')
   return dataclasses.replace(
