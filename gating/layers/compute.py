@@ -203,7 +203,7 @@ def masked_mlp(x_BxLxD, w: MLPWeights, weights_BxG, num_groups: int,
 
   y = (act(x W1 + b1) * repeat(weights_BxG, F/G)) W2 + b2: group g is the channels
   [g F/G, (g+1) F/G). Both products are plain [., D] x [D, F] matmuls (a [D, G, F/G]
-  einsum ran 1.6-1.9x slower on CPU).
+  einsum ran slower on CPU).
   """
   F = w.w1_DxF.shape[1]
   h_BxLxF = _add(jnp.einsum('BLD,DF->BLF', x_BxLxD, w.w1_DxF, precision=precision), w.b1_F)
@@ -236,8 +236,8 @@ def mlp_gathered_weights(x_BxLxD, g: GatheredMLPWeights, weights_BxK, b2_D,
   Kf / G; used by `gathered_mlp`, and by `decode` steps with weights gathered at prefill.
 
   The Kf groups are flattened into one hidden axis of Kf F/G channels (free reshapes), so
-  both products are batched [L, D] x [D, Kf F/G] matmuls (1.3-2.6x faster on CPU than
-  keeping a separate group axis).
+  both products are batched [L, D] x [D, Kf F/G] matmuls (faster on CPU than keeping a
+  separate group axis).
   """
   B, D, K, Fg = g.w1_BxDxKxFg.shape
   h_BxLxC = jnp.einsum('BLD,BDC->BLC', x_BxLxD, g.w1_BxDxKxFg.reshape(B, D, K * Fg),
