@@ -200,11 +200,16 @@ def tokens(seed=0):
   return jax.random.randint(jax.random.key(seed), (2, L), 0, V)
 
 
-@pytest.mark.parametrize('gate', ['topk', 'hard_concrete'])
+@pytest.mark.parametrize('gate,mlp_router', [('topk', 'own'), ('hard_concrete', 'own'),
+                                             ('topk', 'shared')])
 @pytest.mark.parametrize('path', ['masked', 'gathered'])
-def test_lm_with_groups_is_causal_through_gradients(gate, path):
-  model = lm(path, gate=gate, noise='gumbel' if gate == 'topk' else None, deterministic=False)
-  assert model.blocks[0].mlp.router.pool == 'prefix'
+def test_lm_with_groups_is_causal_through_gradients(gate, mlp_router, path):
+  model = lm(path, gate=gate, noise='gumbel' if gate == 'topk' else None, deterministic=False,
+             mlp_router=mlp_router)
+  assert model.blocks[1].mlp_router == mlp_router
+  block = model.blocks[0]
+  router = block.attention.router if mlp_router == 'shared' else block.mlp.router
+  assert router.pool == 'prefix'
   model.trunk.token_embed = ShiftedEmbed(model.trunk.token_embed, L, nnx.Rngs(1))
   x = tokens()
   scored = np.asarray(model(x, rngs=nnx.Rngs(dropout=3)).scored_BxL[0])
@@ -316,15 +321,3 @@ def test_a_shared_router_mlp_needs_its_logits():
   with pytest.raises(ValueError, match='only taken by a GatedMLP built with'):
     own(x_BxLxD(), logits_BxG=jnp.zeros((B, G)))
 
-
-@pytest.mark.parametrize('path', ['masked', 'gathered'])
-def test_lm_with_a_shared_router_is_causal_through_gradients(path):
-  model = lm(path, mlp_router='shared', noise='gumbel', deterministic=False)
-  assert model.blocks[1].mlp_router == 'shared'
-  model.trunk.token_embed = ShiftedEmbed(model.trunk.token_embed, L, nnx.Rngs(1))
-  x = tokens()
-  scored = np.asarray(model(x, rngs=nnx.Rngs(dropout=3)).scored_BxL[0])
-  dependence_LxL = position_jacobian(model, x, lambda m, x: m(x, rngs=nnx.Rngs(dropout=3)))
-  for t in range(L):
-    if scored[t]:
-      assert (dependence_LxL[t, t + 1:] == 0).all(), f'scored logit {t} reads the future'
