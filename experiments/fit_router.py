@@ -1,7 +1,8 @@
 """Fit routers to a trained run's own head importance, the model frozen:
 
   python -m experiments.fit_router --from RUN --workdir DIR --k K [--groups KF]
-      [--labels grad_x_act] [--loss bce] [--shared-heads S] [--steps 300] [--lr 3e-3]
+      [--labels grad_x_act] [--loss bce] [--shared-heads S] [--shared-groups SF]
+      [--steps 300] [--lr 3e-3]
       [--set KEY=VALUE ...]
 
 DIR becomes an ordinary run folder (config.json, metrics.jsonl with `router/recall`,
@@ -43,6 +44,8 @@ def parse_args(argv):
   parser.add_argument('--loss', default='bce', help='router loss: bce (default) or listwise')
   parser.add_argument('--shared-heads', type=int, default=0, metavar='S',
                       help='S heads always on; the router picks K - S of the others')
+  parser.add_argument('--shared-groups', type=int, default=0, metavar='SF',
+                      help='SF MLP groups always open; the router picks KF - SF of the others')
   parser.add_argument('--router', default=None,
                       help="the router's pooling ('prefix', 'first', 'mean'; default: the "
                            "model's) or 'static': one subset for every sequence, fitted to "
@@ -73,7 +76,7 @@ def resolve(args):
   cfg = router_fit.fit_config(
       source, k=args.k, labels=args.labels, loss=args.loss, shared_heads=args.shared_heads,
       steps=args.steps, learning_rate=args.lr, init_from=args.source, seed=args.seed,
-      router=args.router, groups=args.groups)
+      router=args.router, groups=args.groups, shared_groups=args.shared_groups)
   return override(cfg, args.overrides)
 
 

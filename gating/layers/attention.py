@@ -33,18 +33,7 @@ def check_active_heads(active_heads, num_heads: int, gate: str, path: str) -> No
 
 def check_shared_heads(shared_heads: int, active_heads, num_heads: int, gate: str) -> None:
   """S always-on heads: 0 <= S < H, S < K (K counts them), and a rule with a budget."""
-  if isinstance(shared_heads, bool) or not isinstance(shared_heads, (int, np.integer)) \
-      or shared_heads < 0:
-    raise ValueError(f'shared_heads must be an int >= 0, got {shared_heads!r}')
-  if not shared_heads:
-    return
-  if selection.get_rule(gate).budget == 'none':
-    raise ValueError(f'shared_heads={shared_heads}: gate={gate!r} opens every head already')
-  if shared_heads >= num_heads:
-    raise ValueError(f'shared_heads={shared_heads} must be < num_heads={num_heads}')
-  if active_heads is not None and shared_heads >= active_heads:
-    raise ValueError(f'shared_heads={shared_heads} must be < active_heads={active_heads}: '
-                     'K counts the shared heads, so at least one head must be routed')
+  selection.check_shared(shared_heads, active_heads, num_heads, gate)
 
 
 def causal_router(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -394,15 +383,7 @@ class GatedMultiHeadAttention(nnx.Module):
         temperature=self.temperature[...], deterministic=deterministic, rng=rng,
         noise=self.noise, noise_scale=self.noise_scale, scaled_weights=self.scaled_weights,
         options=dict(self.gate_options))
-    if not S:
-      return gate
-    B = logits_BxR.shape[0]
-    shared_BxS = jnp.ones((B, S), gate.weights_BxH.dtype)
-    idx_BxK = None if gate.idx_BxK is None else jnp.concatenate(
-        [jnp.broadcast_to(jnp.arange(S, dtype=gate.idx_BxK.dtype), (B, S)),
-         gate.idx_BxK + S], axis=1)
-    return selection.Gate(jnp.concatenate([shared_BxS, gate.weights_BxH], axis=1), idx_BxK,
-                          jnp.concatenate([shared_BxS, gate.probs_BxH], axis=1))
+    return selection.with_shared(gate, S)
 
   def force_gate(self, weights_BxH: jax.Array | None) -> None:
     """Replaces the rule's decision by the given gate weights (None: the rule again).

@@ -44,6 +44,7 @@ class GatedTransformerBlock(nnx.Module):
     mlp_router: 'own' (default: the MLP has its own router) or 'shared' (the groups'
       logits come from the attention router's hidden features; needs mlp_groups and an
       attention router that reads the input).
+    shared_groups: Sf, the MLP's always-open groups (Kf counts them; needs mlp_groups).
     dtype, param_dtype: computation and parameter dtypes (as in flax).
     rngs: nnx.Rngs; dropout and gate noise draw from its 'dropout' stream.
     **attention_kwargs: passed to GatedMultiHeadAttention (gate=, active_heads=, path=,
@@ -53,8 +54,8 @@ class GatedTransformerBlock(nnx.Module):
   def __init__(self, features: int, num_heads: int, *, mlp_features: int | None = None,
                dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
                mlp_groups: int | None = None, active_groups: int | None = None,
-               mlp_router: str = 'own', dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs, **attention_kwargs):
+               mlp_router: str = 'own', shared_groups: int = 0, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs, **attention_kwargs):
     mlp_features = mlp_features or 4 * features
     if mlp_groups is None and active_groups is not None:
       raise ValueError(f'active_groups={active_groups} needs mlp_groups (the number of '
@@ -63,6 +64,9 @@ class GatedTransformerBlock(nnx.Module):
       check_groups(mlp_features, mlp_groups, 'mlp_groups')
     if mlp_router not in MLP_ROUTERS:
       raise ValueError(f'mlp_router must be one of {MLP_ROUTERS}, got {mlp_router!r}')
+    if shared_groups and mlp_groups is None:
+      raise ValueError(f'shared_groups={shared_groups} needs mlp_groups (the number of '
+                       'channel groups G of the MLP)')
     if mlp_router == 'shared' and mlp_groups is None:
       raise ValueError("mlp_router='shared' needs mlp_groups (the MLP's channel groups)")
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -84,10 +88,11 @@ class GatedTransformerBlock(nnx.Module):
         # Inside the router, so that it counts as a router parameter everywhere (the
         # optimizer's router rate, warm starts, router fitting).
         self.attention.router.group_logits = logit_layer(
-            self.attention.router.hidden_features, mlp_groups,
+            self.attention.router.hidden_features, mlp_groups - shared_groups,
             init_logit=attention_kwargs.get('router_init_logit', 0.0),
             param_dtype=param_dtype, rngs=rngs)
       self.mlp = GatedMLP(features, mlp_features, mlp_groups, active_groups=active_groups,
+                          shared_groups=shared_groups,
                           precision=attention_kwargs.get('precision'), **dense, **gate_kwargs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 

@@ -45,6 +45,12 @@ def check_groups(hidden_features: int, num_groups, name: str = 'num_groups') -> 
                      f'F={hidden_features}')
 
 
+def check_shared_groups(shared_groups, active_groups, num_groups: int, gate: str) -> None:
+  """Sf always-open groups: 0 <= Sf < G, Sf < Kf (Kf counts them), a rule with a budget."""
+  selection.check_shared(shared_groups, active_groups, num_groups, gate, name='shared_groups',
+                         budget='active_groups', count='num_groups', units='groups')
+
+
 def check_active_groups(active_groups, num_groups: int, gate: str, path: str,
                         name: str = 'active_groups') -> None:
   """Validates a budget Kf against G, the rule and the path (ValueError naming `name`)."""
@@ -69,6 +75,10 @@ class GatedMLP(nnx.Module):
       (`logits_BxG=`) from outside, e.g. from the block's attention router
       (GatedTransformerBlock(mlp_router='shared')). It needs a rule whose router reads
       the input.
+    shared_groups: Sf groups (the first Sf) always open, as shared heads are (MoH): the
+      router scores the other G - Sf, and Kf counts the shared groups (Sf < Kf), so the
+      layer runs Sf shared + (Kf - Sf) routed groups. With router='shared' the logits
+      given are those of the G - Sf routed groups.
     router_hidden_features, router_init_logit, temperature, noise, noise_scale,
       scaled_weights, gate_options: as in GatedMultiHeadAttention.
     dtype, param_dtype, precision: as in nnx.Linear.
@@ -82,6 +92,7 @@ class GatedMLP(nnx.Module):
   def __init__(self, in_features: int, hidden_features: int, num_groups: int, *,
                gate: str = 'topk', active_groups: int | None = None, path: str = 'masked',
                router: str | None = None, prefix_len: int | None = None,
+               shared_groups: int = 0,
                router_hidden_features: int | None = None, router_init_logit: float = 0.0,
                temperature: float | None = None, noise: str | None = None,
                noise_scale: float = 1.0, scaled_weights: bool = False,
@@ -90,6 +101,7 @@ class GatedMLP(nnx.Module):
                deterministic: bool | None = None, rngs: nnx.Rngs):
     check_groups(hidden_features, num_groups)
     check_active_groups(active_groups, num_groups, gate, path)
+    check_shared_groups(shared_groups, active_groups, num_groups, gate)
     rule = selection.get_rule(gate)
     self.shared_router = router == 'shared'
     if self.shared_router and rule.router != 'input':
@@ -102,6 +114,7 @@ class GatedMLP(nnx.Module):
     self.in_features = in_features
     self.hidden_features = hidden_features
     self.num_groups = num_groups
+    self.shared_groups = int(shared_groups)
     self.gate_rule = gate
     self.active_groups = active_groups
     self.path = path
@@ -116,7 +129,7 @@ class GatedMLP(nnx.Module):
     self.linear_in = nnx.Linear(in_features, hidden_features, **dense)
     self.linear_out = nnx.Linear(hidden_features, in_features, **dense)
     router_module = None if self.shared_router else build_router(
-        gate, router, num_groups, in_features, prefix_len=prefix_len,
+        gate, router, num_groups - self.shared_groups, in_features, prefix_len=prefix_len,
         hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
     self.router: HeadRouter | StaticRouter | None = (
         nnx.data(None) if router_module is None else router_module)
@@ -129,6 +142,11 @@ class GatedMLP(nnx.Module):
     self.rngs = rngs.dropout.fork() if self.stochastic_gate else nnx.data(None)
     # Analysis tools (gating.training.importance) force a gate here; see `force_gate`.
     self.forced_weights_BxG = nnx.data(None)
+
+  @property
+  def routed_groups(self) -> int:
+    """G - Sf: the groups the router scores."""
+    return self.num_groups - self.shared_groups
 
   @property
   def stochastic_gate(self) -> bool:
@@ -149,7 +167,8 @@ class GatedMLP(nnx.Module):
     """The per-sequence decision over groups: Gate(weights_BxG, idx_BxKf | None, probs_BxG).
 
     Writes no state. valid_BxL marks real tokens (padding never moves the gate).
-    logits_BxG: the group logits, with router='shared' (and only then).
+    logits_BxG: the routed groups' logits [B, G - Sf], with router='shared' (and only
+    then).
     """
     k = self.active_groups if active_groups is None else active_groups
     check_active_groups(k, self.num_groups, self.gate_rule, 'masked')
@@ -162,7 +181,7 @@ class GatedMLP(nnx.Module):
 
     While set, every call runs the masked path with y = sum_g w_bg act(x W1_g + b1_g) W2_g
     + b2, w = weights_BxG exactly (differentiable in w), the router still runs, and its
-    logits [B, G] and the layer's output [B, L, D] are sown as nnx.Intermediate
+    logits [B, G - Sf] and the layer's output [B, L, D] are sown as nnx.Intermediate
     'router_logits' and 'output'. For analysis on a copy of a model (importance labels,
     router fitting), as GatedMultiHeadAttention.force_gate.
     """
@@ -208,7 +227,7 @@ class GatedMLP(nnx.Module):
 
   def _logits(self, x_BxLxD, valid_BxL, logits_BxG=None):
     if self.shared_router:
-      expected = (x_BxLxD.shape[0], self.num_groups)
+      expected = (x_BxLxD.shape[0], self.routed_groups)
       if logits_BxG is None or logits_BxG.shape != expected:
         got = None if logits_BxG is None else logits_BxG.shape
         raise ValueError(f"this GatedMLP has router='shared': pass its group logits "
@@ -218,14 +237,21 @@ class GatedMLP(nnx.Module):
       raise ValueError("logits_BxG is only taken by a GatedMLP built with router='shared'; "
                        'this one has its own router')
     if self.router is None:
-      return jnp.zeros((x_BxLxD.shape[0], self.num_groups), jnp.float32)
+      return jnp.zeros((x_BxLxD.shape[0], self.routed_groups), jnp.float32)
     return self.router(x_BxLxD, valid_BxL)
 
-  def _select(self, logits_BxG, k, deterministic, rng) -> selection.Gate:
-    return selection.select(
-        self.gate_rule, logits_BxG, k=k, temperature=self.temperature[...],
-        deterministic=deterministic, rng=rng, noise=self.noise, noise_scale=self.noise_scale,
-        scaled_weights=self.scaled_weights, options=dict(self.gate_options))
+  def _select(self, logits_BxR, k, deterministic, rng) -> selection.Gate:
+    """The rule on the routed groups' logits, the Sf shared groups prepended (open)."""
+    S = self.shared_groups
+    if S and k is not None and k <= S:
+      raise ValueError(f'active_groups={k} must be > shared_groups={S} (Kf counts the '
+                       'shared groups)')
+    gate = selection.select(
+        self.gate_rule, logits_BxR, k=None if k is None else k - S,
+        temperature=self.temperature[...], deterministic=deterministic, rng=rng,
+        noise=self.noise, noise_scale=self.noise_scale, scaled_weights=self.scaled_weights,
+        options=dict(self.gate_options))
+    return selection.with_shared(gate, S)
 
   def _record(self, logits_BxG, gate: selection.Gate) -> None:
     record_gate(self.group_usage, self.group_prob, self.group_weight, self.router_z_loss,

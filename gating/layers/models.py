@@ -80,7 +80,8 @@ class _Trunk(nnx.Module):
                head_dim: int | None, max_length: int, positions: str, mlp_features: int | None,
                dropout_rate: float, attention_dropout_rate: float, active_heads,
                rotary_base: float, dtype, param_dtype, rngs: nnx.Rngs, mlp_groups=None,
-               active_groups=None, mlp_router: str = 'own', **attention_kwargs):
+               active_groups=None, mlp_router: str = 'own', shared_groups: int = 0,
+               **attention_kwargs):
     if positions not in POSITIONS:
       raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}')
     for name, value in (('vocab_size', vocab_size), ('num_layers', num_layers),
@@ -93,6 +94,9 @@ class _Trunk(nnx.Module):
     heads = [int(h) for h in heads]
     if mlp_groups is None and active_groups is not None:
       raise ValueError(f'active_groups={active_groups!r} needs mlp_groups (the number of '
+                       'channel groups G of each MLP)')
+    if shared_groups and mlp_groups is None:
+      raise ValueError(f'shared_groups={shared_groups!r} needs mlp_groups (the number of '
                        'channel groups G of each MLP)')
     if mlp_router != 'own' and mlp_groups is None:
       raise ValueError(f'mlp_router={mlp_router!r} needs mlp_groups (the number of channel '
@@ -130,7 +134,7 @@ class _Trunk(nnx.Module):
             rotary_base=rotary_base if positions == 'rotary' else None, dtype=dtype,
             param_dtype=param_dtype, rngs=rngs,
             **({} if g is None else dict(mlp_groups=g, active_groups=kf,
-                                         mlp_router=mlp_router)),
+                                         mlp_router=mlp_router, shared_groups=shared_groups)),
             **attention_kwargs)
         for h, k, f, g, kf in zip(heads, per_layer(active_heads, num_layers), widths, groups,
                                   group_ks)])
@@ -198,6 +202,8 @@ class GatedLM(nnx.Module):
       ungated MLPs with today's parameter names.
     mlp_router: 'own' (each MLP routes its groups itself) or 'shared' (the attention
       router's hidden features also give the groups' logits; see GatedTransformerBlock).
+    shared_groups: Sf always-open groups in every gated MLP (Kf counts them), as
+      shared_heads=S are for the attention.
     rotary_base: RoPE base for positions='rotary'.
     **attention_kwargs: other GatedMultiHeadAttention arguments (noise=, temperature=,
       scaled_weights=, router_hidden_features=, ...). The router is always 'prefix'.

@@ -160,6 +160,39 @@ def check_budget(k, num_units: int, gate: str, path: str, *, name: str = 'active
                      f'or {num_units}, got {k}')
 
 
+def check_shared(shared, active, num_units: int, gate: str, *, name: str = 'shared_heads',
+                 budget: str = 'active_heads', count: str = 'num_heads',
+                 units: str = 'heads') -> None:
+  """S always-on units (heads, channel groups): 0 <= S < U, S < K (K counts them), and a
+  rule with a budget; the ValueError names the argument (`name`)."""
+  if isinstance(shared, bool) or not isinstance(shared, (int, np.integer)) or shared < 0:
+    raise ValueError(f'{name} must be an int >= 0, got {shared!r}')
+  if not shared:
+    return
+  if get_rule(gate).budget == 'none':
+    raise ValueError(f'{name}={shared}: gate={gate!r} opens every {units[:-1]} already')
+  if shared >= num_units:
+    raise ValueError(f'{name}={shared} must be < {count}={num_units}')
+  if active is not None and shared >= active:
+    raise ValueError(f'{name}={shared} must be < {budget}={active}: the budget counts the '
+                     f'shared {units}, so at least one must be routed')
+
+
+def with_shared(gate: Gate, shared: int) -> Gate:
+  """The Gate over all U = S + R units from the rule's Gate over the R routed ones: the S
+  shared units come first, open with weight 1 (MoH's shared heads):
+  weights_BxU = [1_S, w_routed], idx_BxK = [0..S-1, S + idx_routed], probs_BxU = [1_S, p]."""
+  if not shared:
+    return gate
+  B = gate.weights_BxH.shape[0]
+  ones_BxS = jnp.ones((B, shared), gate.weights_BxH.dtype)
+  idx_BxK = None if gate.idx_BxK is None else jnp.concatenate(
+      [jnp.broadcast_to(jnp.arange(shared, dtype=gate.idx_BxK.dtype), (B, shared)),
+       gate.idx_BxK + shared], axis=1)
+  return Gate(jnp.concatenate([ones_BxS, gate.weights_BxH], axis=1), idx_BxK,
+              jnp.concatenate([ones_BxS.astype(gate.probs_BxH.dtype), gate.probs_BxH], axis=1))
+
+
 def straight_through(open_BxH: jax.Array, p_BxH: jax.Array) -> jax.Array:
   """open in value (exactly: p - stop_gradient(p) is exactly 0), gradient of p."""
   return open_BxH.astype(p_BxH.dtype) + (p_BxH - jax.lax.stop_gradient(p_BxH))

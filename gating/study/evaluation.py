@@ -214,6 +214,10 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
     raise ValueError(f'groups Kf={groups}: ' + (
         'the model has no MLP channel groups (model.mlp_groups is unset)' if G is None else
         f'must be in [1, mlp_groups={G}]'))
+  Sf = cfg.model.shared_groups
+  if groups is not None and groups <= Sf:
+    raise ValueError(f'groups Kf={groups}: must exceed the {Sf} shared groups (Kf counts '
+                     'them)')
   ks = default_ks(cfg) if ks is None else [tuple(k) if isinstance(k, list) else k
                                             for k in ks]
   for path in paths:

@@ -35,7 +35,8 @@ def rule_label(rule: str) -> str:
 def recipe_rule(cfg: TrainConfig, source: TrainConfig | None = None) -> str:
   """The row's rule: the gate's name, or for the recipes of elastic training and router
   fitting what was trained, e.g. 'elastic', 'elastic + router fit (grad_x_act, bce)',
-  'elastic + static fit (grad_x_act, bce)', '... S=1' with shared heads, 'elastic + topk'
+  'elastic + static fit (grad_x_act, bce)', '... S=1' with shared heads (' Sf=1' with
+  shared MLP groups), 'elastic + topk'
   (routed end to end after an elastic warm start). With MLP groups the gated units follow
   in brackets ('topk [heads + groups]', with ', shared router' when the groups share the
   attention's); a dense model with fewer than D attention channels or 4 D MLP channels is
@@ -44,13 +45,17 @@ def recipe_rule(cfg: TrainConfig, source: TrainConfig | None = None) -> str:
   if loss.elastic_ks:
     return 'elastic'
   if not loss.router_labels:
-    rule = cfg.model.gate + _width_label(cfg.model)
-    return f'elastic + {rule}' if source is not None and source.loss.elastic_ks else rule
-  kind = 'static' if cfg.model.router == 'static' else 'router'
-  label = f'{kind} fit ({loss.router_labels}, {loss.router_loss})'
-  if cfg.model.shared_heads:
-    label += f' S={cfg.model.shared_heads}'
+    label = cfg.model.gate + _width_label(cfg.model) + _shared_label(cfg.model)
+  else:
+    kind = 'static' if cfg.model.router == 'static' else 'router'
+    label = f'{kind} fit ({loss.router_labels}, {loss.router_loss})' + _shared_label(cfg.model)
   return f'elastic + {label}' if source is not None and source.loss.elastic_ks else label
+
+
+def _shared_label(m) -> str:
+  """' S=1' with a shared head, ' Sf=2' with two shared MLP groups, both, or ''."""
+  return ''.join(f' {name}={n}' for name, n in (('S', m.shared_heads),
+                                                 ('Sf', m.shared_groups)) if n)
 
 
 def _width_label(m) -> str:

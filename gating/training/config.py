@@ -22,7 +22,7 @@ import types
 import typing
 from typing import Any
 
-from gating.layers.selection import NOISES, RULES, get_rule
+from gating.layers.selection import NOISES, RULES, check_shared, get_rule
 from gating.training.elastic import check_ks as check_elastic_ks
 from gating.training.elastic import group_ks as elastic_group_ks
 from gating.training.importance import LABELS
@@ -39,6 +39,14 @@ WANDB_FORBIDDEN = '/\\#?%:'     # characters W&B refuses in a project name
 def _check(condition: bool, field: str, message: str) -> None:
   if not condition:
     raise ValueError(f'{field}: {message}')
+
+
+def _check_shared(name: str, shared: int, k, num_units: int, gate: str, **names) -> None:
+  """selection.check_shared as a config error (model.shared_heads, model.shared_groups)."""
+  try:
+    check_shared(shared, k, num_units, gate, name=name, **names)
+  except ValueError as e:
+    raise ValueError(f'model.{e}') from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,7 @@ class ModelConfig:
   router_hidden_features: int | None = None
   router_init_logit: float = 0.0
   shared_heads: int = 0                  # S always-on heads per layer; K counts them (MoH)
+  shared_groups: int = 0                 # Sf always-open groups per MLP; Kf counts them
   dtype: str = 'float32'                 # compute dtype; parameters stay float32
 
   def __post_init__(self):
@@ -119,13 +128,8 @@ class ModelConfig:
            "the gathered path (model.path or model.eval_path) needs K; set "
            "model.eval_path='masked' for a rule without a budget")
     self._check_groups(rule, needs_k)
-    S = self.shared_heads
-    _check(S >= 0, 'model.shared_heads', f'must be >= 0, got {S}')
-    _check(S == 0 or rule.budget != 'none', 'model.shared_heads',
-           f'gate={self.gate!r} opens every head already')
-    _check(S < self.num_heads, 'model.shared_heads', f'{S} must be < num_heads={self.num_heads}')
-    _check(all(k is None or S < k for k in ks), 'model.shared_heads',
-           f'{S} must be < every active_heads K (K counts the shared heads), got K={ks}')
+    for k in ks:
+      _check_shared('shared_heads', self.shared_heads, k, self.num_heads, self.gate)
 
   def _check_groups(self, rule, needs_k: bool) -> None:
     """mlp_groups G divides the MLP width F; active_groups Kf in [1, G] and only with G."""
@@ -139,6 +143,8 @@ class ModelConfig:
     _check(self.mlp_router == 'own' or (rule.router == 'input' and self.router != 'static'),
            'model.mlp_router', f"'shared' needs an attention router that reads the input; "
            f'gate={self.gate!r} with router={self.router!r} has none')
+    _check(G is not None or not self.shared_groups, 'model.shared_groups',
+           f'{self.shared_groups} needs model.mlp_groups (the number of channel groups G)')
     if G is None:
       return
     F = self.mlp_features or 4 * self.features
@@ -157,6 +163,9 @@ class ModelConfig:
            'model.active_groups', f'gate={self.gate!r} opens all groups: Kf must be None or {G}')
     _check(not needs_k or None not in kfs, 'model.active_groups',
            'the gathered path (model.path or model.eval_path) needs Kf')
+    for kf in kfs:
+      _check_shared('shared_groups', self.shared_groups, kf, G, self.gate,
+                    budget='active_groups', count='mlp_groups', units='groups')
 
   @property
   def effective_eval_path(self) -> str:
@@ -329,7 +338,7 @@ class TrainConfig:
     if self.loss.elastic_ks:
       check_elastic_ks(self.loss.elastic_ks, self.model.num_heads, self.model.shared_heads)
       elastic_group_ks(self.loss.elastic_ks, self.loss.elastic_group_ks, self.model.num_heads,
-                       self.model.mlp_groups)
+                       self.model.mlp_groups, self.model.shared_groups)
       _check(self.model.mlp_router == 'own', 'loss.elastic_ks',
              'elastic training draws random groups: model.mlp_router must be own')
       _check(not self.k_schedule, 'loss.elastic_ks', 'elastic training has no k_schedule')

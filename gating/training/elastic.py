@@ -38,8 +38,8 @@ from gating.layers.router import StaticRouter
 def random_subsets(model: nnx.Module, k: int, kf: int | None = None) -> nnx.Module:
   """Makes every gated attention layer of `model` (in place; use on a copy inside the loss)
   run a uniformly random K-subset of its heads per sequence, with weight 1, and with `kf`
-  every GatedMLP a random Kf-subset of its channel groups. Shared heads stay on and count
-  towards K."""
+  every GatedMLP a random Kf-subset of its channel groups. Shared heads and shared groups
+  stay on and count towards K and Kf."""
   for _, layer in nnx.iter_graph(model):
     if isinstance(layer, GatedMultiHeadAttention):
       if not layer.shared_heads < k <= layer.num_heads:
@@ -48,13 +48,14 @@ def random_subsets(model: nnx.Module, k: int, kf: int | None = None) -> nnx.Modu
       layer.active_heads = k
       layer.router = StaticRouter(layer.num_heads - layer.shared_heads)
     elif isinstance(layer, GatedMLP) and kf is not None:
-      if not 1 <= kf <= layer.num_groups:
-        raise ValueError(f'elastic Kf={kf} must be in [1, num_groups={layer.num_groups}]')
+      if not layer.shared_groups < kf <= layer.num_groups:
+        raise ValueError(f'elastic Kf={kf} must be in ({layer.shared_groups}, '
+                         f'num_groups={layer.num_groups}]')
       if layer.shared_router:
         raise ValueError("elastic training draws random groups; a GatedMLP with "
                          "router='shared' takes its logits from the attention router")
       layer.active_groups = kf
-      layer.router = StaticRouter(layer.num_groups)
+      layer.router = StaticRouter(layer.routed_groups)
     else:
       continue
     layer.gate_rule, layer.gate_options = 'topk', ()
@@ -63,10 +64,11 @@ def random_subsets(model: nnx.Module, k: int, kf: int | None = None) -> nnx.Modu
 
 
 def group_ks(ks: Sequence[int], group_ks: Sequence[int], num_heads: int,
-             num_groups: int | None) -> tuple[int | None, ...]:
+             num_groups: int | None, shared_groups: int = 0) -> tuple[int | None, ...]:
   """Kf of each elastic sub-model, paired with `ks` in their order: `group_ks`, or, when
   empty and the model has MLP groups, the same fraction of the groups, Kf = K G / H (which
-  must be a whole number). None for every sub-model of a model without groups."""
+  must be a whole number). Each Kf must exceed the Sf shared groups. None for every
+  sub-model of a model without groups."""
   ks, group_ks = tuple(ks), tuple(group_ks)
   if num_groups is None:
     if group_ks:
@@ -77,14 +79,20 @@ def group_ks(ks: Sequence[int], group_ks: Sequence[int], num_heads: int,
     if bad:
       raise ValueError(f'loss.elastic_group_ks: K G / H is not whole for K={bad} (G='
                        f'{num_groups}, H={num_heads}); give one Kf per K')
-    return tuple(k * num_groups // num_heads for k in ks)
+    group_ks = tuple(k * num_groups // num_heads for k in ks)
+    bad = [kf for kf in group_ks if kf <= shared_groups]
+    if bad:
+      raise ValueError(f'loss.elastic_ks: Kf = K G / H = {bad} must exceed the '
+                       f'{shared_groups} shared groups (model.shared_groups); give '
+                       'loss.elastic_group_ks')
+    return group_ks
   if len(group_ks) != len(ks):
     raise ValueError(f'loss.elastic_group_ks has {len(group_ks)} entries for '
                      f'{len(ks)} elastic_ks (one Kf per K)')
   for kf in group_ks:
-    if isinstance(kf, bool) or not isinstance(kf, int) or not 1 <= kf <= num_groups:
-      raise ValueError(f'loss.elastic_group_ks: Kf={kf!r} must be an int in [1, '
-                       f'mlp_groups={num_groups}]')
+    if isinstance(kf, bool) or not isinstance(kf, int) or not shared_groups < kf <= num_groups:
+      raise ValueError(f'loss.elastic_group_ks: Kf={kf!r} must be an int in '
+                       f'({shared_groups}, mlp_groups={num_groups}]')
   return group_ks
 
 

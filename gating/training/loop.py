@@ -87,6 +87,7 @@ def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx
       gate_options=dict(cfg.gate_options),
       router=cfg.router, router_hidden_features=cfg.router_hidden_features,
       router_init_logit=cfg.router_init_logit, shared_heads=cfg.shared_heads,
+      shared_groups=cfg.shared_groups,
       dtype=jnp.dtype(cfg.dtype), rngs=rngs)
   if cfg.kind == 'encoder':
     return GatedEncoder(info.vocab_size, num_classes=len(info.label_names), **common)
@@ -189,7 +190,7 @@ def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs):
   distilled from the full pass (see gating/training/elastic.py); returns (loss, metrics)."""
   model, a, m = learner.model, cfg.loss.distill_weight, cfg.model
   kfs = elastic.group_ks(cfg.loss.elastic_ks, cfg.loss.elastic_group_ks, m.num_heads,
-                         m.mlp_groups)
+                         m.mlp_groups, m.shared_groups)
   elastic.random_subsets(model, m.num_heads, m.mlp_groups)
   logits_full, ce, correct, weight, *_ = model_outputs(model, batch, deterministic=False,
                                                        rngs=rngs)

@@ -3,7 +3,7 @@
 A run with `loss.router_labels` set trains only the routers; every other parameter is
 frozen (its update is zero) after a warm start from a trained run (`init_from`, typically
 an elastic one). The routers are those of every gated layer: the attention's over heads
-and, in a model with MLP groups, the MLPs' over groups (H, S, K below read G, 0, Kf for
+and, in a model with MLP groups, the MLPs' over groups (H, S, K below read G, Sf, Kf for
 them). Each step, for the batch:
 
   u_NxBxH  = importance labels of the frozen model (gating.training.importance), with
@@ -86,20 +86,21 @@ def fit_loss(model, batch, *, labels: str, kind: str, outputs_fn):
 
 
 def routed_budget(layer) -> tuple[int, int]:
-  """(S, K - S) of a gated layer: its always-on units (shared heads; none for MLP groups)
-  and the budget its router picks among the rest."""
+  """(S, K - S) of a gated layer: its always-on units (shared heads or shared groups) and
+  the budget its router picks among the rest."""
   if isinstance(layer, GatedMLP):
-    return 0, layer.active_groups
+    return layer.shared_groups, layer.active_groups - layer.shared_groups
   return layer.shared_heads, layer.active_heads - layer.shared_heads
 
 
 def fit_config(source, *, k: int, labels: str = 'grad_x_act', loss: str = 'bce',
                shared_heads: int = 0, steps: int = 300, learning_rate: float = 3e-3,
                init_from: str, seed: int | None = None, router: str | None = None,
-               groups: int | None = None):
+               groups: int | None = None, shared_groups: int = 0):
   """The TrainConfig of a router fit on the run `init_from` whose config is `source`: the
   same model shape and data, gate='topk' at budget K (S shared) and, for a model with MLP
-  groups, Kf = `groups` (required there), labels and loss as given, the routers trained
+  groups, Kf = `groups` (required there; Sf = `shared_groups` of them shared), labels
+  and loss as given, the routers trained
   at `learning_rate` for `steps` and nothing else."""
   if labels not in importance.LABELS:
     raise ValueError(f'labels must be one of {importance.LABELS}, got {labels!r}')
@@ -112,7 +113,7 @@ def fit_config(source, *, k: int, labels: str = 'grad_x_act', loss: str = 'bce',
         'budget Kf'))
   model = dataclasses.replace(
       source.model, gate='topk', active_heads=k, shared_heads=shared_heads, gate_options=(),
-      active_groups=groups,
+      active_groups=groups, shared_groups=shared_groups,
       noise=None, scaled_weights=False, temperature=None, router=router,
       path='masked', eval_path='gathered')
   return dataclasses.replace(

@@ -84,3 +84,7 @@ def test_recipe_rule_names_the_gated_width_and_thin_models():
   elastic = TrainConfig(model=ModelConfig(gate='dense', active_heads=None),
                         loss=LossConfig(elastic_ks=(2, 4)))
   assert rule(elastic, mlp_groups=8, active_groups=2) == 'elastic + topk [heads + groups]'
+  # shared units are part of the rule: a row with them is never averaged with one without
+  assert rule(shared_heads=1) == 'topk S=1'
+  assert (rule(mlp_groups=8, active_groups=3, shared_groups=2)
+          == 'topk [heads + groups] Sf=2')

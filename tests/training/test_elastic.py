@@ -110,7 +110,7 @@ def test_a_short_elastic_run_with_mlp_groups_trains_every_width(tmp_path):
      'loss.elastic_group_ks has 1 entries for 2 elastic_ks'),
     (['model.mlp_groups=8', 'model.active_groups=none', 'model.gate=dense',
       'model.active_heads=none', 'loss.elastic_ks=2', 'loss.elastic_group_ks=9'],
-     r'Kf=9 must be an int in \[1, mlp_groups=8\]'),
+     r'Kf=9 must be an int in \(0, mlp_groups=8\]'),
     (['loss.elastic_ks=2', 'loss.elastic_group_ks=2'], 'needs model.mlp_groups'),
     (['loss.elastic_group_ks=2'], 'loss.elastic_group_ks: needs loss.elastic_ks'),
     (['loss.elastic_ks=0,2'], r'K=0 must be an int in \(0, num_heads=8\]'),
@@ -120,6 +120,8 @@ def test_a_short_elastic_run_with_mlp_groups_trains_every_width(tmp_path):
     (['loss.elastic_ks=2', 'model.shared_heads=1', 'model.active_heads=2',
       'loss.elastic_ks=1'], r'K=1 must be an int in \(1,'),
     (['loss.distill_weight=1.5'], r'loss.distill_weight: must be in \[0, 1\]'),
+    (['loss.elastic_ks=2', 'model.mlp_groups=8', 'model.active_groups=3',
+      'model.shared_groups=2'], r'Kf = K G / H = \[2\] must exceed the 2 shared groups'),
 ])
 def test_bad_elastic_settings_are_refused(overrides, match):
   with pytest.raises(ValueError, match=match):

@@ -180,11 +180,11 @@ def test_only_the_routers_get_gradients():
 G = 4
 
 
-def grouped_lm():
+def grouped_lm(active_groups=(1, 2), shared_groups=0):
   from gating.layers.models import GatedLM  # pylint: disable=import-outside-toplevel
   return GatedLM(12, num_layers=2, features=D, num_heads=H, max_length=L, prefix_len=2,
-                 gate='topk', active_heads=2, mlp_groups=G, active_groups=[1, 2],
-                 rngs=nnx.Rngs(3))
+                 gate='topk', active_heads=2, mlp_groups=G, active_groups=list(active_groups),
+                 shared_groups=shared_groups, rngs=nnx.Rngs(3))
 
 
 def lm_batch(b=3):
@@ -246,3 +246,17 @@ def test_fitting_reaches_the_group_routers_and_nothing_else():
     assert np.abs(g).sum() == 0, name
   assert np.abs(flat['trunk/blocks/1/mlp/router/logits/kernel']).sum() > 0
   assert np.abs(flat['trunk/blocks/0/attention/router/logits/kernel']).sum() > 0
+
+
+def test_the_group_routers_fit_only_the_routed_groups_beside_shared_ones():
+  model, batch = grouped_lm(active_groups=(2, 3), shared_groups=1), lm_batch()
+  mlp = model.blocks[1].mlp
+  assert router_fit.routed_budget(mlp) == (1, 2)    # (Sf, Kf - Sf)
+
+  def loss_fn(model):
+    return router_fit.fit_loss(model, batch, labels='output_norm', kind='bce',
+                               outputs_fn=model_outputs)
+  grads, metrics = nnx.jit(nnx.grad(loss_fn, has_aux=True))(model)
+  assert np.isfinite(float(metrics['loss']))
+  kernel = np.asarray(grads['trunk']['blocks'][1]['mlp']['router']['logits']['kernel'][...])
+  assert kernel.shape[-1] == G - 1 and np.abs(kernel).sum() > 0

@@ -82,8 +82,9 @@ def test_the_chain_elastic_labels_router_eval(elastic_run, tmp_path, capsys):
 
 @pytest.mark.parametrize('argv, match', [
     (['--k', '9'], r'K=9 must be in \[1, num_heads=4\]'),
-    (['--k', '2', '--shared-heads', '2'], 'must be < every active_heads K'),
-    (['--k', '2', '--shared-heads', '-1'], 'must be >= 0'),
+    (['--k', '2', '--shared-heads', '2'], 'shared_heads=2 must be < active_heads=2'),
+    (['--k', '2', '--shared-groups', '1'], 'model.shared_groups: 1 needs model.mlp_groups'),
+    (['--k', '2', '--shared-heads', '-1'], 'shared_heads must be an int >= 0'),
     (['--k', '2', '--labels', 'gradient'], 'labels must be one of'),
     (['--k', '2', '--loss', 'mse'], 'loss must be one of'),
     (['--k', '2', '--router', 'average'], "router must be 'prefix'"),

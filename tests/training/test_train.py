@@ -258,6 +258,10 @@ def test_a_run_with_gated_mlp_groups_learns_and_logs_group_usage(tmp_path):
   assert one['active_group_fraction'] == 0.75
   with pytest.raises(ValueError, match=r'groups Kf=5: must be in \[1, mlp_groups=4\]'):
     evaluation.evaluate_run(run_, paths=['gathered'], ks=[2], groups=5)
+  shared = run_._replace(config=dataclasses.replace(run_.config, model=dataclasses.replace(
+      run_.config.model, shared_groups=1)))
+  with pytest.raises(ValueError, match='groups Kf=1: must exceed the 1 shared groups'):
+    evaluation.evaluate_run(shared, paths=['gathered'], ks=[2], groups=1)
   eval_cli.main(['--workdir', str(tmp_path), '--paths', 'gathered', '--k', '2',
                  '--max-batches', '1'])
   row = results.point_row(str(tmp_path), 'p')
