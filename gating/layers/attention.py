@@ -374,16 +374,11 @@ class GatedMultiHeadAttention(nnx.Module):
   def _select(self, logits_BxR, k, deterministic, rng) -> selection.Gate:
     """The rule on the routed heads' logits; the S shared heads are prepended, open with
     weight 1: weights_BxH = [1_S, w_routed], idx_BxK = [0..S-1, S + idx_routed]."""
-    S = self.shared_heads
-    if S and k is not None and k <= S:
-      raise ValueError(f'active_heads={k} must be > shared_heads={S} (K counts the shared '
-                       'heads)')
-    gate = selection.select(
-        self.gate_rule, logits_BxR, k=None if k is None else k - S,
+    return selection.select_routed(
+        self.gate_rule, logits_BxR, k=k, shared=self.shared_heads,
         temperature=self.temperature[...], deterministic=deterministic, rng=rng,
         noise=self.noise, noise_scale=self.noise_scale, scaled_weights=self.scaled_weights,
         options=dict(self.gate_options))
-    return selection.with_shared(gate, S)
 
   def force_gate(self, weights_BxH: jax.Array | None) -> None:
     """Replaces the rule's decision by the given gate weights (None: the rule again).

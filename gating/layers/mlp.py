@@ -242,16 +242,11 @@ class GatedMLP(nnx.Module):
 
   def _select(self, logits_BxR, k, deterministic, rng) -> selection.Gate:
     """The rule on the routed groups' logits, the Sf shared groups prepended (open)."""
-    S = self.shared_groups
-    if S and k is not None and k <= S:
-      raise ValueError(f'active_groups={k} must be > shared_groups={S} (Kf counts the '
-                       'shared groups)')
-    gate = selection.select(
-        self.gate_rule, logits_BxR, k=None if k is None else k - S,
-        temperature=self.temperature[...], deterministic=deterministic, rng=rng,
-        noise=self.noise, noise_scale=self.noise_scale, scaled_weights=self.scaled_weights,
-        options=dict(self.gate_options))
-    return selection.with_shared(gate, S)
+    return selection.select_routed(
+        self.gate_rule, logits_BxR, k=k, shared=self.shared_groups, budget='active_groups',
+        shared_name='shared_groups', temperature=self.temperature[...],
+        deterministic=deterministic, rng=rng, noise=self.noise, noise_scale=self.noise_scale,
+        scaled_weights=self.scaled_weights, options=dict(self.gate_options))
 
   def _record(self, logits_BxG, gate: selection.Gate) -> None:
     record_gate(self.group_usage, self.group_prob, self.group_weight, self.router_z_loss,

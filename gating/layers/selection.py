@@ -178,6 +178,19 @@ def check_shared(shared, active, num_units: int, gate: str, *, name: str = 'shar
                      f'shared {units}, so at least one must be routed')
 
 
+def select_routed(rule: str, logits_BxR: jax.Array, *, k: int | None, shared: int,
+                  budget: str = 'active_heads', shared_name: str = 'shared_heads',
+                  **select_kwargs) -> Gate:
+  """`select` on the R routed units' logits at budget K - S, then the S shared units
+  prepended (`with_shared`): the Gate over all S + R units of a layer with shared units.
+  K counts the shared units, so K <= S is refused (a ValueError naming `budget`)."""
+  if shared and k is not None and k <= shared:
+    raise ValueError(f'{budget}={k} must be > {shared_name}={shared} (the budget counts '
+                     'the shared units)')
+  gate = select(rule, logits_BxR, k=None if k is None else k - shared, **select_kwargs)
+  return with_shared(gate, shared)
+
+
 def with_shared(gate: Gate, shared: int) -> Gate:
   """The Gate over all U = S + R units from the rule's Gate over the R routed ones: the S
   shared units come first, open with weight 1 (MoH's shared heads):

@@ -20,26 +20,37 @@ def inputs(seed=0):
   return jax.random.normal(jax.random.key(seed), (B, L, D))
 
 
+def gated_layer(unit: str, rule: str, k: int, shared: int, **kw):
+  """A layer with `shared` always-open units and budget k: heads (U = H) or MLP channel
+  groups (U = G)."""
+  if unit == 'heads':
+    return GatedMultiHeadAttention(H, D, gate=rule, active_heads=k, shared_heads=shared,
+                                   rngs=nnx.Rngs(0), **kw)
+  return GatedMLP(D, F, G, gate=rule, active_groups=k, shared_groups=shared,
+                  rngs=nnx.Rngs(0), **kw)
+
+
+@pytest.mark.parametrize('unit, shared, num_units', [('heads', 1, H), ('groups', 2, G)])
 @pytest.mark.parametrize('rule', ['topk', 'hard_concrete', 'sigmoid', 'static'])
-def test_shared_heads_are_always_open_and_masked_equals_gathered(rule):
-  attn = GatedMultiHeadAttention(H, D, gate=rule, active_heads=3, shared_heads=1,
-                                 deterministic=True, rngs=nnx.Rngs(0))
+def test_shared_units_are_always_open_and_masked_equals_gathered(rule, unit, shared,
+                                                                 num_units):
+  layer = gated_layer(unit, rule, 3, shared, deterministic=True)
   x = inputs()
-  gate = attn.gate(x)
-  np.testing.assert_array_equal(gate.weights_BxH[:, 0], 1.0)
-  np.testing.assert_array_equal(gate.idx_BxK[:, 0], 0)
-  assert gate.idx_BxK.shape == (B, 3) and (np.asarray(gate.idx_BxK)[:, 1:] >= 1).all()
+  gate = layer.gate(x)
+  np.testing.assert_array_equal(gate.weights_BxH[:, :shared], 1.0)
+  np.testing.assert_array_equal(gate.idx_BxK[:, :shared], [list(range(shared))] * B)
+  assert gate.idx_BxK.shape == (B, 3) and (np.asarray(gate.idx_BxK)[:, shared:] >= shared).all()
   assert ((np.asarray(gate.weights_BxH) != 0).sum(axis=1) <= 3).all()
-  np.testing.assert_allclose(attn(x, path='masked'), attn(x, path='gathered'), atol=1e-5)
-  router = attn.router
+  np.testing.assert_allclose(layer(x, path='masked'), layer(x, path='gathered'), atol=1e-5)
+  router = layer.router
   width = router.logits_H.shape[0] if rule == 'static' else router.logits.kernel.shape[1]
-  assert width == H - 1     # the router scores the routed heads only
+  assert width == num_units - shared     # the router scores the routed units only
 
 
-def test_gradients_reach_the_router_of_the_routed_heads():
-  attn = GatedMultiHeadAttention(H, D, gate='topk', active_heads=2, shared_heads=1,
-                                 rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
+@pytest.mark.parametrize('unit', ['heads', 'groups'])
+def test_gradients_reach_the_router_of_the_routed_units(unit):
+  layer = gated_layer(unit, 'topk', 2, 1)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
   def loss(params):
     return (nnx.merge(graphdef, params, rest, copy=True)(inputs()) ** 2).sum()
@@ -85,32 +96,6 @@ def test_the_config_carries_shared_heads_and_checks_them():
 
 
 # -- shared MLP channel groups ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize('rule', ['topk', 'hard_concrete', 'sigmoid', 'static'])
-def test_shared_groups_are_always_open_and_masked_equals_gathered(rule):
-  mlp = GatedMLP(D, F, G, gate=rule, active_groups=3, shared_groups=2, deterministic=True,
-                 rngs=nnx.Rngs(0))
-  x = inputs()
-  gate = mlp.gate(x)
-  np.testing.assert_array_equal(gate.weights_BxH[:, :2], 1.0)
-  np.testing.assert_array_equal(gate.idx_BxK[:, :2], [[0, 1]] * B)
-  assert gate.idx_BxK.shape == (B, 3) and (np.asarray(gate.idx_BxK)[:, 2:] >= 2).all()
-  assert ((np.asarray(gate.weights_BxH) != 0).sum(axis=1) <= 3).all()
-  np.testing.assert_allclose(mlp(x, path='masked'), mlp(x, path='gathered'), atol=1e-5)
-  router = mlp.router
-  width = router.logits_H.shape[0] if rule == 'static' else router.logits.kernel.shape[1]
-  assert width == G - 2     # the router scores the routed groups only
-
-
-def test_gradients_reach_the_router_of_the_routed_groups():
-  mlp = GatedMLP(D, F, G, gate='topk', active_groups=3, shared_groups=1, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
-
-  def loss(params):
-    return (nnx.merge(graphdef, params, rest, copy=True)(inputs()) ** 2).sum()
-  grads = jax.grad(loss)(params)
-  assert np.abs(np.asarray(grads['router']['logits']['kernel'])).sum() > 0
 
 
 @pytest.mark.parametrize('kwargs, match', [
