@@ -21,7 +21,7 @@ from flax.nnx.nn.linear import default_kernel_init
 
 from gating.layers import compute, selection
 from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
-from gating.layers.state import GateStats, GateTemperature, record_gate
+from gating.layers.state import GateTemperature, new_gate_stats, record_gate
 
 PATHS = selection.PATHS
 
@@ -269,10 +269,8 @@ class GatedMultiHeadAttention(nnx.Module):
     default_t = rule.temperature
     self.temperature = GateTemperature(jnp.asarray(
         default_t if temperature is None else temperature, jnp.float32))
-    self.head_usage = GateStats(jnp.zeros((num_heads,), jnp.float32))
-    self.head_prob = GateStats(jnp.zeros((num_heads,), jnp.float32))
-    self.head_weight = GateStats(jnp.zeros((num_heads,), jnp.float32))
-    self.router_z_loss = GateStats(jnp.zeros((), jnp.float32))
+    self.head_usage, self.head_prob, self.head_weight, self.router_z_loss = new_gate_stats(
+        num_heads)
     needs_rng = dropout_rate > 0 or self.stochastic_gate
     self.rngs = rngs.dropout.fork() if keep_rngs and needs_rng else nnx.data(None)
     # Analysis tools (gating.training.importance) force a gate here; see `force_gate`.

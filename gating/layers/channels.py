@@ -24,7 +24,7 @@ from flax import nnx
 from gating.layers import selection
 from gating.layers.mlp import check_active_groups, check_groups
 from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
-from gating.layers.state import GateStats, GateTemperature, record_gate
+from gating.layers.state import GateTemperature, new_gate_stats, record_gate
 
 
 class GatedChannels(nnx.Module):
@@ -75,10 +75,8 @@ class GatedChannels(nnx.Module):
         nnx.data(None) if router_module is None else router_module)
     self.temperature = GateTemperature(jnp.asarray(
         rule.temperature if temperature is None else temperature, jnp.float32))
-    self.group_usage = GateStats(jnp.zeros((num_groups,), jnp.float32))
-    self.group_prob = GateStats(jnp.zeros((num_groups,), jnp.float32))
-    self.group_weight = GateStats(jnp.zeros((num_groups,), jnp.float32))
-    self.router_z_loss = GateStats(jnp.zeros((), jnp.float32))
+    self.group_usage, self.group_prob, self.group_weight, self.router_z_loss = (
+        new_gate_stats(num_groups))
     stochastic = rule.samples or noise is not None
     self.rngs = rngs.dropout.fork() if stochastic else nnx.data(None)
 

@@ -26,7 +26,7 @@ from flax.nnx.nn import dtypes
 
 from gating.layers import compute, selection
 from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
-from gating.layers.state import GateStats, GateTemperature, record_gate
+from gating.layers.state import GateTemperature, new_gate_stats, record_gate
 
 PATHS = selection.PATHS
 # The gate arguments a block passes to its MLP as well as to its attention.
@@ -135,10 +135,8 @@ class GatedMLP(nnx.Module):
         nnx.data(None) if router_module is None else router_module)
     self.temperature = GateTemperature(jnp.asarray(
         rule.temperature if temperature is None else temperature, jnp.float32))
-    self.group_usage = GateStats(jnp.zeros((num_groups,), jnp.float32))
-    self.group_prob = GateStats(jnp.zeros((num_groups,), jnp.float32))
-    self.group_weight = GateStats(jnp.zeros((num_groups,), jnp.float32))
-    self.router_z_loss = GateStats(jnp.zeros((), jnp.float32))
+    self.group_usage, self.group_prob, self.group_weight, self.router_z_loss = (
+        new_gate_stats(num_groups))
     self.rngs = rngs.dropout.fork() if self.stochastic_gate else nnx.data(None)
     # Analysis tools (gating.training.importance) force a gate here; see `force_gate`.
     self.forced_weights_BxG = nnx.data(None)

@@ -69,6 +69,15 @@ def set_temperature(model: nnx.Module, temperature: float | jax.Array) -> None:
       variable[...] = jnp.asarray(temperature, variable[...].dtype)
 
 
+def new_gate_stats(num_units: int) -> tuple[GateStats, GateStats, GateStats, GateStats]:
+  """The zeroed statistics of a layer with U gated units (heads or channel groups): usage
+  [U], prob [U], weight [U] and the router z-loss [], in the order record_gate takes them."""
+  return (GateStats(jnp.zeros((num_units,), jnp.float32)),
+          GateStats(jnp.zeros((num_units,), jnp.float32)),
+          GateStats(jnp.zeros((num_units,), jnp.float32)),
+          GateStats(jnp.zeros((), jnp.float32)))
+
+
 def record_gate(usage: GateStats, prob: GateStats, weight: GateStats, z_loss: GateStats,
                 logits_BxU: jax.Array, gate, has_router: bool) -> None:
   """Writes a layer's gate statistics over its U units (heads or channel groups): usage
