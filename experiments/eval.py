@@ -12,6 +12,7 @@ own K. Writes JSON (default DIR/eval.json).
 Examples:
   python -m experiments.eval --workdir runs/synthetic
   python -m experiments.eval --workdir runs/text --paths gathered --k 2,4 --split validation
+  python -m experiments.eval --workdir runs/text --paths gathered --compensate 8
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def parse_args(argv):
                       metavar='data.KEY=VALUE',
                       help='where the data is now, if it moved with the run folder, e.g. '
                            'data.sources=/new/corpus.txt (the content must be the same)')
+  parser.add_argument('--compensate', type=int, default=None, metavar='N',
+                      help='dropped-unit compensation: a closed head or MLP group adds its '
+                           'mean output, measured on N training batches (FLAP; default off; '
+                           'writes DIR/eval_compensated.json unless --out)')
   parser.add_argument('--restore-step', type=int, default=None, metavar='N',
                       help='evaluate the checkpoint at step N instead of the latest (e.g. '
                            'an intact one that the error for a corrupt checkpoint lists)')
@@ -58,7 +63,9 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def print_report(report):
   print(f"{report['workdir']} at step {report['step']}, {report['split']} split, "
-        f"gate {report['gate']}, own K={report['own_K']} of H={report['num_heads']}")
+        f"gate {report['gate']}, own K={report['own_K']} of H={report['num_heads']}"
+        + (f", dropped units compensated (means of {report['compensated_on_batches']} "
+           'training batches)' if report.get('compensated_on_batches') else ''))
   print(f"  {'path':<9} {'K':>4} {'loss':>8} {'accuracy':>9} {'bits/tok':>9} "
         f"{'active':>7} {'FLOPs/token':>12}")
   rows = [dict(r) for r in report['results']]
@@ -87,11 +94,16 @@ def main(argv=None):
     ks = None if args.k is None else _ints(args.k, '--k')
     run = evaluation.load_run(args.workdir, step=args.restore_step,
                               data_overrides=args.overrides)
+    if args.compensate is not None:
+      run = evaluation.compensated(run, args.compensate)
     report = evaluation.evaluate_run(run, paths=paths, ks=ks, split=args.split,
                                      max_batches=args.max_batches, groups=args.groups)
   except (FileNotFoundError, ValueError, FloatingPointError, checkpoint.CheckpointError) as e:
     sys.exit(f'error: {e}')
-  out = args.out or os.path.join(args.workdir, 'eval.json')
+  if args.compensate is not None:
+    report['compensated_on_batches'] = args.compensate
+  out = args.out or os.path.join(
+      args.workdir, 'eval.json' if args.compensate is None else 'eval_compensated.json')
   tmp = out + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(report, f, indent=1)

@@ -394,6 +394,9 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
   heads than its budget K, or groups than its active_groups (its gate always opens that
   many, so sequences would use removed units), or none at all.
   """
+  if any(getattr(m, 'unit_mean_UxD', None) is not None for _, m in nnx.iter_graph(model)):
+    raise ValueError('prune does not export dropped-unit compensation (compensate): turn '
+                     'it off first with gating.training.compensation.compensate(model, None)')
   usage, threshold = _usage_by_layer(model, usage_or_threshold, threshold)
   kept_groups = {}
   for path, mlp in ((p, m) for p, m in _gated_layers(model).items() if isinstance(m, GatedMLP)):

@@ -275,6 +275,7 @@ class GatedMultiHeadAttention(nnx.Module):
     self.rngs = rngs.dropout.fork() if keep_rngs and needs_rng else nnx.data(None)
     # Analysis tools (gating.training.importance) force a gate here; see `force_gate`.
     self.forced_weights_BxH = nnx.data(None)
+    self.unit_mean_UxD = nnx.data(None)   # dropped-head compensation; see `compensate`
 
   @property
   def reads_every_token(self) -> bool:
@@ -389,6 +390,16 @@ class GatedMultiHeadAttention(nnx.Module):
     """
     self.forced_weights_BxH = weights_BxH
 
+  def compensate(self, mean_HxDo: jax.Array | None) -> None:
+    """Dropped-head compensation (None: off, the default): with m = mean_HxDo, each call
+    adds sum_h (1 - w_bh) m_h to the output, so that a dropped head contributes its mean
+    output m_h (over the calibration tokens; gating.training.compensation measures it)
+    instead of 0, on both paths. A forced gate (analysis) runs without it."""
+    if mean_HxDo is not None and mean_HxDo.shape != (self.num_heads, self.out_features):
+      raise ValueError(f'compensate: mean of shape {mean_HxDo.shape}, expected '
+                       f'{(self.num_heads, self.out_features)} (num_heads, out_features)')
+    self.unit_mean_UxD = mean_HxDo
+
   def _record(self, logits_BxH, gate: selection.Gate) -> None:
     record_gate(self.head_usage, self.head_prob, self.head_weight, self.router_z_loss,
                 logits_BxH, gate, self.router is not None)
@@ -496,6 +507,8 @@ class GatedMultiHeadAttention(nnx.Module):
       y = compute.gathered_attention(xq, xk, xv, w, gate.idx_BxK, weights_BxK, options)
     if forced is not None:
       self.sow(nnx.Intermediate, 'output', y)
+    elif self.unit_mean_UxD is not None:
+      y = y + compute.dropped_mean(gate.weights_BxH, self.unit_mean_UxD).astype(y.dtype)
     return (y, gate) if return_gate else y
 
   # -- checks -----------------------------------------------------------------------------

@@ -86,6 +86,14 @@ def attend(q_BxLxNxDh, k_BxSxNxDh, v_BxSxNxDh, options: AttendOptions):
       precision=options.precision)
 
 
+def dropped_mean(weights_BxU, mean_UxD):
+  """Dropped-unit compensation (FLAP, An et al. 2024): each unit's missing share of its
+  mean contribution, sum_u (1 - w_bu) m_u -> [B, 1, D], added to a gated layer's output
+  so that a closed unit (w = 0) contributes its mean m_u instead of 0 and an open one
+  (w = 1) nothing extra."""
+  return jnp.einsum('BU,UD->BD', 1.0 - weights_BxU.astype(mean_UxD.dtype), mean_UxD)[:, None]
+
+
 def _add(x, bias):
   """x + bias, the bias broadcast over x's leading axes (explicitly: no rank promotion)."""
   if bias is None:

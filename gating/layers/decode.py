@@ -202,6 +202,9 @@ def group_plan(model: GatedLM, batch: int, *, path=None, active_groups=None,
 def _check_model(model):
   if not isinstance(model, GatedLM):
     raise ValueError(f'decoding needs a GatedLM, got {type(model).__name__}')
+  if any(getattr(m, 'unit_mean_UxD', None) is not None for _, m in nnx.iter_graph(model)):
+    raise ValueError('decoding does not support dropped-unit compensation (compensate): '
+                     'turn it off with gating.training.compensation.compensate(model, None)')
 
 
 def _rotate(attn: GatedMultiHeadAttention, x_BxLxNxDh, positions_BxL):

@@ -140,6 +140,7 @@ class GatedMLP(nnx.Module):
     self.rngs = rngs.dropout.fork() if self.stochastic_gate else nnx.data(None)
     # Analysis tools (gating.training.importance) force a gate here; see `force_gate`.
     self.forced_weights_BxG = nnx.data(None)
+    self.unit_mean_UxD = nnx.data(None)   # dropped-group compensation; see `compensate`
 
   @property
   def routed_groups(self) -> int:
@@ -219,7 +220,18 @@ class GatedMLP(nnx.Module):
                                precision=self.precision)
     if forced is not None:
       self.sow(nnx.Intermediate, 'output', y)
+    elif self.unit_mean_UxD is not None:
+      y = y + compute.dropped_mean(gate.weights_BxH, self.unit_mean_UxD).astype(y.dtype)
     return (y, gate) if return_gate else y
+
+  def compensate(self, mean_GxD: jax.Array | None) -> None:
+    """Dropped-group compensation (None: off, the default): each call adds
+    sum_g (1 - w_bg) m_g, m = mean_GxD, so that a closed group contributes its mean output
+    instead of 0, as GatedMultiHeadAttention.compensate does for heads."""
+    if mean_GxD is not None and mean_GxD.shape != (self.num_groups, self.in_features):
+      raise ValueError(f'compensate: mean of shape {mean_GxD.shape}, expected '
+                       f'{(self.num_groups, self.in_features)} (num_groups, features)')
+    self.unit_mean_UxD = mean_GxD
 
   # -- helpers ---------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ transcendentals), divided by the batch's B x L token positions.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -102,6 +103,31 @@ def load_run(workdir: str, step: int | None = None, data_overrides: Sequence[str
   finally:
     mngr.close()
   return Run(workdir, cfg, splits, graphdef, state, step)
+
+
+def compensated(run: Run, batches: int) -> Run:
+  """The run with dropped-unit compensation (gating.training.compensation): every gated
+  layer's unit means measured on the first `batches` full batches of the *training*
+  split (never the split it will be scored on), with the full model."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gating.training import compensation  # pylint: disable=import-outside-toplevel
+  if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+    raise ValueError(f'compensate: the number of calibration batches must be an int >= 1, '
+                     f'got {batches!r}')
+  size = run.config.batch_size
+  rows = list(itertools.islice(
+      (b for b in data.eval_batches(run.splits.train, size) if len(b['tokens']) == size),
+      batches))
+  if len(rows) < batches:
+    raise ValueError(f'compensate: the training split has {len(rows)} full batches of '
+                     f'{size}, fewer than the {batches} asked for')
+  learner, optimizer = nnx.merge(run.graphdef, run.state)
+  keys = ('tokens', 'valid', 'target_mask', 'label')
+  means = compensation.unit_means(learner.model, [{k: b[k] for k in keys} for b in rows],
+                                  train.model_outputs)
+  compensation.compensate(learner.model, means)
+  graphdef, state = nnx.split((learner, optimizer))
+  return run._replace(graphdef=graphdef, state=state)
 
 
 def own_budget(cfg: TrainConfig):

@@ -110,20 +110,37 @@ def unit_importance(model: nnx.Module, batch, kind: str, outputs_fn) -> list[jax
     full_B = run(ones)[0]
     return [jnp.stack([run(one_off(n, h))[0] - full_B for h in range(w.shape[1])], axis=1)
             for n, w in enumerate(ones)]
-  # output_norm: z_nh = dy_n / dW_nh (y_n is linear in W_n), one jvp per unit.
+  # output_norm: the mean over each sequence's valid tokens of ||z_nh||.
   valid_BxL = batch['valid'].astype(jnp.float32)
   tokens_B = jnp.maximum(valid_BxL.sum(axis=1), 1.0)
-  labels = []
+
+  def mean_norm(z_BxLxD):
+    norm_BxL = jnp.linalg.norm(z_BxLxD.astype(jnp.float32), axis=-1)
+    return jnp.sum(norm_BxL * valid_BxL, axis=1) / tokens_B
+  return [jnp.stack(per_unit, axis=1)                               # [B, U_n]
+          for per_unit in unit_contributions(model, batch, outputs_fn, mean_norm)]
+
+
+def unit_contributions(model: nnx.Module, batch, outputs_fn, reduce) -> list[list]:
+  """[[reduce(z_nu) for each unit u] for each gated layer n], where z_nu,BxLxD =
+  dy_n / dW_nu is unit u's contribution to layer n's output with every unit of every
+  layer open (y_n is linear in its gate weights W_n, so this is exact): one forward-mode
+  derivative (jvp) per unit. The model is not changed."""
+  layers = gated_layers(model)
+  B = batch['tokens'].shape[0]
+  ones = [jnp.ones((B, num_units(layer)), jnp.float32) for _, layer in layers]
+  out = []
   for n, w in enumerate(ones):
-    norms = []
-    for h in range(w.shape[1]):
-      tangent = [jnp.zeros_like(v).at[:, h].set(1.0) if i == n else jnp.zeros_like(v)
+    per_unit = []
+    for u in range(w.shape[1]):
+      tangent = [jnp.zeros_like(v).at[:, u].set(1.0) if i == n else jnp.zeros_like(v)
                  for i, v in enumerate(ones)]
-      _, z_BxLxD = jax.jvp(lambda w, n=n: run(w)[1][n], (ones,), (tangent,))
-      norm_BxL = jnp.linalg.norm(z_BxLxD.astype(jnp.float32), axis=-1)
-      norms.append(jnp.sum(norm_BxL * valid_BxL, axis=1) / tokens_B)
-    labels.append(jnp.stack(norms, axis=1))                       # [B, U_n]
-  return labels
+      _, z_BxLxD = jax.jvp(
+          lambda w, n=n: forced_forward(model, batch, w, outputs_fn)[2][n], (ones,),
+          (tangent,))
+      per_unit.append(reduce(z_BxLxD))
+    out.append(per_unit)
+  return out
 
 
 def head_importance(model: nnx.Module, batch, kind: str, outputs_fn) -> jax.Array:

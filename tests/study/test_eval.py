@@ -43,6 +43,20 @@ def test_eval_writes_both_paths_at_several_k(tmp_path, capsys):
   assert report['training_gate']['K'] == 2 and report['training_gate']['path'] == 'masked'
   assert abs(report['gap']['loss']) < 1e-5 and report['gap']['K'] == 2
   assert 'gap (gathered at K=2' in capsys.readouterr().out
+  # Dropped-unit compensation: nothing changes with every head open, K = 1 moves, and
+  # the plain report stays as it was.
+  eval_script.main(['--workdir', str(tmp_path), '--k', '1,4', '--paths', 'gathered',
+                    '--compensate', '2'])
+  assert 'dropped units compensated (means of 2 training batches)' in capsys.readouterr().out
+  comp = json.load(open(tmp_path / 'eval_compensated.json'))
+  assert comp['compensated_on_batches'] == 2
+  comp = {r['K']: r for r in comp['results']}
+  assert comp[4]['loss'] == pytest.approx(got['gathered', 4]['loss'], abs=1e-5)
+  assert abs(comp[1]['loss'] - got['gathered', 1]['loss']) > 1e-4
+  assert json.load(open(tmp_path / 'eval.json')) == report
+  for n, match in ((0, 'must be an int >= 1'), (99, 'has 16 full batches of 16, fewer than')):
+    with pytest.raises(SystemExit, match=f'error: compensate: .*{match}'):
+      eval_script.main(['--workdir', str(tmp_path), '--compensate', str(n)])
 
 
 def test_hard_concrete_training_gate_has_no_budget():
