@@ -54,15 +54,17 @@ def test_dense_gate_leaves_the_model_unchanged_and_the_original_intact():
   np.testing.assert_allclose(gated(x), model(x), atol=1e-6)
 
 
-def test_topk_closes_exactly_the_unchosen_groups_of_each_sequence():
+@pytest.mark.parametrize('shared', [0, 1])
+def test_topk_closes_exactly_the_unchosen_groups_of_each_sequence(shared):
   model = UserLM(nnx.Rngs(0))
   gated = gating.gate_mlps(model, num_groups=4, where='blocks/*/fc2', gate='topk',
-                           active_groups=2, rngs=nnx.Rngs(1))
+                           active_groups=2, shared_groups=shared, rngs=nnx.Rngs(1))
   layer = gated.blocks[0]
   h_BxLxF = jax.nn.sigmoid(layer.fc1(jax.random.normal(jax.random.key(2), (3, L, D))))
   gate = layer.fc2.gate(h_BxLxF)
   open_BxG = np.asarray(gate.weights_BxH) != 0
-  assert (open_BxG.sum(axis=1) == 2).all()
+  assert (open_BxG.sum(axis=1) == 2).all() and open_BxG[:, :shared].all()
+  assert layer.fc2.router.logits.kernel.shape[1] == 4 - shared   # routed groups only
   mask_BxF = np.repeat(open_BxG, F // 4, axis=1).astype(np.float32)
   expected = model.blocks[0].fc2(h_BxLxF * mask_BxF[:, None, :])   # the same weights
   np.testing.assert_allclose(layer.fc2(h_BxLxF), expected, atol=1e-6)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gating.layers import selection
-from gating.layers.mlp import check_active_groups, check_groups
+from gating.layers.mlp import check_active_groups, check_groups, check_shared_groups
 from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
 from gating.layers.state import GateTemperature, new_gate_stats, record_gate
 
@@ -35,6 +35,7 @@ class GatedChannels(nnx.Module):
     num_groups: G, a divisor of the linear's in_features F.
     gate, active_groups: the selection rule and its budget Kf (as GatedMLP).
     router: 'mean' | 'prefix' | 'first' | 'static'; 'prefix' needs prefix_len.
+    shared_groups: Sf groups (the first Sf) always open; Kf counts them (as GatedMLP).
     router_hidden_features, router_init_logit, temperature, noise, noise_scale,
       scaled_weights, gate_options, deterministic: as in GatedMLP.
     rngs: initializes the router; a stochastic gate draws from its 'dropout' stream.
@@ -45,7 +46,8 @@ class GatedChannels(nnx.Module):
 
   def __init__(self, linear: nnx.Linear, num_groups: int, *, gate: str = 'topk',
                active_groups: int | None = None, router: str | None = None,
-               prefix_len: int | None = None, router_hidden_features: int | None = None,
+               prefix_len: int | None = None, shared_groups: int = 0,
+               router_hidden_features: int | None = None,
                router_init_logit: float = 0.0, temperature: float | None = None,
                noise: str | None = None, noise_scale: float = 1.0,
                scaled_weights: bool = False, gate_options=None,
@@ -55,12 +57,14 @@ class GatedChannels(nnx.Module):
     F = linear.in_features
     check_groups(F, num_groups)
     check_active_groups(active_groups, num_groups, gate, 'masked')
+    check_shared_groups(shared_groups, active_groups, num_groups, gate)
     if noise not in selection.NOISES:
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
     rule = selection.get_rule(gate)
     router = resolve_router(gate, router, prefix_len)
     self.linear = linear
     self.num_groups = num_groups
+    self.shared_groups = int(shared_groups)
     self.gate_rule = gate
     self.active_groups = active_groups
     self.noise = noise
@@ -69,7 +73,7 @@ class GatedChannels(nnx.Module):
     self.gate_options = tuple(sorted(rule.resolve_options(gate_options).items()))
     self.deterministic = deterministic
     router_module = build_router(
-        gate, router, num_groups, F, prefix_len=prefix_len,
+        gate, router, num_groups - self.shared_groups, F, prefix_len=prefix_len,
         hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
     self.router: HeadRouter | StaticRouter | None = (
         nnx.data(None) if router_module is None else router_module)
@@ -110,7 +114,8 @@ class GatedChannels(nnx.Module):
                        f'{h_BxLxF.shape}')
     h_BxLxF_flat = h_BxLxF.reshape((-1, *h_BxLxF.shape[-2:]))
     if self.router is None:
-      logits_BxG = jnp.zeros((h_BxLxF_flat.shape[0], self.num_groups), jnp.float32)
+      logits_BxG = jnp.zeros((h_BxLxF_flat.shape[0], self.num_groups - self.shared_groups),
+                             jnp.float32)
     else:
       logits_BxG = self.router(h_BxLxF_flat)
     deterministic = self._deterministic(deterministic)
@@ -118,8 +123,9 @@ class GatedChannels(nnx.Module):
     if not deterministic and self.stochastic_gate:
       rngs = self.rngs if rngs is None else rngs
       rng = (rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs)()
-    gate = selection.select(
-        self.gate_rule, logits_BxG, k=self.active_groups, temperature=self.temperature[...],
+    gate = selection.select_routed(
+        self.gate_rule, logits_BxG, k=self.active_groups, shared=self.shared_groups,
+        budget='active_groups', shared_name='shared_groups', temperature=self.temperature[...],
         deterministic=deterministic, rng=rng, noise=self.noise, noise_scale=self.noise_scale,
         scaled_weights=self.scaled_weights, options=dict(self.gate_options))
     batch = h_BxLxF.shape[:-2]
