@@ -39,9 +39,10 @@ def test_a_closed_unit_adds_its_mean_on_both_paths(unit):
     layer.compensate(mean_UxD[:3])
 
 
-def lm(**kw):
-  return gating.GatedLM(vocab_size=V, num_layers=2, features=D, num_heads=H, max_length=L,
-                        prefix_len=3, gate='topk', active_heads=2, rngs=nnx.Rngs(0), **kw)
+def lm(num_layers=2, **kw):
+  return gating.GatedLM(vocab_size=V, num_layers=num_layers, features=D, num_heads=H,
+                        max_length=L, prefix_len=3, gate='topk', active_heads=2,
+                        rngs=nnx.Rngs(0), **kw)
 
 
 def batch(seed=0):
@@ -54,23 +55,20 @@ def batch(seed=0):
 def test_unit_means_are_each_units_mean_contribution_over_valid_tokens():
   """m_nu = mean over valid tokens of y_n(all open) - y_n(unit u of layer n closed): the
   layer's output is linear in its own gate weights, so this difference is z_nu."""
-  model = lm(mlp_groups=4, active_groups=2)
+  model = lm(num_layers=1, mlp_groups=4, active_groups=2)
   batches = [batch(0), batch(1)]
   means = compensation.unit_means(model, batches, model_outputs)
   layers = importance.gated_layers(model)
-  assert [m.shape for m in means] == [(H, D), (4, D)] * 2
+  assert [m.shape for m in means] == [(H, D), (4, D)]
+  outputs = jax.jit(lambda w, b: importance.forced_forward(model, b, w, model_outputs)[2])
+  ones = [jnp.ones((B, importance.num_units(l)), jnp.float32) for _, l in layers]
+  full = [outputs(ones, b) for b in batches]
+  count = sum(float(b['valid'].sum()) for b in batches)
   for n, (_, layer) in enumerate(layers):
-    U = importance.num_units(layer)
-    for u in range(U):
-      total, count = 0.0, 0.0
-      for b in batches:
-        ones = [jnp.ones((B, importance.num_units(l)), jnp.float32) for _, l in layers]
-        closed = [w.at[:, u].set(0.0) if i == n else w for i, w in enumerate(ones)]
-        full = importance.forced_forward(model, b, ones, model_outputs)[2][n]
-        without = importance.forced_forward(model, b, closed, model_outputs)[2][n]
-        valid = b['valid'].astype(jnp.float32)
-        total = total + jnp.einsum('BLD,BL->D', full - without, valid)
-        count += float(valid.sum())
+    for u in range(importance.num_units(layer)):
+      closed = [w.at[:, u].set(0.0) if i == n else w for i, w in enumerate(ones)]
+      total = sum(jnp.einsum('BLD,BL->D', y[n] - outputs(closed, b)[n],
+                             b['valid'].astype(jnp.float32)) for y, b in zip(full, batches))
       np.testing.assert_allclose(means[n][u], total / count, atol=1e-5)
 
 
