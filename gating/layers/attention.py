@@ -482,10 +482,8 @@ class GatedMultiHeadAttention(nnx.Module):
     if forced is None:
       gate = self._select(logits_BxH, k, deterministic, gate_rng)
     else:
-      if forced.shape != (inputs_q.shape[0], self.num_heads):
-        raise ValueError(f'forced gate weights of shape {forced.shape}: expected '
-                         f'{(inputs_q.shape[0], self.num_heads)} (batch, num_heads)')
-      gate, path = selection.Gate(forced, None, forced), 'masked'
+      gate = selection.forced(forced, inputs_q.shape[0], self.num_heads, 'num_heads')
+      path = 'masked'
       self.sow(nnx.Intermediate, 'router_logits', logits_BxH)
     self._record(logits_BxH, gate)
 

@@ -203,10 +203,8 @@ class GatedMLP(nnx.Module):
     if forced is None:
       gate = self._select(logits_BxG, k, deterministic, self._gate_rng(rngs, deterministic))
     else:
-      if forced.shape != (x_BxLxD.shape[0], self.num_groups):
-        raise ValueError(f'forced gate weights of shape {forced.shape}: expected '
-                         f'{(x_BxLxD.shape[0], self.num_groups)} (batch, num_groups)')
-      gate, path = selection.Gate(forced, None, forced), 'masked'
+      gate = selection.forced(forced, x_BxLxD.shape[0], self.num_groups, 'num_groups')
+      path = 'masked'
       self.sow(nnx.Intermediate, 'router_logits', logits_BxG)
     self._record(logits_BxG, gate)
 

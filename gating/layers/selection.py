@@ -178,6 +178,16 @@ def check_shared(shared, active, num_units: int, gate: str, *, name: str = 'shar
                      f'shared {units}, so at least one must be routed')
 
 
+def forced(weights_BxU: jax.Array, batch: int, num_units: int, count: str) -> Gate:
+  """The Gate of weights forced from outside (force_gate: analysis tools): the weights
+  exactly, no budget (idx None), probabilities = weights. A ValueError unless they are
+  [batch, num_units] (`count` names U, e.g. 'num_heads')."""
+  if weights_BxU.shape != (batch, num_units):
+    raise ValueError(f'forced gate weights of shape {weights_BxU.shape}: expected '
+                     f'{(batch, num_units)} (batch, {count})')
+  return Gate(weights_BxU, None, weights_BxU)
+
+
 def select_routed(rule: str, logits_BxR: jax.Array, *, k: int | None, shared: int,
                   budget: str = 'active_heads', shared_name: str = 'shared_heads',
                   **select_kwargs) -> Gate:

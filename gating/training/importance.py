@@ -96,19 +96,18 @@ def unit_importance(model: nnx.Module, batch, kind: str, outputs_fn) -> list[jax
   ones = [jnp.ones((B, num_units(layer)), jnp.float32) for _, layer in layers]
 
   def run(weights):
-    losses_B, _, outputs = forced_forward(model, batch, weights, outputs_fn)
-    return losses_B, outputs
+    return forced_forward(model, batch, weights, outputs_fn)[0]      # L_B
 
   def one_off(n, h):
     return [w.at[:, h].set(0.0) if i == n else w for i, w in enumerate(ones)]
 
   if kind == 'grad_x_act':
-    return [-g for g in jax.grad(lambda w: jnp.sum(run(w)[0]))(ones)]
+    return [-g for g in jax.grad(lambda w: jnp.sum(run(w)))(ones)]
   # The loops below are Python loops, unrolled into the compiled program, so that XLA's
   # cost analysis counts every pass (it counts the body of a lax.map or scan once).
   if kind == 'ablation':
-    full_B = run(ones)[0]
-    return [jnp.stack([run(one_off(n, h))[0] - full_B for h in range(w.shape[1])], axis=1)
+    full_B = run(ones)
+    return [jnp.stack([run(one_off(n, h)) - full_B for h in range(w.shape[1])], axis=1)
             for n, w in enumerate(ones)]
   # output_norm: the mean over each sequence's valid tokens of ||z_nh||.
   valid_BxL = batch['valid'].astype(jnp.float32)
