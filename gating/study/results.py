@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,7 +25,14 @@ from gating.layers.selection import RULES
 from gating.training.config import LossConfig, TrainConfig, from_dict
 
 _DEFAULT_LOSS = LossConfig()
-GROUP = ('data', 'rule', 'regularizer', 'K', 'Kf')   # Kf: MLP channel groups (or None)
+# Rows of one point (its name without the seed suffix) over seeds are averaged; the other
+# keys name the row. Kf: MLP channel groups (or None).
+GROUP = ('point', 'data', 'rule', 'regularizer', 'K', 'Kf')
+
+
+def point_of(run_name: str) -> str:
+  """The sweep point a run folder belongs to: 'static_k2_s1' -> 'static_k2'."""
+  return re.sub(r'_s\d+$', '', run_name)
 
 
 def rule_label(rule: str) -> str:
@@ -191,7 +199,9 @@ def read_csv(path: str) -> list[dict[str, Any]]:
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Finished rows grouped by (data, rule, regularizer, K, Kf), in first-seen order.
+  """Finished rows grouped by point (the run's name without its seed) and (data, rule,
+  regularizer, K, Kf), in first-seen order: two points that differ in any other setting
+  (steps, data, ...) stay two rows even where their labels agree.
 
   Every numeric column becomes (mean, std, n): std is the sample standard deviation
   over seeds (ddof=1; 0 for a single seed). Group keys stay as they are; 'seeds' is n.
@@ -199,12 +209,13 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     if row.get('status') == 'done':
-      groups.setdefault(tuple(row.get(k) for k in GROUP), []).append(row)
+      key = tuple(point_of(row['point']) if k == 'point' else row.get(k) for k in GROUP)
+      groups.setdefault(key, []).append(row)
   out = []
   for key, members in groups.items():
     entry: dict[str, Any] = dict(zip(GROUP, key))
     entry['seeds'] = len(members)
-    columns = [c for c in members[0] if c not in GROUP and c not in ('point', 'status', 'seed')]
+    columns = [c for c in members[0] if c not in GROUP and c not in ('status', 'seed')]
     for column in columns:
       values = [m.get(column) for m in members]
       numbers = [float(v) for v in values if isinstance(v, (int, float))]
@@ -253,14 +264,14 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
   gap = ('gap_bits_per_token', 'gap (bits / token)') if text else ('gap_accuracy',
                                                                   'gap (accuracy)')
   with_groups = any(g.get('Kf') is not None for g in groups)
-  header = ['rule', 'regularizer', 'K', *(['Kf', 'active groups'] if with_groups else []),
+  header = ['point', 'rule', 'regularizer', 'K', *(['Kf', 'active groups'] if with_groups else []),
             'seeds', 'active fraction', 'FLOPs / token', quality[1], f'{split} loss (nats)']
   if not text:
     header.append('exact match')
   header += [gap[1], 'steps', 'tokens seen', 'train FLOPs', 'train wall (min)']
   lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for g in groups:
-    cells = [rule_label(g['rule']), str(g['regularizer']), str(g['K']),
+    cells = [g['point'], rule_label(g['rule']), str(g['regularizer']), str(g['K']),
              *([str(g.get('Kf') if g.get('Kf') is not None else '-'),
                 _pm(g.get('active_group_fraction'))] if with_groups else []),
              str(g['seeds']), _pm(g.get('active_fraction')),
@@ -278,9 +289,9 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
   if labels:
     lines += ['', f"Per {'domain: bits per token' if text else 'task: accuracy'} "
                   '(mean ± std over seeds).', '',
-              '| rule | K | ' + ' | '.join(labels) + ' |',
-              '|' + '---|' * (len(labels) + 2)]
+              '| point | rule | K | ' + ' | '.join(labels) + ' |',
+              '|' + '---|' * (len(labels) + 3)]
     for g in groups:
-      lines.append(f"| {rule_label(g['rule'])} ({g['regularizer']}) | "
+      lines.append(f"| {g['point']} | {rule_label(g['rule'])} ({g['regularizer']}) | "
                    f"{g['K']} | " + ' | '.join(_pm(g.get(prefix + l)) for l in labels) + ' |')
   return '\n'.join(lines) + '\n'

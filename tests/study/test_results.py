@@ -21,8 +21,8 @@ ROWS = [_row('topk', 2, 0, 2.0), _row('topk', 2, 1, 2.2), _row('topk', 4, 0, 1.9
 
 def test_aggregate_is_mean_and_sample_std_over_seeds():
   groups = results.aggregate(ROWS)
-  assert [(g['rule'], g['K'], g['seeds']) for g in groups] == [
-      ('topk', 2, 2), ('topk', 4, 1), ('dense', 8, 1)]
+  assert [(g['point'], g['rule'], g['K'], g['seeds']) for g in groups] == [
+      ('topk_k2', 'topk', 2, 2), ('topk_k4', 'topk', 4, 1), ('dense_k8', 'dense', 8, 1)]
   mean, std, n = groups[0]['test_bits_per_token']
   assert (mean, n) == (pytest.approx(2.1), 2) and std == pytest.approx(0.2 / 2 ** 0.5)
   assert groups[1]['test_bits_per_token'] == (1.9, 0.0, 1)
@@ -37,10 +37,21 @@ def test_csv_round_trip_and_markdown(tmp_path):
                       'status': 'unfinished'}
   table = results.markdown(back, 'text: a test')
   assert table.startswith('# text: a test') and '4 of 5 points finished' in table
-  assert '| dynamic top-k | none | 2 | 2 | 0.250 ± 0.000 | 2,000 | 2.100 ± 0.141 |' in table
-  assert '| dense | none | 8 | 1 | 1.000 |' in table
-  assert '| rule | K | python |' in table
-  assert '| dynamic top-k (none) | 2 | 3.100 ± 0.141 |' in table
+  assert ('| topk_k2 | dynamic top-k | none | 2 | 2 | 0.250 ± 0.000 | 2,000 | 2.100 ± 0.141 |'
+          in table)
+  assert '| dense_k8 | dense | none | 8 | 1 | 1.000 |' in table
+  assert '| point | rule | K | python |' in table
+  assert '| topk_k2 | dynamic top-k (none) | 2 | 3.100 ± 0.141 |' in table
+
+
+def test_points_that_differ_beyond_their_labels_are_not_averaged():
+  """Two points with the same rule and K but other settings (here: steps) are two rows."""
+  longer = [{**_row('dense', 8, s, 1.5), 'point': f'dense_long_s{s}', 'steps': 20}
+            for s in (0, 1)]
+  groups = results.aggregate([_row('dense', 8, 0, 1.8), _row('dense', 8, 1, 2.0), *longer])
+  assert [(g['point'], g['seeds'], g['steps'][0]) for g in groups] == [
+      ('dense_k8', 2, 10), ('dense_long', 2, 20)]
+  assert groups[0]['test_bits_per_token'][0] == pytest.approx(1.9)
 
 
 @pytest.mark.parametrize('loss,k,expected', [
