@@ -163,9 +163,12 @@ def ray_env(args):
 
 def finish(sweep, out, names):
   """Writes results.csv, results.md and the sweep plots from the point folders."""
-  from experiments import plots
+  from experiments import configs, plots
   from gating.study import results
-  rows = [results.point_row(os.path.join(out, name), name, sweep.split) for name in names]
+  from gating.training.config import override
+  reference = override(configs.get(sweep.preset), list(sweep.common)).model
+  rows = [results.point_row(os.path.join(out, name), name, sweep.split, reference)
+          for name in names]
   results.write_csv(rows, os.path.join(out, 'results.csv'))
   with open(os.path.join(out, 'results.md'), 'w') as f:
     f.write(results.markdown(rows, f'{sweep.name}: {sweep.description}'))

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gating.layers.selection import RULES
-from gating.training.config import LossConfig, TrainConfig, from_dict
+from gating.training.config import LossConfig, ModelConfig, TrainConfig, from_dict
 
 _DEFAULT_LOSS = LossConfig()
 # Rows of one point (its name without the seed suffix) over seeds are averaged; the other
@@ -40,20 +40,21 @@ def rule_label(rule: str) -> str:
   return RULES[rule].label if rule in RULES else rule
 
 
-def recipe_rule(cfg: TrainConfig, source: TrainConfig | None = None) -> str:
+def recipe_rule(cfg: TrainConfig, source: TrainConfig | None = None,
+                reference: ModelConfig | None = None) -> str:
   """The row's rule: the gate's name, or for the recipes of elastic training and router
   fitting what was trained, e.g. 'elastic', 'elastic + router fit (grad_x_act, bce)',
   'elastic + static fit (grad_x_act, bce)', '... S=1' with shared heads (' Sf=1' with
   shared MLP groups), 'elastic + topk'
   (routed end to end after an elastic warm start). With MLP groups the gated units follow
   in brackets ('topk [heads + groups]', with ', shared router' when the groups share the
-  attention's); a dense model with fewer than D attention channels or 4 D MLP channels is
-  'dense (thin)'."""
+  attention's); a dense model with fewer attention or MLP channels than `reference` (the
+  model of the sweep's preset, when given) is 'dense (thin)'."""
   loss = cfg.loss
   if loss.elastic_ks:
     return 'elastic'
   if not loss.router_labels:
-    label = cfg.model.gate + _width_label(cfg.model) + _shared_label(cfg.model)
+    label = cfg.model.gate + _width_label(cfg.model, reference) + _shared_label(cfg.model)
   else:
     kind = 'static' if cfg.model.router == 'static' else 'router'
     label = f'{kind} fit ({loss.router_labels}, {loss.router_loss})' + _shared_label(cfg.model)
@@ -66,13 +67,19 @@ def _shared_label(m) -> str:
                                                  ('Sf', m.shared_groups)) if n)
 
 
-def _width_label(m) -> str:
+def _channels(m) -> tuple[int, int]:
+  """(attention channels H x Dh, MLP channels F) of a model config."""
+  return (m.head_dim or m.features // m.num_heads) * m.num_heads, m.mlp_features or 4 * m.features
+
+
+def _width_label(m, reference=None) -> str:
   """' [heads]', ' [groups]', ' [heads + groups]' for a gated model with MLP groups (the
-  units that run below their count), ' (thin)' for a narrow dense model, else ''."""
-  D = m.features
-  width = (m.head_dim or D // m.num_heads) * m.num_heads
+  units that run below their count), ' (thin)' for a dense model narrower than
+  `reference` in attention or MLP channels, else ''."""
   if m.gate == 'dense':
-    return ' (thin)' if width < D or (m.mlp_features or 4 * D) < 4 * D else ''
+    thin = reference is not None and any(
+        mine < theirs for mine, theirs in zip(_channels(m), _channels(reference)))
+    return ' (thin)' if thin else ''
   if m.mlp_groups is None:
     return ''
   ks = m.active_heads if isinstance(m.active_heads, tuple) else (m.active_heads,)
@@ -111,10 +118,12 @@ def _read(path):
     return json.load(f)
 
 
-def point_row(workdir: str, name: str, split: str = 'test') -> dict[str, Any]:
+def point_row(workdir: str, name: str, split: str = 'test',
+              reference: ModelConfig | None = None) -> dict[str, Any]:
   """One results row for the run folder `workdir` of point `name`, its eval.json scored on
   `split` ('test' for a study, 'validation' for tuning): quality columns are named
-  f'{split}_loss', f'{split}_accuracy', ..."""
+  f'{split}_loss', f'{split}_accuracy', ... `reference`: the sweep's base model, against
+  which a dense model is labelled thin (see `recipe_rule`)."""
   config = _read(os.path.join(workdir, 'config.json'))
   summary = _read(os.path.join(workdir, 'summary.json'))
   report = _read(os.path.join(workdir, 'eval.json'))
@@ -131,7 +140,7 @@ def point_row(workdir: str, name: str, split: str = 'test') -> dict[str, Any]:
     raise ValueError(f'{workdir} starts from {cfg.init_from}, which holds no summary.json')
   warm_steps = warm['steps'] if warm else 0
   source = _read(os.path.join(cfg.init_from, 'config.json')) if cfg.init_from else None
-  rule = recipe_rule(cfg, None if source is None else from_dict(source))
+  rule = recipe_rule(cfg, None if source is None else from_dict(source), reference)
   row.update(data=cfg.data.kind, rule=rule, K=_k_label(k),
              regularizer=regularizer_label(cfg.loss, k, cfg.model.num_heads), seed=cfg.seed,
              steps=cfg.steps + warm_steps, warm_start_steps=warm_steps)

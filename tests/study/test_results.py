@@ -80,13 +80,19 @@ def test_point_row_of_an_unfinished_run(tmp_path):
 def test_recipe_rule_names_the_gated_width_and_thin_models():
   from gating.study.results import recipe_rule  # pylint: disable=import-outside-toplevel
 
+  reference = ModelConfig(features=64, num_heads=8)
+
   def rule(source=None, **model):
     model = {'features': 64, 'num_heads': 8, **model}
-    return recipe_rule(TrainConfig(model=ModelConfig(**model)), source)
+    return recipe_rule(TrainConfig(model=ModelConfig(**model)), source, reference)
   assert rule() == 'topk'                                     # heads, no groups: as before
   assert rule(gate='dense', active_heads=None) == 'dense'
   assert rule(gate='dense', active_heads=None, num_heads=4, head_dim=8) == 'dense (thin)'
   assert rule(gate='dense', active_heads=None, mlp_features=128) == 'dense (thin)'
+  # narrower than D, but the sweep's own model (the synthetic preset: 8 heads of 4, D = 64)
+  narrow = ModelConfig(features=64, num_heads=8, head_dim=4, gate='dense', active_heads=None)
+  assert recipe_rule(TrainConfig(model=narrow), None, narrow) == 'dense'
+  assert recipe_rule(TrainConfig(model=narrow)) == 'dense'    # no reference: never thin
   assert rule(mlp_groups=8, active_groups=2) == 'topk [heads + groups]'
   assert rule(mlp_groups=8, active_groups=8) == 'topk [heads]'
   assert rule(active_heads=8, mlp_groups=8, active_groups=1) == 'topk [groups]'
