@@ -32,6 +32,11 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 and both routed (K = 2, Kf = 3). Routed points train 300 steps from the
                 warm start WIDTH_WARM, as in the `text` sweep; static and thin train from
                 scratch.
+  capacity_tune, capacity_lr, capacity_12k
+                (issue 11, item 6) synthetic, validation, seeds 0 and 1: looking for a
+                benchmark on which dense converges and beats static pruning at K <= 2
+                (64 permutation tasks; a higher learning rate; 12000 steps). Every result
+                is in docs/tuning.md; no variant has been frozen yet.
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -178,6 +183,30 @@ SWEEPS = {
         description='dynamic width at about 0.52x and 0.35x of dense forward FLOPs: heads, '
                     'MLP groups or both routed, against dense, thin dense models trained '
                     'from scratch and static pruning of heads and groups'),
+    'capacity_tune': Sweep(
+        name='capacity_tune', preset='synthetic', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}',),
+        points={'dense_t64': [*dense(), 'data.num_tasks=64', 'steps=6000'],
+                'static_k2_t64': [*static(2), 'data.num_tasks=64', 'steps=6000'],
+                'static_k1_t64': [*static(1), 'data.num_tasks=64', 'steps=6000'],
+                'dense_t64_12k': [*dense(), 'data.num_tasks=64', 'steps=12000']},
+        description='(issue 11, item 6) a synthetic benchmark that measures capacity: 64 '
+                    'permutation tasks instead of 32, dense against static K = 1, 2'),
+    'capacity_lr': Sweep(
+        name='capacity_lr', preset='synthetic', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'data.num_tasks=64', 'steps=6000'),
+        points={'dense_lr6e-3': [*dense(), 'optim.learning_rate=6e-3'],
+                'dense_lr1e-2': [*dense(), 'optim.learning_rate=1e-2'],
+                'static_k2_lr1e-2': [*static(2), 'optim.learning_rate=1e-2'],
+                'static_k1_lr1e-2': [*static(1), 'optim.learning_rate=1e-2']},
+        description='(issue 11, item 6) 64 tasks: does a higher learning rate make dense '
+                    'converge in 6000 steps, and does static K = 1, 2 stay below it?'),
+    'capacity_12k': Sweep(
+        name='capacity_12k', preset='synthetic', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'data.num_tasks=64', 'steps=12000'),
+        points={'static_k2': static(2), 'static_k1': static(1)},
+        description='(issue 11, item 6) 64 tasks, 12000 steps (dense in capacity_tune: '
+                    '0.997 and 0.981): do static K = 1, 2 stay below dense?'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
