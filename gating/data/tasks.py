@@ -29,6 +29,9 @@ class _Tasks:
   recall_pairs: int
   seq_len: int
   permutations_TxI: np.ndarray   # permutation task t outputs x[permutations_TxI[t]]
+  # num_terms > 1: the other terms' permutations; task t outputs the sum mod num_digits of
+  # x[permutations_TxI[t]] and x[more_terms_JxTxI[j, t]] for every j (J = num_terms - 1)
+  more_terms_JxTxI: np.ndarray
 
   @property
   def pad_id(self) -> int:
@@ -57,14 +60,19 @@ class _Tasks:
       return self.recall_queries
     return task - self.num_tasks - self.num_recall_tasks + 1
 
+  @property
+  def num_terms(self) -> int:
+    return 1 + len(self.more_terms_JxTxI)
+
   def names(self) -> tuple[str, ...]:
-    return (tuple(f'permute_{t}' for t in range(self.num_tasks))
+    kind = 'permute' if self.num_terms == 1 else f'sum{self.num_terms}'
+    return (tuple(f'{kind}_{t}' for t in range(self.num_tasks))
             + tuple(f'recall_{r}' for r in range(self.num_recall_tasks))
             + tuple(f'induction_{r}' for r in range(self.num_induction_tasks)))
 
 
 def _make_tasks(*, num_tasks, input_len, num_digits, num_recall_tasks, num_induction_tasks,
-                recall_pairs, seq_len, task_seed) -> _Tasks:
+                recall_pairs, seq_len, task_seed, num_terms=1) -> _Tasks:
   """Validates the knobs (errors name the argument) and draws the permutations."""
   for name, value in (('num_tasks', num_tasks), ('num_recall_tasks', num_recall_tasks),
                       ('num_induction_tasks', num_induction_tasks)):
@@ -76,6 +84,9 @@ def _make_tasks(*, num_tasks, input_len, num_digits, num_recall_tasks, num_induc
     raise ValueError(f'input_len must be an int >= 2, got {input_len!r}')
   if not isinstance(num_digits, int) or num_digits < 2:
     raise ValueError(f'num_digits must be an int >= 2, got {num_digits!r}')
+  if not isinstance(num_terms, int) or not 1 <= num_terms <= input_len:
+    raise ValueError(f'num_terms must be an int in [1, input_len={input_len}] (the terms of '
+                     f'one answer sit at distinct positions), got {num_terms!r}')
   _check_seed('task_seed', task_seed)
   if num_tasks > math.factorial(input_len) - 1:
     raise ValueError(f'num_tasks={num_tasks}: there are only {math.factorial(input_len) - 1} '
@@ -107,8 +118,9 @@ def _make_tasks(*, num_tasks, input_len, num_digits, num_recall_tasks, num_induc
       seen.add(p)
       perms.append(p)
   perms_TxI = np.array(perms, np.int64).reshape(num_tasks, input_len)
+  more_JxTxI = _more_terms(perms_TxI, num_terms - 1, rng)
   tasks = _Tasks(num_tasks, input_len, num_digits, num_recall_tasks, num_induction_tasks,
-                 pairs if num_recall_tasks else 0, 0, perms_TxI)
+                 pairs if num_recall_tasks else 0, 0, perms_TxI, more_JxTxI)
   natural = input_len + 2 + max(tasks.output_len(t) for t in range(tasks.total_tasks))
   if seq_len is None:
     seq_len = natural
@@ -116,6 +128,24 @@ def _make_tasks(*, num_tasks, input_len, num_digits, num_recall_tasks, num_induc
     raise ValueError(f'seq_len={seq_len!r} is shorter than the sequences need: task token + '
                      f'input_len={input_len} + separator + longest output = {natural}')
   return dataclasses.replace(tasks, seq_len=seq_len)
+
+
+def _more_terms(perms_TxI: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+  """count more permutations per task, each placing every answer's terms at positions
+  distinct from the terms before it (perm[i] differs from every earlier term's perm[i]):
+  drawn by rejection, after the first terms, so num_terms = 1 draws what it always drew."""
+  T, n = perms_TxI.shape
+  terms = [perms_TxI]
+  for _ in range(count):
+    term_TxI = np.empty_like(perms_TxI)
+    for t in range(T):
+      while True:
+        p = rng.permutation(n)
+        if all((p != earlier[t]).all() for earlier in terms):
+          term_TxI[t] = p
+          break
+    terms.append(term_TxI)
+  return np.array(terms[1:], np.int64).reshape(count, T, n)
 
 
 def _generate(tasks: _Tasks, num_rows: int, rng: np.random.Generator):
@@ -133,6 +163,9 @@ def _generate(tasks: _Tasks, num_rows: int, rng: np.random.Generator):
 
   perm = label_N < tasks.num_tasks
   y_NxI[perm] = np.take_along_axis(x_NxI[perm], tasks.permutations_TxI[label_N[perm]], axis=1)
+  for term_TxI in tasks.more_terms_JxTxI:
+    y_NxI[perm] = (y_NxI[perm] + np.take_along_axis(x_NxI[perm], term_TxI[label_N[perm]],
+                                                    axis=1)) % V
 
   recall = (label_N >= tasks.num_tasks) & (label_N < tasks.num_tasks + tasks.num_recall_tasks)
   if recall.any():
@@ -188,7 +221,7 @@ def synthetic(*, num_tasks: int = 16, input_len: int = 12, num_digits: int = 10,
               num_recall_tasks: int = 2, num_induction_tasks: int = 2,
               recall_pairs: int | None = None, seq_len: int | None = None,
               num_train: int = 100_000, num_validation: int = 2_000, num_test: int = 4_000,
-              seed: int = 0, task_seed: int = 0) -> Splits:
+              seed: int = 0, task_seed: int = 0, num_terms: int = 1) -> Splits:
   """The built-in synthetic multi-task benchmark (no download; deterministic).
 
   Each row is `[task token, x_0 .. x_{n-1}, SEP, y_0 .. y_{m-1}, PAD ...]` with n =
@@ -206,6 +239,11 @@ def synthetic(*, num_tasks: int = 16, input_len: int = 12, num_digits: int = 10,
       given 12000 steps, one head per layer solves 64 of them as well as eight; the head
       count changes how fast they are learned (one head slower than eight, two faster),
       not whether.
+    sum{m}_t (t < num_tasks, instead of permute_t when num_terms = m > 1): y_j = (x[pi_t(j)]
+      + x[pi'_t(j)] + ...) mod num_digits over m fixed permutations of task t, the m terms
+      of every answer at distinct positions (m = n outputs). An answer needs m input
+      positions at once, so a layer with fewer heads than terms has to fetch several
+      positions with one head.
     recall_r (r < num_recall_tasks): key-value lookup. x = k_0 v_0 k_1 v_1 ... k_{p-1}
       v_{p-1} q_0 .. q_{m-1} with p = recall_pairs distinct keys, any values, and m = n - 2p
       queries, each a key of a different pair; y_j = the value of pair (i_j + r) mod p,
@@ -225,6 +263,8 @@ def synthetic(*, num_tasks: int = 16, input_len: int = 12, num_digits: int = 10,
     num_train, num_validation, num_test: rows per split; tasks are balanced in each.
     seed: draws the sequences (each split from its own stream).
     task_seed: draws the task definitions (the permutations), shared by all splits.
+    num_terms: input digits summed into each answer digit of the permutation tasks (1:
+      permute_t, the permutation itself).
 
   No test or validation sequence appears in train: train rows equal to one of theirs are
   dropped, so len(train) can be below num_train when the sequence space is tiny (at the
@@ -233,7 +273,7 @@ def synthetic(*, num_tasks: int = 16, input_len: int = 12, num_digits: int = 10,
   tasks = _make_tasks(num_tasks=num_tasks, input_len=input_len, num_digits=num_digits,
                       num_recall_tasks=num_recall_tasks,
                       num_induction_tasks=num_induction_tasks, recall_pairs=recall_pairs,
-                      seq_len=seq_len, task_seed=task_seed)
+                      seq_len=seq_len, task_seed=task_seed, num_terms=num_terms)
   for name, value in (('num_train', num_train), ('num_validation', num_validation),
                       ('num_test', num_test)):
     if not isinstance(value, int) or value < 1:
@@ -257,10 +297,20 @@ def synthetic(*, num_tasks: int = 16, input_len: int = 12, num_digits: int = 10,
       'permutations': tasks.permutations_TxI.tolist(),
       'train_dropped_as_held_out': int((~keep_N).sum()), 'numpy': np.__version__,
       'python': sys.version.split()[0],
-      'sha256': _sha256_rows(tasks.permutations_TxI, train[0], validation[0], test[0]),
+      'sha256': _sha256_rows(tasks.permutations_TxI, *tasks.more_terms_JxTxI, train[0],
+                             validation[0], test[0]),
+      **_terms_fingerprint(tasks),
   }
   return Splits(_rows(*train), _rows(*validation), _rows(*test), _synthetic_info(tasks,
                                                                                  fingerprint))
+
+
+def _terms_fingerprint(tasks: _Tasks) -> dict:
+  """The extra terms, for num_terms > 1 only: a one-term data set keeps the fingerprint it
+  always had, so runs made before num_terms existed still resume."""
+  if tasks.num_terms == 1:
+    return {}
+  return {'num_terms': tasks.num_terms, 'more_terms': tasks.more_terms_JxTxI.tolist()}
 
 
 def _synthetic_info(tasks: _Tasks, fingerprint: dict) -> DataInfo:
@@ -273,7 +323,7 @@ def synthetic_stream(*, num_tasks: int = 16, input_len: int = 12, num_digits: in
                      num_recall_tasks: int = 2, num_induction_tasks: int = 2,
                      recall_pairs: int | None = None, seq_len: int | None = None,
                      seed: int = 0, task_seed: int = 0, chunk_size: int = 4096,
-                     ) -> tuple[datasets.IterableDataset, DataInfo]:
+                     num_terms: int = 1) -> tuple[datasets.IterableDataset, DataInfo]:
   """The synthetic benchmark as an infinite `datasets.IterableDataset` (numpy format).
 
   Same tasks, layout and knobs as `synthetic` (same task_seed, same tasks). Rows come in
@@ -285,7 +335,7 @@ def synthetic_stream(*, num_tasks: int = 16, input_len: int = 12, num_digits: in
   tasks = _make_tasks(num_tasks=num_tasks, input_len=input_len, num_digits=num_digits,
                       num_recall_tasks=num_recall_tasks,
                       num_induction_tasks=num_induction_tasks, recall_pairs=recall_pairs,
-                      seq_len=seq_len, task_seed=task_seed)
+                      seq_len=seq_len, task_seed=task_seed, num_terms=num_terms)
   _check_seed('seed', seed)
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f'chunk_size must be an int >= 1, got {chunk_size!r}')
@@ -306,5 +356,6 @@ def synthetic_stream(*, num_tasks: int = 16, input_len: int = 12, num_digits: in
       'seq_len': tasks.seq_len, 'seed': seed, 'task_seed': task_seed,
       'chunk_size': chunk_size, 'permutations': tasks.permutations_TxI.tolist(),
       'numpy': np.__version__, 'python': sys.version.split()[0],
-      'sha256': _sha256_rows(tasks.permutations_TxI)}
+      'sha256': _sha256_rows(tasks.permutations_TxI, *tasks.more_terms_JxTxI),
+      **_terms_fingerprint(tasks)}
   return stream.with_format('numpy'), _synthetic_info(tasks, fingerprint)

@@ -196,6 +196,8 @@ class DataConfig:
   num_validation: int = 2_000
   num_test: int = 4_000
   task_seed: int = 0                     # the task definitions (permutations)
+  num_terms: int = 1                     # input digits summed into each answer digit of
+                                         # a permutation task (1: the permutation)
   # text (gating.data.text)
   sources: tuple[str, ...] = ('python', 'pydoc', 'shakespeare')
   seq_len: int = 128
@@ -206,10 +208,13 @@ class DataConfig:
     _check(self.kind in ('synthetic', 'text'), 'data.kind',
            f"must be 'synthetic' or 'text', got {self.kind!r}")
     for name in ('num_tasks', 'input_len', 'num_digits', 'num_train', 'num_validation',
-                 'num_test', 'seq_len'):
+                 'num_test', 'seq_len', 'num_terms'):
       _check(getattr(self, name) >= 1, f'data.{name}', f'must be >= 1, got {getattr(self, name)}')
     for name in ('num_recall_tasks', 'num_induction_tasks'):
       _check(getattr(self, name) >= 0, f'data.{name}', f'must be >= 0, got {getattr(self, name)}')
+    _check(self.num_terms <= self.input_len, 'data.num_terms',
+           f'must be <= data.input_len={self.input_len} (the terms of one answer sit at '
+           f'distinct positions), got {self.num_terms}')
     _check(self.kind != 'text' or len(self.sources) >= 1, 'data.sources', 'must name a source')
     _check(self.max_bytes_per_domain is None or self.max_bytes_per_domain > 0,
            'data.max_bytes_per_domain', f'must be > 0, got {self.max_bytes_per_domain}')

@@ -67,7 +67,7 @@ def load_data(cfg: TrainConfig) -> data.Splits:
         num_tasks=d.num_tasks, input_len=d.input_len, num_digits=d.num_digits,
         num_recall_tasks=d.num_recall_tasks, num_induction_tasks=d.num_induction_tasks,
         num_train=d.num_train, num_validation=d.num_validation, num_test=d.num_test,
-        seed=d.seed, task_seed=d.task_seed)
+        seed=d.seed, task_seed=d.task_seed, num_terms=d.num_terms)
   else:
     splits = data.text(d.sources, seq_len=d.seq_len, seed=d.seed,
                        max_bytes_per_domain=d.max_bytes_per_domain, tokenizer=d.tokenizer)

@@ -88,6 +88,42 @@ def test_synthetic_deterministic_and_task_seed():
   assert all(p != sorted(p) for p in perms)          # no identity (copy) task
 
 
+def test_sum_tasks_add_their_terms_at_distinct_positions():
+  """num_terms = 3: every answer digit is the sum mod V of three input digits, at three
+  distinct positions; the first term is the one-term benchmark's permutation, and the
+  one-term fingerprint is what it was before num_terms existed."""
+  one, three = data.synthetic(**SMALL), data.synthetic(**SMALL, num_terms=3)
+  info, n, V = three.info, SMALL['input_len'], SMALL['num_digits']
+  assert 'num_terms' not in one.info.fingerprint and 'more_terms' not in one.info.fingerprint
+  assert info.fingerprint['num_terms'] == 3
+  assert info.fingerprint['permutations'] == one.info.fingerprint['permutations']
+  terms = [info.fingerprint['permutations'], *info.fingerprint['more_terms']]
+  assert info.label_names[:SMALL['num_tasks']] == tuple(
+      f'sum3_{t}' for t in range(SMALL['num_tasks']))
+  for t in range(SMALL['num_tasks']):
+    for j in range(n):
+      assert len({term[t][j] for term in terms}) == 3
+  batch = columns(three.train)
+  summed = 0
+  for tokens, target, label in zip(batch['tokens'], batch['target_mask'], batch['label']):
+    if label < SMALL['num_tasks']:
+      x, y = [int(v) for v in tokens[1:n + 1]], [int(v) for v in tokens[target]]
+      assert y == [sum(x[term[label][j]] for term in terms) % V for j in range(n)]
+      summed += 1
+  assert summed >= 100
+  # the same tasks in the stream
+  task_knobs = {k: v for k, v in SMALL.items()
+                if k not in ('num_train', 'num_validation', 'num_test')}
+  _, stream_info = data.synthetic_stream(**task_knobs, num_terms=3)
+  assert stream_info.fingerprint['more_terms'] == info.fingerprint['more_terms']
+
+
+@pytest.mark.parametrize('num_terms', [0, 9, 1.5])
+def test_bad_num_terms_is_refused(num_terms):
+  with pytest.raises(ValueError, match=r'num_terms must be an int in \[1, input_len=8\]'):
+    data.synthetic(**SMALL, num_terms=num_terms)
+
+
 def test_synthetic_splits_disjoint(small):
   assert not rows_of(small.train) & (rows_of(small.validation) | rows_of(small.test))
   # A tiny space (4 possible sequences) collides: train drops what validation/test hold.

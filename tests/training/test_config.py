@@ -22,6 +22,8 @@ def test_defaults_are_valid_and_round_trip_through_dicts():
     (lambda: OptimConfig(learning_rate=-1.0), 'optim.learning_rate: must be > 0'),
     (lambda: LossConfig(target_fraction=1.5), 'loss.target_fraction'),
     (lambda: DataConfig(kind='images'), 'data.kind'),
+    (lambda: DataConfig(num_terms=0), 'data.num_terms: must be >= 1'),
+    (lambda: DataConfig(input_len=4, num_terms=5), 'data.num_terms: must be <= data.input_len=4'),
     (lambda: TrainConfig(batch_size=10, grad_accum=3), 'batch_size: 10 is not divisible'),
     (lambda: TrainConfig(k_schedule=((9, 10),)), r'k_schedule: K=9'),
     (lambda: TrainConfig(k_schedule=((4, 10), (2, 5))), 'steps must increase'),
