@@ -37,8 +37,8 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 benchmark on which dense converges and beats static pruning at K <= 2
                 (64 permutation tasks; a higher learning rate; 12000 steps). Every result
                 is in docs/tuning.md; no variant has been frozen yet.
-  capacity_terms  the next round, not run yet: answers that each sum 2 or 3 input digits
-                (data.num_terms), dense against static K = 2, 12000 steps.
+  capacity_terms  answers that each sum 3 input digits (data.num_terms = 3), dense
+                against static K = 2 and 4, 12000 steps.
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -212,10 +212,11 @@ SWEEPS = {
     'capacity_terms': Sweep(
         name='capacity_terms', preset='synthetic', seeds=(0, 1), split='validation',
         common=(f'model.num_heads={H}', 'steps=12000'),
-        points={f'{name}_terms{m}': [*make, f'data.num_terms={m}']
-                for m in (2, 3) for name, make in (('dense', dense()), ('static_k2', static(2)))},
-        description='(issue 11, item 6) answers that sum 2 or 3 digits at task-specific '
-                    'positions (data.num_terms): does static K = 2 fall behind dense?'),
+        points={'dense_terms3': [*dense(), 'data.num_terms=3'],
+                'static_k2_terms3': [*static(2), 'data.num_terms=3'],
+                'static_k4_terms3': [*static(4), 'data.num_terms=3']},
+        description='(issue 11, item 6) answers that sum 3 digits at task-specific '
+                    'positions (data.num_terms=3): do static K = 2, 4 fall behind dense?'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
