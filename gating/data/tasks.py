@@ -239,11 +239,11 @@ def synthetic(*, num_tasks: int = 16, input_len: int = 12, num_digits: int = 10,
       given 12000 steps, one head per layer solves 64 of them as well as eight; the head
       count changes how fast they are learned (one head slower than eight, two faster),
       not whether.
-    sum{m}_t (t < num_tasks, instead of permute_t when num_terms = m > 1): y_j = (x[pi_t(j)]
-      + x[pi'_t(j)] + ...) mod num_digits over m fixed permutations of task t, the m terms
-      of every answer at distinct positions (m = n outputs). An answer needs m input
-      positions at once, so a layer with fewer heads than terms has to fetch several
-      positions with one head.
+    sum{c}_t (t < num_tasks, instead of permute_t when num_terms = c > 1): y_j = (x[pi_t(j)]
+      + x[pi'_t(j)] + ...) mod num_digits over c fixed permutations of task t, the c terms
+      of every answer at distinct positions (m = n). An answer needs c input positions at
+      once, so a layer with fewer heads than terms has to fetch several positions with one
+      head.
     recall_r (r < num_recall_tasks): key-value lookup. x = k_0 v_0 k_1 v_1 ... k_{p-1}
       v_{p-1} q_0 .. q_{m-1} with p = recall_pairs distinct keys, any values, and m = n - 2p
       queries, each a key of a different pair; y_j = the value of pair (i_j + r) mod p,
