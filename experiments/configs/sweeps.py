@@ -39,6 +39,8 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 is in docs/tuning.md; no variant has been frozen yet.
   capacity_terms  answers that each sum 3 input digits (data.num_terms = 3), dense
                 against static K = 2 and 4, 12000 steps.
+  capacity_round5 two terms per answer, or the 32 permutation tasks with heads of width 2,
+                dense against static K = 2, 12000 steps.
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -217,6 +219,15 @@ SWEEPS = {
                 'static_k4_terms3': [*static(4), 'data.num_terms=3']},
         description='(issue 11, item 6) answers that sum 3 digits at task-specific '
                     'positions (data.num_terms=3): do static K = 2, 4 fall behind dense?'),
+    'capacity_round5': Sweep(
+        name='capacity_round5', preset='synthetic', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'steps=12000'),
+        points={'dense_terms2': [*dense(), 'data.num_terms=2'],
+                'static_k2_terms2': [*static(2), 'data.num_terms=2'],
+                'dense_dh2': [*dense(), 'model.head_dim=2'],
+                'static_k2_dh2': [*static(2), 'model.head_dim=2']},
+        description='(issue 11, item 6) two terms per answer, or heads of width 2: does '
+                    'static K = 2 fall behind dense?'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
