@@ -10,8 +10,10 @@ present) and resumes unfinished ones from their checkpoints; a crashed point is 
 and the others go on. OUT/sweep.json records the definition: a folder of another sweep,
 or of another definition (e.g. other --steps or --seeds), is refused, never overwritten.
 
-A sweep with a warm start first trains one warm-start run per seed (OUT/warm_s<seed>); the
-points that start from it ('init_from={warm}') train the rest of their step budget.
+A sweep with a warm start trains one warm-start run per seed (OUT/warm_s<seed>) first; the
+points that start from it ('init_from={warm}') train the rest of their step budget, each
+beginning as soon as its own seed's warm start has finished, while points that need no
+warm start fill the free slots meanwhile.
 
 At the end it writes OUT/results.csv (one row per point), OUT/results.md (mean +- std over
 seeds per rule x K) and OUT/plots/ (quality vs active-head fraction, per label).
@@ -84,11 +86,12 @@ def points(sweep, out, *, steps, seeds):
   from experiments import configs
   from gating.study import evaluation
   from gating.training.config import override
-  from gating.study.sweep import Point, resolve_warm
+  from gating.study.sweep import WARM, WARM_PREFIX, Point, resolve_warm
   warm = sweep.warm_runs(steps=steps, seeds=seeds)
   runs = sweep.runs(steps=steps, seeds=seeds)
   result = []
   for name, overrides in {**warm, **runs}.items():
+    after = f'{WARM_PREFIX}{name.rsplit("_s", 1)[1]}' if any(WARM in o for o in overrides) else None
     overrides = resolve_warm(overrides, out, name)
     try:
       cfg = override(configs.get(sweep.preset), overrides)
@@ -104,7 +107,7 @@ def points(sweep, out, *, steps, seeds):
              '--workdir', workdir, '--no-progress', *sets]
     evaluate = [sys.executable, '-m', 'experiments.eval', '--workdir', workdir,
                 '--paths', 'gathered', '--k', str(k), '--split', sweep.split]
-    result.append(Point(name, workdir, train, evaluate))
+    result.append(Point(name, workdir, train, evaluate, after))
   record = {'sweep': sweep.name, 'preset': sweep.preset, 'runs': runs}
   if sweep.split != 'test':       # (a study's record stays as older sweep folders hold it)
     record['split'] = sweep.split
@@ -228,8 +231,7 @@ def main(argv=None):
   signal.signal(signal.SIGTERM, _stop_on_sigterm)
   start = time.time()
   report = lambda line: print(line, flush=True)
-  warm = [p for p in todo if p.name.startswith(runner.WARM_PREFIX)]
-  studied = [p for p in todo if p not in warm]
+  studied = [p for p in todo if not p.name.startswith(runner.WARM_PREFIX)]
   if args.backend == 'ray':
     run = lambda todo: ray_backend.run_points(
         todo, extra_env=env, cpus_per_run=env_cpus(args),
@@ -237,8 +239,7 @@ def main(argv=None):
   else:
     run = lambda todo: runner.run_points(todo, parallel=parallel, env=env, report=report)
   try:
-    outcomes = run(warm)
-    outcomes += run(studied)
+    outcomes = run(todo)        # warm starts first; each point after its own
   finally:
     if args.backend == 'ray':
       ray_backend.shutdown()

@@ -73,9 +73,15 @@ def check_resources(cpus_per_run: float, gpus_per_run: float) -> None:
                              'of the Ray cluster')
 
 
-def _run_point_task(point: sweep.Point, extra_env: Mapping[str, str]) -> sweep.Outcome:
+def _run_point_task(point: sweep.Point, extra_env: Mapping[str, str],
+                    after: sweep.Outcome | None = None) -> sweep.Outcome:
   """Runs on a Ray worker: the point's commands in the worker's environment (with the
-  GPUs Ray gave it) plus `extra_env`."""
+  GPUs Ray gave it) plus `extra_env`. after: the outcome of the point it starts from
+  (Ray runs this task only once that one has ended); if it did not finish, neither
+  does this one."""
+  if after is not None and after.status not in ('done', 'skipped'):
+    return sweep.Outcome(point.name, 'failed', f'not run: {point.after}, which it starts '
+                         'from, did not finish', 0.0)
   env = {**os.environ, **extra_env}
   children = sweep._Children()
   try:
@@ -89,13 +95,18 @@ def run_points(points: Sequence[sweep.Point], *, extra_env: Mapping[str, str],
                cpus_per_run: float = 1, gpus_per_run: float = 0,
                report=print) -> list[sweep.Outcome]:
   """Runs every point as a Ray task (as many at once as the cluster's resources allow)
-  and returns their outcomes in order; report(line) as each point ends. On an interrupt
-  the tasks are cancelled and stop their commands (their points resume from their
-  checkpoints next time)."""
+  and returns their outcomes in order; report(line) as each point ends. A point with
+  `after` (which must come earlier in `points`) is given that point's task result, so Ray
+  starts it only once that one has ended. On an interrupt the tasks are cancelled and
+  stop their commands (their points resume from their checkpoints next time)."""
   ray = _ray()
   task = ray.remote(_run_point_task).options(
       num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
-  refs = {task.remote(p, dict(extra_env)): p for p in points}
+  refs, by_name = {}, {}
+  for p in points:        # a point that starts from another gets that one's result first
+    after = () if p.after is None else (by_name[p.after],)
+    by_name[p.name] = task.remote(p, dict(extra_env), *after)
+    refs[by_name[p.name]] = p
   outcomes: dict[str, sweep.Outcome] = {}
   pending = list(refs)
   try:

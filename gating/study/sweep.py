@@ -176,11 +176,16 @@ def worker_env(parallel: int, base: Mapping[str, str] | None = None,
 
 
 class Point(NamedTuple):
-  """One run of a sweep: its folder and the commands that train and evaluate it."""
+  """One run of a sweep: its folder and the commands that train and evaluate it.
+
+  after: the name of the point it starts from (its seed's warm start), or None. It runs
+  only once that point has finished, and fails without running if that point failed.
+  """
   name: str
   workdir: str
   train_command: list[str]
   eval_command: list[str]
+  after: str | None = None
 
 
 class Outcome(NamedTuple):
@@ -277,6 +282,11 @@ def run_points(points: Sequence[Point], *, parallel: int = 1,
                report=print) -> list[Outcome]:
   """Runs the points, `parallel` at once, and returns their outcomes in order.
 
+  Each free slot takes the first point, in the given order, that is ready: one without
+  `after`, or whose `after` point (among these) has finished. So the runs that start from
+  a warm start begin as soon as their own seed's warm start ends, while points that need
+  none fill the slots meanwhile. A point whose `after` failed fails too, without running.
+
   env: the subprocesses' environment, or one per worker slot (`parallel` of them, e.g.
   from `devices.slot_envs`: each point runs in the environment of the slot it holds).
   report(line) is called as each point ends. On an interrupt (KeyboardInterrupt, or
@@ -291,27 +301,49 @@ def run_points(points: Sequence[Point], *, parallel: int = 1,
     envs = [dict(e) for e in env]
     if len(envs) != parallel:
       raise ValueError(f'{len(envs)} worker environments for parallel={parallel}')
-  slots: queue.SimpleQueue = queue.SimpleQueue()
-  for slot_env in envs:
-    slots.put(slot_env)
+  names = {p.name for p in points}
+  for p in points:
+    if p.after is not None and p.after not in names:
+      raise ValueError(f'point {p.name} starts after {p.after}, which is not among the '
+                       'points to run')
 
-  def run_in_slot(point):
-    slot_env = slots.get()
-    try:
-      return run_point(point, slot_env, children)
-    finally:
-      slots.put(slot_env)
+  outcomes: dict[str, Outcome] = {}
+
+  def settle(outcome):
+    outcomes[outcome.name] = outcome
+    report(f'  {outcome.name:<28} {outcome.status:<8} {outcome.seconds:7.0f} s  '
+           f'{outcome.message}'.rstrip())
+
+  def blocked(point):     # its `after` point ended without finishing
+    return point.after in outcomes and outcomes[point.after].status not in ('done', 'skipped')
+
+  def ready(point):
+    return point.after is None or (point.after in outcomes and not blocked(point))
 
   children = _Children()
-  outcomes: dict[str, Outcome] = {}
+  free = list(envs)
+  waiting = list(points)
+  running: dict[concurrent.futures.Future, dict] = {}
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
   try:
-    futures = {pool.submit(run_in_slot, p): p for p in points}
-    for future in concurrent.futures.as_completed(futures):
-      outcome = future.result()
-      outcomes[outcome.name] = outcome
-      report(f'  {outcome.name:<28} {outcome.status:<8} {outcome.seconds:7.0f} s  '
-             f'{outcome.message}'.rstrip())
+    while waiting or running:
+      for point in [p for p in waiting if blocked(p)]:
+        waiting.remove(point)
+        settle(Outcome(point.name, 'failed', f'not run: {point.after}, which it starts '
+                       'from, did not finish', 0.0))
+      while free and (point := next((p for p in waiting if ready(p)), None)):
+        waiting.remove(point)
+        slot_env = free.pop(0)
+        running[pool.submit(run_point, point, slot_env, children)] = slot_env
+      if not running:     # what still waits can never start (its `after` waits too)
+        for point in waiting:
+          settle(Outcome(point.name, 'failed', f'not run: {point.after} never ran', 0.0))
+        break
+      done, _ = concurrent.futures.wait(running,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in done:
+        free.append(running.pop(future))
+        settle(future.result())
   except BaseException:
     children.stop()
     pool.shutdown(wait=True, cancel_futures=True)

@@ -74,3 +74,25 @@ def test_flags_of_the_other_backend_are_refused(tmp_path):
     sweep_script.main(['tiny', '--out', str(tmp_path), '--backend', 'ray', '--parallel', '2'])
   with pytest.raises(SystemExit, match='error: --address is for --backend ray'):
     sweep_script.main(['tiny', '--out', str(tmp_path), '--address', '127.0.0.1:6379'])
+
+
+@pytest.mark.slow
+def test_on_ray_a_point_waits_for_its_warm_start_and_skips_a_failed_one(tmp_path):
+  from gating.study import ray_backend
+  from tests.study.test_sweep import _stand_in, _times
+  ray_backend.connect(None, num_cpus=2)
+  try:
+    run = lambda points: ray_backend.run_points(points, extra_env={}, report=lambda line: None)
+    fine = tmp_path / 'fine'
+    outcomes = run([_stand_in(fine, 'warm_s0', sleep=2.0),
+                    _stand_in(fine, 'routed_s0', after='warm_s0')])
+    assert [o.status for o in outcomes] == ['done', 'done']
+    assert _times(fine, 'routed_s0')[0] >= _times(fine, 'warm_s0')[1]
+    broken = tmp_path / 'broken'
+    outcomes = run([_stand_in(broken, 'warm_s0', 3),
+                    _stand_in(broken, 'routed_s0', after='warm_s0')])
+    assert [o.status for o in outcomes] == ['failed', 'failed']
+    assert outcomes[1].message == 'not run: warm_s0, which it starts from, did not finish'
+    assert not (broken / 'routed_s0').exists()
+  finally:
+    ray_backend.shutdown()

@@ -135,6 +135,61 @@ def test_a_crashed_point_does_not_stop_the_others(tmp_path):
   assert (tmp_path / 'fine' / 'eval.json').exists() and len(lines) == 2
 
 
+def _stand_in(tmp_path, name, code=0, *, after=None, sleep=0.0):
+  """A Point whose train command sleeps, records when it started and ended, and fails with
+  `code` (or finds its `after` point untrained); eval just writes eval.json."""
+  workdir = tmp_path / name
+  needs = '' if after is None else (
+      f'not os.path.exists({str(tmp_path / after / "summary.json")!r}) and sys.exit(9); ')
+  train = (f'import os, sys, time; {needs}os.makedirs({str(workdir)!r}, exist_ok=True); '
+           f'start = time.time(); time.sleep({sleep}); '
+           f'open({str(workdir / "times")!r}, "w").write(f"{{start}} {{time.time()}}"); '
+           f'{code} or open({str(workdir / "summary.json")!r}, "w").write("{{}}"); '
+           f'sys.exit({code})')
+  evaluate = f'open({str(workdir / "eval.json")!r}, "w").write("{{}}")'
+  return sweep.Point(name, str(workdir), [sys.executable, '-c', train],
+                     [sys.executable, '-c', evaluate], after)
+
+
+def _times(tmp_path, name):
+  return [float(t) for t in (tmp_path / name / 'times').read_text().split()]
+
+
+def test_points_start_after_their_warm_start_while_others_fill_the_slots(tmp_path):
+  """Two slots: the point that starts from the warm start waits for it (its command fails
+  if the warm start is untrained), and the point that needs none runs meanwhile."""
+  points = [_stand_in(tmp_path, 'warm_s0', sleep=2.0),
+            _stand_in(tmp_path, 'routed_s0', after='warm_s0'),
+            _stand_in(tmp_path, 'dense_s0')]
+  outcomes = sweep.run_points(points, parallel=2, report=lambda line: None)
+  assert [(o.name, o.status) for o in outcomes] == [
+      ('warm_s0', 'done'), ('routed_s0', 'done'), ('dense_s0', 'done')]
+  _, warm_end = _times(tmp_path, 'warm_s0')
+  assert _times(tmp_path, 'dense_s0')[0] < warm_end       # filled the free slot
+  assert _times(tmp_path, 'routed_s0')[0] >= warm_end
+
+
+def test_a_point_whose_warm_start_failed_is_not_run(tmp_path):
+  points = [_stand_in(tmp_path, 'warm_s0', 3), _stand_in(tmp_path, 'routed_s0', after='warm_s0'),
+            _stand_in(tmp_path, 'dense_s0')]
+  outcomes = sweep.run_points(points, parallel=1, report=lambda line: None)
+  assert [(o.name, o.status) for o in outcomes] == [
+      ('warm_s0', 'failed'), ('routed_s0', 'failed'), ('dense_s0', 'done')]
+  assert outcomes[1].message == 'not run: warm_s0, which it starts from, did not finish'
+  assert not (tmp_path / 'routed_s0').exists()
+  with pytest.raises(ValueError, match='point routed_s0 starts after warm_s1, which is not '
+                                       'among the points to run'):
+    sweep.run_points([_stand_in(tmp_path, 'routed_s0', after='warm_s1')])
+
+
+def test_the_sweeps_points_start_after_their_own_seeds_warm_start():
+  _, points = sweep_script.points(sweeps.SWEEPS['tiny'], 'out', steps=None, seeds=(0, 1))
+  after = {p.name: p.after for p in points}
+  assert after == {'warm_s0': None, 'warm_s1': None, 'dense_s0': None, 'dense_s1': None,
+                   'topk_k2_s0': 'warm_s0', 'topk_k2_s1': 'warm_s1'}
+  assert [p.name for p in points][:2] == ['warm_s0', 'warm_s1']
+
+
 def test_worker_env_single_threads_xla_when_runs_fill_the_cores():
   env = sweep.worker_env(2, base={'XLA_FLAGS': '--foo'}, cores=2)
   assert env['XLA_FLAGS'] == '--foo --xla_cpu_multi_thread_eigen=false'
