@@ -232,12 +232,14 @@ SWEEPS = {
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
         warm_start=tuple(elastic((1, 2, 4), steps=1500)),
-        points={'dense_equal_flops': [*dense(), 'steps=7450'],
-                **{f'router_k{k}': fit(k, 'output_norm') for k in (2, 4)},
+        # (the fits first: each starts once its seed's elastic model is trained, and the
+        # long dense runs fill the slots after them)
+        points={**{f'router_k{k}': fit(k, 'output_norm') for k in (2, 4)},
                 **{f'static_k{k}': fit(k, 'output_norm', 'bce', 150, 'model.router=static')
                    for k in (2, 4)},
                 **{f'router_shared1_k{k}': fit(k, 'output_norm', 'bce', 150,
-                                               'model.shared_heads=1') for k in (2, 4)}},
+                                               'model.shared_heads=1') for k in (2, 4)},
+                'dense_equal_flops': [*dense(), 'steps=7450']},
         description='the recipes: elastic model, routers fitted to its head importance '
                     '(per sequence, static, one shared head) at K = 2, 4, and dense at '
                     'equal training FLOPs'),
