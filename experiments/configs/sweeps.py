@@ -41,6 +41,10 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 against static K = 2 and 4, 12000 steps.
   capacity_round5 two terms per answer, or the 32 permutation tasks with heads of width 2,
                 dense against static K = 2, 12000 steps.
+  capacity_round6 digits drawn from 64 symbols instead of 10 (data.num_digits = 64: a
+                copy carries 6 bits through heads of width 4), dense against static
+                K = 1, 2; and two terms per answer over 8 tasks instead of 32, dense
+                against static K = 2; 12000 steps.
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -228,6 +232,17 @@ SWEEPS = {
                 'static_k2_dh2': [*static(2), 'model.head_dim=2']},
         description='(issue 11, item 6) two terms per answer, or heads of width 2: does '
                     'static K = 2 fall behind dense?'),
+    'capacity_round6': Sweep(
+        name='capacity_round6', preset='synthetic', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'steps=12000'),
+        points={'dense_v64': [*dense(), 'data.num_digits=64'],
+                'static_k1_v64': [*static(1), 'data.num_digits=64'],
+                'static_k2_v64': [*static(2), 'data.num_digits=64'],
+                'dense_terms2_t8': [*dense(), 'data.num_terms=2', 'data.num_tasks=8'],
+                'static_k2_terms2_t8': [*static(2), 'data.num_terms=2', 'data.num_tasks=8']},
+        description='(issue 11, item 6) digits from an alphabet of 64 (each copy carries '
+                    '6 bits through heads of width 4), or two terms per answer over 8 '
+                    'tasks only: does static K <= 2 fall behind a converged dense?'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
