@@ -44,7 +44,7 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
   capacity_round6 digits drawn from 64 symbols instead of 10 (data.num_digits = 64: a
                 copy carries 6 bits through heads of width 4), dense against static
                 K = 1, 2; and two terms per answer over 8 tasks instead of 32, dense
-                against static K = 2; 12000 steps.
+                against static K = 1, 2; 12000 steps.
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -238,7 +238,11 @@ SWEEPS = {
         points={'dense_v64': [*dense(), 'data.num_digits=64'],
                 'static_k1_v64': [*static(1), 'data.num_digits=64'],
                 'static_k2_v64': [*static(2), 'data.num_digits=64'],
+                # two terms: an answer needs the task and two digits, three lookups, and
+                # one head in each of two layers makes two: static K = 1 cannot solve it,
+                # while a router that picks a head per task makes the task lookup needless
                 'dense_terms2_t8': [*dense(), 'data.num_terms=2', 'data.num_tasks=8'],
+                'static_k1_terms2_t8': [*static(1), 'data.num_terms=2', 'data.num_tasks=8'],
                 'static_k2_terms2_t8': [*static(2), 'data.num_terms=2', 'data.num_tasks=8']},
         description='(issue 11, item 6) digits from an alphabet of 64 (each copy carries '
                     '6 bits through heads of width 4), or two terms per answer over 8 '
