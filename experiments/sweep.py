@@ -91,7 +91,8 @@ def points(sweep, out, *, steps, seeds):
   runs = sweep.runs(steps=steps, seeds=seeds)
   result = []
   for name, overrides in {**warm, **runs}.items():
-    after = f'{WARM_PREFIX}{name.rsplit("_s", 1)[1]}' if any(WARM in o for o in overrides) else None
+    starts_warm = any(WARM in o for o in overrides)
+    after = f'{WARM_PREFIX}{name.rsplit("_s", 1)[1]}' if starts_warm else None
     overrides = resolve_warm(overrides, out, name)
     try:
       cfg = override(configs.get(sweep.preset), overrides)

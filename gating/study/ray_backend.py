@@ -104,6 +104,9 @@ def run_points(points: Sequence[sweep.Point], *, extra_env: Mapping[str, str],
       num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
   refs, by_name = {}, {}
   for p in points:        # a point that starts from another gets that one's result first
+    if p.after is not None and p.after not in by_name:
+      raise ValueError(f'point {p.name} starts after {p.after}, which is not among the '
+                       'points before it')
     after = () if p.after is None else (by_name[p.after],)
     by_name[p.name] = task.remote(p, dict(extra_env), *after)
     refs[by_name[p.name]] = p

@@ -26,7 +26,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import queue
 import re
 import subprocess
 import threading
