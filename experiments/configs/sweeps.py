@@ -239,8 +239,9 @@ SWEEPS = {
                 'static_k1_v64': [*static(1), 'data.num_digits=64'],
                 'static_k2_v64': [*static(2), 'data.num_digits=64'],
                 # two terms: an answer needs the task and two digits, three lookups, and
-                # one head in each of two layers makes two: static K = 1 cannot solve it,
-                # while a router that picks a head per task makes the task lookup needless
+                # static K = 1 has one head in each of two layers: it must squeeze two
+                # lookups into one attention pattern, while a router that picks a head per
+                # task makes the task lookup needless
                 'dense_terms2_t8': [*dense(), 'data.num_terms=2', 'data.num_tasks=8'],
                 'static_k1_terms2_t8': [*static(1), 'data.num_terms=2', 'data.num_tasks=8'],
                 'static_k2_terms2_t8': [*static(2), 'data.num_terms=2', 'data.num_tasks=8']},
