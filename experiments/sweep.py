@@ -86,13 +86,12 @@ def points(sweep, out, *, steps, seeds):
   from experiments import configs
   from gating.study import evaluation
   from gating.training.config import override
-  from gating.study.sweep import WARM, WARM_PREFIX, Point, resolve_warm
+  from gating.study.sweep import WARM, Point, resolve_warm, warm_folder
   warm = sweep.warm_runs(steps=steps, seeds=seeds)
   runs = sweep.runs(steps=steps, seeds=seeds)
   result = []
   for name, overrides in {**warm, **runs}.items():
-    starts_warm = any(WARM in o for o in overrides)
-    after = f'{WARM_PREFIX}{name.rsplit("_s", 1)[1]}' if starts_warm else None
+    after = warm_folder(name) if any(WARM in o for o in overrides) else None
     overrides = resolve_warm(overrides, out, name)
     try:
       cfg = override(configs.get(sweep.preset), overrides)

@@ -79,9 +79,8 @@ def _run_point_task(point: sweep.Point, extra_env: Mapping[str, str],
   GPUs Ray gave it) plus `extra_env`. after: the outcome of the point it starts from
   (Ray runs this task only once that one has ended); if it did not finish, neither
   does this one."""
-  if after is not None and after.status not in ('done', 'skipped'):
-    return sweep.Outcome(point.name, 'failed', f'not run: {point.after}, which it starts '
-                         'from, did not finish', 0.0)
+  if after is not None and not after.finished:
+    return sweep.not_run_after(point)
   env = {**os.environ, **extra_env}
   children = sweep._Children()
   try:

@@ -111,11 +111,15 @@ WARM = '{warm}'
 WARM_PREFIX = 'warm_s'
 
 
+def warm_folder(folder: str) -> str:
+  """The folder name of the warm-start run of run `folder` ('<point>_s<seed>')."""
+  return f"{WARM_PREFIX}{folder.rsplit('_s', 1)[1]}"
+
+
 def resolve_warm(overrides: Sequence[str], out: str, folder: str) -> list[str]:
   """The overrides of run `folder` ('<point>_s<seed>') with WARM made the absolute path
   of that seed's warm-start run."""
-  seed = folder.rsplit('_s', 1)[1]
-  warm = os.path.abspath(os.path.join(out, f'{WARM_PREFIX}{seed}'))
+  warm = os.path.abspath(os.path.join(out, warm_folder(folder)))
   return [o.replace(WARM, warm) for o in overrides]
 
 
@@ -192,6 +196,16 @@ class Outcome(NamedTuple):
   status: str        # 'done' (this sitting), 'skipped' (already done), 'failed', 'busy'
   message: str
   seconds: float
+
+  @property
+  def finished(self) -> bool:
+    return self.status in ('done', 'skipped')
+
+
+def not_run_after(point: Point) -> Outcome:
+  """The outcome of a point not run because the point it starts from did not finish."""
+  return Outcome(point.name, 'failed', f'not run: {point.after}, which it starts from, did '
+                 'not finish', 0.0)
 
 
 def is_trained(workdir: str) -> bool:
@@ -314,7 +328,7 @@ def run_points(points: Sequence[Point], *, parallel: int = 1,
            f'{outcome.message}'.rstrip())
 
   def blocked(point):     # its `after` point ended without finishing
-    return point.after in outcomes and outcomes[point.after].status not in ('done', 'skipped')
+    return point.after in outcomes and not outcomes[point.after].finished
 
   def ready(point):
     return point.after is None or (point.after in outcomes and not blocked(point))
@@ -328,8 +342,7 @@ def run_points(points: Sequence[Point], *, parallel: int = 1,
     while waiting or running:
       for point in [p for p in waiting if blocked(p)]:
         waiting.remove(point)
-        settle(Outcome(point.name, 'failed', f'not run: {point.after}, which it starts '
-                       'from, did not finish', 0.0))
+        settle(not_run_after(point))
       while free and (point := next((p for p in waiting if ready(p)), None)):
         waiting.remove(point)
         slot_env = free.pop(0)
