@@ -16,7 +16,9 @@ beginning as soon as its own seed's warm start has finished, while points that n
 warm start fill the free slots meanwhile.
 
 At the end it writes OUT/results.csv (one row per point), OUT/results.md (mean +- std over
-seeds per rule x K) and OUT/plots/ (quality vs active-head fraction, per label).
+seeds per rule x K) and OUT/plots/ (quality vs active-head fraction, per label). --report
+writes them from the points finished so far, and runs nothing: a long sweep's progress,
+while it runs or between sittings.
 
 With --parallel N >= the number of cores, each run's XLA uses single-threaded CPU kernels
 (--xla_cpu_multi_thread_eigen=false), so N runs do not oversubscribe the machine.
@@ -34,6 +36,7 @@ Examples:
   python -m experiments.sweep synthetic --parallel 2
   python -m experiments.sweep text --out runs/sweeps/text_short --steps 500 --seeds 0
   python -m experiments.sweep tiny --dry-run
+  python -m experiments.sweep recipes --report              # the results so far
   python -m experiments.sweep synthetic --gpus-per-run 1     # one run per GPU
   python -m experiments.sweep synthetic --backend ray --address HEAD:6379 --gpus-per-run 1
 """
@@ -77,6 +80,10 @@ def parse_args(argv):
                       help="comma-separated training seeds (overrides the sweep's), e.g. 0,1")
   parser.add_argument('--dry-run', action='store_true',
                       help='print the points and their commands, and run nothing')
+  parser.add_argument('--report', action='store_true',
+                      help='write results.csv, results.md and the plots from the points '
+                           'finished so far (a sweep still running, or stopped), and run '
+                           'nothing')
   return parser.parse_args(argv)
 
 
@@ -211,6 +218,18 @@ def main(argv=None):
     if args.gpus_per_run is not None and args.backend == 'local':
       for slot, slot_env in enumerate(env):
         print(f'slot {slot}: CUDA_VISIBLE_DEVICES={slot_env["CUDA_VISIBLE_DEVICES"]}')
+    return
+  if args.report:
+    try:
+      runner.check_folder(out, record)
+      paths = finish(sweep, out, [p.name for p in todo
+                                  if not p.name.startswith(runner.WARM_PREFIX)])
+    except (ValueError, runner.SweepError) as e:
+      sys.exit(f'error: {e}')
+    done = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
+    print(f'sweep {sweep.name}: {done} of {len(todo)} points finished in {out}')
+    for path in paths:
+      print(f'wrote {path}')
     return
   from gating.study import ray_backend
   try:

@@ -132,31 +132,8 @@ def claim_folder(out: str, record: dict) -> None:
   """
   path = os.path.join(out, SWEEP_FILE)
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved == record:
-      return
-    if saved.get('sweep') != record['sweep']:
-      raise SweepError(f"{out} holds sweep {saved.get('sweep')!r}, not {record['sweep']!r}; "
-                       'refusing to mix them: use another --out')
-    diffs = []
-    if saved.get('preset') != record['preset']:
-      diffs.append(f"preset {saved.get('preset')!r} vs now {record['preset']!r}")
-    old, new = saved.get('runs', {}), record['runs']
-    if sorted(old) != sorted(new):
-      gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
-      diffs.append(f'points only in the folder: {gone}; only in the definition now: {added}')
-    changed = [name for name in old if name in new and old[name] != new[name]]
-    for name in changed[:3]:
-      removed = [o for o in old[name] if o not in new[name]]
-      added = [o for o in new[name] if o not in old[name]]
-      diffs.append(f'{name}: overrides without {removed} and with {added} now'
-                   if removed or added else f'{name}: the same overrides in another order')
-    if len(changed) > 3:
-      diffs.append(f'and {len(changed) - 3} more changed points')
-    raise SweepError(f"{out} holds a different definition of sweep {record['sweep']!r} "
-                     f"({'; '.join(diffs)}); refusing to overwrite it: use another --out, "
-                     'or the same definition (e.g. the same --steps and --seeds)')
+    check_folder(out, record)
+    return
   if os.path.isdir(out) and os.listdir(out):
     raise SweepError(f'{out} is not empty and holds no {SWEEP_FILE}: not a sweep folder; '
                      'refusing to write into it: use another --out')
@@ -164,6 +141,41 @@ def claim_folder(out: str, record: dict) -> None:
   with open(path + '.tmp', 'w') as f:
     json.dump(record, f, indent=1)
   os.replace(path + '.tmp', path)
+
+
+def check_folder(out: str, record: dict) -> None:
+  """Checks that `out` is the folder of this sweep as `record` defines it (its sweep.json
+  equal to `record`); raises SweepError naming the difference, or saying that `out` holds
+  no sweep. Writes nothing."""
+  path = os.path.join(out, SWEEP_FILE)
+  if not os.path.exists(path):
+    raise SweepError(f"{out} holds no {SWEEP_FILE}: sweep {record['sweep']!r} has not "
+                     'been started there')
+  with open(path) as f:
+    saved = json.load(f)
+  if saved == record:
+    return
+  if saved.get('sweep') != record['sweep']:
+    raise SweepError(f"{out} holds sweep {saved.get('sweep')!r}, not {record['sweep']!r}; "
+                     'refusing to mix them: use another --out')
+  diffs = []
+  if saved.get('preset') != record['preset']:
+    diffs.append(f"preset {saved.get('preset')!r} vs now {record['preset']!r}")
+  old, new = saved.get('runs', {}), record['runs']
+  if sorted(old) != sorted(new):
+    gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+    diffs.append(f'points only in the folder: {gone}; only in the definition now: {added}')
+  changed = [name for name in old if name in new and old[name] != new[name]]
+  for name in changed[:3]:
+    removed = [o for o in old[name] if o not in new[name]]
+    added = [o for o in new[name] if o not in old[name]]
+    diffs.append(f'{name}: overrides without {removed} and with {added} now'
+                 if removed or added else f'{name}: the same overrides in another order')
+  if len(changed) > 3:
+    diffs.append(f'and {len(changed) - 3} more changed points')
+  raise SweepError(f"{out} holds a different definition of sweep {record['sweep']!r} "
+                   f"({'; '.join(diffs)}); it is neither run nor reported into: use another "
+                   '--out, or the same definition (e.g. the same --steps and --seeds)')
 
 
 def worker_env(parallel: int, base: Mapping[str, str] | None = None,

@@ -69,6 +69,20 @@ def test_tiny_sweep_runs_resumes_and_writes_results(tmp_path, capsys):
   assert sorted(os.listdir(point / 'checkpoints')) == ['2', '4']
   with open(point / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 5, "kind": "tra')
+
+  # --report writes the results of the points finished so far, and trains nothing.
+  (out / 'results.md').unlink()
+  capsys.readouterr()
+  sweep_script.main(['tiny', '--out', str(out), '--report'])
+  assert 'sweep tiny: 2 of 3 points finished' in capsys.readouterr().out
+  assert sorted(os.listdir(point / 'checkpoints')) == ['2', '4']
+  assert not (point / 'summary.json').exists()
+  assert {name: row['status'] for name, row in _rows(out).items()} == {
+      'dense_s0': 'done', 'topk_k2_s0': 'unfinished'}
+  table = (out / 'results.md').read_text()
+  assert '1 of 2 points finished' in table and '| dense | dense | none | 4 | 1 |' in table
+  assert '| topk_k2 |' not in table
+
   sweep_script.main(['tiny', '--out', str(out)])
   printed = capsys.readouterr().out
   assert 'dense_s0' in printed and 'skipped' in printed and 'topk_k2_s0' in printed
@@ -94,6 +108,17 @@ def test_folder_of_another_sweep_is_refused(tmp_path):
   with pytest.raises(SystemExit, match='holds no sweep.json: not a sweep folder'):
     sweep_script.main(['tiny', '--out', str(other)])
   assert os.listdir(other) == ['metrics.jsonl']
+
+
+def test_report_needs_the_sweeps_own_folder(tmp_path):
+  with pytest.raises(SystemExit, match="holds no sweep.json: sweep 'tiny' has not been "
+                                       'started there'):
+    sweep_script.main(['tiny', '--out', str(tmp_path / 'none'), '--report'])
+  assert not (tmp_path / 'none').exists()
+  (tmp_path / 'sweep.json').write_text(json.dumps({'sweep': 'synthetic', 'runs': {}}))
+  with pytest.raises(SystemExit, match="holds sweep 'synthetic', not 'tiny'"):
+    sweep_script.main(['tiny', '--out', str(tmp_path), '--report'])
+  assert os.listdir(tmp_path) == ['sweep.json']
 
 
 def test_unknown_sweep_lists_the_known_ones():
