@@ -32,7 +32,8 @@ def parse_args(argv):
   parser.add_argument('--split', default='validation', choices=('validation', 'test'),
                       help='validation (tuning; default) or test')
   parser.add_argument('--max-sequences', type=int, default=512,
-                      help='sequences of the split to use (default 512; 0: all)')
+                      help='sequences of the split to use, drawn at random with a fixed '
+                           'seed (default 512; 0: all)')
   parser.add_argument('--restore-step', type=int, default=None, metavar='N',
                       help='the checkpoint at step N instead of the latest')
   parser.add_argument('--out', default=None, help='JSON file (default: DIR/headroom.json)')
@@ -56,7 +57,9 @@ def main(argv=None):
     json.dump(report, f, indent=1)
   os.replace(out + '.tmp', out)
   print(f"{report['workdir']} at step {report['step']}, {report['split']} split, "
-        f"{report['sequences']} sequences; loss per score-position token:")
+        f"{report['sequences']} sequences ("
+        + ', '.join(f'{n} {name}' for name, n in report['sequences_per_label'].items())
+        + '); loss per score-position token:')
   def num(value, fmt='.4f'):
     return '-' if value is None else format(value, fmt)
   for r in report['layers']:

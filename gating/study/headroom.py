@@ -122,8 +122,8 @@ def attention_layers(model: nnx.Module) -> list[tuple[str, GatedMultiHeadAttenti
 def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int] | None = None,
              split: str = 'validation', max_sequences: int | None = 512) -> dict[str, Any]:
   """The oracle for each attention layer of a run (all, or those in `layers`) at every
-  budget in `ks` (default: the run's own K; a dense run needs `ks`), on the first
-  `max_sequences` sequences of `split` (None: all)."""
+  budget in `ks` (default: the run's own K; a dense run needs `ks`), on `max_sequences`
+  sequences of `split` drawn at random (`sample_rows`; None: all)."""
   learner, _ = nnx.merge(run.graphdef, run.state)
   model = learner.model
   found = attention_layers(model)
@@ -152,7 +152,10 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
       np.asarray, _forward(graphdef, state, rows, None, None, None))
   choice_BxL, score_BxL = split_positions(weight_BxL)
   report = {'workdir': run.workdir, 'step': run.step, 'split': split, 'gate': run.config.model.gate,
-            'sequences': int(weight_BxL.shape[0]), 'layers': []}
+            'sequences': int(weight_BxL.shape[0]),
+            'sequences_per_label': {name: int((rows['label'] == i).sum())
+                                    for i, name in enumerate(run.splits.info.label_names)},
+            'layers': []}
   for n in layers:
     name, attn = found[n]
     H = attn.num_heads
@@ -182,11 +185,23 @@ def _open(num_heads: int, subset) -> jax.Array:
   return jnp.full((num_heads,), -FORCE_LOGIT).at[jnp.array(subset)].set(FORCE_LOGIT)
 
 
+def sample_rows(num_rows: int, max_sequences: int | None, seed: int = 0) -> np.ndarray:
+  """Indices of the rows the oracle searches, in the split's order: all of them, or
+  `max_sequences` drawn uniformly without replacement with a fixed seed (every search of a
+  split sees the same rows). Not the first rows: a split may be ordered by label (the text
+  splits hold python, then pydoc, then shakespeare), and its first rows one label only."""
+  if max_sequences is None or max_sequences >= num_rows:
+    return np.arange(num_rows)
+  if max_sequences < 1:
+    raise ValueError(f'max_sequences={max_sequences} must be at least 1 (None: all rows)')
+  chosen = np.random.default_rng(seed).choice(num_rows, size=max_sequences, replace=False)
+  return np.sort(chosen)
+
+
 def _rows(dataset, max_sequences):
   rows = next(data.eval_batches(dataset, len(dataset)))
-  if max_sequences is not None:
-    rows = {k: v[:max_sequences] for k, v in rows.items()}
-  return {k: rows[k] for k in ('tokens', 'valid', 'target_mask', 'label')}
+  keep = sample_rows(len(rows['label']), max_sequences)
+  return {k: np.asarray(rows[k])[keep] for k in ('tokens', 'valid', 'target_mask', 'label')}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5))
