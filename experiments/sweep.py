@@ -219,15 +219,15 @@ def main(argv=None):
       for slot, slot_env in enumerate(env):
         print(f'slot {slot}: CUDA_VISIBLE_DEVICES={slot_env["CUDA_VISIBLE_DEVICES"]}')
     return
+  studied = [p.name for p in todo if not p.name.startswith(runner.WARM_PREFIX)]
+  finished = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
   if args.report:
     try:
       runner.check_folder(out, record)
-      paths = finish(sweep, out, [p.name for p in todo
-                                  if not p.name.startswith(runner.WARM_PREFIX)])
+      paths = finish(sweep, out, studied)
     except (ValueError, runner.SweepError) as e:
       sys.exit(f'error: {e}')
-    done = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
-    print(f'sweep {sweep.name}: {done} of {len(todo)} points finished in {out}')
+    print(f'sweep {sweep.name}: {finished} of {len(todo)} points finished in {out}')
     for path in paths:
       print(f'wrote {path}')
     return
@@ -242,7 +242,6 @@ def main(argv=None):
       ray_backend.shutdown()
     sys.exit(f'error: {e}')
 
-  finished = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
   at_once = (f'{parallel} at once' if args.backend == 'local' else
              f'on Ray ({ray_backend_where(args)})')
   print(f'sweep {sweep.name}: {len(todo)} points ({finished} finished before) in {out}, '
@@ -250,7 +249,6 @@ def main(argv=None):
   signal.signal(signal.SIGTERM, _stop_on_sigterm)
   start = time.time()
   report = lambda line: print(line, flush=True)
-  studied = [p for p in todo if not p.name.startswith(runner.WARM_PREFIX)]
   if args.backend == 'ray':
     run = lambda todo: ray_backend.run_points(
         todo, extra_env=env, cpus_per_run=env_cpus(args),
@@ -263,7 +261,7 @@ def main(argv=None):
     if args.backend == 'ray':
       ray_backend.shutdown()
   print(f'sweep {sweep.name}: {time.time() - start:.0f} s this sitting', flush=True)
-  for path in finish(sweep, out, [p.name for p in studied]):
+  for path in finish(sweep, out, studied):
     print(f'wrote {path}')
   failed = [o for o in outcomes if o.status in ('failed', 'busy')]
   if failed:
