@@ -38,9 +38,9 @@ def parse_args(argv):
   parser.add_argument('--split', default='test', choices=('test', 'validation'),
                       help='test (reported numbers; default) or validation (tuning)')
   parser.add_argument('--max-batches', type=int, default=None,
-                      help='score only the first N batches of the split (default: all rows; '
-                           'a text split is ordered by domain, so its first batches hold '
-                           'the first domain only)')
+                      help="score only N batches' worth of the split's rows, drawn at "
+                           'random with a fixed seed (every domain, the same rows each '
+                           'time; default: all rows)')
   parser.add_argument('--out', default=None, help='JSON file (default: DIR/eval.json)')
   parser.add_argument('--set', dest='overrides', action='append', default=[],
                       metavar='data.KEY=VALUE',

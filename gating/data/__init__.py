@@ -8,7 +8,8 @@
               that never mix domains
   batches.py  `batch_at`, the resumable training pipeline (the batch is a pure function
               of (dataset, step, batch_size, seed), so the data position of a checkpoint
-              is just its step), and `eval_batches`
+              is just its step), and `eval_batches` (all rows in order, or a fixed random
+              sample of them: `sample_rows`)
 
 Every split is a map-style `datasets.Dataset` in numpy format whose rows all have the
 same length L and the columns 'tokens', 'valid', 'target_mask' and 'label' (rows.py).
@@ -17,7 +18,7 @@ same length L and the columns 'tokens', 'valid', 'target_mask' and 'label' (rows
 This package imports `datasets`; `import gating` does not import it.
 """
 
-from gating.data.batches import batch_at, eval_batches
+from gating.data.batches import batch_at, eval_batches, sample_rows
 from gating.data.corpus import (BUILTIN_SOURCES, BYTE_DOC_ID, BYTE_PAD_ID, BYTE_VOCAB,
                                 SHAKESPEARE, decode_bytes, encode_bytes, text)
 from gating.data.rows import DataInfo, Splits, classification, identity
@@ -26,6 +27,6 @@ from gating.data.tasks import synthetic, synthetic_stream
 __all__ = [
     'BUILTIN_SOURCES', 'BYTE_DOC_ID', 'BYTE_PAD_ID', 'BYTE_VOCAB', 'DataInfo', 'SHAKESPEARE',
     'Splits', 'batch_at', 'classification', 'decode_bytes', 'encode_bytes', 'eval_batches',
-    'identity',
+    'identity', 'sample_rows',
     'synthetic', 'synthetic_stream', 'text',
 ]

@@ -92,10 +92,28 @@ def batch_at(dataset: datasets.Dataset, step: int, batch_size: int,
   return {name: array[index_B] for name, array in _columns(dataset).items()}
 
 
-def eval_batches(dataset: datasets.Dataset,
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """The dataset in order, in batches of batch_size; the last one may be smaller."""
+def sample_rows(num_rows: int, max_rows: int | None, seed: int = 0) -> np.ndarray:
+  """Indices of the rows an evaluation reads, in the split's order: all of them, or
+  `max_rows` drawn uniformly without replacement with a fixed seed (every evaluation of
+  a split reads the same rows). Not the first rows: a split may be ordered by label (the
+  text splits hold python, then pydoc, then shakespeare), and its first rows one label."""
+  if max_rows is None or max_rows >= num_rows:
+    return np.arange(num_rows)
+  if max_rows < 1:
+    raise ValueError(f'max_rows={max_rows} must be at least 1 (None: all rows)')
+  chosen = np.random.default_rng(seed).choice(num_rows, size=max_rows, replace=False)
+  return np.sort(chosen)
+
+
+def eval_batches(dataset: datasets.Dataset, batch_size: int,
+                 max_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """The dataset in order, in batches of batch_size; the last one may be smaller.
+  max_rows: read only that many rows, a fixed random sample (`sample_rows`), in order."""
   N = _check_dataset(dataset, batch_size)
   columns = _columns(dataset)
+  if max_rows is not None and max_rows < N:
+    rows_R = sample_rows(N, max_rows)
+    columns = {name: array[rows_R] for name, array in columns.items()}
+    N = len(rows_R)
   for start in range(0, N, batch_size):
     yield {name: array[start:start + batch_size] for name, array in columns.items()}

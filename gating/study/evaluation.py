@@ -234,6 +234,8 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
   """
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  if max_batches is not None and max_batches < 1:
+    raise ValueError(f'max_batches={max_batches} must be at least 1 (None: every row)')
   cfg = run.config
   G = cfg.model.mlp_groups
   if groups is not None and (G is None or not 1 <= groups <= G):

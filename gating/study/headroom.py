@@ -123,7 +123,7 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
              split: str = 'validation', max_sequences: int | None = 512) -> dict[str, Any]:
   """The oracle for each attention layer of a run (all, or those in `layers`) at every
   budget in `ks` (default: the run's own K; a dense run needs `ks`), on `max_sequences`
-  sequences of `split` drawn at random (`sample_rows`; None: all)."""
+  sequences of `split` drawn at random (`data.sample_rows`; None: all)."""
   learner, _ = nnx.merge(run.graphdef, run.state)
   model = learner.model
   found = attention_layers(model)
@@ -146,6 +146,8 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
   for k in ks or ():
     if not 1 <= k < min(found[n][1].num_heads for n in layers):
       raise ValueError(f'K={k} must be in [1, H) for every searched layer')
+  if max_sequences is not None and max_sequences < 1:
+    raise ValueError(f'max_sequences={max_sequences} must be at least 1 (None: all rows)')
   rows = _rows(getattr(run.splits, split), max_sequences)
   graphdef, state = nnx.split(model)
   router_ce_BxL, weight_BxL, router_open_BxNxH = map(
@@ -185,23 +187,9 @@ def _open(num_heads: int, subset) -> jax.Array:
   return jnp.full((num_heads,), -FORCE_LOGIT).at[jnp.array(subset)].set(FORCE_LOGIT)
 
 
-def sample_rows(num_rows: int, max_sequences: int | None, seed: int = 0) -> np.ndarray:
-  """Indices of the rows the oracle searches, in the split's order: all of them, or
-  `max_sequences` drawn uniformly without replacement with a fixed seed (every search of a
-  split sees the same rows). Not the first rows: a split may be ordered by label (the text
-  splits hold python, then pydoc, then shakespeare), and its first rows one label only."""
-  if max_sequences is None or max_sequences >= num_rows:
-    return np.arange(num_rows)
-  if max_sequences < 1:
-    raise ValueError(f'max_sequences={max_sequences} must be at least 1 (None: all rows)')
-  chosen = np.random.default_rng(seed).choice(num_rows, size=max_sequences, replace=False)
-  return np.sort(chosen)
-
-
 def _rows(dataset, max_sequences):
-  rows = next(data.eval_batches(dataset, len(dataset)))
-  keep = sample_rows(len(rows['label']), max_sequences)
-  return {k: np.asarray(rows[k])[keep] for k in ('tokens', 'valid', 'target_mask', 'label')}
+  rows = next(data.eval_batches(dataset, len(dataset), max_sequences))
+  return {k: np.asarray(rows[k]) for k in ('tokens', 'valid', 'target_mask', 'label')}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5))

@@ -323,14 +323,16 @@ def evaluate(eval_fn, state, dataset, info: data.DataInfo, batch_size: int,
              fetch=jax.device_get) -> dict[str, Any]:
   """Loss, accuracy and head usage overall and per label, over the rows in order.
 
-  max_batches=None reads every row: the last batch is filled up with repeats of the
-  first rows (one compiled shape), whose results are dropped. shard puts a batch on the
-  devices, fetch brings the outputs back (`distributed.fetch` across processes).
+  max_batches=None reads every row; max_batches=N reads N batches' worth of rows drawn
+  at random with a fixed seed (`data.sample_rows`: the same rows at every evaluation, and
+  every label, where the first rows of a split may hold one label only). The last batch
+  is filled up with repeats of its first rows (one compiled shape), whose results are
+  dropped. shard puts a batch on the devices, fetch brings the outputs back
+  (`distributed.fetch` across processes).
   """
   sums = None
-  for i, rows in enumerate(data.eval_batches(dataset, batch_size)):
-    if max_batches is not None and i >= max_batches:
-      break
+  max_rows = None if max_batches is None else max_batches * batch_size
+  for rows in data.eval_batches(dataset, batch_size, max_rows):
     n = len(rows['label'])
     if n < batch_size:
       rows = {k: np.concatenate([v, np.resize(v, (batch_size - n,) + v.shape[1:])])

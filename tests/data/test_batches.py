@@ -61,6 +61,35 @@ def test_eval_batches_in_order(small):
                                 np.asarray(small.validation['tokens']))
 
 
+def test_sampled_rows_cover_a_split_ordered_by_label():
+  # a split sorted by label, like the text splits (one domain after another)
+  label_N = np.repeat([0, 1, 2], [700, 270, 430])
+  keep = data.sample_rows(len(label_N), 256)
+  assert len(np.unique(keep)) == 256 and np.all(np.diff(keep) > 0)
+  counts = np.bincount(label_N[keep], minlength=3)
+  np.testing.assert_allclose(counts / 256, [0.5, 0.193, 0.307], atol=0.08)
+  np.testing.assert_array_equal(keep, data.sample_rows(len(label_N), 256))  # fixed seed
+  np.testing.assert_array_equal(data.sample_rows(10, 50), np.arange(10))
+  np.testing.assert_array_equal(data.sample_rows(10, None), np.arange(10))
+  with pytest.raises(ValueError, match='max_rows=0 must be at least 1'):
+    data.sample_rows(10, 0)
+
+
+def test_eval_batches_of_a_sample_read_every_label():
+  """max_rows reads a fixed random sample in order, not the split's first rows (which,
+  in a split ordered by label, hold the first label only)."""
+  ds = indexed(100)                      # label = row index: rows 0..99 in order
+  batches_ = list(data.eval_batches(ds, 16, max_rows=40))
+  assert [len(b['label']) for b in batches_] == [16, 16, 8]
+  label_R = np.concatenate([b['label'] for b in batches_])
+  np.testing.assert_array_equal(label_R, data.sample_rows(100, 40))
+  assert label_R.max() >= 60             # not rows 0..39
+  np.testing.assert_array_equal(np.concatenate([b['tokens'] for b in batches_]),
+                                np.asarray(ds['tokens'])[label_R])
+  whole = list(data.eval_batches(ds, 64, max_rows=500))    # more than the split: all
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in whole]), np.arange(100))
+
+
 def test_batch_at_errors():
   ds = indexed(4)
   with pytest.raises(ValueError, match='batch_size=5 is larger than the dataset'):

@@ -57,6 +57,8 @@ def test_eval_writes_both_paths_at_several_k(tmp_path, capsys):
   for n, match in ((0, 'must be an int >= 1'), (99, 'has 16 full batches of 16, fewer than')):
     with pytest.raises(SystemExit, match=f'error: compensate: .*{match}'):
       eval_script.main(['--workdir', str(tmp_path), '--compensate', str(n)])
+  with pytest.raises(SystemExit, match='error: max_batches=0 must be at least 1'):
+    eval_script.main(['--workdir', str(tmp_path), '--max-batches', '0'])
 
 
 def test_hard_concrete_training_gate_has_no_budget():

@@ -84,6 +84,8 @@ def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
   assert layer['score_tokens'] > 0 and layer['choice_tokens'] > 0
   with pytest.raises(SystemExit, match='error: layer 3 does not exist'):
     headroom_script.main(['--workdir', str(tmp_path / 'run'), '--layers', '3'])
+  with pytest.raises(SystemExit, match='error: max_sequences=-2 must be at least 1'):
+    headroom_script.main(['--workdir', str(tmp_path / 'run'), '--max-sequences', '-2'])
   run = evaluation.load_run(str(tmp_path / 'run'))
   dense = dataclasses.replace(run.config, model=dataclasses.replace(
       run.config.model, gate='dense', active_heads=None))
@@ -98,20 +100,6 @@ def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
   assert 'router_recall' not in report['layers'][0]
   with pytest.raises(ValueError, match=r'K=4 must be in \[1, H\)'):
     headroom.headroom(dense_run, ks=[4])
-
-
-def test_sampled_rows_cover_a_split_ordered_by_label():
-  # a split sorted by label, like the text splits (one domain after another)
-  label_N = np.repeat([0, 1, 2], [700, 270, 430])
-  keep = headroom.sample_rows(len(label_N), 256)
-  assert len(np.unique(keep)) == 256 and np.all(np.diff(keep) > 0)
-  counts = np.bincount(label_N[keep], minlength=3)
-  np.testing.assert_allclose(counts / 256, [0.5, 0.193, 0.307], atol=0.08)
-  np.testing.assert_array_equal(keep, headroom.sample_rows(len(label_N), 256))  # fixed seed
-  np.testing.assert_array_equal(headroom.sample_rows(10, 50), np.arange(10))
-  np.testing.assert_array_equal(headroom.sample_rows(10, None), np.arange(10))
-  with pytest.raises(ValueError, match='max_sequences=0 must be at least 1'):
-    headroom.sample_rows(10, 0)
 
 
 def test_router_recall_of_the_oracle_subsets():
