@@ -45,6 +45,7 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 copy carries 6 bits through heads of width 4), dense against static
                 K = 1, 2; and two terms per answer over 8 tasks instead of 32, dense
                 against static K = 1, 2; 12000 steps.
+  capacity_round7 round 6's two variants, dense only, 24000 steps: does dense converge?
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -248,6 +249,13 @@ SWEEPS = {
         description='(issue 11, item 6) digits from an alphabet of 64 (each copy carries '
                     '6 bits through heads of width 4), or two terms per answer over 8 '
                     'tasks only: does static K <= 2 fall behind a converged dense?'),
+    'capacity_round7': Sweep(
+        name='capacity_round7', preset='synthetic', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'steps=24000'),
+        points={'dense_v64': [*dense(), 'data.num_digits=64'],
+                'dense_terms2_t8': [*dense(), 'data.num_terms=2', 'data.num_tasks=8']},
+        description='(issue 11, item 6) round 6 at twice the steps, dense only: does '
+                    'dense converge at all on the two variants where it had not?'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
