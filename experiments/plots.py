@@ -342,7 +342,7 @@ def plot_sweep(sweep_dir: str) -> list[str]:
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
   prefix = 'bits_per_token/' if text else 'accuracy/'
-  labels = [c[len(prefix):] for c in groups[0] if c.startswith(prefix)]
+  labels = results.label_columns(groups, prefix)
   if labels:
     cols = min(4, len(labels))
     rows = int(np.ceil(len(labels) / cols))
@@ -354,7 +354,11 @@ def plot_sweep(sweep_dir: str) -> list[str]:
       ax.axis('off')
     for ax in axes[:, 0]:
       ax.set_ylabel('bits per token' if text else 'accuracy')
-    handles, names = axes.flat[0].get_legend_handles_labels()
+    legend = {}   # every panel's lines: a rule may be missing from the first label's panel
+    for ax in axes.flat:
+      for handle, line_name in zip(*ax.get_legend_handles_labels()):
+        legend.setdefault(line_name, handle)
+    handles, names = list(legend.values()), list(legend)
     fig.legend(handles, names, loc='lower center', ncol=min(4, len(names)), fontsize=8)
     fig.suptitle(f'{name}: {split} {y_label} per {"domain" if text else "task"} vs '
                  f'active-head fraction ({subtitle})', fontsize=9)

@@ -252,6 +252,12 @@ def _num(cell, fmt) -> str:
   return '-' if cell is None else format(cell[0], fmt)
 
 
+def label_columns(groups: Sequence[dict[str, Any]], prefix: str) -> list[str]:
+  """The labels of the `prefix<label>` columns of any group, in order of first appearance:
+  points on other data (other tasks, other domains) add their own labels, not lose them."""
+  return list(dict.fromkeys(c[len(prefix):] for g in groups for c in g if c.startswith(prefix)))
+
+
 def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
   """A Markdown report: the main table (mean ± std over seeds per rule x K) and a
   per-label table (accuracy per task for synthetic data, bits per token per domain)."""
@@ -294,7 +300,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
               '-' if wall is None else _pm((wall[0] / 60, wall[1] / 60, wall[2]), 1)]
     lines.append('| ' + ' | '.join(cells) + ' |')
   prefix = 'bits_per_token/' if text else 'accuracy/'
-  labels = [c[len(prefix):] for c in groups[0] if c.startswith(prefix)]
+  labels = label_columns(groups, prefix)
   if labels:
     lines += ['', f"Per {'domain: bits per token' if text else 'task: accuracy'} "
                   '(mean ± std over seeds).', '',

@@ -44,6 +44,16 @@ def test_csv_round_trip_and_markdown(tmp_path):
   assert '| topk_k2 | dynamic top-k (none) | 2 | 3.100 ± 0.141 |' in table
 
 
+def test_per_label_table_holds_every_points_labels():
+  """Points on different data (here: other domains) each keep their per-label figures."""
+  other = {**_row('dense', 8, 0, 1.5), 'point': 'dense_other_s0', 'steps': 20,
+           'bits_per_token/python': None, 'bits_per_token/latin': 4.25}
+  table = results.markdown([_row('dense', 8, 0, 1.8), other])
+  assert '| point | rule | K | python | latin |' in table
+  assert '| dense_k8 | dense (none) | 8 | 2.800 | - |' in table
+  assert '| dense_other | dense (none) | 8 | - | 4.250 |' in table
+
+
 def test_points_that_differ_beyond_their_labels_are_not_averaged():
   """Two points with the same rule and K but other settings (here: steps) are two rows."""
   longer = [{**_row('dense', 8, s, 1.5), 'point': f'dense_long_s{s}', 'steps': 20}
