@@ -46,6 +46,14 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 K = 1, 2; and two terms per answer over 8 tasks instead of 32, dense
                 against static K = 1, 2; 12000 steps.
   capacity_round7 round 6's two variants, dense only, 24000 steps: does dense converge?
+  capacity_round8 two terms per answer over 8 tasks with a residual stream twice as wide
+                (model.features = 128, heads still of width 4), 12000 steps: dense, and
+                static K = 1, 2; and dense at D = 64 with twice the learning rate.
+  capacity_round9 two terms per answer over 8 tasks (D = 64), 24000 steps: static K = 1, 2
+                at round 7's budget, and a first look at the recipes there: an elastic
+                model (sub-models at K = 1, 2, 4) for 6000 steps, which costs about as
+                many FLOPs as dense's 24000, then routers fitted to its output-norm labels
+                (per sequence, static, one shared head) at K = 1, 2.
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -256,6 +264,31 @@ SWEEPS = {
                 'dense_terms2_t8': [*dense(), 'data.num_terms=2', 'data.num_tasks=8']},
         description='(issue 11, item 6) round 6 at twice the steps, dense only: does '
                     'dense converge at all on the two variants where it had not?'),
+    'capacity_round8': Sweep(
+        name='capacity_round8', preset='synthetic', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'steps=12000', 'data.num_terms=2',
+                'data.num_tasks=8'),
+        # (dense first: the points that decide the round)
+        points={'dense_d128': [*dense(), 'model.features=128'],
+                'dense_lr6e-3': [*dense(), 'optim.learning_rate=6e-3'],
+                'static_k1_d128': [*static(1), 'model.features=128'],
+                'static_k2_d128': [*static(2), 'model.features=128']},
+        description='(issue 11, item 6) two terms per answer over 8 tasks: does a wider '
+                    'residual stream (D = 128, heads of width 4) or a higher learning rate '
+                    'make dense converge in 12000 steps, with static K <= 2 still behind?'),
+    'capacity_round9': Sweep(
+        name='capacity_round9', preset='synthetic', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'data.num_terms=2', 'data.num_tasks=8'),
+        warm_start=tuple(elastic((1, 2, 4), steps=6000)),
+        points={**{f'static_k{k}': [*static(k), 'steps=24000'] for k in (1, 2)},
+                **{f'fit_router_k{k}': fit(k, 'output_norm') for k in (1, 2)},
+                **{f'fit_static_k{k}': fit(k, 'output_norm', 'bce', 150, 'model.router=static')
+                   for k in (1, 2)},
+                'fit_router_shared1_k2': fit(2, 'output_norm', 'bce', 150,
+                                             'model.shared_heads=1')},
+        description='(issue 11, item 6) two terms per answer over 8 tasks: static K = 1, 2 '
+                    'at 24000 steps, and the recipes (elastic model, 6000 steps; routers '
+                    'fitted to it) at K = 1, 2'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
