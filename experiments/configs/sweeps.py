@@ -54,6 +54,10 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 model (sub-models at K = 1, 2, 4) for 6000 steps, which costs about as
                 many FLOPs as dense's 24000, then routers fitted to its output-norm labels
                 (per sequence, static, one shared head) at K = 1, 2.
+  capacity_round10 the same tasks, top-k at K = 2 routed end to end for 24000 steps: after
+                a 12000-step dense warm start (the old study's rule), or from scratch with
+                a router that reads the task token alone (model.prefix_len = 1) and a load
+                balance of 0.01.
   recipes       the study, frozen after recipes_tune (docs/tuning.md): text, test split,
                 seeds 0, 1, 2, K = 2 and 4. One elastic model per seed (sub-models at
                 K = 1, 2, 4; 1500 steps), then, the model frozen, routers fitted to
@@ -289,6 +293,16 @@ SWEEPS = {
         description='(issue 11, item 6) two terms per answer over 8 tasks: static K = 1, 2 '
                     'at 24000 steps, and the recipes (elastic model, 6000 steps; routers '
                     'fitted to it) at K = 1, 2'),
+    'capacity_round10': Sweep(
+        name='capacity_round10', preset='synthetic', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'data.num_terms=2', 'data.num_tasks=8'),
+        warm_start=(*dense(), 'steps=12000'),
+        points={'topk_k2': dynamic('topk', 2, 12000),
+                'topk_k2_task_token': ['model.gate=topk', 'model.active_heads=2',
+                                       'model.prefix_len=1', 'loss.load_balance_weight=0.01',
+                                       'steps=24000']},
+        description='(issue 11) two terms per answer over 8 tasks: top-k at K = 2 routed end '
+                    'to end, after a dense warm start or from scratch reading the task token'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
