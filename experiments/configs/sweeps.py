@@ -66,6 +66,18 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 head; and a dense model trained for the same FLOPs as the elastic model
                 and one fit (XLA's count: 1500 x 9.58e10 + 150 x 2.3e11 = 1.79e14, a
                 dense step 2.40e10: 7450 steps).
+  synthetic_sums  the synthetic study re-run on the benchmark frozen after
+                capacity_round10 (docs/tuning.md): answers that each sum two digits,
+                over 8 tasks (data.num_terms = 2, data.num_tasks = 8), 24000 steps per
+                point, test split, seeds 0, 1, 2. Dense; static hard-concrete at K = 1,
+                2, 4; and top-k routed end to end at K = 1, 2, 4 after a 12000-step
+                dense warm start (the old study's rule, which won round 10).
+  synthetic_recipes the recipes on the same benchmark, test split, seeds 0, 1, 2: one
+                elastic model per seed (sub-models at K = 1, 2, 4) for 6000 steps, the
+                same training FLOPs as dense's 24000 (XLA's count: 2.187e13 against
+                2.189e13), then the text study's fits at K = 1, 2, 4 (per sequence,
+                static, one shared head at K = 2, 4). Dense at equal FLOPs is the dense
+                row of synthetic_sums.
 
 Every point has the same budget of training steps, STEPS. Dense and static train from
 scratch. The dynamic rules start from a dense warm start of WARM steps (one per seed,
@@ -130,6 +142,9 @@ def thin(heads, mlp):
   return [*dense(), f'model.num_heads={heads}', 'model.head_dim=16',
           f'model.mlp_features={mlp}', 'model.mlp_groups=none', 'model.active_groups=none']
 
+
+# The synthetic benchmark frozen after capacity_round10 (docs/tuning.md): two-digit sums.
+SUMS = (f'model.num_heads={H}', 'data.num_terms=2', 'data.num_tasks=8')
 
 # The width study's warm start, frozen after width_tune (docs/tuning.md).
 WIDTH_WARM = (*dense(), 'model.active_groups=none', 'steps=300')
@@ -303,6 +318,27 @@ SWEEPS = {
                                        'steps=24000']},
         description='(issue 11) two terms per answer over 8 tasks: top-k at K = 2 routed end '
                     'to end, after a dense warm start or from scratch reading the task token'),
+    'synthetic_sums': Sweep(
+        name='synthetic_sums', preset='synthetic', seeds=(0, 1, 2),
+        common=SUMS,
+        warm_start=(*dense(), 'steps=12000'),
+        points={'dense': [*dense(), 'steps=24000'],
+                **{f'static_k{k}': [*static(k), 'steps=24000'] for k in (1, 2, 4)},
+                **{f'topk_k{k}': dynamic('topk', k, 12000) for k in (1, 2, 4)}},
+        description='two-digit sums over 8 tasks: dense vs static vs top-k routed end to '
+                    'end after a dense warm start, K = 1, 2, 4'),
+    'synthetic_recipes': Sweep(
+        name='synthetic_recipes', preset='synthetic', seeds=(0, 1, 2),
+        common=SUMS,
+        warm_start=tuple(elastic((1, 2, 4), steps=6000)),
+        points={**{f'router_k{k}': fit(k, 'output_norm') for k in (1, 2, 4)},
+                **{f'static_k{k}': fit(k, 'output_norm', 'bce', 150, 'model.router=static')
+                   for k in (1, 2, 4)},
+                **{f'router_shared1_k{k}': fit(k, 'output_norm', 'bce', 150,
+                                               'model.shared_heads=1') for k in (2, 4)}},
+        description='the recipes on two-digit sums over 8 tasks: an elastic model at '
+                    "dense's training FLOPs, routers fitted to its head importance (per "
+                    'sequence, static, one shared head) at K = 1, 2, 4'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
