@@ -297,7 +297,7 @@ SWEEPS = {
                     'make dense converge in 12000 steps, with static K <= 2 still behind?'),
     'capacity_round9': Sweep(
         name='capacity_round9', preset='synthetic', seeds=(0, 1), split='validation',
-        common=(f'model.num_heads={H}', 'data.num_terms=2', 'data.num_tasks=8'),
+        common=SUMS,
         warm_start=tuple(elastic((1, 2, 4), steps=6000)),
         points={**{f'static_k{k}': [*static(k), 'steps=24000'] for k in (1, 2)},
                 **{f'fit_router_k{k}': fit(k, 'output_norm') for k in (1, 2)},
@@ -310,7 +310,7 @@ SWEEPS = {
                     'fitted to it) at K = 1, 2'),
     'capacity_round10': Sweep(
         name='capacity_round10', preset='synthetic', seeds=(0, 1), split='validation',
-        common=(f'model.num_heads={H}', 'data.num_terms=2', 'data.num_tasks=8'),
+        common=SUMS,
         warm_start=(*dense(), 'steps=12000'),
         points={'topk_k2': dynamic('topk', 2, 12000),
                 'topk_k2_task_token': ['model.gate=topk', 'model.active_heads=2',
