@@ -132,6 +132,17 @@ def fit(k, labels, loss='bce', steps=150, *extra):
           'optim.learning_rate=3e-3', 'optim.warmup_steps=20', *extra]
 
 
+def recipe_fits(ks, shared_ks, prefix=''):
+  """The recipes' fits on the (elastic) warm start, each to output-norm labels with BCE for
+  150 steps: a per-sequence router and a static subset at every K in ks, and a router with
+  one shared head at every K in shared_ks."""
+  return {**{f'{prefix}router_k{k}': fit(k, 'output_norm') for k in ks},
+          **{f'{prefix}static_k{k}': fit(k, 'output_norm', 'bce', 150, 'model.router=static')
+             for k in ks},
+          **{f'{prefix}router_shared1_k{k}': fit(k, 'output_norm', 'bce', 150,
+                                                 'model.shared_heads=1') for k in shared_ks}}
+
+
 def width(k, kf, steps, *extra):
   """Heads (K of 8) and MLP groups (Kf of 8) routed by top-k from the warm start."""
   return [*dynamic('topk', k, steps), f'model.active_groups={kf}', *extra]
@@ -300,11 +311,7 @@ SWEEPS = {
         common=SUMS,
         warm_start=tuple(elastic((1, 2, 4), steps=6000)),
         points={**{f'static_k{k}': [*static(k), 'steps=24000'] for k in (1, 2)},
-                **{f'fit_router_k{k}': fit(k, 'output_norm') for k in (1, 2)},
-                **{f'fit_static_k{k}': fit(k, 'output_norm', 'bce', 150, 'model.router=static')
-                   for k in (1, 2)},
-                'fit_router_shared1_k2': fit(2, 'output_norm', 'bce', 150,
-                                             'model.shared_heads=1')},
+                **recipe_fits((1, 2), (2,), prefix='fit_')},
         description='(issue 11, item 6) two terms per answer over 8 tasks: static K = 1, 2 '
                     'at 24000 steps, and the recipes (elastic model, 6000 steps; routers '
                     'fitted to it) at K = 1, 2'),
@@ -331,11 +338,7 @@ SWEEPS = {
         name='synthetic_recipes', preset='synthetic', seeds=(0, 1, 2),
         common=SUMS,
         warm_start=tuple(elastic((1, 2, 4), steps=6000)),
-        points={**{f'router_k{k}': fit(k, 'output_norm') for k in (1, 2, 4)},
-                **{f'static_k{k}': fit(k, 'output_norm', 'bce', 150, 'model.router=static')
-                   for k in (1, 2, 4)},
-                **{f'router_shared1_k{k}': fit(k, 'output_norm', 'bce', 150,
-                                               'model.shared_heads=1') for k in (2, 4)}},
+        points=recipe_fits((1, 2, 4), (2, 4)),
         description='the recipes on two-digit sums over 8 tasks: an elastic model at '
                     "dense's training FLOPs, routers fitted to its head importance (per "
                     'sequence, static, one shared head) at K = 1, 2, 4'),
@@ -345,11 +348,7 @@ SWEEPS = {
         warm_start=tuple(elastic((1, 2, 4), steps=1500)),
         # (the fits first: each starts once its seed's elastic model is trained, and the
         # long dense runs fill the slots after them)
-        points={**{f'router_k{k}': fit(k, 'output_norm') for k in (2, 4)},
-                **{f'static_k{k}': fit(k, 'output_norm', 'bce', 150, 'model.router=static')
-                   for k in (2, 4)},
-                **{f'router_shared1_k{k}': fit(k, 'output_norm', 'bce', 150,
-                                               'model.shared_heads=1') for k in (2, 4)},
+        points={**recipe_fits((2, 4), (2, 4)),
                 'dense_equal_flops': [*dense(), 'steps=7450']},
         description='the recipes: elastic model, routers fitted to its head importance '
                     '(per sequence, static, one shared head) at K = 2, 4, and dense at '
