@@ -19,6 +19,9 @@ into DIR/plots/:
   pareto_flops.png      the same against XLA's FLOPs per token of the eval forward
   per_label.png         the quality of every task (synthetic) or domain (text) vs the
                         active-head fraction, one panel per label
+
+python -m experiments.plots --together OUT DIR [DIR ...] draws these three plots for the
+rows of several sweeps at once (one study split over sweeps, same split and data) into OUT/.
 """
 
 from __future__ import annotations
@@ -299,24 +302,45 @@ def _pareto(ax, groups, x_key, y_key):
   ax.grid(alpha=0.3)
 
 
+def _sweep_name(sweep_dir: str) -> str:
+  try:
+    return json.load(open(os.path.join(sweep_dir, 'sweep.json')))['sweep']
+  except (OSError, KeyError, json.JSONDecodeError):
+    return os.path.basename(os.path.normpath(sweep_dir))
+
+
 def plot_sweep(sweep_dir: str) -> list[str]:
   """Writes the sweep's plots (see the module docstring) into sweep_dir/plots."""
+  return plot_sweeps([sweep_dir], os.path.join(sweep_dir, 'plots'))
+
+
+def plot_sweeps(sweep_dirs: list[str], out: str) -> list[str]:
+  """The sweep plots of several sweeps' rows drawn together into out/: one study whose rows
+  come from more than one sweep (say dense, static and top-k from one, the recipes from
+  another). The sweeps must report the same split and the same kind of data."""
   from gating.study import results
-  path = os.path.join(sweep_dir, 'results.csv')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
-                            'first, it writes the results at the end')
-  rows = results.read_csv(path)
+  rows = []
+  for sweep_dir in sweep_dirs:
+    path = os.path.join(sweep_dir, 'results.csv')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
+                              'first, it writes the results at the end')
+    rows.append(results.read_csv(path))
+  splits = {results.split_of(r) for r in rows}
+  if len(splits) > 1:
+    raise ValueError(f'the sweeps report different splits ({", ".join(sorted(splits))}): '
+                     'plot each on its own')
+  kinds = {r['data'] for sweep_rows in rows for r in sweep_rows if r.get('data')}
+  if len(kinds) > 1:
+    raise ValueError(f'the sweeps hold different data ({", ".join(sorted(kinds))}): '
+                     'plot each on its own')
+  rows = [r for sweep_rows in rows for r in sweep_rows]
   groups = results.aggregate(rows)
-  split = results.split_of(rows)
-  out = os.path.join(sweep_dir, 'plots')
+  split = splits.pop()
   os.makedirs(out, exist_ok=True)
   if not groups:
     return []
-  try:
-    name = json.load(open(os.path.join(sweep_dir, 'sweep.json')))['sweep']
-  except (OSError, KeyError, json.JSONDecodeError):
-    name = os.path.basename(os.path.normpath(sweep_dir))
+  name = ' + '.join(_sweep_name(d) for d in sweep_dirs)
   text = groups[0]['data'] == 'text'
   y_key, y_label = _quality(text, f'{split}_')
   seeds = max(g['seeds'] for g in groups)
@@ -384,7 +408,21 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('dirs', nargs='+',
                       help='run folders (with metrics.jsonl) or sweep folders (with sweep.json)')
+  parser.add_argument('--together', metavar='OUT',
+                      help='draw the sweep plots of all the given sweep folders together, '
+                           'as one study, into the folder OUT')
   args = parser.parse_args(argv)
+  if args.together:
+    try:
+      for directory in args.dirs:
+        if not os.path.exists(os.path.join(directory, 'sweep.json')):
+          raise FileNotFoundError(f'{directory} is not a sweep folder (no sweep.json): '
+                                  '--together draws sweeps only')
+      written = plot_sweeps(args.dirs, args.together)
+    except (FileNotFoundError, ValueError) as e:
+      raise SystemExit(f'error: {e}')
+    print('\n'.join(written))
+    return
   for directory in args.dirs:
     try:
       written = plot(directory)

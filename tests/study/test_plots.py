@@ -100,3 +100,36 @@ def test_the_total_loss_line_is_drawn_only_when_it_differs(tmp_path, monkeypatch
   drawn.clear()
   plots.plot_training_curves(str(tmp_path), train, evals, str(tmp_path / 'b.png'))
   assert len(drawn) == with_regularizer - 1
+
+
+def _write_sweep(folder, name, rows):
+  folder.mkdir()
+  results.write_csv(rows, str(folder / 'results.csv'))
+  (folder / 'sweep.json').write_text(json.dumps({'sweep': name, 'runs': {}}))
+
+
+def test_sweeps_drawn_together_plot_the_rows_of_both(tmp_path, monkeypatch, capsys):
+  rows = [r for r in _sweep_rows() if r['status'] == 'done']
+  _write_sweep(tmp_path / 'a', 'a', [r for r in rows if r['rule'] != 'topk'])
+  _write_sweep(tmp_path / 'b', 'b', [r for r in rows if r['rule'] == 'topk'])
+  drawn = []
+  original = plots._pareto  # pylint: disable=protected-access
+  monkeypatch.setattr(plots, '_pareto', lambda ax, groups, x, y: drawn.append(
+      sorted({g['rule'] for g in groups})) or original(ax, groups, x, y))
+  plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path / 'b')])
+  assert drawn[0] == ['dense', 'static', 'topk']
+  printed = capsys.readouterr().out.split()
+  for name in ('pareto.png', 'pareto_flops.png', 'per_label.png'):
+    assert str(tmp_path / 'both' / name) in printed
+  assert not (tmp_path / 'a' / 'plots').exists()
+
+
+def test_sweeps_of_different_splits_are_not_drawn_together(tmp_path):
+  rows = [r for r in _sweep_rows() if r['status'] == 'done']
+  _write_sweep(tmp_path / 'a', 'a', [dict(r, split='test') for r in rows])
+  _write_sweep(tmp_path / 'b', 'b', [dict(r, split='validation') for r in rows])
+  with pytest.raises(SystemExit, match='different splits'):
+    plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path / 'b')])
+  with pytest.raises(SystemExit, match='not a sweep folder'):
+    plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path)])
+  assert not (tmp_path / 'both').exists()
