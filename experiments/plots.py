@@ -319,22 +319,22 @@ def plot_sweeps(sweep_dirs: list[str], out: str) -> list[str]:
   come from more than one sweep (say dense, static and top-k from one, the recipes from
   another). The sweeps must report the same split and the same kind of data."""
   from gating.study import results
-  rows = []
+  rows_per_sweep = []
   for sweep_dir in sweep_dirs:
     path = os.path.join(sweep_dir, 'results.csv')
     if not os.path.exists(path):
       raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
                               'first, it writes the results at the end')
-    rows.append(results.read_csv(path))
-  splits = {results.split_of(r) for r in rows}
+    rows_per_sweep.append(results.read_csv(path))
+  splits = {results.split_of(sweep_rows) for sweep_rows in rows_per_sweep}
   if len(splits) > 1:
     raise ValueError(f'the sweeps report different splits ({", ".join(sorted(splits))}): '
                      'plot each on its own')
-  kinds = {r['data'] for sweep_rows in rows for r in sweep_rows if r.get('data')}
-  if len(kinds) > 1:
+  rows = [r for sweep_rows in rows_per_sweep for r in sweep_rows]
+  kinds = {r['data'] for r in rows if r.get('data')}
+  if len(sweep_dirs) > 1 and len(kinds) > 1:   # (one sweep's rows are drawn as they are)
     raise ValueError(f'the sweeps hold different data ({", ".join(sorted(kinds))}): '
                      'plot each on its own')
-  rows = [r for sweep_rows in rows for r in sweep_rows]
   groups = results.aggregate(rows)
   split = splits.pop()
   os.makedirs(out, exist_ok=True)
@@ -393,9 +393,13 @@ def plot_sweeps(sweep_dirs: list[str], out: str) -> list[str]:
   return written
 
 
+def is_sweep(directory: str) -> bool:
+  return os.path.exists(os.path.join(directory, 'sweep.json'))
+
+
 def plot(directory: str) -> list[str]:
   """plot_sweep for a sweep folder (with sweep.json), plot_run for a run folder."""
-  if os.path.exists(os.path.join(directory, 'sweep.json')):
+  if is_sweep(directory):
     return plot_sweep(directory)
   if os.path.exists(os.path.join(directory, 'metrics.jsonl')):
     return plot_run(directory)
@@ -415,7 +419,7 @@ def main(argv=None):
   if args.together:
     try:
       for directory in args.dirs:
-        if not os.path.exists(os.path.join(directory, 'sweep.json')):
+        if not is_sweep(directory):
           raise FileNotFoundError(f'{directory} is not a sweep folder (no sweep.json): '
                                   '--together draws sweeps only')
       written = plot_sweeps(args.dirs, args.together)

@@ -124,12 +124,15 @@ def test_sweeps_drawn_together_plot_the_rows_of_both(tmp_path, monkeypatch, caps
   assert not (tmp_path / 'a' / 'plots').exists()
 
 
-def test_sweeps_of_different_splits_are_not_drawn_together(tmp_path):
+def test_sweeps_of_different_splits_or_data_are_not_drawn_together(tmp_path):
   rows = [r for r in _sweep_rows() if r['status'] == 'done']
   _write_sweep(tmp_path / 'a', 'a', [dict(r, split='test') for r in rows])
   _write_sweep(tmp_path / 'b', 'b', [dict(r, split='validation') for r in rows])
   with pytest.raises(SystemExit, match='different splits'):
     plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path / 'b')])
+  _write_sweep(tmp_path / 'c', 'c', [dict(r, split='test', data='synthetic') for r in rows])
+  with pytest.raises(SystemExit, match='different data'):
+    plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path / 'c')])
   with pytest.raises(SystemExit, match='not a sweep folder'):
     plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path)])
   assert not (tmp_path / 'both').exists()
