@@ -66,7 +66,7 @@ def set_temperature(model: nnx.Module, temperature: float | jax.Array) -> None:
   check_temperature(temperature)
   for _, variable in nnx.iter_graph(model):
     if isinstance(variable, GateTemperature):
-      variable[...] = jnp.asarray(temperature, variable[...].dtype)
+      variable.set_value(jnp.asarray(temperature, variable[...].dtype))   # see record_gate
 
 
 def new_gate_stats(num_units: int) -> tuple[GateStats, GateStats, GateStats, GateStats]:
@@ -85,10 +85,12 @@ def record_gate(usage: GateStats, prob: GateStats, weight: GateStats, z_loss: Ga
   weight [U] (mean gate weight) and the router z-loss mean(logsumexp(logits)^2) (0
   without a router)."""
   open_BxU = jax.lax.stop_gradient(gate.weights_BxH) != 0
-  usage[...] = open_BxU.mean(axis=0, dtype=jnp.float32)
-  prob[...] = gate.probs_BxH.mean(axis=0)
-  weight[...] = gate.weights_BxH.mean(axis=0)
+  # set_value, not `usage[...] = `: the indexed write asks a traced value for its sharding,
+  # and under jit that error path scans every equation traced so far (quadratic tracing).
+  usage.set_value(open_BxU.mean(axis=0, dtype=jnp.float32))
+  prob.set_value(gate.probs_BxH.mean(axis=0))
+  weight.set_value(gate.weights_BxH.mean(axis=0))
   if has_router:
-    z_loss[...] = jnp.mean(jax.nn.logsumexp(logits_BxU, axis=-1) ** 2)
+    z_loss.set_value(jnp.mean(jax.nn.logsumexp(logits_BxU, axis=-1) ** 2))
   else:
-    z_loss[...] = jnp.zeros((), jnp.float32)
+    z_loss.set_value(jnp.zeros((), jnp.float32))
