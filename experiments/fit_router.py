@@ -2,7 +2,7 @@
 
   python -m experiments.fit_router --from RUN --workdir DIR --k K [--groups KF]
       [--labels grad_x_act] [--loss bce] [--shared-heads S] [--shared-groups SF]
-      [--steps 300] [--lr 3e-3]
+      [--router KIND | --static-subset] [--steps 300] [--lr 3e-3]
       [--set KEY=VALUE ...]
 
 DIR becomes an ordinary run folder (config.json, metrics.jsonl with `router/recall`,
@@ -46,10 +46,13 @@ def parse_args(argv):
                       help='S heads always on; the router picks K - S of the others')
   parser.add_argument('--shared-groups', type=int, default=0, metavar='SF',
                       help='SF MLP groups always open; the router picks KF - SF of the others')
-  parser.add_argument('--router', default=None,
-                      help="the router's pooling ('prefix', 'first', 'mean'; default: the "
-                           "model's) or 'static': one subset for every sequence, fitted to "
-                           'the labels (the static baseline of the same recipe)')
+  parser.add_argument('--router', default=None, metavar='KIND',
+                      help="the fitted router's kind, how it reads a sequence ('prefix', "
+                           "'first', 'mean' or a registered kind; default: the model's)")
+  parser.add_argument('--static-subset', action='store_true',
+                      help='fit one subset of K heads for every sequence (an input-free '
+                           'router) to the same labels: the static baseline of the recipe '
+                           "(older spelling: --router static)")
   parser.add_argument('--steps', type=int, default=300, help='router training steps (300)')
   parser.add_argument('--lr', type=float, default=3e-3, help="the routers' learning rate")
   parser.add_argument('--seed', type=int, default=None, help="default: the source run's")
@@ -64,6 +67,7 @@ def parse_args(argv):
 
 def resolve(args):
   """The fit's TrainConfig; a ValueError names what is wrong with the source or flags."""
+  from gating.layers import names
   from gating.training import router_fit
   from gating.training.config import from_dict, override
   config_path = os.path.join(args.source, 'config.json')
@@ -73,10 +77,19 @@ def resolve(args):
     raise ValueError(f'--from {args.source}: the run has no checkpoint to fit routers to')
   with open(config_path) as f:
     source = from_dict(json.load(f))
+  router = args.router
+  if router == 'static':
+    names.renamed('fit_router', '--router static', '--static-subset')
+    router = 'input_free'
+  if args.static_subset:
+    if router not in (None, 'input_free'):
+      raise ValueError(f'--static-subset fits an input-free router; --router {router} asks '
+                       'for another kind')
+    router = 'input_free'
   cfg = router_fit.fit_config(
       source, k=args.k, labels=args.labels, loss=args.loss, shared_heads=args.shared_heads,
       steps=args.steps, learning_rate=args.lr, init_from=args.source, seed=args.seed,
-      router=args.router, groups=args.groups, shared_groups=args.shared_groups)
+      router=router, groups=args.groups, shared_groups=args.shared_groups)
   return override(cfg, args.overrides)
 
 

@@ -20,7 +20,8 @@ from flax.nnx.nn import dtypes, initializers
 from flax.nnx.nn.linear import default_kernel_init
 
 from gating.layers import compute, selection
-from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
+from gating.layers.router import (ROUTERS, HeadRouter, StaticRouter, build_router,
+                                  get_router, resolve_router, router_kind_of)
 from gating.layers.state import GateTemperature, new_gate_stats, record_gate
 
 PATHS = selection.PATHS
@@ -37,18 +38,24 @@ def check_shared_heads(shared_heads: int, active_heads, num_heads: int, gate: st
 
 
 def causal_router(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  """Constructor arguments with a router that reads no token after the prefix: the given
-  one, or 'prefix' (with prefix_len) / 'first' (token 0) by default; 'mean' is refused."""
+  """Constructor arguments with a router kind that reads no token after the prefix
+  (router.ROUTERS[kind].causal): the given one, or 'prefix' (with prefix_len) / 'first'
+  (token 0) by default; a kind that is not causal-safe ('mean') is refused."""
   kwargs = dict(kwargs)
   rule = selection.get_rule(kwargs.get('gate', 'topk'))
   router = kwargs.get('router')
-  if router == 'mean':
-    raise ValueError("causal=True: router='mean' reads every token, so a later token "
-                     "would move the gate of earlier positions (a causal leak); use "
-                     "router='prefix' with prefix_len=P, or router='first'")
-  if router is None and rule.router == 'input':
+  if router is not None:
+    kind = get_router(router)
+    if not kind.causal:
+      safe = [name for name, k in ROUTERS.items() if k.causal]
+      raise ValueError(f'causal=True: router={kind.name!r} reads {kind.meaning}, so a later '
+                       'token would move the gate of earlier positions (a causal leak); '
+                       f"use a causal-safe kind: {safe} ('prefix' with prefix_len=P)")
+    kwargs['router'] = kind.name
+  elif rule.router == 'input':
     kwargs['router'] = 'prefix' if kwargs.get('prefix_len') else 'first'
   return kwargs
+
 
 
 def _batch_shape(inputs_q) -> tuple[int, ...]:
@@ -111,8 +118,9 @@ class GatedMultiHeadAttention(nnx.Module):
     path: 'masked' (all heads computed, each times its weight) or 'gathered' (only the K
       selected heads computed; at K = H, every head with the shared weights, as gathering
       them all would only copy the weights). Also accepted at call time as an override.
-    router: how the router pools the sequence: 'mean' | 'prefix' | 'first' | 'static'
-      (default 'static' for gate='static', else 'mean'). 'prefix' needs prefix_len=P.
+    router: the router kind, how the router reads the sequence (router.ROUTERS): 'mean'
+      | 'prefix' | 'first' | 'input_free' (older spelling 'static') or a registered kind
+      (default 'input_free' for gate='static', else 'mean'). 'prefix' needs prefix_len=P.
     router_hidden_features, router_init_logit: the router MLP's hidden width and the
       initial value of every logit.
     temperature: the rule's temperature (beta for hard_concrete; default: the literature
@@ -278,9 +286,11 @@ class GatedMultiHeadAttention(nnx.Module):
     self.unit_mean_UxD = nnx.data(None)   # dropped-head compensation; see `compensate`
 
   @property
-  def reads_every_token(self) -> bool:
-    """True when the router pools all valid tokens (router='mean'): not causal-safe."""
-    return isinstance(self.router, HeadRouter) and self.router.pool == 'mean'
+  def causal_safe(self) -> bool:
+    """True when the gate reads no token after a fixed prefix (the router kind's `causal`;
+    no router at all is safe): the layer may run with is_causal=True."""
+    kind = router_kind_of(self.router)
+    return kind is None or kind.causal
 
   @property
   def stochastic_gate(self) -> bool:
@@ -460,11 +470,13 @@ class GatedMultiHeadAttention(nnx.Module):
     if inputs_v is None:
       inputs_v = inputs_k
     self._check_inputs(inputs_q, inputs_k, inputs_v, mask)
-    if is_causal and self.reads_every_token:
-      raise ValueError("is_causal=True with router='mean': the gate pools every token, so "
-                       'a later token would move the outputs at earlier positions (a causal '
-                       "leak). Build the layer with router='prefix' and prefix_len=P, or "
-                       "router='first' (gating.gate_heads(..., causal=True) does this)")
+    if is_causal and not self.causal_safe:
+      kind = router_kind_of(self.router)
+      raise ValueError(f'is_causal=True with router={kind.name!r}: the gate reads '
+                       f'{kind.meaning}, so a later token would move the outputs at earlier '
+                       "positions (a causal leak). Build the layer with router='prefix' and "
+                       "prefix_len=P, or router='first' (gating.gate_heads(..., causal=True) "
+                       'does this)')
     path = self.path if path is None else path
     k = self.active_heads if active_heads is None else active_heads
     check_active_heads(k, self.num_heads, self.gate_rule, path)

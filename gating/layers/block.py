@@ -7,10 +7,10 @@ With `mlp_groups=G` the MLP is a GatedMLP: its F hidden channels form G groups, 
 router (the same rule, path and router kind as the attention's) opens Kf per sequence.
 Without it the MLP is the two nnx.Linear layers `mlp_in` and `mlp_out`, as before.
 
-The groups' router is the MLP's own (mlp_router='own': it reads LayerNorm(h), after the
-attention) or shared with the attention (mlp_router='shared'): one router reads the
-block's input once, and two output layers turn its hidden features into the heads' and
-the groups' logits,
+The groups' router is the MLP's own (group_router='own': it reads LayerNorm(h), after the
+attention) or the attention's (group_router='attention'; older spelling mlp_router='shared'):
+one router reads the block's input once, and two output layers turn its hidden features
+into the heads' and the groups' logits,
 
     f_BxF      = gelu(W1 LayerNorm(pool(LayerNorm(x))) + b1)    (the attention router)
     logits_BxH = Wh f + bh,    logits_BxG = Wg f + bg    (attention.router.group_logits)
@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gating.layers import names
 from gating.layers.attention import GatedMultiHeadAttention, valid_tokens
 from gating.layers.mlp import GATE_KWARGS, GatedMLP, check_groups
 from gating.layers.router import HeadRouter, logit_layer
 
-MLP_ROUTERS = ('own', 'shared')
+GROUP_ROUTERS = ('own', 'attention')
 
 
 class GatedTransformerBlock(nnx.Module):
@@ -41,9 +42,10 @@ class GatedTransformerBlock(nnx.Module):
     mlp_groups: G, gate the MLP's hidden channels in G groups (a divisor of mlp_features);
       None (the default) keeps the ungated MLP and its parameter names.
     active_groups: Kf, the MLP's budget of open groups (needs mlp_groups).
-    mlp_router: 'own' (default: the MLP has its own router) or 'shared' (the groups'
-      logits come from the attention router's hidden features; needs mlp_groups and an
-      attention router that reads the input).
+    group_router: which router scores the MLP's groups: 'own' (default: the MLP has its
+      own router) or 'attention' (the groups' logits come from the attention router's
+      hidden features; needs mlp_groups and an attention router that reads the input).
+      Older spelling: mlp_router='own' | 'shared'.
     shared_groups: Sf, the MLP's always-open groups (Kf counts them; needs mlp_groups).
     dtype, param_dtype: computation and parameter dtypes (as in flax).
     rngs: nnx.Rngs; dropout and gate noise draw from its 'dropout' stream.
@@ -54,21 +56,23 @@ class GatedTransformerBlock(nnx.Module):
   def __init__(self, features: int, num_heads: int, *, mlp_features: int | None = None,
                dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
                mlp_groups: int | None = None, active_groups: int | None = None,
-               mlp_router: str = 'own', shared_groups: int = 0, dtype=None,
+               group_router: str | None = None, shared_groups: int = 0, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs, **attention_kwargs):
+    group_router = names.group_router_keyword(group_router,
+                                              attention_kwargs.pop('mlp_router', None))
     mlp_features = mlp_features or 4 * features
     if mlp_groups is None and active_groups is not None:
       raise ValueError(f'active_groups={active_groups} needs mlp_groups (the number of '
                        'channel groups G of the MLP)')
     if mlp_groups is not None:
       check_groups(mlp_features, mlp_groups, 'mlp_groups')
-    if mlp_router not in MLP_ROUTERS:
-      raise ValueError(f'mlp_router must be one of {MLP_ROUTERS}, got {mlp_router!r}')
+    if group_router not in GROUP_ROUTERS:
+      raise ValueError(f'group_router must be one of {GROUP_ROUTERS}, got {group_router!r}')
     if shared_groups and mlp_groups is None:
       raise ValueError(f'shared_groups={shared_groups} needs mlp_groups (the number of '
                        'channel groups G of the MLP)')
-    if mlp_router == 'shared' and mlp_groups is None:
-      raise ValueError("mlp_router='shared' needs mlp_groups (the MLP's channel groups)")
+    if group_router == 'attention' and mlp_groups is None:
+      raise ValueError("group_router='attention' needs mlp_groups (the MLP's channel groups)")
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attention_norm = nnx.LayerNorm(features, **dense)
     self.attention = GatedMultiHeadAttention(
@@ -79,12 +83,12 @@ class GatedTransformerBlock(nnx.Module):
       self.mlp_out = nnx.Linear(mlp_features, features, **dense)
     else:
       gate_kwargs = {k: v for k, v in attention_kwargs.items() if k in GATE_KWARGS}
-      if mlp_router == 'shared':
+      if group_router == 'attention':
         if not isinstance(self.attention.router, HeadRouter):
-          raise ValueError("mlp_router='shared' needs an attention router that reads the "
-                           f"input; gate={attention_kwargs.get('gate', 'topk')!r} with "
+          raise ValueError("group_router='attention' needs an attention router that reads "
+                           f"the input; gate={attention_kwargs.get('gate', 'topk')!r} with "
                            f"router={attention_kwargs.get('router')!r} has none")
-        gate_kwargs['router'] = 'shared'
+        gate_kwargs['router'] = 'attention'
         # Inside the router, so that it counts as a router parameter everywhere (the
         # optimizer's router rate, warm starts, router fitting).
         self.attention.router.group_logits = logit_layer(
@@ -102,14 +106,15 @@ class GatedTransformerBlock(nnx.Module):
     return getattr(self, 'mlp', None)
 
   @property
-  def mlp_router(self) -> str:
-    """'shared' when the groups' logits come from the attention router, else 'own'."""
-    return 'shared' if self.gated_mlp is not None and self.gated_mlp.shared_router else 'own'
+  def group_router(self) -> str:
+    """'attention' when the groups' logits come from the attention router, else 'own'."""
+    mlp = self.gated_mlp
+    return 'attention' if mlp is not None and mlp.logits_from_attention else 'own'
 
   def shared_group_logits(self, xn_BxLxD, valid_BxL=None):
     """logits_BxG of the MLP's groups from the attention router's hidden features of its
-    input xn_BxLxD = attention_norm(x), with mlp_router='shared'; None otherwise."""
-    if self.mlp_router != 'shared':
+    input xn_BxLxD = attention_norm(x), with group_router='attention'; None otherwise."""
+    if self.group_router != 'attention':
       return None
     router = self.attention.router
     return router.group_logits(router.features(xn_BxLxD, valid_BxL)).astype(jnp.float32)
@@ -141,7 +146,7 @@ class GatedTransformerBlock(nnx.Module):
                    return_gate: bool = False, group_logits_BxG=None):
     """The MLP half of the block: h + Dropout(W2 gelu(W1 LayerNorm(h) + b1) + b2), its
     channel groups gated when the block has mlp_groups (return_gate: also that Gate, or
-    None for the ungated MLP). group_logits_BxG: with mlp_router='shared', the groups'
+    None for the ungated MLP). group_logits_BxG: with group_router='attention', the groups'
     logits (`shared_group_logits` of the block's input).
 
     Also used on its own by `gating.decode`, which runs the attention half from its cache.

@@ -34,7 +34,8 @@ class GatedChannels(nnx.Module):
     linear: the wrapped nnx.Linear (kept as it is, with its weights: `self.linear`).
     num_groups: G, a divisor of the linear's in_features F.
     gate, active_groups: the selection rule and its budget Kf (as GatedMLP).
-    router: 'mean' | 'prefix' | 'first' | 'static'; 'prefix' needs prefix_len.
+    router: the router kind ('mean' | 'prefix' | 'first' | 'input_free', or a registered
+      one); 'prefix' needs prefix_len.
     shared_groups: Sf groups (the first Sf) always open; Kf counts them (as GatedMLP).
     router_hidden_features, router_init_logit, temperature, noise, noise_scale,
       scaled_weights, gate_options, deterministic: as in GatedMLP.

@@ -64,6 +64,7 @@ from gating.layers import compute
 from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
 from gating.layers.mlp import check_active_groups
 from gating.layers.models import GatedLM, padding_mask, per_layer
+from gating.layers.router import router_kind_of
 
 PROJECTIONS = ('auto', 'weights', 'activations')
 
@@ -202,6 +203,12 @@ def group_plan(model: GatedLM, batch: int, *, path=None, active_groups=None,
 def _check_model(model):
   if not isinstance(model, GatedLM):
     raise ValueError(f'decoding needs a GatedLM, got {type(model).__name__}')
+  for block in model.blocks:
+    # Prefill decides each layer's gate once, from the prompt: only a router that reads no
+    # token after the prefix gives the gate that the full causal forward gives.
+    if not block.attention.causal_safe:
+      raise ValueError('decoding needs causal-safe routers (router.ROUTERS[kind].causal); '
+                       f'a layer has router kind {router_kind_of(block.attention.router).name!r}')
   if any(getattr(m, 'unit_mean_UxD', None) is not None for _, m in nnx.iter_graph(model)):
     raise ValueError('decoding does not support dropped-unit compensation (compensate): '
                      'turn it off with gating.training.compensation.compensate(model, None)')

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 
-from gating.layers import compute, selection
+from gating.layers import compute, names, selection
 from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
 from gating.layers.state import GateTemperature, new_gate_stats, record_gate
 
@@ -69,15 +69,16 @@ class GatedMLP(nnx.Module):
       budget Kf (required by 'topk' and by path='gathered') and the compute path
       ('masked' | 'gathered'; at Kf = G the gathered path computes every group with the
       shared weights). `path` and `active_groups` are also call-time overrides.
-    router: 'mean' | 'prefix' | 'first' | 'static' (default 'static' for gate='static',
-      else 'mean'); 'prefix' needs prefix_len=P (causal models: the gate reads tokens
-      0..P-1 only). 'shared': no router of its own; every call takes the group logits
-      (`logits_BxG=`) from outside, e.g. from the block's attention router
-      (GatedTransformerBlock(mlp_router='shared')). It needs a rule whose router reads
-      the input.
+    router: the router kind (router.ROUTERS: 'mean' | 'prefix' | 'first' | 'input_free'
+      or a registered kind; default 'input_free' for gate='static', else 'mean');
+      'prefix' needs prefix_len=P (causal models: the gate reads tokens 0..P-1 only).
+      'attention' (older spelling 'shared'): no router of its own; every call takes the
+      group logits (`logits_BxG=`) from outside, from the block's attention router
+      (GatedTransformerBlock(group_router='attention')). It needs a rule whose router
+      reads the input.
     shared_groups: Sf groups (the first Sf) always open, as shared heads are (MoH): the
       router scores the other G - Sf, and Kf counts the shared groups (Sf < Kf), so the
-      layer runs Sf shared + (Kf - Sf) routed groups. With router='shared' the logits
+      layer runs Sf shared + (Kf - Sf) routed groups. With router='attention' the logits
       given are those of the G - Sf routed groups.
     router_hidden_features, router_init_logit, temperature, noise, noise_scale,
       scaled_weights, gate_options: as in GatedMultiHeadAttention.
@@ -103,11 +104,12 @@ class GatedMLP(nnx.Module):
     check_active_groups(active_groups, num_groups, gate, path)
     check_shared_groups(shared_groups, active_groups, num_groups, gate)
     rule = selection.get_rule(gate)
-    self.shared_router = router == 'shared'
-    if self.shared_router and rule.router != 'input':
-      raise ValueError(f"router='shared' takes the group logits from another router; "
-                       f'gate={gate!r} has no router that reads the input')
-    if not self.shared_router:
+    router = names.group_router_value(router)      # 'shared' -> 'attention'
+    self.logits_from_attention = router == 'attention'
+    if self.logits_from_attention and rule.router != 'input':
+      raise ValueError(f"router='attention' takes the group logits from the attention's "
+                       f'router; gate={gate!r} has no router that reads the input')
+    if not self.logits_from_attention:
       router = resolve_router(gate, router, prefix_len)
     if noise not in selection.NOISES:
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
@@ -128,7 +130,7 @@ class GatedMLP(nnx.Module):
     dense = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.linear_in = nnx.Linear(in_features, hidden_features, **dense)
     self.linear_out = nnx.Linear(hidden_features, in_features, **dense)
-    router_module = None if self.shared_router else build_router(
+    router_module = None if self.logits_from_attention else build_router(
         gate, router, num_groups - self.shared_groups, in_features, prefix_len=prefix_len,
         hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
     self.router: HeadRouter | StaticRouter | None = (
@@ -166,7 +168,7 @@ class GatedMLP(nnx.Module):
     """The per-sequence decision over groups: Gate(weights_BxG, idx_BxKf | None, probs_BxG).
 
     Writes no state. valid_BxL marks real tokens (padding never moves the gate).
-    logits_BxG: the routed groups' logits [B, G - Sf], with router='shared' (and only
+    logits_BxG: the routed groups' logits [B, G - Sf], with router='attention' (and only
     then).
     """
     k = self.active_groups if active_groups is None else active_groups
@@ -190,7 +192,7 @@ class GatedMLP(nnx.Module):
                rngs=None, path: str | None = None, active_groups: int | None = None,
                return_gate: bool = False, logits_BxG=None):
     """x_BxLxD -> y_BxLxD (and the Gate over groups when return_gate). logits_BxG: the
-    group logits, with router='shared' (and only then)."""
+    group logits, with router='attention' (and only then)."""
     if x_BxLxD.ndim != 3 or x_BxLxD.shape[-1] != self.in_features:
       raise ValueError(f'GatedMLP expects inputs [batch, length, {self.in_features}], got '
                        f'shape {x_BxLxD.shape}')
@@ -234,16 +236,16 @@ class GatedMLP(nnx.Module):
   # -- helpers ---------------------------------------------------------------------------
 
   def _logits(self, x_BxLxD, valid_BxL, logits_BxG=None):
-    if self.shared_router:
+    if self.logits_from_attention:
       expected = (x_BxLxD.shape[0], self.routed_groups)
       if logits_BxG is None or logits_BxG.shape != expected:
         got = None if logits_BxG is None else logits_BxG.shape
-        raise ValueError(f"this GatedMLP has router='shared': pass its group logits "
+        raise ValueError(f"this GatedMLP has router='attention': pass its group logits "
                          f'logits_BxG of shape {expected}, got {got}')
       return logits_BxG.astype(jnp.float32)
     if logits_BxG is not None:
-      raise ValueError("logits_BxG is only taken by a GatedMLP built with router='shared'; "
-                       'this one has its own router')
+      raise ValueError("logits_BxG is only taken by a GatedMLP built with "
+                       "router='attention'; this one has its own router")
     if self.router is None:
       return jnp.zeros((x_BxLxD.shape[0], self.routed_groups), jnp.float32)
     return self.router(x_BxLxD, valid_BxL)
@@ -258,7 +260,7 @@ class GatedMLP(nnx.Module):
 
   def _record(self, logits_BxG, gate: selection.Gate) -> None:
     record_gate(self.group_usage, self.group_prob, self.group_weight, self.router_z_loss,
-                logits_BxG, gate, self.router is not None or self.shared_router)
+                logits_BxG, gate, self.router is not None or self.logits_from_attention)
 
   def _deterministic(self, deterministic):
     if not self.stochastic_gate:

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gating.layers import names
 from gating.layers.block import GatedTransformerBlock
+from gating.layers.router import ROUTERS, get_router
 from gating.layers.selection import get_rule
 
 POSITIONS = ('learned', 'rotary')
@@ -44,8 +46,9 @@ class EncoderOutput(NamedTuple):
 
 
 def _default_router(gate: str, pool: str) -> str:
-  """The model's router: `pool`, or 'static' for a rule that pairs with StaticRouter."""
-  return 'static' if get_rule(gate).router == 'static' else pool
+  """The model's router kind: `pool`, or 'input_free' for a rule that pairs with
+  StaticRouter."""
+  return 'input_free' if get_rule(gate).router == 'input_free' else pool
 
 
 def per_layer(value, num_layers: int, name: str = 'active_heads') -> list:
@@ -80,8 +83,9 @@ class _Trunk(nnx.Module):
                head_dim: int | None, max_length: int, positions: str, mlp_features: int | None,
                dropout_rate: float, attention_dropout_rate: float, active_heads,
                rotary_base: float, dtype, param_dtype, rngs: nnx.Rngs, mlp_groups=None,
-               active_groups=None, mlp_router: str = 'own', shared_groups: int = 0,
-               **attention_kwargs):
+               active_groups=None, group_router: str | None = None, shared_groups: int = 0,
+               mlp_router: str | None = None, **attention_kwargs):
+    group_router = names.group_router_keyword(group_router, mlp_router)
     if positions not in POSITIONS:
       raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}')
     for name, value in (('vocab_size', vocab_size), ('num_layers', num_layers),
@@ -98,9 +102,9 @@ class _Trunk(nnx.Module):
     if shared_groups and mlp_groups is None:
       raise ValueError(f'shared_groups={shared_groups!r} needs mlp_groups (the number of '
                        'channel groups G of each MLP)')
-    if mlp_router != 'own' and mlp_groups is None:
-      raise ValueError(f'mlp_router={mlp_router!r} needs mlp_groups (the number of channel '
-                       'groups G of each MLP)')
+    if group_router != 'own' and mlp_groups is None:
+      raise ValueError(f'group_router={group_router!r} needs mlp_groups (the number of '
+                       'channel groups G of each MLP)')
     groups = per_layer(mlp_groups, num_layers, 'mlp_groups')
     widths = per_layer(mlp_features, num_layers, 'mlp_features')
     if any(f is not None and (isinstance(f, bool) or not isinstance(f, (int, np.integer))
@@ -134,7 +138,8 @@ class _Trunk(nnx.Module):
             rotary_base=rotary_base if positions == 'rotary' else None, dtype=dtype,
             param_dtype=param_dtype, rngs=rngs,
             **({} if g is None else dict(mlp_groups=g, active_groups=kf,
-                                         mlp_router=mlp_router, shared_groups=shared_groups)),
+                                         group_router=group_router,
+                                         shared_groups=shared_groups)),
             **attention_kwargs)
         for h, k, f, g, kf in zip(heads, per_layer(active_heads, num_layers), widths, groups,
                                   group_ks)])
@@ -200,13 +205,16 @@ class GatedLM(nnx.Module):
       of Kf open groups (each an int, or a list with one per layer); the MLP's router is
       built like the attention's (the same rule, path and prefix P). None (the default):
       ungated MLPs with today's parameter names.
-    mlp_router: 'own' (each MLP routes its groups itself) or 'shared' (the attention
+    group_router: 'own' (each MLP routes its groups itself) or 'attention' (the attention
       router's hidden features also give the groups' logits; see GatedTransformerBlock).
+      Older spelling: mlp_router='own' | 'shared'.
     shared_groups: Sf always-open groups in every gated MLP (Kf counts them), as
       shared_heads=S are for the attention.
     rotary_base: RoPE base for positions='rotary'.
     **attention_kwargs: other GatedMultiHeadAttention arguments (noise=, temperature=,
-      scaled_weights=, router_hidden_features=, ...). The router is always 'prefix'.
+      scaled_weights=, router_hidden_features=, ...). The router kind (router=) must be
+      causal-safe (router.ROUTERS[kind].causal: 'prefix', the default; 'first';
+      'input_free', the default of gate='static'), so a later token never moves the gate.
   """
 
   def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads,
@@ -219,11 +227,15 @@ class GatedLM(nnx.Module):
                rngs: nnx.Rngs, **attention_kwargs):
     if not 1 <= prefix_len <= max_length:
       raise ValueError(f'prefix_len must be in [1, max_length={max_length}], got {prefix_len}')
-    if attention_kwargs.get('router') not in (None, 'prefix', 'static'):
-      raise ValueError("GatedLM's gate reads the prefix: router must be 'prefix' (or "
-                       f"'static'), got {attention_kwargs['router']!r}")
     if attention_kwargs.get('router') is None:  # absent or None: the model's default
       attention_kwargs['router'] = _default_router(gate, 'prefix')
+    kind = get_router(attention_kwargs['router'])
+    if not kind.causal:
+      safe = [name for name, k in ROUTERS.items() if k.causal]
+      raise ValueError(f"GatedLM is causal: its router must read no token after a fixed "
+                       f"prefix (a causal-safe kind: {safe}); router={kind.name!r} reads "
+                       f'{kind.meaning}')
+    attention_kwargs['router'] = kind.name
     self.prefix_len = prefix_len
     self.tie_embeddings = tie_embeddings
     self.trunk = _Trunk(
@@ -284,8 +296,9 @@ class GatedLM(nnx.Module):
 class GatedEncoder(nnx.Module):
   """A bidirectional encoder with gated heads, a pooled classifier and per-token states.
 
-  Args as GatedLM (mlp_groups and active_groups included), plus num_classes (C) for the classification head; `router` is 'mean'
-  (all valid tokens; the default), 'first' or 'static'.
+  Args as GatedLM (mlp_groups and active_groups included), plus num_classes (C) for the
+  classification head; `router` is a router kind that needs no prefix length: 'mean'
+  (all valid tokens; the default), 'first', 'input_free' or a registered one.
   """
 
   def __init__(self, vocab_size: int, *, num_layers: int, features: int, num_heads,
@@ -297,11 +310,13 @@ class GatedEncoder(nnx.Module):
                param_dtype=jnp.float32, rngs: nnx.Rngs, **attention_kwargs):
     if num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-    if attention_kwargs.get('router') == 'prefix':
-      raise ValueError("GatedEncoder's gate reads all valid tokens: router='prefix' is for "
-                       'causal models')
     if attention_kwargs.get('router') is None:  # absent or None: the model's default
       attention_kwargs['router'] = _default_router(gate, 'mean')
+    kind = get_router(attention_kwargs['router'])
+    if kind.needs_prefix:
+      raise ValueError(f"GatedEncoder has no prefix length: router={kind.name!r} reads a "
+                       'prefix, which is for causal models (GatedLM, prefix_len=P)')
+    attention_kwargs['router'] = kind.name
     self.trunk = _Trunk(
         vocab_size, num_layers=num_layers, features=features, num_heads=num_heads,
         head_dim=head_dim, max_length=max_length, positions=positions, mlp_features=mlp_features,

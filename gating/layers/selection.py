@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gating.layers import names
+
 NOISES = (None, 'gumbel', 'jitter')
 PATHS = ('masked', 'gathered')
 HARD_CONCRETE_STRETCH = (-0.1, 1.1)  # (gamma, zeta), Louizos et al. 2018
@@ -94,7 +96,8 @@ class Rule:
   samples: bool = False          # draws a sample in training (needs the 'dropout' stream)
   budget: str = 'optional'       # 'required' (needs K) | 'optional' | 'none' (all units open)
   temperature: float = 1.0       # default temperature
-  router: str | None = 'input'   # 'input': reads the sequence; 'static': StaticRouter only;
+  router: str | None = 'input'   # 'input': a router that reads the sequence (any kind);
+                                 # 'input_free': the input-free router only (StaticRouter);
                                  # None: no router at all
   options: Mapping[str, float] = dataclasses.field(default_factory=dict)  # name -> default
 
@@ -126,8 +129,11 @@ def register(rule: Rule) -> Rule:
     raise ValueError(f'a rule named {rule.name!r} is already registered')
   if rule.budget not in ('required', 'optional', 'none'):
     raise ValueError(f"Rule.budget must be 'required', 'optional' or 'none', got {rule.budget!r}")
-  if rule.router not in ('input', 'static', None):
-    raise ValueError(f"Rule.router must be 'input', 'static' or None, got {rule.router!r}")
+  if rule.router == 'static':       # the older spelling of 'input_free'
+    names.renamed('Rule.router', 'static', 'input_free')
+    rule = dataclasses.replace(rule, router='input_free')
+  if rule.router not in ('input', 'input_free', None):
+    raise ValueError(f"Rule.router must be 'input', 'input_free' or None, got {rule.router!r}")
   RULES[rule.name] = rule
   return rule
 
@@ -317,7 +323,7 @@ register(Rule(
     meaning='every head with sigmoid(logit / t) > threshold, per sequence, no budget'))
 register(Rule(
     'static', hard_concrete, samples=True, temperature=2 / 3, options=_STRETCH,
-    router='static', label='static hard-concrete',
+    router='input_free', label='static hard-concrete',
     meaning='every head with static hard-concrete gate z > 0 (the same heads for every '
             'sequence), no budget'))
 register(Rule(

@@ -56,7 +56,7 @@ def recipe_rule(cfg: TrainConfig, source: TrainConfig | None = None,
   if not loss.router_labels:
     label = cfg.model.gate + _width_label(cfg.model, reference) + _shared_label(cfg.model)
   else:
-    kind = 'static' if cfg.model.router == 'static' else 'router'
+    kind = 'static' if cfg.model.router == 'input_free' else 'router'
     label = f'{kind} fit ({loss.router_labels}, {loss.router_loss})' + _shared_label(cfg.model)
   return f'elastic + {label}' if source is not None and source.loss.elastic_ks else label
 
@@ -87,7 +87,7 @@ def _width_label(m, reference=None) -> str:
   units = [name for name, some in (
       ('heads', any(k is not None and k < m.num_heads for k in ks)),
       ('groups', any(kf is not None and kf < m.mlp_groups for kf in kfs))) if some]
-  shared = ', shared router' if m.mlp_router == 'shared' else ''
+  shared = ', shared router' if m.group_router == 'attention' else ''
   return f" [{' + '.join(units) or 'every unit'}{shared}]"
 
 

@@ -22,6 +22,8 @@ import types
 import typing
 from typing import Any
 
+from gating.layers import names
+from gating.layers.router import ROUTERS
 from gating.layers.selection import NOISES, RULES, check_shared, get_rule
 from gating.training.elastic import check_ks as check_elastic_ks
 from gating.training.elastic import group_ks as elastic_group_ks
@@ -29,7 +31,11 @@ from gating.training.importance import LABELS
 from gating.training.router_fit import LOSSES as ROUTER_LOSSES
 
 PATHS = ('masked', 'gathered')
-FORMAT = 2               # 1: configs written before the format key (read the same way)
+FORMAT = 3               # 1: configs written before the format key (read the same way);
+                         # 2: model.mlp_router and router 'static' (read as group_router
+                         # and 'input_free', the names of format 3)
+# Fields renamed since: (section, old name) -> new name (read with a one-line notice).
+RENAMED_FIELDS = {('model', 'mlp_router'): 'group_router'}
 # Model fields that choose how the same parameters run, not which model they are.
 NOT_COMPATIBILITY = ('path', 'eval_path')
 DTYPES = ('float32', 'bfloat16')
@@ -68,16 +74,16 @@ class ModelConfig:
   active_heads: int | tuple[int, ...] | None = 2   # K, or one K per layer
   mlp_groups: int | None = None          # G: gate each MLP's channels in G groups (None: off)
   active_groups: int | tuple[int, ...] | None = None  # Kf of G open groups, or one per layer
-  mlp_router: str = 'own'                # 'own' | 'shared': the groups' logits from the
-                                         # attention router's hidden features
+  group_router: str = 'own'              # 'own' | 'attention': which router scores the
+                                         # MLP's groups (older: mlp_router own | shared)
   path: str = 'masked'                   # the training path
   eval_path: str = 'gathered'            # the path of evaluation (needs K; dense: masked)
   noise: str | None = None               # 'gumbel' | 'jitter' exploration noise in training
   noise_scale: float = 1.0
   scaled_weights: bool = False
   temperature: float | None = None       # the rule's default when None
-  router: str | None = None              # None: the model's ('prefix' LM, 'mean' encoder);
-                                         # 'static' for an input-free router
+  router: str | None = None              # the router kind (gating.layers.router.ROUTERS);
+                                         # None: the model's ('prefix' LM, 'mean' encoder)
   router_hidden_features: int | None = None
   router_init_logit: float = 0.0
   shared_heads: int = 0                  # S always-on heads per layer; K counts them (MoH)
@@ -100,9 +106,9 @@ class ModelConfig:
            f'must be >= 1, got {self.prefix_len}')
     _check(self.gate in RULES, 'model.gate', f'must be one of {tuple(RULES)}, got {self.gate!r}')
     rule = get_rule(self.gate)
-    names = [name for name, _ in self.gate_options]
-    _check(len(names) == len(set(names)), 'model.gate_options',
-           f'names an option twice: {names}')
+    option_names = [name for name, _ in self.gate_options]
+    _check(len(option_names) == len(set(option_names)), 'model.gate_options',
+           f'names an option twice: {option_names}')
     try:
       rule.resolve_options(dict(self.gate_options))
     except ValueError as e:
@@ -112,6 +118,12 @@ class ModelConfig:
            f'must be one of {PATHS}, got {self.eval_path!r}')
     _check(self.noise in NOISES, 'model.noise', f'must be one of {NOISES}, got {self.noise!r}')
     _check(self.dtype in DTYPES, 'model.dtype', f'must be one of {DTYPES}, got {self.dtype!r}')
+    if self.router is not None:   # older spellings: a notice, then the current name
+      router = names.router_kind(self.router)
+      _check(router in ROUTERS, 'model.router',
+             f'must be one of {tuple(ROUTERS)}, got {self.router!r}')
+      object.__setattr__(self, 'router', router)
+    object.__setattr__(self, 'group_router', names.group_router_value(self.group_router))
     ks = self.active_heads if isinstance(self.active_heads, tuple) else (self.active_heads,)
     if isinstance(self.active_heads, tuple):
       _check(len(ks) == self.num_layers, 'model.active_heads',
@@ -136,13 +148,14 @@ class ModelConfig:
     G, kfs = self.mlp_groups, self.active_groups
     _check(G is not None or kfs is None, 'model.active_groups',
            f'{kfs!r} needs model.mlp_groups (the number of channel groups G)')
-    _check(self.mlp_router in ('own', 'shared'), 'model.mlp_router',
-           f"must be 'own' or 'shared', got {self.mlp_router!r}")
-    _check(self.mlp_router == 'own' or G is not None, 'model.mlp_router',
-           "'shared' needs model.mlp_groups (the number of channel groups G)")
-    _check(self.mlp_router == 'own' or (rule.router == 'input' and self.router != 'static'),
-           'model.mlp_router', f"'shared' needs an attention router that reads the input; "
-           f'gate={self.gate!r} with router={self.router!r} has none')
+    _check(self.group_router in ('own', 'attention'), 'model.group_router',
+           f"must be 'own' or 'attention', got {self.group_router!r}")
+    _check(self.group_router == 'own' or G is not None, 'model.group_router',
+           "'attention' needs model.mlp_groups (the number of channel groups G)")
+    reads_input = self.router is None or ROUTERS[self.router].reads_input
+    _check(self.group_router == 'own' or (rule.router == 'input' and reads_input),
+           'model.group_router', f"'attention' needs an attention router that reads the "
+           f'input; gate={self.gate!r} with router={self.router!r} has none')
     _check(G is not None or not self.shared_groups, 'model.shared_groups',
            f'{self.shared_groups} needs model.mlp_groups (the number of channel groups G)')
     if G is None:
@@ -344,8 +357,8 @@ class TrainConfig:
       check_elastic_ks(self.loss.elastic_ks, self.model.num_heads, self.model.shared_heads)
       elastic_group_ks(self.loss.elastic_ks, self.loss.elastic_group_ks, self.model.num_heads,
                        self.model.mlp_groups, self.model.shared_groups)
-      _check(self.model.mlp_router == 'own', 'loss.elastic_ks',
-             'elastic training draws random groups: model.mlp_router must be own')
+      _check(self.model.group_router == 'own', 'loss.elastic_ks',
+             'elastic training draws random groups: model.group_router must be own')
       _check(not self.k_schedule, 'loss.elastic_ks', 'elastic training has no k_schedule')
     else:
       _check(not self.loss.elastic_group_ks, 'loss.elastic_group_ks',
@@ -356,7 +369,7 @@ class TrainConfig:
              'router fitting needs init_from: the trained run whose routers to fit')
       _check(get_rule(m.gate).router == 'input' and get_rule(m.gate).needs_k,
              'loss.router_labels', f'needs a rule with a budget K and a router it trains '
-             f"(e.g. topk; router='static' fits one subset for all), got gate={m.gate!r}")
+             f"(e.g. topk; router='input_free' fits one subset for all), got gate={m.gate!r}")
       _check(not self.k_schedule, 'loss.router_labels', 'router fitting has no k_schedule')
     last = 0
     for k, until in self.k_schedule:
@@ -398,9 +411,21 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
   if not isinstance(version, int) or not 1 <= version <= FORMAT:
     raise ValueError(f'config format {version!r} is not one this version reads (1 to '
                      f'{FORMAT}); it was written by a newer headgate')
-  sections = {name: _from_fields(cls, values.get(name, {})) for name, cls in SECTIONS.items()}
+  sections = {name: _from_fields(cls, _renamed(name, values.get(name, {})))
+              for name, cls in SECTIONS.items()}
   top = {k: v for k, v in values.items() if k not in SECTIONS}
   return _from_fields(TrainConfig, top, **sections)
+
+
+def _renamed(section: str, values: dict[str, Any]) -> dict[str, Any]:
+  """A section's saved values with renamed fields under their current names (a notice for
+  each; names.py)."""
+  values = dict(values)
+  for (where, old), new in RENAMED_FIELDS.items():
+    if where == section and old in values:
+      names.renamed('config key', f'{section}.{old}', f'{section}.{new}', stacklevel=4)
+      values[new] = values.pop(old)
+  return values
 
 
 def compatibility(cfg: TrainConfig) -> dict[str, Any]:
@@ -450,6 +475,10 @@ def override(config: TrainConfig, assignments: list[str]) -> TrainConfig:
       raise ValueError(f'override {assignment!r} is not of the form key=value')
     key, text = assignment.split('=', 1)
     section, _, field = key.strip().rpartition('.')
+    if (section, field) in RENAMED_FIELDS:
+      names.renamed('config key', key.strip(), f'{section}.{RENAMED_FIELDS[section, field]}')
+      field = RENAMED_FIELDS[section, field]
+      key = f'{section}.{field}'
     if section and section not in SECTIONS:
       raise ValueError(f'unknown config section {section!r} in {key!r}; known: '
                        f'{sorted(SECTIONS)}')

@@ -51,7 +51,7 @@ def random_subsets(model: nnx.Module, k: int, kf: int | None = None) -> nnx.Modu
       if not layer.shared_groups < kf <= layer.num_groups:
         raise ValueError(f'elastic Kf={kf} must be in ({layer.shared_groups}, '
                          f'num_groups={layer.num_groups}]')
-      if layer.shared_router:
+      if layer.logits_from_attention:
         raise ValueError("elastic training draws random groups; a GatedMLP with "
                          "router='shared' takes its logits from the attention router")
       layer.active_groups = kf

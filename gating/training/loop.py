@@ -81,7 +81,7 @@ def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx
       head_dim=cfg.head_dim, max_length=info.seq_len, positions=cfg.positions,
       mlp_features=cfg.mlp_features,
       dropout_rate=cfg.dropout_rate, gate=cfg.gate, active_heads=cfg.active_heads,
-      mlp_groups=cfg.mlp_groups, active_groups=cfg.active_groups, mlp_router=cfg.mlp_router,
+      mlp_groups=cfg.mlp_groups, active_groups=cfg.active_groups, group_router=cfg.group_router,
       path=cfg.path, noise=cfg.noise, noise_scale=cfg.noise_scale,
       scaled_weights=cfg.scaled_weights, temperature=cfg.temperature,
       gate_options=dict(cfg.gate_options),

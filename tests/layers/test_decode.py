@@ -238,7 +238,7 @@ def test_cached_decoding_with_mlp_groups_equals_the_full_forward(k, kf, path, ba
 @pytest.mark.parametrize('batch,mlp_projection', [(2, 'weights'), (4, 'activations')])
 def test_cached_decoding_with_a_shared_group_router_equals_the_full_forward(batch,
                                                                              mlp_projection):
-  model = grouped_lm(2, 2, 'gathered', mlp_router='shared')
+  model = grouped_lm(2, 2, 'gathered', group_router='attention')
   for block in model.blocks:  # logits far from ties, so the decision is a clear one
     p = block.attention.router.group_logits.kernel
     p[...] = jax.random.normal(jax.random.key(5), p.shape)

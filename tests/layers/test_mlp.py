@@ -171,17 +171,17 @@ def test_padding_does_not_move_the_group_gate():
                             active_groups=[1, 2, 3], rngs=nnx.Rngs(0)),
      'active_groups has 3 entries for 2 layers'),
     (lambda: gating.GatedTransformerBlock(D, 4, mlp_features=F, active_heads=2,
-                                          mlp_router='shared', rngs=nnx.Rngs(0)),
-     "mlp_router='shared' needs mlp_groups"),
+                                          group_router='attention', rngs=nnx.Rngs(0)),
+     "group_router='attention' needs mlp_groups"),
     (lambda: gating.GatedTransformerBlock(D, 4, mlp_features=F, mlp_groups=G, active_groups=2,
-                                          active_heads=2, mlp_router='both', rngs=nnx.Rngs(0)),
-     "mlp_router must be one of \\('own', 'shared'\\)"),
+                                          active_heads=2, group_router='both', rngs=nnx.Rngs(0)),
+     "group_router must be one of \\('own', 'attention'\\)"),
     (lambda: gating.GatedTransformerBlock(D, 4, mlp_features=F, mlp_groups=G, active_groups=2,
-                                          gate='static', active_heads=2, mlp_router='shared',
+                                          gate='static', active_heads=2, group_router='attention',
                                           rngs=nnx.Rngs(0)),
-     "mlp_router='shared' needs an attention router that reads the input"),
-    (lambda: GatedMLP(D, F, G, gate='dense', router='shared', rngs=nnx.Rngs(0)),
-     "router='shared' takes the group logits from another router"),
+     "group_router='attention' needs an attention router that reads the input"),
+    (lambda: GatedMLP(D, F, G, gate='dense', router='attention', rngs=nnx.Rngs(0)),
+     "router='attention' takes the group logits from the attention's router"),
 ])
 def test_bad_arguments_name_the_argument(make, message):
   with pytest.raises(ValueError, match=message):
@@ -200,15 +200,15 @@ def tokens(seed=0):
   return jax.random.randint(jax.random.key(seed), (2, L), 0, V)
 
 
-@pytest.mark.parametrize('gate,mlp_router', [('topk', 'own'), ('hard_concrete', 'own'),
-                                             ('topk', 'shared')])
+@pytest.mark.parametrize('gate,group_router', [('topk', 'own'), ('hard_concrete', 'own'),
+                                             ('topk', 'attention')])
 @pytest.mark.parametrize('path', ['masked', 'gathered'])
-def test_lm_with_groups_is_causal_through_gradients(gate, mlp_router, path):
+def test_lm_with_groups_is_causal_through_gradients(gate, group_router, path):
   model = lm(path, gate=gate, noise='gumbel' if gate == 'topk' else None, deterministic=False,
-             mlp_router=mlp_router)
-  assert model.blocks[1].mlp_router == mlp_router
+             group_router=group_router)
+  assert model.blocks[1].group_router == group_router
   block = model.blocks[0]
-  router = block.attention.router if mlp_router == 'shared' else block.mlp.router
+  router = block.attention.router if group_router == 'attention' else block.mlp.router
   assert router.pool == 'prefix'
   model.trunk.token_embed = ShiftedEmbed(model.trunk.token_embed, L, nnx.Rngs(1))
   x = tokens()
@@ -282,9 +282,9 @@ def test_state_paths_without_groups_are_unchanged():
 
 def test_shared_router_reads_the_attention_routers_features():
   block = gating.GatedTransformerBlock(D, 4, mlp_features=F, mlp_groups=G, active_groups=2,
-                                       active_heads=2, router='mean', mlp_router='shared',
+                                       active_heads=2, router='mean', group_router='attention',
                                        rngs=nnx.Rngs(0))
-  assert block.mlp_router == 'shared' and block.mlp.router is None
+  assert block.group_router == 'attention' and block.mlp.router is None
   router = block.attention.router
   assert router.group_logits.kernel.shape == (router.hidden_features, G)
   for p in (router.group_logits.kernel, router.logits.kernel):
@@ -301,7 +301,7 @@ def test_shared_router_reads_the_attention_routers_features():
   # Its own router would read LayerNorm(h), after the attention: a different decision.
   own = gating.GatedTransformerBlock(D, 4, mlp_features=F, mlp_groups=G, active_groups=2,
                                      active_heads=2, router='mean', rngs=nnx.Rngs(0))
-  assert own.mlp_router == 'own' and own.mlp.router is not None
+  assert own.group_router == 'own' and own.mlp.router is not None
   assert not hasattr(own.attention.router, 'group_logits')
 
   def loss(block):
@@ -312,8 +312,8 @@ def test_shared_router_reads_the_attention_routers_features():
 
 
 def test_a_shared_router_mlp_needs_its_logits():
-  mlp = GatedMLP(D, F, G, gate='topk', active_groups=2, router='shared', rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"router='shared': pass its group logits logits_BxG"):
+  mlp = GatedMLP(D, F, G, gate='topk', active_groups=2, router='attention', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"router='attention': pass its group logits logits_BxG"):
     mlp(x_BxLxD())
   with pytest.raises(ValueError, match='of shape \\(3, 4\\), got \\(3, 2\\)'):
     mlp(x_BxLxD(), logits_BxG=jnp.zeros((B, 2)))

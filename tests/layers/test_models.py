@@ -119,7 +119,8 @@ def test_bad_model_arguments():
   with pytest.raises(ValueError, match='prefix_len must be in'):
     gating.GatedLM(V, num_layers=1, features=D, num_heads=H, max_length=L, prefix_len=L + 1,
                    gate='dense', rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="router must be 'prefix'"):
+  with pytest.raises(ValueError, match="GatedLM is causal: its router must read no token "
+                                       r"after a fixed prefix .*router='mean' reads every"):
     lm(router='mean')
   with pytest.raises(ValueError, match='shape \\[batch, length\\]'):
     lm(deterministic=True)(jnp.zeros((L,), jnp.int32))

@@ -123,13 +123,13 @@ def test_a_group_budget_override_at_or_below_the_shared_groups_is_refused():
     mlp(inputs(), active_groups=2)
 
 
-@pytest.mark.parametrize('mlp_router', ['own', 'shared'])
-def test_the_decode_cache_keeps_the_shared_groups_open(mlp_router):
+@pytest.mark.parametrize('group_router', ['own', 'attention'])
+def test_the_decode_cache_keeps_the_shared_groups_open(group_router):
   lm = gating.GatedLM(vocab_size=32, num_layers=2, features=D, num_heads=H, max_length=24,
                       prefix_len=4, gate='topk', active_heads=2, mlp_groups=G,
-                      active_groups=3, shared_groups=1, mlp_router=mlp_router,
+                      active_groups=3, shared_groups=1, group_router=group_router,
                       path='gathered', rngs=nnx.Rngs(0))
-  if mlp_router == 'shared':   # the attention router's group layer scores G - Sf groups
+  if group_router == 'attention':   # the attention router's group layer scores G - Sf groups
     assert lm.blocks[0].attention.router.group_logits.kernel.shape[1] == G - 1
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
   logits, state = decode.prefill(lm, tokens, jnp.array([8, 8]), cache_length=12)

@@ -106,7 +106,7 @@ def test_recipe_rule_names_the_gated_width_and_thin_models():
   assert rule(mlp_groups=8, active_groups=2) == 'topk [heads + groups]'
   assert rule(mlp_groups=8, active_groups=8) == 'topk [heads]'
   assert rule(active_heads=8, mlp_groups=8, active_groups=1) == 'topk [groups]'
-  assert (rule(mlp_groups=8, active_groups=2, mlp_router='shared')
+  assert (rule(mlp_groups=8, active_groups=2, group_router='attention')
           == 'topk [heads + groups, shared router]')
   elastic = TrainConfig(model=ModelConfig(gate='dense', active_heads=None),
                         loss=LossConfig(elastic_ks=(2, 4)))

@@ -84,12 +84,12 @@ def test_intervals_default_to_fractions_of_the_run():
     (dict(mlp_groups=8, active_groups=0), 'model.active_groups: Kf=0'),
     (dict(mlp_groups=8, active_groups=(1, 2, 3)), 'model.active_groups: has 3 entries'),
     (dict(mlp_groups=8, active_groups=None), "model.active_groups: gate='topk' needs Kf"),
-    (dict(mlp_router='both'), "model.mlp_router: must be 'own' or 'shared', got 'both'"),
-    (dict(mlp_router='shared'), "model.mlp_router: 'shared' needs model.mlp_groups"),
-    (dict(mlp_groups=8, active_groups=2, mlp_router='shared', gate='static',
-          active_heads=2), "model.mlp_router: 'shared' needs an attention router"),
-    (dict(mlp_groups=8, active_groups=2, mlp_router='shared', router='static'),
-     "model.mlp_router: 'shared' needs an attention router"),
+    (dict(group_router='both'), "model.group_router: must be 'own' or 'attention', got 'both'"),
+    (dict(group_router='attention'), "model.group_router: 'attention' needs model.mlp_groups"),
+    (dict(mlp_groups=8, active_groups=2, group_router='attention', gate='static',
+          active_heads=2), "model.group_router: 'attention' needs an attention router"),
+    (dict(mlp_groups=8, active_groups=2, group_router='attention', router='input_free'),
+     "model.group_router: 'attention' needs an attention router"),
 ])
 def test_bad_group_settings_name_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
@@ -102,9 +102,9 @@ def test_group_settings_round_trip_and_parse():
   assert config.from_dict(cfg.to_dict()) == cfg
   old = TrainConfig().to_dict()
   del old['model']['mlp_groups'], old['model']['active_groups']   # a config from before
-  del old['model']['mlp_router']
+  del old['model']['group_router']
   assert config.from_dict(old).model.mlp_groups is None
-  assert config.from_dict(old).model.mlp_router == 'own'
+  assert config.from_dict(old).model.group_router == 'own'
   shared = config.override(TrainConfig(), ['model.mlp_groups=8', 'model.active_groups=2',
-                                           'model.mlp_router=shared'])
-  assert config.from_dict(shared.to_dict()).model.mlp_router == 'shared'
+                                           'model.group_router=attention'])
+  assert config.from_dict(shared.to_dict()).model.group_router == 'attention'
