@@ -37,6 +37,11 @@ def parse_args(argv):
                       help='resume from the checkpoint at step N instead of the latest (e.g. '
                            'when the latest is corrupt); later steps are moved aside into '
                            'checkpoints_quarantine/, never deleted')
+  parser.add_argument('--extend-schedule', action='store_true',
+                      help='resume a run with more --steps than it was trained for: its '
+                           'learning-rate schedule (warmup, cosine decay) is refit to the new '
+                           'length, so the rate changes from the next step on (the line it '
+                           'prints says by how much); without it such a resume is refused')
   parser.add_argument('--no-plots', action='store_true', help='do not write plots at the end')
   parser.add_argument('--no-progress', action='store_true', help='no progress bar')
   parser.add_argument('--print-config', action='store_true',
@@ -102,16 +107,18 @@ def main(argv=None):
     sys.exit(f'error: {e}')
   workdir = args.workdir or os.path.join('runs', args.preset)
   run_and_report(cfg, workdir, progress=not args.no_progress, plots=not args.no_plots,
-                 restore_step=args.restore_step)
+                 restore_step=args.restore_step, extend_schedule=args.extend_schedule)
 
 
-def run_and_report(cfg, workdir, *, progress=True, plots=True, restore_step=None):
+def run_and_report(cfg, workdir, *, progress=True, plots=True, restore_step=None,
+                   extend_schedule=False):
   """Trains (or resumes) cfg in workdir, prints the summary and writes the plots; bad
   input exits with one `error:` line."""
   from gating.training.checkpoint import CheckpointError
   from gating.training.loop import train
   try:
-    summary = train(cfg, workdir, progress=progress, restore_step=restore_step)
+    summary = train(cfg, workdir, progress=progress, restore_step=restore_step,
+                    extend_schedule=extend_schedule)
   except (FileNotFoundError, ValueError, FloatingPointError, CheckpointError) as e:
     sys.exit(f'error: {e}')
   if summary.get('already_finished'):

@@ -71,6 +71,7 @@ def load_data(cfg: TrainConfig) -> data.Splits:
   else:
     splits = data.text(d.sources, seq_len=d.seq_len, seed=d.seed,
                        max_bytes_per_domain=d.max_bytes_per_domain, tokenizer=d.tokenizer)
+  data.check_tokens(splits)
   return data.classification(splits) if cfg.model.kind == 'encoder' else splits
 
 
@@ -431,6 +432,36 @@ def check_compatible(saved: dict[str, Any], cfg: TrainConfig, info: data.DataInf
         f'differ in {", ".join(keys)}); nothing was deleted')
 
 
+def check_schedule(saved: dict[str, Any], cfg: TrainConfig, where: str,
+                   extend: bool = False) -> str | None:
+  """Resuming keeps the schedule a run was fit to: the learning rate's warmup and cosine
+  decay (and the eval and checkpoint intervals) are functions of `steps`, so resuming the
+  checkpoint `saved` (its meta) with another `steps` would change the rate from the next
+  step on. Fewer steps are refused; more are refused unless `extend`, and then the
+  returned line says what happens to the schedule (None when nothing changes)."""
+  before = from_dict(saved['config']).steps
+  if before == cfg.steps:
+    return None
+  at = int(saved['step'])
+  if cfg.steps < before:
+    raise ValueError(f'{where} was trained with a schedule fit to {before} steps; '
+                     f'{cfg.steps} steps would end it early, at a learning rate it was '
+                     'never meant to stop at. To score an earlier checkpoint, use '
+                     'experiments.eval --restore-step N; to train a shorter run, use '
+                     'another --workdir')
+  was = learning_rate(dataclasses.replace(cfg, steps=before), at - 1)
+  now = learning_rate(cfg, at)
+  change = (f'the learning-rate schedule (warmup, then cosine decay to step {before}) is '
+            f'refit to {cfg.steps} steps: the rate of step {at} was {was:.3e}, step '
+            f'{at + 1} runs at {now:.3e}')
+  if not extend:
+    raise ValueError(f'{where} was trained with a schedule fit to {before} steps (it is at '
+                     f'step {at}); continuing to {cfg.steps} steps would stretch it: '
+                     f'{change}. Pass --extend-schedule to do that, or use another '
+                     '--workdir')
+  return f'extending {where} from {before} to {cfg.steps} steps: {change}'
+
+
 def mesh_and_shardings(batch_size: int, grad_accum: int):
   """A 1-D 'data' mesh over all devices: batch sharded, parameters replicated."""
   devices = jax.devices()
@@ -553,8 +584,8 @@ def _write_provenance(path: str, record: dict[str, Any]) -> None:
 
 
 def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
-          stop_after: int | None = None,
-          restore_step: int | None = None) -> dict[str, Any] | None:
+          stop_after: int | None = None, restore_step: int | None = None,
+          extend_schedule: bool = False) -> dict[str, Any] | None:
   """Trains (or resumes) the run in `workdir`; returns the final summary.
 
   The data and the model are built before anything is written, so bad data leaves no
@@ -566,6 +597,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   exactly as if it had not stopped).
   restore_step: resume from this checkpoint instead of the latest (e.g. when the latest is
   corrupt); the later steps are moved aside into checkpoints_quarantine/ (a rename).
+  extend_schedule: resume a run with more `steps` than it was trained for (refused
+  otherwise: `check_schedule`), refitting its learning-rate schedule to the new length.
   """
   from tqdm.auto import tqdm
 
@@ -591,9 +624,13 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   mngr = checkpoint.manager(checkpoints, cfg.keep_checkpoints)
   log = MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
   start = 0
+  extended = []
+
+  def check(meta):
+    check_compatible(meta, cfg, info, workdir)
+    extended.append(check_schedule(meta, cfg, workdir, extend_schedule))
   try:
-    loaded = checkpoint.load(mngr, state, step=restore_step, where=workdir,
-                             check=lambda meta: check_compatible(meta, cfg, info, workdir))
+    loaded = checkpoint.load(mngr, state, step=restore_step, where=workdir, check=check)
   except BaseException:
     mngr.close()
     raise
@@ -617,6 +654,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     if main_process:
       log.truncate_after(start)
       print(f'resuming {workdir} from step {start}', flush=True)
+      if extended[-1]:
+        print(extended[-1], flush=True)
   else:
     if cfg.init_from:
       state, copied = warm or warm_start(state, graphdef, cfg.init_from)
@@ -634,7 +673,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     with open(os.path.join(workdir, 'data_info.json'), 'w') as f:
       json.dump(dataclasses.asdict(info), f, indent=1)
     _write_provenance(os.path.join(workdir, 'provenance.json'),
-                      {**provenance(), 'data': info.fingerprint, 'from_step': start})
+                      {**provenance(), 'data': info.fingerprint, 'from_step': start,
+                       **({'schedule_extended': extended[-1]}
+                          if loaded is not None and extended[-1] else {})})
   state = distributed.replicate(state, replicated)
 
   steps_fn = {}

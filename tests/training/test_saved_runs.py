@@ -39,10 +39,26 @@ def test_an_old_run_folder_evaluates(old_run):
   assert report['results'] and all(np.isfinite(r['loss']) for r in report['results'])
 
 
-def test_an_old_run_folder_resumes(old_run):
+def test_an_old_run_folder_resumes(old_run, capsys):
   cfg = config.from_dict(json.load(open(old_run / 'config.json')))
   cfg = config.override(cfg, ['steps=8'])
-  summary = train.train(cfg, str(old_run), progress=False)
+  # Its schedule was fit to 6 steps: more steps are refused unless asked for, and nothing
+  # in the folder changes.
+  before = {p.name: p.read_bytes() for p in old_run.iterdir() if p.is_file()}
+  with pytest.raises(ValueError, match=r'trained with a schedule fit to 6 steps \(it is at '
+                                       r'step 6\); continuing to 8 steps would stretch it: '
+                                       r'.*step 7 runs at 2\.571e-03\. Pass --extend-schedule'):
+    train.train(cfg, str(old_run), progress=False)
+  assert {p.name: p.read_bytes() for p in old_run.iterdir() if p.is_file()} == before
+  with pytest.raises(ValueError, match='would end it early'):
+    train.train(config.override(cfg, ['steps=4']), str(old_run), progress=False)
+  summary = train.train(cfg, str(old_run), progress=False, extend_schedule=True)
+  said = capsys.readouterr().out
+  assert 'extending' in said and 'refit to 8 steps: the rate of step 6 was 3.000e-03' in said
+  lr7 = [json.loads(line)['lr'] for line in open(old_run / 'metrics.jsonl')
+         if json.loads(line).get('step') == 7 and json.loads(line)['kind'] == 'train']
+  assert lr7 == [pytest.approx(train.learning_rate(cfg, 6))]
+  assert 'refit to 8 steps' in json.load(open(old_run / 'provenance.json'))['schedule_extended']
   assert summary['steps'] == 8 and np.isfinite(summary['test']['loss'])
   steps = [json.loads(line)['step'] for line in open(old_run / 'metrics.jsonl')
            if json.loads(line)['kind'] == 'train']
