@@ -21,12 +21,12 @@ This package imports `datasets`; `import gating` does not import it.
 from gating.data.batches import batch_at, eval_batches, sample_rows
 from gating.data.corpus import (BUILTIN_SOURCES, BYTE_DOC_ID, BYTE_PAD_ID, BYTE_VOCAB,
                                 SHAKESPEARE, decode_bytes, encode_bytes, text)
-from gating.data.rows import DataInfo, Splits, classification, identity
+from gating.data.rows import DataInfo, Splits, check_tokens, classification, identity
 from gating.data.tasks import synthetic, synthetic_stream
 
 __all__ = [
     'BUILTIN_SOURCES', 'BYTE_DOC_ID', 'BYTE_PAD_ID', 'BYTE_VOCAB', 'DataInfo', 'SHAKESPEARE',
-    'Splits', 'batch_at', 'classification', 'decode_bytes', 'encode_bytes', 'eval_batches',
+    'Splits', 'batch_at', 'check_tokens', 'classification', 'decode_bytes', 'encode_bytes', 'eval_batches',
     'identity', 'sample_rows',
     'synthetic', 'synthetic_stream', 'text',
 ]

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,22 @@ class Splits(NamedTuple):
   validation: datasets.Dataset  # for tuning
   test: datasets.Dataset        # for reported numbers
   info: DataInfo
+
+
+def check_tokens(splits: Splits) -> None:
+  """A ValueError naming the split unless every token id is in [0, info.vocab_size): an id
+  outside it would index past the embedding table, which under jit gives NaN logits
+  instead of an error (nnx.Embed's jnp.take fills out-of-range rows with NaN)."""
+  V = splits.info.vocab_size
+  for name, dataset in zip(('train', 'validation', 'test'), splits[:3]):
+    if len(dataset) == 0:
+      continue
+    column = dataset.with_format('arrow')[:].column('tokens').combine_chunks().flatten()
+    low, high = (v.as_py() for v in pa.compute.min_max(column).values())
+    if low < 0 or high >= V:
+      raise ValueError(f'the {name} split holds token ids in [{low}, {high}], outside the '
+                       f'vocabulary [0, {V}) of its DataInfo (a tokenizer and vocab_size '
+                       'that do not match?)')
 
 
 def _features(seq_len: int) -> datasets.Features:

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -94,6 +95,23 @@ def dropped_mean(weights_BxU, mean_UxD):
   return jnp.einsum('BU,UD->BD', 1.0 - weights_BxU.astype(mean_UxD.dtype), mean_UxD)[:, None]
 
 
+def check_indices(idx_BxK, num_units: int, name: str = 'idx_BxK',
+                  unit: str = 'head') -> None:
+  """A ValueError unless concrete unit indices are ints in [0, num_units). Traced ones
+  (under jit) cannot be read and pass unchecked: there the gathers clip an out-of-range
+  index to [0, num_units - 1] (jnp.take's mode='clip'), silently. The layers' own gates
+  are always in range (top-k over the units)."""
+  if not jnp.issubdtype(jnp.result_type(idx_BxK), jnp.integer):
+    raise ValueError(f'{name} must hold integer {unit} indices, got dtype '
+                     f'{jnp.result_type(idx_BxK)}')
+  if isinstance(idx_BxK, jax.core.Tracer) or jnp.size(idx_BxK) == 0:
+    return
+  values = np.asarray(idx_BxK)
+  if values.min() < 0 or values.max() >= num_units:
+    raise ValueError(f'{name} holds {unit} indices in [{values.min()}, {values.max()}]; '
+                     f'this layer has {num_units} {unit}s (indices 0..{num_units - 1})')
+
+
 def _add(x, bias):
   """x + bias, the bias broadcast over x's leading axes (explicitly: no rank promotion)."""
   if bias is None:
@@ -150,8 +168,10 @@ def gathered_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, idx_BxK, we
                        options: AttendOptions = AttendOptions()):
   """Only each sequence's K heads idx_BxK computed, scaled by weights_BxK. -> y_BxLxDo.
 
-  A mask with a head axis of size H is gathered to the K heads like the weights.
+  A mask with a head axis of size H is gathered to the K heads like the weights. Concrete
+  indices outside [0, H) are refused; under jit they are clipped (see `check_indices`).
   """
+  check_indices(idx_BxK, w.wq_DxHxDh.shape[1])
   p = options.precision
   if options.mask is not None and options.mask.shape[-3] != 1:
     B, L, S, H = xq_BxLxD.shape[0], xq_BxLxD.shape[1], xk_BxSxD.shape[1], w.wq_DxHxDh.shape[1]
@@ -230,7 +250,9 @@ class GatheredMLPWeights(NamedTuple):
 def gather_mlp(w: MLPWeights, idx_BxK, num_groups: int) -> GatheredMLPWeights:
   """Each sequence's Kf groups idx_BxK: the W1 columns w1_DxGxFg -> w1_BxDxKxFg, the b1
   entries b1_GxFg -> b1_BxKxFg (None stays None) and the W2 rows w2_GxFgxD -> w2_BxKxFgxD.
-  Reads B Kf / G of W1, b1 and W2's bytes."""
+  Reads B Kf / G of W1, b1 and W2's bytes. Concrete indices outside [0, G) are refused;
+  under jit they are clipped (see `check_indices`)."""
+  check_indices(idx_BxK, num_groups, unit='group')
   w1_DxGxFg, b1_GxFg, w2_GxFgxD = group_view(w, num_groups)
   b1_BxKxFg = None if b1_GxFg is None else jnp.take(b1_GxFg, idx_BxK, axis=0, mode='clip')
   return GatheredMLPWeights(gather_groups(w1_DxGxFg, idx_BxK), b1_BxKxFg,

@@ -63,7 +63,7 @@ from flax.nnx.nn import dtypes
 from gating.layers import compute
 from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
 from gating.layers.mlp import check_active_groups
-from gating.layers.models import GatedLM, padding_mask, per_layer
+from gating.layers.models import GatedLM, check_token_ids, padding_mask, per_layer
 from gating.layers.router import router_kind_of
 
 PROJECTIONS = ('auto', 'weights', 'activations')
@@ -336,6 +336,9 @@ def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, pa
     lengths = np.asarray(lengths_B)
     if lengths.min() < P or lengths.max() > L:
       raise ValueError(f'every prompt length must be in [P={P}, L={L}], got {lengths.tolist()}')
+    if not isinstance(tokens_BxL, jax.core.Tracer):   # the prompts' ids (not the padding)
+      check_token_ids(np.asarray(tokens_BxL)[np.arange(L)[None, :] < lengths[:, None]],
+                      model.vocab_size, 'prompts')
   plan = layer_plan(model, B, path=path, active_heads=active_heads, projection=projection)
   mlp_plan = group_plan(model, B, path=path, active_groups=active_groups,
                         projection=projection)
@@ -426,6 +429,7 @@ def decode_step(model: GatedLM, state: DecodeState, tokens_B):
   if not isinstance(positions_B, jax.core.Tracer) and int(np.max(positions_B)) >= S:
     raise ValueError(f'the cache is full: position {int(np.max(positions_B))} is beyond '
                      f'cache_length {S}')
+  check_token_ids(tokens_B, model.vocab_size)   # concrete ids only; see GatedLM
   x_Bx1xD = _embed(model, tokens_B[:, None], positions_B[:, None])
   mask_Bx1x1xS = (jnp.arange(S)[None, :] <= positions_B[:, None])[:, None, None, :]
   layers = []

@@ -76,6 +76,18 @@ def padding_mask(valid_BxL, is_causal: bool):
   return mask_Bx1xLxL
 
 
+def check_token_ids(tokens, vocab_size: int, name: str = 'tokens') -> None:
+  """A ValueError unless concrete token ids are in [0, vocab_size); traced ones (under
+  jit) pass unchecked."""
+  if isinstance(tokens, jax.core.Tracer) or np.size(tokens) == 0:
+    return
+  values = np.asarray(tokens)
+  low, high = int(values.min()), int(values.max())
+  if low < 0 or high >= vocab_size:
+    raise ValueError(f'{name} hold ids in [{low}, {high}], outside the vocabulary [0, '
+                     f'{vocab_size}) of this model')
+
+
 class _Trunk(nnx.Module):
   """Token embeddings, positions, N gated blocks and a final LayerNorm (shared by both)."""
 
@@ -147,8 +159,13 @@ class _Trunk(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def check_tokens(self, tokens_BxL, valid_BxL):
+    """Shapes always; the ids' range [0, V) only when they are concrete (an eager call):
+    under jit they cannot be read, and an id outside [0, V) gives NaN logits (nnx.Embed
+    fills rows past its table with NaN). The training and evaluation data are checked
+    when they are loaded (gating.data.check_tokens)."""
     if tokens_BxL.ndim != 2:
       raise ValueError(f'tokens must have shape [batch, length], got {tokens_BxL.shape}')
+    check_token_ids(tokens_BxL, self.vocab_size)
     if tokens_BxL.shape[1] > self.max_length:
       raise ValueError(f'sequence length {tokens_BxL.shape[1]} exceeds max_length '
                        f'{self.max_length}')

@@ -1,3 +1,5 @@
+import dataclasses
+
 import datasets
 import numpy as np
 import pytest
@@ -106,3 +108,12 @@ def test_batch_at_errors():
 
 
 # --- text --------------------------------------------------------------------------------
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_when_the_data_loads(small):
+  data.check_tokens(small)                                    # the benchmark itself is fine
+  V = small.info.vocab_size
+  narrow = small._replace(info=dataclasses.replace(small.info, vocab_size=V - 1))
+  with pytest.raises(ValueError, match=rf'the train split holds token ids in \[0, {V - 1}\], '
+                                       rf'outside the vocabulary \[0, {V - 1}\)'):
+    data.check_tokens(narrow)

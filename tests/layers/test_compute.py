@@ -67,3 +67,25 @@ def test_gather_heads_layout():
   assert g.shape == (1, D, 2, Dh)
   np.testing.assert_array_equal(g[0, :, 0], w_DxHxDh[:, 2])
   np.testing.assert_array_equal(g[0, :, 1], w_DxHxDh[:, 0])
+
+
+def test_out_of_range_unit_indices_are_refused_where_they_can_be_read():
+  x = jax.random.normal(jax.random.key(1), (B, L, D))
+  w = weights()
+  bad_BxK = jnp.array([[0, 2], [3, 4], [1, 2]])           # head 4 of 4 heads (0..3)
+  with pytest.raises(ValueError, match=r'idx_BxK holds head indices in \[0, 4\]; this '
+                                       r'layer has 4 heads \(indices 0..3\)'):
+    compute.gathered_attention(x, x, x, w, bad_BxK, jnp.ones((B, 2)))
+  with pytest.raises(ValueError, match='in \\[-1, 3\\]'):
+    compute.gathered_attention(x, x, x, w, bad_BxK.at[0, 0].set(-1).at[1, 1].set(0),
+                               jnp.ones((B, 2)))
+  with pytest.raises(ValueError, match='integer head indices'):
+    compute.gathered_attention(x, x, x, w, bad_BxK.astype(jnp.float32), jnp.ones((B, 2)))
+  mlp = compute.MLPWeights(jnp.ones((D, 8)), jnp.ones((8, D)))
+  with pytest.raises(ValueError, match='this layer has 4 groups'):
+    compute.gathered_mlp(x, mlp, jnp.array([[4], [0], [1]]), jnp.ones((B, 1)), 4)
+  # Under jit the indices are not known: the gather clips them (documented), no error.
+  y = jax.jit(lambda i: compute.gathered_attention(x, x, x, w, i, jnp.ones((B, 2))))(bad_BxK)
+  clipped = compute.gathered_attention(x, x, x, w, jnp.minimum(bad_BxK, H - 1),
+                                       jnp.ones((B, 2)))
+  np.testing.assert_allclose(y, clipped, atol=1e-6)

@@ -185,9 +185,16 @@ def test_bad_decoding_arguments():
     decode.generate(gating.GatedEncoder(V, num_layers=1, features=D, num_heads=H, max_length=L,
                                         num_classes=2, active_heads=2, rngs=nnx.Rngs(0)),
                     x, max_new_tokens=2)
+  with pytest.raises(ValueError, match=r'prompts hold ids in \[.*, 40\], outside the '
+                                       r'vocabulary \[0, 40\)'):
+    decode.prefill(model, x.at[0, 1].set(V), cache_length=8)
+  decode.prefill(model, x.at[0, 5].set(V + 7), jnp.array([5, 6]), cache_length=8)  # padding
   _, state = jit_prefill(model, x, cache_length=6)
   with pytest.raises(ValueError, match='the cache is full'):
     decode.decode_step(model, state, x[:, 0])
+  _, state = jit_prefill(model, x[:, :5], cache_length=8)
+  with pytest.raises(ValueError, match=r'tokens hold ids in \[-1, .*\], outside'):
+    decode.decode_step(model, state, jnp.array([-1, 3]))
   # The drop-in layer itself has no decode mode: it points here.
   with pytest.raises(ValueError, match='gating.decode'):
     model.blocks[0].attention(jnp.ones((1, 4, D)), decode=True)

@@ -124,6 +124,13 @@ def test_bad_model_arguments():
     lm(router='mean')
   with pytest.raises(ValueError, match='shape \\[batch, length\\]'):
     lm(deterministic=True)(jnp.zeros((L,), jnp.int32))
+  model = lm()
+  with pytest.raises(ValueError, match=rf'tokens hold ids in \[0, {V}\], outside the '
+                                       rf'vocabulary \[0, {V}\) of this model'):
+    model(jnp.zeros((2, L), jnp.int32).at[1, 3].set(V))
+  # Under jit the ids cannot be read: an id past the table gives NaN logits (documented).
+  logits = nnx.jit(lambda m, t: m(t).logits_BxLxV)(model, jnp.full((2, L), V, jnp.int32))
+  assert np.isnan(np.asarray(logits)).all()
 
 
 def test_num_heads_per_layer_with_an_explicit_head_width():
