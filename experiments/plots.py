@@ -2,10 +2,11 @@
 
 For a run (a folder with metrics.jsonl) it writes into DIR/plots/:
   training_curves.png   train loss and task loss per step, validation loss and accuracy
-  active_heads.png      mean active heads per sequence in every layer over training and
-                        the usage entropy per layer; for a fixed-count rule (top-k), whose
-                        count is K by construction, the label divergence (how differently
-                        tasks or domains route) instead of the count
+  routing_diversity.png how the gate spreads its choices, per layer: the mean active heads
+                        per sequence over training (for a fixed-count rule such as top-k,
+                        whose count is K by construction: the label divergence instead,
+                        how differently tasks or domains route) and the usage entropy (how
+                        evenly the heads are used); both measures are defined on the figure
   usage_heatmap.png     per-layer x per-head usage at the last validation evaluation
                         (fraction of sequences that run each head)
   usage_by_label.png    the same heatmap split by task (synthetic) or domain (text), with
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import os
 
 import numpy as np
@@ -159,11 +161,21 @@ def label_divergence(per_label) -> np.ndarray | None:
   return np.mean(pairs, axis=0) / np.maximum(active, 1e-12)
 
 
-def plot_active_heads(run_dir, train, evals, out):
-  """Active heads per sequence over training; for a rule whose count is fixed (top-k) the
-  count is K by construction, so the plot shows what moves instead: how evenly the heads
-  are used (usage entropy) and how differently tasks or domains route (label divergence),
-  at every validation evaluation."""
+DEFINITIONS = (
+    'usage entropy: per layer, the entropy of the heads\' usage (the fraction of sequences '
+    'that run each head, normalized to sum to 1) / log H; 1 = every head used equally '
+    'often, log K / log H = the same K heads for every sequence.',
+    'label divergence: per layer, the mean over pairs of labels (tasks or domains) of half '
+    'the L1 distance between their head-usage vectors / the mean active heads; 0 = every '
+    'label runs the same heads, 1 = no two labels share a head.')
+
+
+def plot_routing_diversity(run_dir, train, evals, out):
+  """How the gate spreads its choices: active heads per sequence over training; for a
+  rule whose count is fixed (top-k) the count is K by construction, so the plot shows
+  what moves instead: how evenly the heads are used (`usage_entropy`) and how differently
+  tasks or domains route (`label_divergence`), at every validation evaluation. The two
+  measures are defined under the panels."""
   plt = _pyplot()
   val = [r for r in evals if r.get('split') == 'validation' and r.get('usage') is not None]
   fixed = _fixed_count(run_dir)
@@ -200,7 +212,10 @@ def plot_active_heads(run_dir, train, evals, out):
       ax.legend()
   note = ' (top-k: K heads per sequence by construction)' if fixed else ''
   fig.suptitle(_title(run_dir) + note, fontsize=9)
-  fig.tight_layout()
+  shown = DEFINITIONS if fixed else DEFINITIONS[:1]
+  fig.text(0.01, 0.01, '\n'.join(textwrap.fill(d, 150) for d in shown), fontsize=7,
+           va='bottom')
+  fig.tight_layout(rect=(0, 0.05 * len(shown) + 0.03, 1, 1))
   fig.savefig(out, dpi=110)
   plt.close(fig)
 
@@ -254,9 +269,10 @@ def plot_run(run_dir: str) -> list[str]:
   train, evals = read_metrics(run_dir)
   out = os.path.join(run_dir, 'plots')
   os.makedirs(out, exist_ok=True)
-  written = [os.path.join(out, 'training_curves.png'), os.path.join(out, 'active_heads.png')]
+  written = [os.path.join(out, 'training_curves.png'),
+             os.path.join(out, 'routing_diversity.png')]
   plot_training_curves(run_dir, train, evals, written[0])
-  plot_active_heads(run_dir, train, evals, written[1])
+  plot_routing_diversity(run_dir, train, evals, written[1])
   written += plot_usage(run_dir, evals, os.path.join(out, 'usage_heatmap.png'),
                         os.path.join(out, 'usage_by_label.png'))
   return written

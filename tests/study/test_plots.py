@@ -31,7 +31,7 @@ def test_run_plots_render_from_a_metrics_file(tmp_path):
   _write_run(tmp_path)
   written = plots.plot_run(str(tmp_path))
   names = sorted(p.rsplit('/', 1)[1] for p in written)
-  assert names == ['active_heads.png', 'training_curves.png', 'usage_by_label.png',
+  assert names == ['routing_diversity.png', 'training_curves.png', 'usage_by_label.png',
                    'usage_heatmap.png']
   for path in written:
     with open(path, 'rb') as f:
