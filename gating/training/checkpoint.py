@@ -11,18 +11,22 @@ Integrity: `save` records, per array, a 32-bit checksum of its bits computed on 
 array under jit (so it holds with several processes), and `load` recomputes it after
 restoring. orbax-checkpoint has no checksum option of its own, and flipped bytes in an
 array file can decompress without error into wrong (even NaN) values. A mismatch, a
-file orbax cannot read, or a non-finite value is corruption: `CheckpointError` says the
-checkpoint at step N looks corrupt, gives the cause in one line and lists the intact
-earlier steps, which `load(..., step=N)` (`--restore-step N`) restores instead. Nothing
-is ever deleted; `quarantine` moves damaged later steps aside. Checkpoints written before
-checksums were recorded restore with a one-line notice.
+file whose bytes do not parse or decompress (or end too early), or a non-finite value is
+corruption: `CorruptCheckpoint` says the checkpoint at step N looks corrupt, gives the
+cause in one line and lists the intact earlier steps, which `load(..., step=N)`
+(`--restore-step N`) restores instead. Any other failure to read (a permission, a
+sharding mismatch, a bug) is a `CheckpointError` that names it as it is, with no advice
+to skip the step. Nothing is ever deleted; `quarantine` moves damaged later steps aside.
+Checkpoints written before checksums were recorded restore with a one-line notice.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -92,30 +96,59 @@ def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, meta: dict[st
   mngr.wait_until_finished()
 
 
-def _cause(error: BaseException) -> str:
-  """The one line that says what went wrong, from an exception and its chain (orbax and
-  TensorStore bury it under spec dumps): the first line that names corruption or a
-  failed read, else the innermost exception's first line."""
-  texts, seen = [], set()
+# What damaged bytes look like in the exceptions of orbax, TensorStore and json: a file
+# that does not parse or decompress, ends too early, or fails a checksum. Anything else
+# (a permission, a sharding mismatch, a bug) is reported as itself, not as corruption.
+_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, zlib.error)
+_DAMAGE = re.compile(r'corrupt|DATA_LOSS|decompress|checksum|truncat|unexpected end|'
+                     r'end of (the )?(file|stream|input)|not a valid|Expecting|'
+                     r'Unterminated|JSONDecodeError|Error reading', re.I)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  out, seen = [], set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    texts.append(f'{type(error).__name__}: {error}')
+    out.append(error)
     error = error.__cause__ or error.__context__
-  pattern = re.compile(r'corrupt|DATA_LOSS|decompress|checksum|truncat|unexpected end|'
-                       r'not a valid|invalid|failed|Expecting|JSONDecodeError', re.I)
+  return out
+
+
+def _is_damage(error: BaseException) -> bool:
+  """True when an exception (or one in its chain) says the bytes are damaged."""
+  return any(isinstance(e, _DAMAGE_TYPES) or _DAMAGE.search(f'{type(e).__name__}: {e}')
+             for e in _chain(error))
+
+
+def _cause(error: BaseException) -> str:
+  """The one line that says what went wrong, from an exception and its chain (orbax and
+  TensorStore bury it under spec dumps): the first line that names damage, else the
+  innermost exception's first line."""
+  texts = [f'{type(e).__name__}: {e}' for e in _chain(error)]
   for text in texts:
     for line in text.splitlines():
-      if pattern.search(line):
+      if _DAMAGE.search(line):
         return line.strip()[:300]
   return texts[-1].splitlines()[0][:300] if texts else 'unknown error'
 
 
+def _read_error(step: int, what: str, path: str, error: BaseException) -> CheckpointError:
+  """CorruptCheckpoint when `error` says the bytes are damaged; otherwise a
+  CheckpointError that names the error as it is (no advice to skip the step)."""
+  if _is_damage(error):
+    return CorruptCheckpoint(step, f'its {what} cannot be read ({_cause(error)})')
+  return CheckpointError(f'reading the {what} of the checkpoint at step {step} ({path}) '
+                         f'failed, and not because its bytes are damaged: {_cause(error)}')
+
+
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  """The JSON metadata of `step`; CorruptCheckpoint when it cannot be read."""
+  """The JSON metadata of `step`; CorruptCheckpoint when its bytes are damaged, another
+  CheckpointError (naming the error) when reading it fails otherwise."""
   try:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
   except Exception as e:  # orbax raises many types for unreadable files
-    raise CorruptCheckpoint(step, f'its metadata cannot be read ({_cause(e)})') from e
+    raise _read_error(step, 'metadata', os.path.join(str(mngr.directory), str(step)),
+                      e) from e
 
 
 def latest_meta(mngr: ocp.CheckpointManager) -> dict[str, Any] | None:
@@ -130,9 +163,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: nnx.State,
   `abstract_state` (the full state, e.g. of nnx.eval_shape(...) or of a fresh model);
   arrays that checkpoints leave out (gate statistics, rng counters) keep its values.
 
-  Raises CorruptCheckpoint when orbax cannot read the arrays, a checksum recorded at save
-  time does not match, or a value is not finite; CheckpointError when an array has
-  another shape than the model's.
+  Raises CorruptCheckpoint when the arrays' bytes are damaged (they do not parse or
+  decompress, a checksum recorded at save time does not match, or a value is not
+  finite); CheckpointError, naming the error as it is, when reading fails for another
+  reason (a permission, a sharding mismatch) or an array has another shape than the
+  model's.
   """
   path = os.path.join(str(mngr.directory), str(step))
   meta = read_meta(mngr, step) if meta is None else meta
@@ -143,7 +178,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: nnx.State,
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   except Exception as e:
-    raise CorruptCheckpoint(step, f'its arrays cannot be read ({_cause(e)})') from e
+    raise _read_error(step, 'arrays', path, e) from e
   _check_shapes(target, restored['state'], path)
   _verify(step, restored['state'], meta)
   state = jax.tree.map(lambda x: x, abstract_state)  # a copy of the containers
