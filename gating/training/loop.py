@@ -570,15 +570,27 @@ def training_flops(cfg: TrainConfig, graphdef, state, batch) -> dict[str, Any]:
 
 def _write_provenance(path: str, record: dict[str, Any]) -> None:
   """provenance.json holds the newest session's record; the records of the sessions that
-  trained earlier steps are kept, oldest first, under 'earlier' (appended, never lost)."""
-  earlier = []
+  trained earlier steps are kept, oldest first, under 'earlier' (appended, never lost).
+  A provenance.json that cannot be read is moved aside whole, to the first free name
+  provenance.damaged[.N].json (a rename: its bytes are kept as they were), and the new
+  record names it under 'damaged_earlier_record'."""
+  earlier, damaged = [], None
   if os.path.exists(path):
     try:
       with open(path) as f:
         previous = json.load(f)
+      if not isinstance(previous, dict) or not isinstance(previous.get('earlier', []), list):
+        raise ValueError('not a provenance record')
       earlier = previous.pop('earlier', []) + [previous]
     except (OSError, ValueError):
-      earlier = []
+      stem, n = path[:-len('.json')] + '.damaged', 0
+      damaged = f'{stem}.json'
+      while os.path.exists(damaged):
+        n += 1
+        damaged = f'{stem}.{n}.json'
+      os.replace(path, damaged)
+  if damaged:
+    record = {**record, 'damaged_earlier_record': os.path.basename(damaged)}
   with open(path, 'w') as f:
     json.dump({**record, 'earlier': earlier}, f, indent=1)
 
