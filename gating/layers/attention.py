@@ -135,7 +135,7 @@ class GatedMultiHeadAttention(nnx.Module):
       {'threshold': 0.7} for sigmoid, {'p': 0.8} for top_p, {'gamma': -0.1, 'zeta': 1.1}
       for hard_concrete; an unknown name is refused.
     threshold, stretch: older spellings of the options 'threshold' (sigmoid) and
-      ('gamma', 'zeta') (hard_concrete, static); rules without them ignore them.
+      ('gamma', 'zeta') (hard_concrete, static); refused for a rule without them.
     rotary_base: rotate queries and keys by position (RoPE) with this base; None (the
       default, as in nnx.MultiHeadAttention) for none. Positions are arange(L) unless the
       call passes `positions`.
@@ -208,13 +208,8 @@ class GatedMultiHeadAttention(nnx.Module):
       raise ValueError(f'GatedMultiHeadAttention does not support: {", ".join(refused)}. '
                        'See its docstring for what is supported.')
     rule = selection.get_rule(gate)
-    options = dict(gate_options or {})
-    if threshold is not None and 'threshold' in rule.options:
-      options.setdefault('threshold', threshold)
-    if stretch is not None and 'gamma' in rule.options:
-      options.update({'gamma': options.get('gamma', stretch[0]),
-                      'zeta': options.get('zeta', stretch[1])})
-    options = rule.resolve_options(options)
+    options = rule.resolve_options(
+        selection.older_spellings(rule, gate_options, threshold, stretch))
     if qkv_features % num_heads:
       raise ValueError(f'qkv_features ({qkv_features}) must be divisible by '
                        f'num_heads ({num_heads})')

@@ -123,6 +123,27 @@ class Rule:
 RULES: dict[str, Rule] = {}
 
 
+def older_spellings(rule: Rule, options: Mapping[str, float] | None,
+                    threshold: float | None = None,
+                    stretch: tuple[float, float] | None = None) -> dict[str, float]:
+  """`options` with the older keyword spellings folded in: threshold= is the option
+  'threshold', stretch=(gamma, zeta) the options 'gamma' and 'zeta' (an option given by
+  name wins). A rule without that option refuses it, naming the rule and its options,
+  rather than ignore it."""
+  options = dict(options or {})
+  for keyword, value, names in (('threshold', threshold, ('threshold',)),
+                                ('stretch', stretch, ('gamma', 'zeta'))):
+    if value is None:
+      continue
+    if not set(names) <= set(rule.options):
+      known = ', '.join(sorted(rule.options)) or 'none'
+      raise ValueError(f'{keyword}={value!r}: gate {rule.name!r} has no option '
+                       f"{' or '.join(names)} (its options: {known})")
+    for name, v in zip(names, (value,) if keyword == 'threshold' else value):
+      options.setdefault(name, v)
+  return options
+
+
 def register(rule: Rule) -> Rule:
   """Adds a rule to RULES (its name must be new)."""
   if rule.name in RULES:
@@ -354,16 +375,10 @@ def select(rule: str, logits_BxH: jax.Array, *, k: int | None = None,
     options: the rule's options (e.g. {'threshold': 0.7} for sigmoid, {'p': 0.8} for
       top_p); unknown names are refused.
     threshold, stretch: older spellings of the options threshold (sigmoid) and
-      (gamma, zeta) (hard_concrete, static); ignored by rules without them.
+      (gamma, zeta) (hard_concrete, static); refused for a rule without them.
   """
   spec = get_rule(rule)
-  options = dict(options or {})
-  if threshold is not None and 'threshold' in spec.options:
-    options.setdefault('threshold', threshold)
-  if stretch is not None and 'gamma' in spec.options:
-    options.setdefault('gamma', stretch[0])
-    options.setdefault('zeta', stretch[1])
-  options = spec.resolve_options(options)
+  options = spec.resolve_options(older_spellings(spec, options, threshold, stretch))
   if temperature is None:
     temperature = spec.temperature
   stochastic = not deterministic and (noise is not None or spec.samples)

@@ -2,7 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import gating
 from gating.layers import selection
 
 H = 6
@@ -185,6 +187,21 @@ def test_sigmoid_threshold_is_an_option():
   assert (np.asarray(low) != 0).sum() > (np.asarray(high) != 0).sum()
   np.testing.assert_array_equal(
       high, selection.select('sigmoid', x, threshold=0.9).weights_BxH)  # the older spelling
+
+
+@pytest.mark.parametrize('call', [
+    lambda: selection.select('topk', logits(), k=2, threshold=0.7),
+    lambda: gating.GatedMultiHeadAttention(4, 16, gate='topk', active_heads=2, threshold=0.7,
+                                           rngs=nnx.Rngs(0))])
+def test_an_older_spelling_a_rule_does_not_take_is_refused_not_ignored(call):
+  with pytest.raises(ValueError, match=r"threshold=0.7: gate 'topk' has no option threshold "
+                                       r'\(its options: none\)'):
+    call()
+  with pytest.raises(ValueError, match=r"stretch=\(-0.2, 1.2\): gate 'sigmoid' has no "
+                                       r'option gamma or zeta \(its options: threshold\)'):
+    selection.select('sigmoid', logits(), stretch=(-0.2, 1.2))
+  gate = selection.select('hard_concrete', logits(), stretch=(-0.2, 1.2))   # it has them
+  assert gate.weights_BxH.shape == logits().shape
 
 
 def test_every_rule_declares_its_properties():
