@@ -83,18 +83,44 @@ def test_unreadable_files_are_named_corrupt_and_train_resumes_from_an_intact_ste
   else:
     path = step6 / 'meta' / 'metadata'
     os.truncate(path, os.path.getsize(path) // 2)
-  resumed = dataclasses.replace(SMALL, steps=8)
+  resumed = dataclasses.replace(SMALL, steps=8)     # 2 more steps: the schedule is refit
   with pytest.raises(checkpoint.CheckpointError, match=CORRUPT):
-    train.train(resumed, str(run), progress=False)
+    train.train(resumed, str(run), progress=False, extend_schedule=True)
   assert sorted(os.listdir(run / 'checkpoints')) == ['2', '4', '6']   # nothing moved
   with pytest.raises(checkpoint.CheckpointError, match=r'--restore-step 5: no checkpoint.*\[2, 4, 6\]'):
-    train.train(resumed, str(run), progress=False, restore_step=5)
-  summary = train.train(resumed, str(run), progress=False, restore_step=4)
+    train.train(resumed, str(run), progress=False, restore_step=5, extend_schedule=True)
+  summary = train.train(resumed, str(run), progress=False, restore_step=4,
+                        extend_schedule=True)
   assert summary['steps'] == 8 and np.isfinite(summary['test']['loss'])
   assert os.listdir(run / 'checkpoints_quarantine') == ['6']        # moved aside, not deleted
   steps = [r['step'] for r in train.read_metrics(str(run / 'metrics.jsonl'))
            if r['kind'] == 'train']
   assert steps == list(range(1, 9))
+
+
+@pytest.mark.parametrize('what,error', [
+    ('arrays', PermissionError(13, 'Permission denied', 'checkpoints/6/state')),
+    ('arrays', ValueError('sharding of the target does not match the saved array')),
+    ('metadata', PermissionError(13, 'Permission denied', 'checkpoints/6/meta'))])
+def test_a_read_that_fails_for_another_reason_is_not_called_corrupt(finished, tmp_path,
+                                                                      monkeypatch, what, error):
+  """Only damaged bytes are corruption: a permission or a sharding bug is named as itself,
+  without the advice to restore an earlier step."""
+  run = copy(finished, tmp_path)
+  real = checkpoint.ocp.CheckpointManager.restore
+
+  def failing(self, step, args=None, **kw):
+    if (what == 'arrays') == ('state' in args.keys()):
+      raise error
+    return real(self, step, args=args, **kw)
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'restore', failing)
+  with pytest.raises(checkpoint.CheckpointError) as caught:
+    evaluation.load_run(str(run))
+  said = str(caught.value)
+  assert f'reading the {what} of the checkpoint at step 6' in said
+  assert 'not because its bytes are damaged' in said and str(error) in said
+  assert 'corrupt' not in said and '--restore-step' not in said
+  assert not isinstance(caught.value, checkpoint.CorruptCheckpoint)
 
 
 def test_a_truncated_orbax_step_metadata_file_still_restores_verified(finished, tmp_path):
@@ -167,11 +193,29 @@ def test_provenance_keeps_the_sessions_that_trained_earlier_steps(finished, tmp_
   run = copy(finished, tmp_path)
   first = json.load(open(run / 'provenance.json'))
   assert first['from_step'] == 0 and first['earlier'] == []
-  train.train(dataclasses.replace(SMALL, steps=8), str(run), progress=False)
+  train.train(dataclasses.replace(SMALL, steps=8), str(run), progress=False,
+              extend_schedule=True)
   second = json.load(open(run / 'provenance.json'))
   assert second['from_step'] == 6
   assert [e['from_step'] for e in second['earlier']] == [0]
   assert second['earlier'][0]['git_commit'] == first['git_commit']
+
+
+def test_a_damaged_provenance_record_is_kept_aside_not_dropped(finished, tmp_path):
+  run = copy(finished, tmp_path)
+  damaged = b'{"git_commit": "abc", "from_step": 0, "earl'          # cut by a full disk
+  (run / 'provenance.json').write_bytes(damaged)
+  train.train(dataclasses.replace(SMALL, steps=8), str(run), progress=False,
+              extend_schedule=True)
+  assert (run / 'provenance.damaged.json').read_bytes() == damaged
+  record = json.load(open(run / 'provenance.json'))
+  assert record['damaged_earlier_record'] == 'provenance.damaged.json'
+  assert record['from_step'] == 6 and record['earlier'] == []
+  # A second damaged record does not overwrite the first.
+  (run / 'provenance.json').write_bytes(b'[1, 2')
+  train._write_provenance(str(run / 'provenance.json'), {'from_step': 8})
+  assert (run / 'provenance.damaged.json').read_bytes() == damaged
+  assert (run / 'provenance.damaged.1.json').read_bytes() == b'[1, 2'
 
 
 def test_a_text_run_evaluates_and_resumes_after_it_and_its_data_moved(tmp_path):
@@ -195,4 +239,5 @@ def test_a_text_run_evaluates_and_resumes_after_it_and_its_data_moved(tmp_path):
     eval_script.main(['--workdir', str(run_dir), '--set', 'model.num_heads=2'])
   resumed = dataclasses.replace(cfg, steps=8, data=dataclasses.replace(
       cfg.data, sources=(str(moved_corpus),)))
-  assert train.train(resumed, str(run_dir), progress=False)['steps'] == 8
+  assert train.train(resumed, str(run_dir), progress=False,
+                     extend_schedule=True)['steps'] == 8
