@@ -532,31 +532,51 @@ def warm_start(state, graphdef, source_dir: str):
   return nnx.state((learner, optimizer)), copied
 
 
+def check_flops_countable() -> None:
+  """A ValueError, before any training, when XLA's cost analysis on this backend gives no
+  FLOP count (the study tables compare rows by training FLOPs, so a run must not end
+  without one): probed on a small compiled matmul."""
+  x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+  cost = jax.jit(jnp.matmul).lower(x, x).compile().cost_analysis()
+  if not (isinstance(cost, dict) and cost.get('flops')):
+    raise ValueError(f'XLA cannot count FLOPs on this backend ({jax.default_backend()}): the '
+                     'cost analysis of a compiled matmul has no "flops", so the run\'s '
+                     'training FLOPs could not be reported')
+
+
+def step_flops(cfg: TrainConfig, graphdef, state, batch, k) -> float:
+  """XLA's FLOP count of the compiled train step at budget `k` on `batch` ([A, B/A, ...]):
+  the cost analysis of the optimized executable, as evaluation counts its step. XLA
+  counts a loop's body once, so the step is compiled without gradient accumulation
+  (grad_accum=1 on the whole batch: the same arithmetic, as one micro-batch), and the
+  importance labels unroll their passes (importance.py). A RuntimeError when the count
+  is missing."""
+  one = dataclasses.replace(cfg, grad_accum=1)
+  whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      (1, x.shape[0] * x.shape[1], *x.shape[2:]), x.dtype), batch)
+  compiled = jax.jit(lambda s, b, i: train_step(s, b, i, graphdef=graphdef, cfg=one,
+                                                active_heads=k)).lower(
+                                                    state, whole, jnp.int32(0)).compile()
+  cost = compiled.cost_analysis()
+  if not (isinstance(cost, dict) and cost.get('flops')):
+    raise RuntimeError(f'XLA gave no FLOP count for the compiled train step at K={k} '
+                       f'(backend {jax.default_backend()})')
+  return float(cost['flops'])
+
+
 def training_flops(cfg: TrainConfig, graphdef, state, batch) -> dict[str, Any]:
-  """XLA's FLOP count of the compiled train step (cost_analysis of the lowered step, at
-  every K the run trains with) times the steps run at that K; with init_from, the source
-  run's total is added (`train_flops_with_init`), so a warm-started point reports what
-  all of its training cost. XLA counts a loop's body once, so the step is lowered without
-  gradient accumulation (grad_accum=1 on the whole batch: the same arithmetic, as one
-  micro-batch), and the importance labels unroll their passes (importance.py)."""
+  """XLA's FLOP count of the compiled train step (`step_flops`, at every K the run trains
+  with) times the steps run at that K; with init_from, the source run's total is added
+  (`train_flops_with_init`), so a warm-started point reports what all of its training
+  cost."""
   counts: dict[int, int] = {}
   for step in range(cfg.steps):
     k = losses.k_at(step, cfg.k_schedule, cfg.model.active_heads)
     counts[k] = counts.get(k, 0) + 1
-  per_step = {}
-  one = dataclasses.replace(cfg, grad_accum=1)
-  whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      (1, x.shape[0] * x.shape[1], *x.shape[2:]), x.dtype), batch)
-  for k in counts:
-    lowered = jax.jit(lambda s, b, i: train_step(s, b, i, graphdef=graphdef, cfg=one,
-                                                 active_heads=k)).lower(state, whole,
-                                                                        jnp.int32(0))
-    cost = lowered.cost_analysis()
-    per_step[k] = float(cost['flops']) if cost and 'flops' in cost else None
-  if any(v is None for v in per_step.values()):
-    return {}
+  per_step = {k: step_flops(cfg, graphdef, state, batch, k) for k in counts}
   own = sum(per_step[k] * n for k, n in counts.items())
-  out = {'train_flops': own, 'train_flops_per_step': {str(k): v for k, v in per_step.items()}}
+  out = {'train_flops': own, 'train_flops_per_step': {str(k): v for k, v in per_step.items()},
+         'train_flops_counted_as': 'XLA cost_analysis flops of the compiled train step'}
   if cfg.init_from:
     try:
       with open(os.path.join(cfg.init_from, 'summary.json')) as f:
@@ -617,6 +637,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   main_process = jax.process_index() == 0
   if cfg.log.wandb:
     wandb_log.require()
+  check_flops_countable()
   splits = load_data(cfg)
   info = splits.info
   replicated, batch_sharding, eval_sharding = mesh_and_shardings(cfg.batch_size,
