@@ -84,6 +84,10 @@ def parse_args(argv):
                       help='write results.csv, results.md and the plots from the points '
                            'finished so far (a sweep still running, or stopped), and run '
                            'nothing')
+  parser.add_argument('--allow-partial', action='store_true',
+                      help='with --report: count points whose eval.json scored part of the '
+                           'split or an earlier step (left out otherwise); the tables name '
+                           'them')
   return parser.parse_args(argv)
 
 
@@ -171,14 +175,16 @@ def ray_env(args):
   return env
 
 
-def finish(sweep, out, names):
-  """Writes results.csv, results.md and the sweep plots from the point folders."""
+def finish(sweep, out, names, allow_partial=False):
+  """Writes results.csv, results.md and the sweep plots from the point folders (points
+  evaluated on part of the split, or at an earlier step, count only with allow_partial,
+  marked in the tables)."""
   from experiments import configs, plots
   from gating.study import results
   from gating.training.config import override
   reference = override(configs.get(sweep.preset), list(sweep.common)).model
-  rows = [results.point_row(os.path.join(out, name), name, sweep.split, reference)
-          for name in names]
+  rows = [results.point_row(os.path.join(out, name), name, sweep.split, reference,
+                            allow_partial=allow_partial) for name in names]
   results.write_csv(rows, os.path.join(out, 'results.csv'))
   with open(os.path.join(out, 'results.md'), 'w') as f:
     f.write(results.markdown(rows, f'{sweep.name}: {sweep.description}'))
@@ -210,6 +216,9 @@ def main(argv=None):
       out = os.path.abspath(out)
     record, todo = points(sweep, out, steps=args.steps, seeds=seeds)
     parallel, env = worker_envs(args)
+    if args.allow_partial and not args.report:
+      raise ValueError('--allow-partial is for --report (a sweep evaluates every point on '
+                       'the whole split)')
   except (ValueError, runner.SweepError) as e:
     sys.exit(f'error: {e}')
   if args.dry_run:
@@ -224,7 +233,7 @@ def main(argv=None):
   if args.report:
     try:
       runner.check_folder(out, record)
-      paths = finish(sweep, out, studied)
+      paths = finish(sweep, out, studied, allow_partial=args.allow_partial)
     except (ValueError, runner.SweepError) as e:
       sys.exit(f'error: {e}')
     print(f'sweep {sweep.name}: {finished} of {len(todo)} points finished in {out}')

@@ -226,7 +226,9 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
   """Every (path, K) of paths x ks (default: default_ks), the training gate and the gap;
   a model with MLP channel groups runs its own Kf everywhere, or `groups`.
 
-  Returns {'workdir', 'step', 'split', 'gate', 'num_heads', 'own_K', 'results': [one
+  Returns {'workdir', 'step' (the checkpoint's), 'final_step' (the run's steps),
+  'split', 'split_sequences' (the split's rows), 'max_batches' (None: every row), 'gate',
+  'num_heads', 'own_K', 'results': [one
   evaluate_one block per (path, K), or {'path', 'K', 'skipped': reason}],
   'training_gate': {'meaning', 'path': 'masked', 'K', **evaluate_one block},
   'gap': {'K', 'loss', 'accuracy', 'bits_per_token', 'active_fraction'} (gathered at the
@@ -272,8 +274,9 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
   gap = {'K': own_json, **{name: budgeted[name] - reference[name] for name in
                            ('loss', 'accuracy', 'bits_per_token', 'exact_match',
                             'active_fraction')}}
-  return {'workdir': run.workdir, 'step': run.step, 'split': split, 'gate': gate,
-          'num_heads': cfg.model.num_heads, 'own_K': own_json,
+  return {'workdir': run.workdir, 'step': run.step, 'final_step': cfg.steps, 'split': split,
+          'split_sequences': len(getattr(run.splits, split)), 'max_batches': max_batches,
+          'gate': gate, 'num_heads': cfg.model.num_heads, 'own_K': own_json,
           'flops_counted_as': 'XLA cost_analysis flops of the compiled eval step / (B*L)',
           'results': results,
           'training_gate': {'meaning': get_rule(gate).meaning, **reference},

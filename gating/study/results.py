@@ -118,19 +118,48 @@ def _read(path):
     return json.load(f)
 
 
+def partial_evaluation(report: dict[str, Any], summary: dict[str, Any],
+                       split: str) -> str | None:
+  """Why an eval.json does not measure the whole run, or None when it does: it must score
+  every row of `split` (its own K's gathered result counts as many sequences as the split
+  holds) at the run's final step. Older eval.json files, without 'split_sequences', are
+  checked against the final evaluation of summary.json, which read the whole split."""
+  final = summary['steps']
+  if report.get('step') != final:
+    return f"scored at step {report.get('step')} of {final}"
+  total = report.get('split_sequences', summary.get(split, {}).get('sequences'))
+  own = report.get('own_K')
+  scored = next((r.get('sequences') for r in report.get('results', [])
+                 if r.get('path') == 'gathered' and r.get('K') == own and 'skipped' not in r),
+                None)
+  if report.get('max_batches') is not None or scored is None or scored != total:
+    return f'scored on {scored} of the {total} sequences of the {split} split'
+  return None
+
+
 def point_row(workdir: str, name: str, split: str = 'test',
-              reference: ModelConfig | None = None) -> dict[str, Any]:
+              reference: ModelConfig | None = None,
+              allow_partial: bool = False) -> dict[str, Any]:
   """One results row for the run folder `workdir` of point `name`, its eval.json scored on
   `split` ('test' for a study, 'validation' for tuning): quality columns are named
   f'{split}_loss', f'{split}_accuracy', ... `reference`: the sweep's base model, against
-  which a dense model is labelled thin (see `recipe_rule`)."""
+  which a dense model is labelled thin (see `recipe_rule`).
+
+  The row is 'done' (and `aggregate` averages it) only when its eval.json scored the
+  whole split at the run's final step (`partial_evaluation`); otherwise its status says
+  what it scored, and it is left out of the means. `allow_partial` marks such a row done
+  all the same, with the reason in its 'partial' column (the tables show it)."""
   config = _read(os.path.join(workdir, 'config.json'))
   summary = _read(os.path.join(workdir, 'summary.json'))
   report = _read(os.path.join(workdir, 'eval.json'))
   wall = _read(os.path.join(workdir, 'wall_time.json')) or {}
-  status = ('done' if summary and report else 'trained, not evaluated' if summary else
-            'unfinished' if config else 'not started')
+  partial = partial_evaluation(report, summary, split) if summary and report else None
+  status = ('trained, not evaluated' if summary and not report else
+            'unfinished' if config and not summary else 'not started' if not config else
+            'done' if partial is None or allow_partial else f'partial: {partial}')
   row: dict[str, Any] = {'point': name, 'status': status, 'split': split}
+  if partial and allow_partial:
+    row['partial'] = partial
   if config is None:
     return row
   cfg: TrainConfig = from_dict(config)
@@ -258,6 +287,21 @@ def label_columns(groups: Sequence[dict[str, Any]], prefix: str) -> list[str]:
   return list(dict.fromkeys(c[len(prefix):] for g in groups for c in g if c.startswith(prefix)))
 
 
+def _not_whole(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """The table's notes on rows whose evaluation did not score the whole split at the
+  run's final step: counted with --allow-partial, or left out of the means."""
+  lines = []
+  partial = [r for r in rows if r.get('partial') and r.get('status') == 'done']
+  if partial:
+    lines += ['', 'Not whole (reported with --allow-partial): ' + '; '.join(
+        f"{r['point']} {r['partial']}" for r in partial) + '.']
+  left_out = [r for r in rows if str(r.get('status', '')).startswith('partial: ')]
+  if left_out:
+    lines += ['', 'Left out of the means, not whole: ' + '; '.join(
+        f"{r['point']} {r['status'][len('partial: '):]}" for r in left_out) + '.']
+  return lines
+
+
 def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
   """A Markdown report: the main table (mean ± std over seeds per rule x K) and a
   per-label table (accuracy per task for synthetic data, bits per token per domain)."""
@@ -272,7 +316,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
            'count of the compiled train step times the steps, warm start included. Gap: '
            "gathered top-K minus the masked path with the rule's own gate (gating/study/evaluation.py).", '']
   if not groups:
-    return '\n'.join(lines + ['No finished points yet.', ''])
+    return '\n'.join(lines + ['No finished points yet.', *_not_whole(rows), ''])
   text = groups[0]['data'] == 'text'
   quality = ((f'{split}_bits_per_token', 'bits / token') if text else
              (f'{split}_accuracy', 'accuracy'))
@@ -299,6 +343,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
               _num(g.get('tokens_seen'), ',.0f'), _num(g.get('train_flops'), '.3g'),
               '-' if wall is None else _pm((wall[0] / 60, wall[1] / 60, wall[2]), 1)]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += _not_whole(rows)
   prefix = 'bits_per_token/' if text else 'accuracy/'
   labels = label_columns(groups, prefix)
   if labels:

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Mapping, NamedTuple, Sequence
 
+from gating.study import results
+
 SWEEP_FILE = 'sweep.json'
 WALL_TIME_FILE = 'wall_time.json'
 LOG_FILE = 'sweep.log'
@@ -225,7 +227,16 @@ def is_trained(workdir: str) -> bool:
 
 
 def is_evaluated(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, 'eval.json'))
+  """eval.json exists and scored the whole split at the run's final step (an evaluation of
+  part of it, e.g. with --max-batches or --restore-step, is done again)."""
+  paths = [os.path.join(workdir, name) for name in ('eval.json', 'summary.json')]
+  if not all(os.path.exists(p) for p in paths):
+    return False
+  with open(paths[0]) as f:
+    report = json.load(f)
+  with open(paths[1]) as f:
+    summary = json.load(f)
+  return results.partial_evaluation(report, summary, report.get('split', 'test')) is None
 
 
 def _add_wall_time(workdir: str, stage: str, seconds: float) -> None:

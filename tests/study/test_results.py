@@ -87,6 +87,43 @@ def test_point_row_of_an_unfinished_run(tmp_path):
   assert results.point_row(str(tmp_path), 'p')['status'] == 'trained, not evaluated'
 
 
+def whole_report(step=6, scored=64, total=64, max_batches=None):
+  """An eval.json of a 6-step run: its own K's gathered result scored `scored` sequences."""
+  result = {'path': 'gathered', 'K': 2, 'sequences': scored, 'loss': 1.0, 'accuracy': 0.5,
+            'exact_match': 0.1, 'bits_per_token': 1.4, 'active_fraction': 0.25,
+            'flops_per_token': 1e4, 'per_label': {}}
+  return {'step': step, 'final_step': 6, 'split': 'test', 'split_sequences': total,
+          'max_batches': max_batches, 'own_K': 2, 'results': [result],
+          'training_gate': result, 'gap': {**result, 'bits_per_token': 0.0}}
+
+
+@pytest.mark.parametrize('report,why', [
+    (whole_report(scored=16, max_batches=1), 'scored on 16 of the 64 sequences of the test split'),
+    (whole_report(step=4), 'scored at step 4 of 6'),
+    ({**whole_report(scored=16), 'split_sequences': None, 'max_batches': None},
+     'scored on 16 of the 64 sequences of the test split'),   # an older eval.json: summary.json
+])
+def test_a_row_scored_on_part_of_the_split_or_an_earlier_step_is_not_done(tmp_path, report,
+                                                                            why):
+  cfg = TrainConfig(model=ModelConfig(num_heads=8, active_heads=2), steps=6)
+  (tmp_path / 'config.json').write_text(cfg.to_json())
+  summary = {'steps': 6, 'tokens_seen': 5, 'test': {'sequences': 64}}
+  (tmp_path / 'summary.json').write_text(json.dumps(summary))
+  if report.get('split_sequences') is None:
+    report = {k: v for k, v in report.items() if k not in ('split_sequences', 'max_batches')}
+  (tmp_path / 'eval.json').write_text(json.dumps(report))
+  row = results.point_row(str(tmp_path), 'p_s0')
+  assert row['status'] == f'partial: {why}'
+  assert results.aggregate([row]) == []                       # never averaged
+  assert f'Left out of the means, not whole: p_s0 {why}' in results.markdown([row])
+  marked = results.point_row(str(tmp_path), 'p_s0', allow_partial=True)
+  assert marked['status'] == 'done' and marked['partial'] == why
+  assert len(results.aggregate([marked])) == 1
+  assert f'Not whole (reported with --allow-partial): p_s0 {why}' in results.markdown([marked])
+  (tmp_path / 'eval.json').write_text(json.dumps(whole_report()))
+  assert results.point_row(str(tmp_path), 'p_s0')['status'] == 'done'
+
+
 def test_recipe_rule_names_the_gated_width_and_thin_models():
   from gating.study.results import recipe_rule  # pylint: disable=import-outside-toplevel
 

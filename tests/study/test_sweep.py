@@ -219,3 +219,12 @@ def test_worker_env_single_threads_xla_when_runs_fill_the_cores():
   env = sweep.worker_env(2, base={'XLA_FLAGS': '--foo'}, cores=2)
   assert env['XLA_FLAGS'] == '--foo --xla_cpu_multi_thread_eigen=false'
   assert 'XLA_FLAGS' not in sweep.worker_env(1, base={}, cores=2)
+
+
+def test_a_point_evaluated_on_part_of_the_split_is_evaluated_again(tmp_path):
+  from tests.study.test_results import whole_report
+  (tmp_path / 'summary.json').write_text(json.dumps({'steps': 6, 'test': {'sequences': 64}}))
+  for report, whole in ((whole_report(scored=16, max_batches=1), False),
+                        (whole_report(step=4), False), (whole_report(), True)):
+    (tmp_path / 'eval.json').write_text(json.dumps(report))
+    assert sweep.is_evaluated(str(tmp_path)) == whole

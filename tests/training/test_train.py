@@ -262,9 +262,9 @@ def test_a_run_with_gated_mlp_groups_learns_and_logs_group_usage(tmp_path):
       run_.config.model, shared_groups=1)))
   with pytest.raises(ValueError, match='groups Kf=1: must exceed the 1 shared groups'):
     evaluation.evaluate_run(shared, paths=['gathered'], ks=[2], groups=1)
-  eval_cli.main(['--workdir', str(tmp_path), '--paths', 'gathered', '--k', '2',
-                 '--max-batches', '1'])
+  eval_cli.main(['--workdir', str(tmp_path), '--paths', 'gathered', '--k', '2'])
   row = results.point_row(str(tmp_path), 'p')
+  assert row['status'] == 'done'
   assert row['Kf'] == 2 and row['active_group_fraction'] == 0.5
   assert '| Kf | active groups |' in results.markdown([row])
   assert 'usage_heatmap.png' in ' '.join(plots.plot_run(str(tmp_path)))
