@@ -6,6 +6,7 @@ from flax import nnx
 
 import gating
 from gating import GatedMultiHeadAttention
+from gating.layers import compute
 
 B, L, D, H = 3, 16, 32, 4
 RULES_WITH_K = ['topk', 'hard_concrete', 'sigmoid', 'static']
@@ -39,6 +40,42 @@ def test_from_dense_with_dense_gate_equals_mha(use_mask, is_causal):
   for path, k in (('masked', None), ('gathered', H)):
     got = gated(x, mask=mask, is_causal=is_causal, path=path, active_heads=k)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('use_mask', [False, True])
+@pytest.mark.parametrize('is_causal', [False, True])
+def test_the_weight_gather_itself_at_k_equal_h_equals_mha(use_mask, is_causal):
+  """The gathered kernel, not the layer's K = H shortcut (which computes every head with
+  the shared weights): each sequence's H heads gathered, in its own order, equal flax."""
+  mha = nnx.MultiHeadAttention(H, D, qkv_features=48, out_features=24, decode=False,
+                               rngs=nnx.Rngs(3))
+  gated = GatedMultiHeadAttention.from_dense(mha, gate='dense', rngs=nnx.Rngs(0))
+  x = inputs()
+  mask = padding_mask()[0] if use_mask else None
+  idx_BxH = jnp.stack([jnp.roll(jnp.arange(H), b) for b in range(B)])
+  options = compute.AttendOptions(mask=mask, is_causal=is_causal)
+  got = compute.gathered_attention(x, x, x, gated.head_weights(), idx_BxH,
+                                   jnp.ones((B, H)), options)
+  np.testing.assert_allclose(got, mha(x, mask=mask, is_causal=is_causal), atol=1e-5,
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('k', [1, 2, 3])
+def test_the_gathered_path_below_h_equals_mha_without_the_closed_heads(k):
+  """At K < H, sequence b's output is flax's attention with every head outside b's K
+  zeroed in the output projection: an independent per-sequence reference."""
+  mha = nnx.MultiHeadAttention(H, D, decode=False, rngs=nnx.Rngs(3))
+  gated = GatedMultiHeadAttention.from_dense(mha, gate='topk', active_heads=k,
+                                             rngs=nnx.Rngs(0))
+  x = inputs(seed=5)
+  got = gated(x, path='gathered')
+  idx_BxK = np.asarray(gated.gate(x).idx_BxK)
+  assert len({tuple(sorted(row)) for row in idx_BxK}) > 1 or k == H  # the gate varies
+  for b in range(B):
+    alone = nnx.clone(mha)
+    closed = np.setdiff1d(np.arange(H), idx_BxK[b])
+    alone.out.kernel[...] = alone.out.kernel[...].at[closed].set(0.0)
+    np.testing.assert_allclose(got[b], alone(x[b:b + 1])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_from_dense_copies_weights_and_refuses_other_modules():

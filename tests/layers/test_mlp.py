@@ -80,6 +80,32 @@ def test_all_groups_open_equals_the_ungated_mlp(gate, k):
   np.testing.assert_allclose(y, ungated(mlp, x), atol=1e-5)
 
 
+@pytest.mark.parametrize('k', [1, 2, 3])
+def test_the_gathered_path_below_g_equals_the_ungated_mlp_without_the_closed_groups(k):
+  """At Kf < G, sequence b's output is the ungated MLP (its nnx.Linear layers) with every
+  group outside b's Kf zeroed in W2: an independent per-sequence reference."""
+  mlp = GatedMLP(D, F, G, gate='topk', active_groups=k, rngs=nnx.Rngs(2))
+  x = x_BxLxD(seed=6)
+  got = mlp(x, path='gathered')
+  idx_BxK = np.asarray(mlp.gate(x).idx_BxK)
+  Fg = F // G
+  for b in range(B):
+    alone = nnx.clone(mlp)
+    for g in np.setdiff1d(np.arange(G), idx_BxK[b]):
+      alone.linear_out.kernel[...] = alone.linear_out.kernel[...].at[g * Fg:(g + 1) * Fg].set(0)
+    np.testing.assert_allclose(got[b], ungated(alone, x[b:b + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_group_gather_itself_at_kf_equal_g_equals_the_ungated_mlp():
+  """The gathered kernel, not the layer's Kf = G shortcut: each sequence's G groups
+  gathered, in its own order, equal the ungated MLP."""
+  mlp = GatedMLP(D, F, G, gate='dense', rngs=nnx.Rngs(0))
+  x = x_BxLxD()
+  idx_BxG = jnp.stack([jnp.roll(jnp.arange(G), b) for b in range(B)])
+  got = compute.gathered_mlp(x, mlp.mlp_weights(), idx_BxG, jnp.ones((B, G)), G)
+  np.testing.assert_allclose(got, ungated(mlp, x), atol=1e-5, rtol=1e-5)
+
+
 def test_block_all_open_equals_the_ungated_block_with_the_same_weights():
   plain = gating.GatedTransformerBlock(D, 4, mlp_features=F, gate='dense', rngs=nnx.Rngs(0))
   gated = gating.GatedTransformerBlock(D, 4, mlp_features=F, gate='dense', mlp_groups=G,
