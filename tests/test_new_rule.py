@@ -77,8 +77,12 @@ def test_top_p_through_the_layer_and_the_config():
       'model.gate=top_p', 'model.gate_options=p=0.8', 'model.active_heads=none',
       'model.eval_path=masked'])
   assert dict(cfg.model.gate_options) == {'p': 0.8}
-  with pytest.raises(ValueError, match=r'model.gate_options:.*p must be in|model.gate_options'):
+  with pytest.raises(ValueError, match=r"model.gate_options: gate 'top_p' has no "
+                                       r"option\(s\) \['q'\]; its options: p"):
     config.override(cfg, ['model.gate_options=q=0.8'])
+  with pytest.raises(ValueError, match=r"the 'top_p' rule's option p must be in \(0, 1\], "
+                                       r'got 1.5'):
+    gating.select('top_p', jnp.zeros((2, 4)), options={'p': 1.5})
   sig = config.override(config.TrainConfig(), ['model.gate=sigmoid',
                                                'model.gate_options=threshold=0.7'])
   assert dict(sig.model.gate_options) == {'threshold': 0.7}

@@ -86,7 +86,10 @@ def test_a_short_elastic_run_trains_every_width(tmp_path):
   train.train(cfg, str(tmp_path), progress=False)
   lines = [r for r in train.read_metrics(str(tmp_path / 'metrics.jsonl')) if r['kind'] == 'train']
   assert {'elastic/task_K1', 'elastic/distill_K2'} <= set(lines[-1])
-  assert lines[-1]['elastic/task_K1'] < lines[0]['elastic/task_K1']
+  # Each step's K = 1 sub-model is a random head per sequence: compare means of 4 steps,
+  # with a margin, not one noisy pair.
+  first, last = (np.mean([r['elastic/task_K1'] for r in part]) for part in (lines[:4], lines[-4:]))
+  assert last < first - 0.1, (first, last)
   assert all(np.isfinite(r['loss']) for r in lines)
 
 
@@ -99,7 +102,9 @@ def test_a_short_elastic_run_with_mlp_groups_trains_every_width(tmp_path):
   train.train(cfg, str(tmp_path), progress=False)
   lines = [r for r in train.read_metrics(str(tmp_path / 'metrics.jsonl')) if r['kind'] == 'train']
   assert {'elastic/task_K1_Kf1', 'elastic/distill_K2_Kf2'} <= set(lines[-1])
-  assert lines[-1]['elastic/task_K1_Kf1'] < lines[0]['elastic/task_K1_Kf1']
+  first, last = (np.mean([r['elastic/task_K1_Kf1'] for r in part])
+                 for part in (lines[:3], lines[-3:]))
+  assert last < first - 0.1, (first, last)
 
 
 @pytest.mark.parametrize('overrides, match', [

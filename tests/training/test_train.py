@@ -146,15 +146,29 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     run(other, tmp_path)
 
 
-def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-  cfg = dataclasses.replace(TINY, steps=30, checkpoint_every=5,
-                            optim=dataclasses.replace(TINY.optim, learning_rate=1e30,
-                                                      warmup_steps=0, clip_norm=1e30))
-  with pytest.raises(FloatingPointError, match=r'at step \d+; stopping'):
-    run(cfg, tmp_path)
-  mngr = checkpoint.manager(str(tmp_path / 'checkpoints'))
-  bad = [r['step'] for r in metrics(tmp_path)]
-  assert mngr.latest_step() is None or mngr.latest_step() <= (bad[-1] if bad else 0)
+def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """The loss turns NaN at step 8 (injected): the run stops naming that step, the last
+  checkpoint (step 5) was written before and is intact, equal to an uninterrupted run's
+  step 5, and the run resumes from it."""
+  cfg = dataclasses.replace(TINY, steps=20, checkpoint_every=5, eval_every=20)
+  clean_step = train.train_step
+
+  def blows_up_at_step_8(state, batch, step, **kw):
+    state, metrics = clean_step(state, batch, step, **kw)
+    return state, {**metrics, 'loss': jax.numpy.where(step >= 7, jax.numpy.nan,
+                                                      metrics['loss'])}
+  monkeypatch.setattr(train, 'train_step', blows_up_at_step_8)
+  with pytest.raises(FloatingPointError, match=r'loss is nan .* at step 8; stopping\. The '
+                                               r'last good checkpoint \(step 5\) is kept'):
+    run(cfg, tmp_path / 'blown')
+  monkeypatch.setattr(train, 'train_step', clean_step)
+  assert checkpoint.manager(str(tmp_path / 'blown' / 'checkpoints')).all_steps() == [5]
+  assert [r['step'] for r in metrics(tmp_path / 'blown')] == list(range(1, 8))  # finite only
+  train.train(cfg, str(tmp_path / 'clean'), progress=False, stop_after=5)
+  for a, b in zip(final_params(cfg, tmp_path / 'blown'), final_params(cfg, tmp_path / 'clean')):
+    np.testing.assert_array_equal(a, b)
+  summary = run(cfg, tmp_path / 'blown')          # resumes from step 5, verified
+  assert summary['steps'] == 20 and np.isfinite(summary['test']['loss'])
 
 
 def test_four_devices_match_one(tmp_path):
