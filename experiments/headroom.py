@@ -2,9 +2,12 @@
 
 For every attention layer and budget K: dense (all heads), the best static K-subset, the
 best subset per task or domain, the per-sequence oracle (each sequence's best K-subset,
-chosen on half of its target positions and scored on the other half) and the run's own
-router, as loss on the scored positions, and the share of static's gap to dense that the
-oracle closes (see gating/study/headroom.py). Writes DIR/headroom.json.
+chosen on half of its target positions and scored on the other half; also scored in
+sample, the optimistic side) and the run's own router, as loss on the scored positions;
+the headroom (static - oracle) with a bootstrap 95% interval over the sequences, and the
+share of static's gap to dense that the oracle closes. The per-sequence oracle is an
+estimate, not a ceiling: with few choice positions per sequence it picks with noise (a
+warning says so); see gating/study/headroom.py. Writes DIR/headroom.json.
 
 Examples:
   python -m experiments.headroom --workdir runs/synthetic
@@ -63,13 +66,20 @@ def main(argv=None):
   def num(value, fmt='.4f'):
     return '-' if value is None else format(value, fmt)
   for r in report['layers']:
+    low, high = r['headroom_ci95']
     print(f"  layer {r['layer']} K={r['K']} ({r['num_subsets']} subsets): dense "
           f"{r['dense']:.4f}  static {r['static']:.4f} {r['static_subset']}  by label "
-          f"{r['by_label']:.4f}  oracle {r['oracle']:.4f} ({r['oracle_distinct_subsets']} "
-          f"distinct)  router {num(r.get('router'))}  oracle closes "
+          f"{r['by_label']:.4f}  oracle {r['oracle']:.4f} held out, "
+          f"{r['oracle_in_sample']:.4f} in sample ({r['oracle_distinct_subsets']} distinct; "
+          f"{r['choice_positions']['median']:g} choice positions per sequence)  router "
+          f"{num(r.get('router'))}; headroom {r['headroom']:.4f} [{low:.4f}, {high:.4f}] "
+          f"(in sample {r['headroom_in_sample']:.4f}); the oracle closes "
           f"{num(r['oracle_closes'], '.0%')} of static's gap to dense, by label "
-          f"{num(r['by_label_closes'], '.0%')}; router captures {num(r.get('captured'), '.2f')} "
-          f"of the headroom and runs {num(r.get('router_recall'), '.0%')} of the oracle's heads")
+          f"{num(r['by_label_closes'], '.0%')}; router gain / oracle gain "
+          f"{num(r.get('captured'), '.2f')}, runs {num(r.get('router_recall'), '.0%')} of the "
+          "oracle's heads")
+  for warning in sorted({r['warning'] for r in report['layers'] if 'warning' in r}):
+    print(f'  warning: {warning}')
   print(f'wrote {out}')
 
 

@@ -1,4 +1,5 @@
-"""The headroom oracle: how much could any per-sequence router win over static pruning?
+"""The headroom oracle: an estimate of how much a per-sequence router could win over static
+pruning on a trained model, layer by layer, and how sure the estimate is.
 
 For one attention layer n of a trained run (gated or dense) and a budget K, every K-subset
 S of its H heads is forced in turn (the layer runs top-K on a static router whose logits
@@ -9,29 +10,44 @@ are split in two:
   choice positions (even-numbered targets)  pick the subset,
   score positions  (odd-numbered targets)   measure it,
 
-so the oracle never scores on the positions it chose with. Reported per layer, as mean
+so the estimate never scores on the positions it chose with. Reported per layer, as mean
 cross-entropy per score-position token:
 
   dense      layer n with all H heads open
   static     the single subset with the lowest choice loss over all sequences (the best
              static pruning of this layer, given the rest of the model)
   by_label   for each task or domain its own subset (lowest choice loss over its
-             sequences): the ceiling of a router that only recognises the label
-  oracle     for every sequence its own subset with the lowest choice loss: the ceiling
-             of a per-sequence router on this model
+             sequences): what routing by the label could win. A label has many choice
+             positions (all of its sequences'), so this choice is reliable.
+  oracle     for every sequence its own subset with the lowest choice loss, scored on the
+             held-out positions. NOT a ceiling: a sequence with few choice positions
+             picks its subset with noise, and a noisy pick scores worse on the held-out
+             positions than the sequence's truly best subset would. So the oracle runs
+             high (its headroom low) when sequences are short, and a router that
+             generalises across sequences can beat it.
+  oracle_in_sample  the same choice scored on the choice positions themselves: it fits
+             the noise, so it runs low (its headroom high). Where there is one best
+             subset per sequence, its held-out loss is expected between oracle_in_sample
+             and oracle; the two together bracket the per-sequence headroom.
+  oracle_split_half  the held-out oracle with the roles of the two halves also swapped
+             (choose on the odd targets, score on the even), averaged: a second sample of
+             the same estimate; the gap between the two halves shows its noise
   router     the run's own gate, unchanged (a gated run at its own K only)
-  headroom   static - oracle: what a per-sequence router could win at most
+  headroom   static - oracle (held-out), with `headroom_ci95`: the 2.5 and 97.5
+             percentiles over 1000 bootstrap resamples of the sequences
+  headroom_in_sample  static - oracle_in_sample: the optimistic bound
   oracle_closes, by_label_closes   (static - x) / (static - dense): the share of static's
-             gap to dense that the oracle, or routing by label, closes
-  captured   (static - router) / (static - oracle): the share of the headroom the router wins
-  router_recall   mean over sequences of |router's heads & oracle's subset| / K: how often
-             the router runs the heads the per-sequence oracle picked (own K only)
+             gap to dense that the held-out oracle, or routing by label, closes
+  captured   (static - router) / (static - oracle): the router's gain against the held-out
+             oracle's (above 1 when the router beats the noisy per-sequence choice)
+  router_recall   mean over sequences of |router's heads & oracle's subset| / K (own K only)
+  choice_positions  per sequence: the minimum and the median count; with a median under
+             MIN_CHOICE_POSITIONS the report carries a warning that the per-sequence
+             figures are dominated by the choice's noise
 
 The search is exhaustive over the C(H, K) subsets of one layer at a time (28 for K = 2 of
-8, 70 for K = 4 of 8); the other layers are not searched jointly.
-
-Where the headroom is small, no router can win much on this model and data: the ceiling
-is the model's, not the router's (RESEARCH.md, "measure the ceiling first").
+8, 70 for K = 4 of 8); the other layers are not searched jointly, so no figure here bounds
+a router that changes several layers together.
 """
 
 from __future__ import annotations
@@ -52,6 +68,8 @@ from gating.study.evaluation import Run
 from gating.training import loop as train
 
 FORCE_LOGIT = 30.0   # a forced subset's logits: +30 open, -30 closed (every rule agrees)
+MIN_CHOICE_POSITIONS = 8   # below this median per sequence, the per-sequence figures warn
+BOOTSTRAP = 1000           # resamples of the sequences for headroom_ci95
 
 
 def split_positions(weight_BxL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,34 +81,64 @@ def split_positions(weight_BxL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return choice_BxL, scored_BxL & ~choice_BxL
 
 
+def _per_sequence(choice_SxB, score_SxB, tokens):
+  """(best subset per sequence, its summed score loss per sequence / tokens)."""
+  best_B = np.argmin(choice_SxB, axis=0)
+  return best_B, score_SxB[best_B, np.arange(best_B.size)] / tokens
+
+
 def oracle_from_losses(ce_SxBxL: np.ndarray, choice_BxL: np.ndarray, score_BxL: np.ndarray,
                        router_ce_BxL: np.ndarray | None = None,
                        dense_ce_BxL: np.ndarray | None = None,
-                       label_B: np.ndarray | None = None) -> dict[str, Any]:
-  """The dense, static, by-label, oracle and router losses (see the module docstring) from
-  the per-position cross-entropy (times the position's weight) of every forced subset s
-  (ce_SxBxL), of the router and of the dense layer.
+                       label_B: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+  """The dense, static, by-label, oracle (held-out, in-sample, split-half) and router
+  losses, the headroom with its bootstrap interval, and the choice positions (see the
+  module docstring), from the per-position cross-entropy (times the position's weight) of
+  every forced subset s (ce_SxBxL), of the router and of the dense layer.
 
-  Only `choice_BxL` positions pick subsets; only `score_BxL` positions are reported.
+  Only `choice_BxL` positions pick subsets for the held-out figures; only `score_BxL`
+  positions are reported (the in-sample oracle alone picks and scores on the choice
+  positions, and the split-half one also swaps the roles).
   """
   if (choice_BxL & score_BxL).any():
     raise ValueError('choice and score positions must be disjoint')
   choice_SxB = (ce_SxBxL * choice_BxL).sum(axis=2)
   score_SxB = (ce_SxBxL * score_BxL).sum(axis=2)
   tokens = max(float(score_BxL.sum()), 1.0)
+  choice_tokens = max(float(choice_BxL.sum()), 1.0)
   static = int(np.argmin(choice_SxB.sum(axis=1)))
-  best_B = np.argmin(choice_SxB, axis=0)
+  best_B, oracle_B = _per_sequence(choice_SxB, score_SxB, tokens)
+  static_B = score_SxB[static] / tokens
+  # in sample: chosen and scored on the choice positions (optimistic)
+  in_sample = float(choice_SxB.min(axis=0).sum()) / choice_tokens
+  static_in_sample = float(choice_SxB[static].sum()) / choice_tokens
+  # split half: the roles swapped, averaged with the held-out figure
+  _, swapped_B = _per_sequence(score_SxB, choice_SxB, choice_tokens)
+  per_seq = choice_BxL.sum(axis=1)
   out = {'static_subset': static,
-         'static': float(score_SxB[static].sum()) / tokens,
+         'static': float(static_B.sum()),
          'oracle_subsets_B': best_B,
-         'oracle': float(score_SxB[best_B, np.arange(best_B.size)].sum()) / tokens,
-         'score_tokens': int(tokens), 'choice_tokens': int(choice_BxL.sum())}
+         'oracle': float(oracle_B.sum()),
+         'oracle_in_sample': in_sample,
+         'oracle_split_half': (float(oracle_B.sum()) + float(swapped_B.sum())) / 2,
+         'score_tokens': int(tokens), 'choice_tokens': int(choice_BxL.sum()),
+         'choice_positions': {'min': int(per_seq.min()), 'median': float(np.median(per_seq))}}
   out['headroom'] = out['static'] - out['oracle']
+  out['headroom_in_sample'] = static_in_sample - in_sample
+  out['headroom_ci95'] = _bootstrap_ci(static_B * tokens, oracle_B * tokens,
+                                       score_BxL.sum(axis=1), seed)
+  if np.median(per_seq) < MIN_CHOICE_POSITIONS:
+    out['warning'] = (f'sequences have a median of {np.median(per_seq):g} choice positions '
+                      f'(under {MIN_CHOICE_POSITIONS}): the per-sequence oracle picks with '
+                      'noise, so its held-out figure runs high and its headroom low; see '
+                      'oracle_in_sample for the other side')
   if label_B is not None:
     by_label_B = np.empty_like(best_B)
+    out['by_label_subsets'] = {}
     for label in np.unique(label_B):
       members = label_B == label
       by_label_B[members] = np.argmin(choice_SxB[:, members].sum(axis=1))
+      out['by_label_subsets'][int(label)] = int(by_label_B[members][0])
     out['by_label'] = float(score_SxB[by_label_B, np.arange(best_B.size)].sum()) / tokens
   if dense_ce_BxL is not None:
     out['dense'] = float((dense_ce_BxL * score_BxL).sum()) / tokens
@@ -103,6 +151,16 @@ def oracle_from_losses(ce_SxBxL: np.ndarray, choice_BxL: np.ndarray, score_BxL: 
     out['captured'] = ((out['static'] - out['router']) / out['headroom']
                        if out['headroom'] > 0 else None)
   return out
+
+
+def _bootstrap_ci(static_sum_B, oracle_sum_B, tokens_B, seed: int) -> list[float]:
+  """The 2.5 and 97.5 percentiles of the headroom (static - oracle, per score token) over
+  BOOTSTRAP resamples of the sequences, with a fixed seed."""
+  rng = np.random.default_rng(seed)
+  idx_RxB = rng.integers(0, len(tokens_B), size=(BOOTSTRAP, len(tokens_B)))
+  diff_R = ((static_sum_B - oracle_sum_B)[idx_RxB].sum(axis=1)
+            / np.maximum(tokens_B[idx_RxB].sum(axis=1), 1.0))
+  return [float(np.percentile(diff_R, 2.5)), float(np.percentile(diff_R, 97.5))]
 
 
 def oracle_recall(router_open_BxH: np.ndarray, subsets, best_B: np.ndarray) -> float:
@@ -171,6 +229,9 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
           router_ce_BxL=router_ce_BxL if k == own[n] else None, dense_ce_BxL=dense_ce_BxL,
           label_B=rows['label'])
       best_B = result.pop('oracle_subsets_B')
+      result['by_label_subsets'] = {
+          run.splits.info.label_names[label]: list(subsets[s])
+          for label, s in result['by_label_subsets'].items()}
       counts = np.bincount(best_B, minlength=len(subsets))
       if k == own[n]:
         result['router_recall'] = oracle_recall(router_open_BxNxH[:, n], subsets, best_B)

@@ -107,3 +107,22 @@ def test_router_recall_of_the_oracle_subsets():
   router_open_BxH = np.array([[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 1, 1]], bool)
   # sequence 0: both heads of (0, 1); 1: head 0 of (0, 2); 2: none of (0, 1)
   assert headroom.oracle_recall(router_open_BxH, subsets, np.array([0, 1, 0])) == pytest.approx(3 / 6)
+
+
+def test_with_no_real_difference_in_sample_fits_the_noise_and_held_out_does_not():
+  """Every subset is as good as every other, up to noise: the in-sample oracle finds a
+  spurious gain, the held-out one none (its interval covers 0), and with few choice
+  positions per sequence the report warns."""
+  rng = np.random.default_rng(0)
+  ce = 1.0 + 0.3 * rng.standard_normal((6, 200, 8))
+  weight = np.ones(ce.shape[1:])
+  choice, score = headroom.split_positions(weight)
+  out = headroom.oracle_from_losses(ce, choice, score)
+  assert out['headroom_in_sample'] > 0.1                    # fits the noise
+  low, high = out['headroom_ci95']
+  assert low < 0.0 < high and abs(out['headroom']) < 0.05
+  assert out['oracle_in_sample'] < out['oracle']
+  assert out['choice_positions'] == {'min': 4, 'median': 4.0} and 'warning' in out
+  # The split half: the held-out figure averaged with the one whose halves swap roles.
+  swapped = headroom.oracle_from_losses(ce, score, choice)
+  assert out['oracle_split_half'] == pytest.approx((out['oracle'] + swapped['oracle']) / 2)
