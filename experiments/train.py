@@ -5,7 +5,7 @@ metrics.jsonl (train and eval lines), checkpoints/, summary.json and plots/. A -
 that holds a checkpoint resumes from it (the same config is required for model and data).
 
 Examples:
-  python -m experiments.train                                  # the default synthetic run
+  python -m experiments.train                                  # the default run (preset sums)
   python -m experiments.train --preset text --steps 3000 --set model.active_heads=4
   python -m experiments.train --set model.gate=hard_concrete --set model.eval_path=masked \\
       --set model.active_heads=none --set loss.l0_weight=0.05
@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -21,11 +22,12 @@ import jax
 
 
 def parse_args(argv):
-  from experiments.configs import PRESETS
+  from experiments.configs import DEFAULT, PRESETS
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--preset', default='synthetic',
-                      help=f'named config, one of {sorted(PRESETS)} (default: synthetic)')
+  parser.add_argument('--preset', default=DEFAULT,
+                      help=f'named config, one of {sorted(PRESETS)} (default: {DEFAULT}, the '
+                           'headline benchmark at a five-minute budget)')
   parser.add_argument('--workdir', default=None,
                       help='run folder (default: runs/<preset>); resumes if it holds a checkpoint')
   parser.add_argument('--steps', type=int, default=None, help='training steps (overrides the preset)')
@@ -72,15 +74,44 @@ def resolve(args):
   return override(configs.get(args.preset), overrides)
 
 
+# The frozen rows the default job is compared with (python -m experiments.sweep
+# default_job --report, results.csv copied here; docs/study.md).
+REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         'docs', 'results', 'default_job.csv')
+
+
 def print_summary(summary):
-  val = summary['validation']
+  val, test = summary['validation'], summary['test']
   print(f"\nvalidation: loss {val['loss']:.4f}  accuracy {val['accuracy']:.4f}  "
-        f"exact match {val['exact_match']:.4f}  ({val['sequences']} sequences)")
-  for name, block in val['per_label'].items():
-    print(f"  {name:<16} accuracy {block['accuracy']:.4f}  loss {block['loss']:.4f}")
-  test = summary['test']
-  print(f"test: loss {test['loss']:.4f}  accuracy {test['accuracy']:.4f}  "
-        f"(tokens seen in training: {summary['tokens_seen']:,})")
+        f"({val['sequences']} sequences)")
+  print(f"test: loss {test['loss']:.4f}  accuracy {test['accuracy']:.4f}  exact match "
+        f"{test['exact_match']:.4f}  ({test['sequences']} sequences; tokens seen in "
+        f"training: {summary['tokens_seen']:,})")
+  for name, block in test['per_label'].items():
+    print(f"  {name:<16} test accuracy {block['accuracy']:.4f}  loss {block['loss']:.4f}")
+
+
+def print_reference(cfg, preset: str, summary, path: str = REFERENCE) -> None:
+  """After the default job, the frozen rows of its benchmark and budget beside this run's
+  test accuracy (only when the run is the default job, whatever its seed)."""
+  from experiments import configs
+  from gating.study import results
+  if preset != configs.DEFAULT or dataclasses.replace(cfg, seed=0) != configs.get(preset):
+    return
+  if not os.path.exists(path):
+    print(f'(the frozen rows to compare with are in {os.path.relpath(path)} of the '
+          'repository, absent here)')
+    return
+  rows = results.read_csv(path)
+  print(f"\nthis run (seed {cfg.seed}): test accuracy {summary['test']['accuracy']:.3f} "
+        f'with {cfg.model.active_heads} of {cfg.model.num_heads} heads per layer. The frozen '
+        f'rows of the same benchmark and budget (test split, {os.path.relpath(path)}):')
+  for group in results.aggregate(rows):
+    seeds = [r for r in rows if results.point_of(r['point']) == group['point']]
+    mean, std, n = group['test_accuracy']
+    each = ', '.join(f"{r['test_accuracy']:.3f}" for r in seeds)
+    print(f"  {results.rule_label(group['rule']):<22} K = {group['K']}  accuracy "
+          f'{mean:.3f} ± {std:.3f} over {n} seeds ({each})')
 
 
 def main(argv=None):
@@ -106,14 +137,17 @@ def main(argv=None):
   except ValueError as e:
     sys.exit(f'error: {e}')
   workdir = args.workdir or os.path.join('runs', args.preset)
-  run_and_report(cfg, workdir, progress=not args.no_progress, plots=not args.no_plots,
-                 restore_step=args.restore_step, extend_schedule=args.extend_schedule)
+  summary = run_and_report(cfg, workdir, progress=not args.no_progress,
+                           plots=not args.no_plots, restore_step=args.restore_step,
+                           extend_schedule=args.extend_schedule)
+  if jax.process_index() == 0:
+    print_reference(cfg, args.preset, summary)
 
 
 def run_and_report(cfg, workdir, *, progress=True, plots=True, restore_step=None,
                    extend_schedule=False):
-  """Trains (or resumes) cfg in workdir, prints the summary and writes the plots; bad
-  input exits with one `error:` line."""
+  """Trains (or resumes) cfg in workdir, prints the summary and writes the plots, and
+  returns the summary; bad input exits with one `error:` line."""
   from gating.training.checkpoint import CheckpointError
   from gating.training.loop import train
   try:
@@ -124,7 +158,7 @@ def run_and_report(cfg, workdir, *, progress=True, plots=True, restore_step=None
   if summary.get('already_finished'):
     print_summary(summary)
     print(f'run folder: {workdir} (finished; nothing was changed)')
-    return
+    return summary
   if jax.process_index() == 0:
     print_summary(summary)
     if plots:
@@ -132,6 +166,7 @@ def run_and_report(cfg, workdir, *, progress=True, plots=True, restore_step=None
       written = plotting.plot_run(workdir)
       print(f'plots: {", ".join(written)}')
   print(f'run folder: {workdir}')
+  return summary
 
 
 if __name__ == '__main__':

@@ -79,6 +79,15 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 static, one shared head at K = 2, 4). Dense at equal FLOPs is the dense
                 row of synthetic_sums.
 
+The default job (`python -m experiments.train`, preset `sums`: the same benchmark at
+10000 steps, top-k at K = 2 after 2500 steps with all 8 heads open, in one run):
+  default_tune  validation, seeds 0 and 1: how long the all-heads phase of that run
+                should be (half of the steps, a quarter, none; a quarter won, frozen).
+  default_job   the frozen rows the default job prints its result beside, test split,
+                seeds 0, 1, 2, 10000 steps each: dense, static hard-concrete K = 2 and
+                the default job itself (top-k K = 2; seed 0 is the run a fresh machine
+                makes).
+
 Every point has the same budget of training steps, STEPS. Dense and static train from
 scratch. The dynamic rules start from a dense warm start of WARM steps (one per seed,
 shared by all dynamic points of that seed; its steps count toward their budget) and train
@@ -342,6 +351,20 @@ SWEEPS = {
         description='the recipes on two-digit sums over 8 tasks: an elastic model at '
                     "dense's training FLOPs, routers fitted to its head importance (per "
                     'sequence, static, one shared head) at K = 1, 2, 4'),
+    'default_tune': Sweep(
+        name='default_tune', preset='sums', seeds=(0, 1), split='validation',
+        points={'topk_k2_dense_half': ['k_schedule=8:5000'],
+                'topk_k2_dense_quarter': ['k_schedule=8:2500'],
+                'topk_k2_scratch': ['k_schedule=']},
+        description="the default job's all-heads phase: half of its 10000 steps, a "
+                    'quarter, or none (top-k K = 2 from the first step)'),
+    'default_job': Sweep(
+        name='default_job', preset='sums', seeds=(0, 1, 2),
+        points={'dense': [*dense(), 'k_schedule='],
+                'static_k2': [*static(2), 'k_schedule='],
+                'topk_k2': []},
+        description='the default job (top-k K = 2 after 2500 all-heads steps) beside dense '
+                    'and static hard-concrete K = 2, each 10000 steps'),
     'recipes': Sweep(
         name='recipes', preset='text', seeds=(0, 1, 2),
         common=(f'model.num_heads={H}',),
