@@ -32,7 +32,7 @@ from gating.layers.compute import (HeadWeights, MLPWeights, gathered_attention, 
                                    masked_attention, masked_mlp)
 from gating.layers.mlp import GatedMLP
 from gating.layers.models import EncoderOutput, GatedEncoder, GatedLM, LMOutput
-from gating.layers.router import HeadRouter, StaticRouter
+from gating.layers.router import ROUTERS, HeadRouter, RouterKind, StaticRouter
 from gating.layers.selection import RULES, Gate, select
 from gating.layers.state import GateStats, GateTemperature, gate_stats, set_temperature
 
@@ -40,7 +40,8 @@ __all__ = [
     'EncoderOutput', 'Gate', 'GateStats', 'GateTemperature', 'GatedChannels', 'GatedEncoder',
     'GatedLM',
     'GatedMLP', 'GatedMultiHeadAttention', 'GatedTransformerBlock', 'HeadRouter', 'LMOutput',
-    'HeadWeights', 'MLPWeights', 'PruneReport', 'RULES', 'StaticRouter', 'gate_heads', 'gate_mlps',
+    'HeadWeights', 'MLPWeights', 'PruneReport', 'ROUTERS', 'RULES', 'RouterKind', 'StaticRouter',
+    'gate_heads', 'gate_mlps',
     'gate_stats', 'gathered_attention', 'gathered_mlp', 'masked_attention', 'masked_mlp',
     'prune', 'select', 'set_path', 'set_temperature',
 ]
