@@ -226,3 +226,11 @@ def router_kind_of(router_module) -> RouterKind | None:
   if isinstance(router_module, StaticRouter):
     return ROUTERS['input_free']
   return ROUTERS[router_module.pool]
+
+
+def __getattr__(name):
+  """POOLS, the names of the kinds that read the input, as a tuple (older code imported
+  it; computed now, so registered kinds are in it)."""
+  if name == 'POOLS':
+    return tuple(n for n, kind in ROUTERS.items() if kind.reads_input)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
