@@ -64,14 +64,16 @@ def parse_args(argv):
 
 
 def resolve(args):
+  """The run's config: the preset with --steps, --seed and --set applied, and with
+  model.pretrained, the checkpoint's architecture and tokenizer (config.with_pretrained)."""
   from experiments import configs
-  from gating.training.config import override
+  from gating.training.config import override, with_pretrained
   overrides = list(args.overrides)
   if args.steps is not None:
     overrides.append(f'steps={args.steps}')
   if args.seed is not None:
     overrides.append(f'seed={args.seed}')
-  return override(configs.get(args.preset), overrides)
+  return with_pretrained(override(configs.get(args.preset), overrides))
 
 
 # The frozen rows the default job is compared with (python -m experiments.sweep
@@ -104,7 +106,7 @@ def print_reference(cfg, preset: str, summary, path: str = REFERENCE) -> None:
     return
   rows = results.read_csv(path)
   print(f"\nthis run (seed {cfg.seed}): test accuracy {summary['test']['accuracy']:.3f} "
-        f'with {cfg.model.active_heads} of {cfg.model.num_heads} heads per layer. The frozen '
+        f'with {cfg.model.active_heads} of {cfg.model.num_heads} heads per layer.\nThe frozen '
         f'rows of the same benchmark and budget (test split, {os.path.relpath(path)}):')
   for group in results.aggregate(rows):
     seeds = [r for r in rows if results.point_of(r['point']) == group['point']]
