@@ -1,7 +1,21 @@
-"""Shared test settings: no silent rank promotion, float32 matmuls at full precision."""
+"""Shared test settings: no silent rank promotion, float32 matmuls at full precision, one
+JAX compilation cache for the whole session, and trained tiny runs shared by the tests
+that only read them.
 
+The compilation cache (JAX's persistent cache, in a folder of this session's temporary
+directory) is shared by the pytest-xdist workers and by every subprocess the tests start
+(sweeps, resumed runs, several processes), through JAX_COMPILATION_CACHE_DIR: a function
+compiled once with the same shapes is loaded, not compiled again. It changes no result:
+a cached executable is the one XLA compiled.
+"""
+
+import hashlib
 import os
+import pathlib
+import shutil
+import tempfile
 
+import filelock
 import jax
 import pytest
 
@@ -9,6 +23,27 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
+CACHE_ENV = {'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+             'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def pytest_configure(config):
+  """On the controller (or a run without xdist): make the session's cache folder and put
+  it in the environment, which the xdist workers and every subprocess inherit."""
+  if not hasattr(config, 'workerinput') and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    config._headgate_cache_dir = tempfile.mkdtemp(prefix='headgate-jax-cache-')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = config._headgate_cache_dir
+    os.environ.update(CACHE_ENV)
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def pytest_unconfigure(config):
+  made = getattr(config, '_headgate_cache_dir', None)
+  if made:
+    shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture
@@ -18,3 +53,26 @@ def tinyshakespeare_path():
   if not os.path.exists(path):
     pytest.skip(f'{path} is absent')
   return path
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory):
+  """trained_run(cfg) -> the folder of a finished run of `cfg`, trained once per session
+  whichever xdist worker asks first (a file lock in the session's shared temp dir), for
+  tests that only read a run. A test that writes into a run copies it first
+  (`shutil.copytree(trained_run(cfg), tmp_path / 'run')`)."""
+  from gating.training import loop  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.getbasetemp()
+  shared = root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root
+  shared = shared / 'trained_runs'
+  shared.mkdir(exist_ok=True)
+
+  def get(cfg) -> pathlib.Path:
+    key = hashlib.sha256(cfg.to_json().encode()).hexdigest()[:16]
+    workdir = shared / key
+    with filelock.FileLock(str(workdir) + '.lock'):
+      if not (workdir / 'summary.json').exists():
+        shutil.rmtree(workdir, ignore_errors=True)     # a worker that died mid-run
+        loop.train(cfg, str(workdir), progress=False)
+    return workdir
+  return get

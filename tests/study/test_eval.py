@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from experiments import eval as eval_script
 from gating.study import evaluation
 from gating.training import loop as train
 from gating.training.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from tests.training.test_integrity import SMALL
 
 TINY = TrainConfig(
     model=ModelConfig(num_layers=1, features=32, num_heads=4, gate='topk', active_heads=2,
@@ -22,15 +24,15 @@ HARD_CONCRETE = dataclasses.replace(
     loss=LossConfig(target_fraction=0.5))
 
 
-def test_eval_writes_both_paths_at_several_k(tmp_path, capsys):
-  train.train(TINY, str(tmp_path), progress=False)
+def test_eval_writes_both_paths_at_several_k(tmp_path, capsys, trained_run):
+  shutil.copytree(trained_run(SMALL), tmp_path, dirs_exist_ok=True)
   eval_script.main(['--workdir', str(tmp_path), '--k', '1,2,4'])
   report = json.load(open(tmp_path / 'eval.json'))
   assert report['split'] == 'test' and report['own_K'] == 2
   got = {(r['path'], r['K']): r for r in report['results']}
   assert set(got) == {(p, k) for p in ('masked', 'gathered') for k in (1, 2, 4)}
   for (path, k), r in got.items():
-    assert r['sequences'] == TINY.data.num_test
+    assert r['sequences'] == SMALL.data.num_test
     assert r['active_fraction'] == pytest.approx(k / 4)
     assert set(r['per_label']) == {'permute_0', 'permute_1', 'permute_2', 'permute_3',
                                    'recall_0', 'induction_0'}
@@ -99,12 +101,11 @@ def test_missing_checkpoint_says_where_it_looked(tmp_path):
   assert not (tmp_path / 'checkpoints').exists()   # looking creates nothing
 
 
-def test_a_dense_model_with_mlp_groups_evaluates_every_group_on_the_gathered_path(tmp_path):
+def test_a_dense_model_with_mlp_groups_evaluates_every_group_on_the_gathered_path(trained_run):
   # The warm start of a sweep with groups: the dense gate has no Kf; gathered runs all G.
   dense = dataclasses.replace(TINY, model=dataclasses.replace(
       TINY.model, gate='dense', active_heads=None, noise=None, mlp_groups=4))
-  train.train(dense, str(tmp_path), progress=False)
-  run = evaluation.load_run(str(tmp_path))
+  run = evaluation.load_run(str(trained_run(dense)))
   report = evaluation.evaluate_run(run, paths=['gathered', 'masked'], ks=[4], max_batches=1,
                                    split='validation')
   gathered, masked = report['results']

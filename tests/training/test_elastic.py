@@ -77,14 +77,14 @@ def test_distillation_is_zero_for_the_teacher_and_teaches_only_the_student():
   assert np.abs(np.asarray(g_student)).sum() > 0 and np.abs(np.asarray(g_teacher)).sum() == 0
 
 
-def test_a_short_elastic_run_trains_every_width(tmp_path):
+def test_a_short_elastic_run_trains_every_width(trained_run):
   cfg = dataclasses.replace(
       TINY, steps=12, eval_every=12, checkpoint_every=12,
       model=dataclasses.replace(TINY.model, gate='dense', active_heads=None, noise=None,
                                 eval_path='masked'),
       loss=dataclasses.replace(TINY.loss, elastic_ks=(1, 2), distill_weight=0.5))
-  train.train(cfg, str(tmp_path), progress=False)
-  lines = [r for r in train.read_metrics(str(tmp_path / 'metrics.jsonl')) if r['kind'] == 'train']
+  lines = [r for r in train.read_metrics(str(trained_run(cfg) / 'metrics.jsonl'))
+           if r['kind'] == 'train']
   assert {'elastic/task_K1', 'elastic/distill_K2'} <= set(lines[-1])
   # Each step's K = 1 sub-model is a random head per sequence: compare means of 4 steps,
   # with a margin, not one noisy pair.
@@ -93,14 +93,14 @@ def test_a_short_elastic_run_trains_every_width(tmp_path):
   assert all(np.isfinite(r['loss']) for r in lines)
 
 
-def test_a_short_elastic_run_with_mlp_groups_trains_every_width(tmp_path):
+def test_a_short_elastic_run_with_mlp_groups_trains_every_width(trained_run):
   cfg = dataclasses.replace(
       TINY, steps=8, eval_every=8, checkpoint_every=8,
       model=dataclasses.replace(TINY.model, gate='dense', active_heads=None, noise=None,
                                 eval_path='masked', mlp_groups=4),
       loss=dataclasses.replace(TINY.loss, elastic_ks=(1, 2), elastic_group_ks=(1, 2)))
-  train.train(cfg, str(tmp_path), progress=False)
-  lines = [r for r in train.read_metrics(str(tmp_path / 'metrics.jsonl')) if r['kind'] == 'train']
+  lines = [r for r in train.read_metrics(str(trained_run(cfg) / 'metrics.jsonl'))
+           if r['kind'] == 'train']
   assert {'elastic/task_K1_Kf1', 'elastic/distill_K2_Kf2'} <= set(lines[-1])
   first, last = (np.mean([r['elastic/task_K1_Kf1'] for r in part])
                  for part in (lines[:3], lines[-3:]))

@@ -28,11 +28,9 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'fixtur
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-  """A finished 6-step run with checkpoints at steps 2, 4 and 6 (copied per test)."""
-  workdir = tmp_path_factory.mktemp('finished')
-  train.train(SMALL, str(workdir), progress=False)
-  return workdir
+def finished(trained_run):
+  """A finished 6-step run with checkpoints at steps 2, 4 and 6 (shared: copied per test)."""
+  return trained_run(SMALL)
 
 
 def copy(run, tmp_path):

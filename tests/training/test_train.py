@@ -49,20 +49,21 @@ def nnx_params(graphdef, state):
   return nnx.state(learner, nnx.Param)
 
 
-def test_a_short_run_learns_and_writes_its_files(tmp_path):
-  summary = run(TINY, tmp_path)
-  lines = metrics(tmp_path)
+def test_a_short_run_learns_and_writes_its_files(trained_run):
+  workdir = trained_run(TINY)
+  summary = json.load(open(workdir / 'summary.json'))
+  lines = metrics(workdir)
   assert [r['step'] for r in lines] == list(range(1, TINY.steps + 1))
   first, last = np.mean([r['task_loss'] for r in lines[:5]]), np.mean(
       [r['task_loss'] for r in lines[-5:]])
   assert last < first - 0.2
   for name in ('config.json', 'provenance.json', 'data_info.json', 'summary.json'):
-    assert os.path.exists(tmp_path / name)
-  assert config.from_dict(json.load(open(tmp_path / 'config.json'))) == TINY
+    assert os.path.exists(workdir / name)
+  assert config.from_dict(json.load(open(workdir / 'config.json'))) == TINY
   assert set(summary['validation']['per_label']) <= set(
-      json.load(open(tmp_path / 'data_info.json'))['label_names'])
+      json.load(open(workdir / 'data_info.json'))['label_names'])
   assert lines[-1]['usage'] and len(lines[-1]['active_heads']) == 1
-  assert checkpoint.manager(str(tmp_path / 'checkpoints')).latest_step() == TINY.steps
+  assert checkpoint.manager(str(workdir / 'checkpoints')).latest_step() == TINY.steps
   # Training FLOPs: counted (checked against a count by hand in test_flops.py).
   (per_step,) = summary['train_flops_per_step'].values()
   assert per_step > 0 and summary['train_flops'] > per_step
@@ -135,7 +136,8 @@ def test_corrupt_checkpoint_gives_a_clear_error_and_deletes_nothing(tmp_path):
         f.write(b'not a checkpoint')
   before = sorted(os.listdir(tmp_path / 'checkpoints'))
   with pytest.raises(checkpoint.CheckpointError, match='checkpoints/4.*nothing was deleted'):
-    run(dataclasses.replace(cfg, steps=6), tmp_path)
+    train.train(dataclasses.replace(cfg, steps=6), str(tmp_path), progress=False,
+                extend_schedule=True)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
 
 
@@ -212,7 +214,7 @@ def test_four_devices_match_one(tmp_path):
     ('z_loss', dict(model=dict(gate='topk', active_heads=2),
                     loss=dict(z_loss_weight=1.0)), 'smaller_z'),
 ])
-def test_each_regularizer_moves_the_gate_the_right_way(tmp_path, name, overrides, moves):
+def test_each_regularizer_moves_the_gate_the_right_way(trained_run, name, overrides, moves):
   def variant(**loss_override):
     cfg = TINY
     sections = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in overrides.items()
@@ -221,11 +223,9 @@ def test_each_regularizer_moves_the_gate_the_right_way(tmp_path, name, overrides
                               loss=dataclasses.replace(cfg.loss, **loss_override))
     return cfg
 
-  with_term = variant(**overrides['loss'])
-  without = variant()
-  run(with_term, tmp_path / 'with')
-  run(without, tmp_path / 'without')
-  a, b = metrics(tmp_path / 'with')[-10:], metrics(tmp_path / 'without')[-10:]
+  # (runs are shared: l0 and the Lagrangian compare with the same run without a term)
+  a = metrics(trained_run(variant(**overrides['loss'])))[-10:]
+  b = metrics(trained_run(variant()))[-10:]
   if moves == 'fewer_heads':
     assert np.mean([r['active_heads'] for r in a]) < np.mean([r['active_heads'] for r in b]) - 0.3
   elif moves == 'more_even':
@@ -234,13 +234,12 @@ def test_each_regularizer_moves_the_gate_the_right_way(tmp_path, name, overrides
     assert np.mean([r['reg/z_loss'] for r in a]) < np.mean([r['reg/z_loss'] for r in b])
 
 
-def test_schedules_grad_accumulation_and_bfloat16(tmp_path):
+def test_schedules_grad_accumulation_and_bfloat16(trained_run):
   cfg = dataclasses.replace(
       TINY, steps=12, grad_accum=2, temperature_start=1.0, temperature_end=0.1,
       temperature_steps=10, k_schedule=((4, 4), (3, 8)),
       model=dataclasses.replace(TINY.model, dtype='bfloat16'))
-  run(cfg, tmp_path)
-  lines = metrics(tmp_path)
+  lines = metrics(trained_run(cfg))
   assert [r['K'] for r in lines] == [4] * 4 + [3] * 4 + [2] * 4
   np.testing.assert_allclose([r['temperature'] for r in lines[:11]],
                              [1.0 * 0.1 ** (s / 10) for s in range(11)], rtol=1e-5)
