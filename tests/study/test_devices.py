@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from experiments import sweep as sweep_script
+from tests.study.test_sweep import EVAL, SUMMARY
 from gating.study import devices
 from gating.study import sweep
 
@@ -32,10 +33,12 @@ def test_each_child_sees_its_own_devices(tmp_path):
   """run_points with one environment per slot: the children write what they see."""
   def point(name):
     workdir = tmp_path / name
+    # what a finished, whole point's files hold (test_sweep), and the devices seen
+    whole = {**json.loads(SUMMARY), **json.loads(EVAL)}
     write = ('import json, os, sys; os.makedirs(sys.argv[2], exist_ok=True); '
-             'json.dump({k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", '
-             '"XLA_PYTHON_CLIENT_MEM_FRACTION")}, open(os.path.join(sys.argv[2], '
-             'sys.argv[1]), "w"))')
+             f'json.dump({{**{whole!r}, **{{k: os.environ.get(k) for k in '
+             '("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION")}}, '
+             'open(os.path.join(sys.argv[2], sys.argv[1]), "w"))')
     return sweep.Point(name, str(workdir),
                        [sys.executable, '-c', write, 'summary.json', str(workdir)],
                        [sys.executable, '-c', write, 'eval.json', str(workdir)])

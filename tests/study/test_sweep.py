@@ -145,11 +145,12 @@ def test_a_crashed_point_does_not_stop_the_others(tmp_path):
   def point(name, code):
     workdir = tmp_path / name
     write = (f'import json, os, sys; os.makedirs({str(workdir)!r}, exist_ok=True); '
-             f'open(os.path.join({str(workdir)!r}, sys.argv[1]), "w").write("{{}}"); '
+             f'open(os.path.join({str(workdir)!r}, sys.argv[1]), "w").write(sys.argv[2]); '
              f'sys.exit({code})')
-    return sweep.Point(name, str(workdir), [sys.executable, '-c', write, 'summary.json'],
+    return sweep.Point(name, str(workdir), [sys.executable, '-c', write, 'summary.json',
+                                            SUMMARY],
                        [sys.executable, '-c', write.replace(f'exit({code})', 'exit(0)'),
-                        'eval.json'])
+                        'eval.json', EVAL])
 
   lines = []
   outcomes = sweep.run_points([point('crash', 3), point('fine', 0)], parallel=2,
@@ -158,6 +159,14 @@ def test_a_crashed_point_does_not_stop_the_others(tmp_path):
   assert 'train exited with code 3' in outcomes[0].message
   assert not (tmp_path / 'crash' / 'eval.json').exists()
   assert (tmp_path / 'fine' / 'eval.json').exists() and len(lines) == 2
+
+
+# What a finished point's files hold, as far as the sweep reads them: one step, and an
+# evaluation of the whole one-sequence test split at the run's own K (results.py).
+SUMMARY = json.dumps({'steps': 1, 'test': {'sequences': 1}})
+EVAL = json.dumps({'step': 1, 'final_step': 1, 'split': 'test', 'split_sequences': 1,
+                   'max_batches': None, 'own_K': 2,
+                   'results': [{'path': 'gathered', 'K': 2, 'sequences': 1}]})
 
 
 def _stand_in(tmp_path, name, code=0, *, after=None, sleep=0.0):
@@ -169,9 +178,9 @@ def _stand_in(tmp_path, name, code=0, *, after=None, sleep=0.0):
   train = (f'import os, sys, time; {needs}os.makedirs({str(workdir)!r}, exist_ok=True); '
            f'start = time.time(); time.sleep({sleep}); '
            f'open({str(workdir / "times")!r}, "w").write(f"{{start}} {{time.time()}}"); '
-           f'{code} or open({str(workdir / "summary.json")!r}, "w").write("{{}}"); '
+           f'{code} or open({str(workdir / "summary.json")!r}, "w").write({SUMMARY!r}); '
            f'sys.exit({code})')
-  evaluate = f'open({str(workdir / "eval.json")!r}, "w").write("{{}}")'
+  evaluate = f'open({str(workdir / "eval.json")!r}, "w").write({EVAL!r})'
   return sweep.Point(name, str(workdir), [sys.executable, '-c', train],
                      [sys.executable, '-c', evaluate], after)
 

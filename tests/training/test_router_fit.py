@@ -87,7 +87,7 @@ def test_the_chain_elastic_labels_router_eval(elastic_run, tmp_path, capsys):
     (['--k', '2', '--shared-heads', '-1'], 'shared_heads must be an int >= 0'),
     (['--k', '2', '--labels', 'gradient'], 'labels must be one of'),
     (['--k', '2', '--loss', 'mse'], 'loss must be one of'),
-    (['--k', '2', '--router', 'average'], "router must be 'prefix'"),
+    (['--k', '2', '--router', 'average'], r"model.router: must be one of \('mean', "),
     (['--k', '2', '--groups', '2'], 'groups: the source has no MLP channel groups'),
 ])
 def test_bad_flags_are_one_error_line(elastic_run, tmp_path, argv, match, capsys):
