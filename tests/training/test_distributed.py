@@ -32,7 +32,7 @@ OVERRIDES = ['steps=6', 'eval_every=3', 'checkpoint_every=3', 'batch_size=16',
              'model.head_dim=none', 'model.gate=topk', 'model.active_heads=2',
              'optim.warmup_steps=1', 'data.num_tasks=4', 'data.input_len=6',
              'data.num_digits=6', 'data.num_recall_tasks=1', 'data.num_induction_tasks=1',
-             'data.num_train=256', 'data.num_validation=32', 'data.num_test=32']
+             'data.num_train=256', 'data.num_validation=32', 'data.num_test=32', 'k_schedule=']
 TIMEOUT = 300
 
 pytestmark = pytest.mark.slow

@@ -99,7 +99,8 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
           '--set', 'model.num_layers=1', '--set', 'model.features=32',
           '--set', 'model.num_heads=4', '--set', 'data.num_tasks=4', '--set', 'data.input_len=6',
           '--set', 'data.num_train=512', '--set', 'data.num_validation=64',
-          '--set', 'data.num_test=64', '--set', 'batch_size=16', '--set', 'eval_batches=2']
+          '--set', 'data.num_test=64', '--set', 'batch_size=16', '--set', 'eval_batches=2',
+          '--set', 'k_schedule=']
   command = [sys.executable, '-m', 'experiments.train', *args]
   env = {**os.environ, 'PYTHONPATH': ROOT}
   killed = tmp_path / 'killed'
