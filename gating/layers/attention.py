@@ -20,21 +20,10 @@ from flax.nnx.nn import dtypes, initializers
 from flax.nnx.nn.linear import default_kernel_init
 
 from gating.layers import compute, selection
-from gating.layers.router import (ROUTERS, HeadRouter, StaticRouter, build_router,
-                                  get_router, resolve_router, router_kind_of)
-from gating.layers.state import GateTemperature, new_gate_stats, record_gate
+from gating.layers.head_gate import HeadGating, check_active_heads, check_gate, check_kv_units
+from gating.layers.router import ROUTERS, get_router, router_kind_of
 
 PATHS = selection.PATHS
-
-
-def check_active_heads(active_heads, num_heads: int, gate: str, path: str) -> None:
-  """Validates a budget K against H, the rule and the path (ValueError naming the problem)."""
-  selection.check_budget(active_heads, num_heads, gate, path)
-
-
-def check_shared_heads(shared_heads: int, active_heads, num_heads: int, gate: str) -> None:
-  """S always-on heads: 0 <= S < H, S < K (K counts them), and a rule with a budget."""
-  selection.check_shared(shared_heads, active_heads, num_heads, gate)
 
 
 def causal_router(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,18 +84,18 @@ def valid_tokens(mask, batch: int, length: int):
   return jnp.broadcast_to(jnp.any(mask, axis=(-3, -1)), (batch, length))
 
 
-class GatedMultiHeadAttention(nnx.Module):
+class GatedMultiHeadAttention(HeadGating, nnx.Module):
   """Multi-head attention with a learned per-sequence head gate.
 
   Arguments shared with `flax.nnx.MultiHeadAttention` keep its names and meaning:
-  num_heads, in_features, qkv_features, out_features, in_kv_features, dtype, param_dtype,
+  num_heads, in_features, qkv_features, out_features, num_kv_heads, in_kv_features, dtype,
+  param_dtype,
   broadcast_dropout, dropout_rate, deterministic, precision, kernel_init, out_kernel_init,
   bias_init, out_bias_init, use_bias, keep_rngs, kernel_metadata, out_kernel_metadata,
   bias_metadata, out_bias_metadata, rngs. The parameters have the same names and shapes
   (query/key/value/out, each a LinearGeneral), so its weights load from a dense layer.
 
-  Refused with a ValueError, never ignored: num_kv_heads other than num_heads (GQA),
-  attention_fn other than the default, normalize_qk=True, decode=True (one-token cached
+  Refused with a ValueError, never ignored: attention_fn other than the default, normalize_qk=True, decode=True (one-token cached
   decoding is `gating.decode`'s job, with GatedLM), and the promote_dtype and dot_general
   customizations. At call: sow_weights=True, out_sharding and qkv_sharding.
 
@@ -139,6 +128,21 @@ class GatedMultiHeadAttention(nnx.Module):
     rotary_base: rotate queries and keys by position (RoPE) with this base; None (the
       default, as in nnx.MultiHeadAttention) for none. Positions are arange(L) unless the
       call passes `positions`.
+    rotary_scaling: Llama 3's long-context RoPE frequency scaling, as in a Hugging Face
+      config's `rope_scaling` (rope_type 'llama3'; compute.rope_inv_freq); needs rotary_base.
+
+  Grouped-query attention and the blocks of pretrained families (gating.pretrained):
+    num_kv_heads: G K/V heads shared by groups of H/G query heads (default H; G must
+      divide H). The key/value kernels are [D, G, Dh].
+    unit: what the gate opens. 'kv_group' (the default when G < H): the router scores
+      the G groups and a group opens or closes with its H/G query heads, so dropping it
+      drops its K/V head too (the KV cache shrinks by K/H); active_heads and shared_heads
+      count query heads in multiples of H/G. 'query_head': single query heads (each
+      group's K/V head is computed while any of its heads is open).
+    qk_norm: RMSNorm over each head's queries and keys before RoPE (Qwen3, OLMo 2), with
+      scales `query_norm`/`key_norm` [Dh]; norm_eps is its epsilon.
+    out_bias: a bias on the output projection (default use_bias; Qwen2 has q/k/v biases
+      and none on the output).
 
   State: GateStats variables `head_usage` [H] (fraction of the batch's sequences that use
   each head), `head_prob` [H] (mean open probability), `head_weight` [H] (mean gate
@@ -172,6 +176,11 @@ class GatedMultiHeadAttention(nnx.Module):
       threshold: float | None = None,
       stretch: tuple[float, float] | None = None,
       rotary_base: float | None = None,
+      rotary_scaling: Mapping[str, Any] | None = None,
+      unit: str | None = None,
+      qk_norm: bool = False,
+      norm_eps: float = 1e-6,
+      out_bias: bool | None = None,
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
       broadcast_dropout: bool = True,
@@ -196,8 +205,6 @@ class GatedMultiHeadAttention(nnx.Module):
   ):
     qkv_features = in_features if qkv_features is None else qkv_features
     refused = sorted(unsupported)
-    if num_kv_heads is not None and num_kv_heads != num_heads:
-      refused.append(f'num_kv_heads={num_kv_heads} (only num_kv_heads == num_heads)')
     if attention_fn is not None and attention_fn is not nnx.dot_product_attention:
       refused.append('attention_fn')
     if normalize_qk:
@@ -207,38 +214,30 @@ class GatedMultiHeadAttention(nnx.Module):
     if refused:
       raise ValueError(f'GatedMultiHeadAttention does not support: {", ".join(refused)}. '
                        'See its docstring for what is supported.')
-    rule = selection.get_rule(gate)
-    options = rule.resolve_options(
-        selection.older_spellings(rule, gate_options, threshold, stretch))
     if qkv_features % num_heads:
       raise ValueError(f'qkv_features ({qkv_features}) must be divisible by '
                        f'num_heads ({num_heads})')
-    check_active_heads(active_heads, num_heads, gate, path)
-    check_shared_heads(shared_heads, active_heads, num_heads, gate)
-    router = resolve_router(gate, router, prefix_len)
-    if noise not in selection.NOISES:
-      raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    unit, router, options = check_gate(
+        num_heads=num_heads, num_kv_heads=num_kv_heads, unit=unit, gate=gate,
+        active_heads=active_heads, path=path, shared_heads=shared_heads, router=router,
+        prefix_len=prefix_len, noise=noise, gate_options=gate_options,
+        threshold=threshold, stretch=stretch)
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate}')
     if rotary_base is not None and (qkv_features // num_heads) % 2:
       raise ValueError(f'rotary_base needs an even head width, got '
                        f'{qkv_features // num_heads}')
+    if rotary_scaling is not None and rotary_base is None:
+      raise ValueError('rotary_scaling needs rotary_base (RoPE)')
 
     self.num_heads = num_heads
     self.in_features = in_features
     self.qkv_features = qkv_features
     self.out_features = in_features if out_features is None else out_features
     self.in_kv_features = in_features if in_kv_features is None else in_kv_features
-    self.num_kv_heads = num_heads
+    self.num_kv_heads = num_kv_heads
     self.head_dim = qkv_features // num_heads
-    self.gate_rule = gate
-    self.active_heads = active_heads
-    self.shared_heads = int(shared_heads)
-    self.path = path
-    self.noise = noise
-    self.noise_scale = noise_scale
-    self.scaled_weights = scaled_weights
-    self.gate_options = tuple(sorted(options.items()))   # hashable: part of the graphdef
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.broadcast_dropout = broadcast_dropout
@@ -246,51 +245,43 @@ class GatedMultiHeadAttention(nnx.Module):
     self.deterministic = deterministic
     self.precision = precision
     self.use_bias = use_bias
+    self.out_bias = use_bias if out_bias is None else out_bias
     self.rotary_base = rotary_base
+    self.rotary_inv_freq = (None if rotary_scaling is None else compute.rope_inv_freq(
+        rotary_base, self.head_dim, rotary_scaling))    # a tuple: part of the graphdef
+    self.norm_eps = norm_eps
 
-    def linear(in_f, out_f, **kw):
+    def linear(in_f, out_f, bias=use_bias, **kw):
       return nnx.LinearGeneral(in_f, out_f, dtype=dtype, param_dtype=param_dtype,
-                               use_bias=use_bias, precision=precision, rngs=rngs, **kw)
+                               use_bias=bias, precision=precision, rngs=rngs, **kw)
 
     heads = (num_heads, self.head_dim)
+    kv_heads = (num_kv_heads, self.head_dim)
     qkv_kw = dict(kernel_init=kernel_init, bias_init=bias_init,
                   kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
     self.query = linear(in_features, heads, **qkv_kw)
-    self.key = linear(self.in_kv_features, heads, **qkv_kw)
-    self.value = linear(self.in_kv_features, heads, **qkv_kw)
-    self.out = linear(heads, self.out_features, axis=(-2, -1),
+    self.key = linear(self.in_kv_features, kv_heads, **qkv_kw)
+    self.value = linear(self.in_kv_features, kv_heads, **qkv_kw)
+    self.out = linear(heads, self.out_features, bias=self.out_bias, axis=(-2, -1),
                       kernel_init=out_kernel_init or kernel_init,
                       bias_init=out_bias_init or bias_init,
                       kernel_metadata=out_kernel_metadata or kernel_metadata,
                       bias_metadata=out_bias_metadata or bias_metadata)
+    if qk_norm:   # Qwen3's RMSNorm over every head of the queries and keys
+      self.query_norm = nnx.RMSNorm(self.head_dim, epsilon=norm_eps, dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs)
+      self.key_norm = nnx.RMSNorm(self.head_dim, epsilon=norm_eps, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.query_norm = self.key_norm = nnx.data(None)
 
-    router_module = build_router(
-        gate, router, num_heads - self.shared_heads, in_features, prefix_len=prefix_len,
-        hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
-    self.router: HeadRouter | StaticRouter | None = (
-        nnx.data(None) if router_module is None else router_module)
-    default_t = rule.temperature
-    self.temperature = GateTemperature(jnp.asarray(
-        default_t if temperature is None else temperature, jnp.float32))
-    self.head_usage, self.head_prob, self.head_weight, self.router_z_loss = new_gate_stats(
-        num_heads)
-    needs_rng = dropout_rate > 0 or self.stochastic_gate
-    self.rngs = rngs.dropout.fork() if keep_rngs and needs_rng else nnx.data(None)
-    # Analysis tools (gating.training.importance) force a gate here; see `force_gate`.
-    self.forced_weights_BxH = nnx.data(None)
+    self.init_gate(
+        in_features=in_features, unit=unit, gate=gate, active_heads=active_heads, path=path,
+        shared_heads=shared_heads, router=router, prefix_len=prefix_len, options=options,
+        router_hidden_features=router_hidden_features, router_init_logit=router_init_logit,
+        temperature=temperature, noise=noise, noise_scale=noise_scale,
+        scaled_weights=scaled_weights, keep_rngs=keep_rngs, rngs=rngs)
     self.unit_mean_UxD = nnx.data(None)   # dropped-head compensation; see `compensate`
-
-  @property
-  def causal_safe(self) -> bool:
-    """True when the gate reads no token after a fixed prefix (the router kind's `causal`;
-    no router at all is safe): the layer may run with is_causal=True."""
-    kind = router_kind_of(self.router)
-    return kind is None or kind.causal
-
-  @property
-  def stochastic_gate(self) -> bool:
-    """True when the gate samples in training (hard-concrete, or noise on the logits)."""
-    return selection.RULES[self.gate_rule].samples or self.noise is not None
 
   @classmethod
   def from_dense(cls, mha: nnx.MultiHeadAttention, *, rngs: nnx.Rngs, causal: bool = False,
@@ -334,18 +325,14 @@ class GatedMultiHeadAttention(nnx.Module):
   # -- the gate -----------------------------------------------------------------------
 
   def head_weights(self) -> compute.HeadWeights:
-    """The projection weights as arrays, in nnx.MultiHeadAttention's layout."""
-    b = (lambda lin: lin.bias[...]) if self.use_bias else (lambda lin: None)
+    """The projection weights as arrays, in nnx.MultiHeadAttention's layout (K/V with G
+    heads under grouped-query attention), with the QK norm's scales if any."""
+    b = lambda lin: None if lin.bias is None else lin.bias[...]
+    norm = lambda n: None if n is None else n.scale[...]
     return compute.HeadWeights(
         self.query.kernel[...], self.key.kernel[...], self.value.kernel[...],
-        self.out.kernel[...], b(self.query), b(self.key), b(self.value), b(self.out))
-
-  def router_logits(self, inputs_q, valid_BxL=None):
-    """logits_BxR (float32) of the R = H - shared_heads routed heads; zeros for the dense
-    gate, which has no router."""
-    if self.router is None:
-      return jnp.zeros((inputs_q.shape[0], self.num_heads), jnp.float32)
-    return self.router(inputs_q, valid_BxL)
+        self.out.kernel[...], b(self.query), b(self.key), b(self.value), b(self.out),
+        norm(self.query_norm), norm(self.key_norm))
 
   def gate(self, inputs_q, mask=None, *, deterministic: bool | None = None,
            rngs=None, active_heads: int | None = None) -> selection.Gate:
@@ -368,32 +355,13 @@ class GatedMultiHeadAttention(nnx.Module):
     self._check_inputs(inputs_q)
     k = self.active_heads if active_heads is None else active_heads
     check_active_heads(k, self.num_heads, self.gate_rule, 'masked')
+    check_kv_units(self.num_heads, self.num_kv_heads, self.unit, k)
     deterministic = self._deterministic(deterministic)
     rng = None
     if self.stochastic_gate and not deterministic:
       rng = self._rng(rngs, deterministic)()
     valid_BxL = valid_tokens(mask, *inputs_q.shape[:2])
     return self._select(self.router_logits(inputs_q, valid_BxL), k, deterministic, rng)
-
-  def _select(self, logits_BxR, k, deterministic, rng) -> selection.Gate:
-    """The rule on the routed heads' logits; the S shared heads are prepended, open with
-    weight 1: weights_BxH = [1_S, w_routed], idx_BxK = [0..S-1, S + idx_routed]."""
-    return selection.select_routed(
-        self.gate_rule, logits_BxR, k=k, shared=self.shared_heads,
-        temperature=self.temperature[...], deterministic=deterministic, rng=rng,
-        noise=self.noise, noise_scale=self.noise_scale, scaled_weights=self.scaled_weights,
-        options=dict(self.gate_options))
-
-  def force_gate(self, weights_BxH: jax.Array | None) -> None:
-    """Replaces the rule's decision by the given gate weights (None: the rule again).
-
-    While set, every call runs the masked path with y = sum_h w_bh * head_h(x_b) + bias,
-    w = weights_BxH exactly (differentiable in w, any real values), the router still runs,
-    and its logits [B, H - S] and the layer's output [B, L, D] are sown as
-    nnx.Intermediate 'router_logits' and 'output' (read them with nnx.pop). For analysis
-    on a copy of a model: head-importance labels, router fitting; not for training.
-    """
-    self.forced_weights_BxH = weights_BxH
 
   def compensate(self, mean_HxDo: jax.Array | None) -> None:
     """Dropped-head compensation (None: off, the default): with m = mean_HxDo, each call
@@ -404,10 +372,6 @@ class GatedMultiHeadAttention(nnx.Module):
       raise ValueError(f'compensate: mean of shape {mean_HxDo.shape}, expected '
                        f'{(self.num_heads, self.out_features)} (num_heads, out_features)')
     self.unit_mean_UxD = mean_HxDo
-
-  def _record(self, logits_BxH, gate: selection.Gate) -> None:
-    record_gate(self.head_usage, self.head_prob, self.head_weight, self.router_z_loss,
-                logits_BxH, gate, self.router is not None)
 
   # -- the call -------------------------------------------------------------------------
 
@@ -475,6 +439,7 @@ class GatedMultiHeadAttention(nnx.Module):
     path = self.path if path is None else path
     k = self.active_heads if active_heads is None else active_heads
     check_active_heads(k, self.num_heads, self.gate_rule, path)
+    check_kv_units(self.num_heads, self.num_kv_heads, self.unit, k)
 
     deterministic = self._deterministic(deterministic)
     dropout_rng = gate_rng = None
@@ -484,15 +449,11 @@ class GatedMultiHeadAttention(nnx.Module):
       gate_rng = stream() if self.stochastic_gate else None
 
     valid_BxL = valid_tokens(mask, *inputs_q.shape[:2])
-    logits_BxH = self.router_logits(inputs_q, valid_BxL)
+    logits_BxU, gate = self.decide(inputs_q, valid_BxL, k, deterministic, gate_rng=gate_rng)
     forced = self.forced_weights_BxH
-    if forced is None:
-      gate = self._select(logits_BxH, k, deterministic, gate_rng)
-    else:
-      gate = selection.forced(forced, inputs_q.shape[0], self.num_heads, 'num_heads')
+    if forced is not None:
       path = 'masked'
-      self.sow(nnx.Intermediate, 'router_logits', logits_BxH)
-    self._record(logits_BxH, gate)
+      self.sow(nnx.Intermediate, 'router_logits', logits_BxU)
 
     xq, xk, xv, *weights = dtypes.promote_dtype(
         (inputs_q, inputs_k, inputs_v, *self.head_weights()), dtype=self.dtype)
@@ -502,14 +463,16 @@ class GatedMultiHeadAttention(nnx.Module):
         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
         broadcast_dropout=self.broadcast_dropout, deterministic=deterministic,
         precision=self.precision, rotary_base=self.rotary_base,
-        positions_q_BxL=positions, positions_k_BxS=positions)
+        positions_q_BxL=positions, positions_k_BxS=positions,
+        rotary_inv_freq=self.rotary_inv_freq, norm_eps=self.norm_eps)
     if path == 'masked' or k == self.num_heads:
       # With K = H every head is selected: gathering would copy all the weights only to
       # compute every head, so the gathered path computes them with the shared weights.
       y = compute.masked_attention(xq, xk, xv, w, gate.weights_BxH, options)
     else:
       weights_BxK = jnp.take_along_axis(gate.weights_BxH, gate.idx_BxK, axis=1)
-      y = compute.gathered_attention(xq, xk, xv, w, gate.idx_BxK, weights_BxK, options)
+      y = compute.gathered_attention(xq, xk, xv, w, gate.idx_BxK, weights_BxK, options,
+                                     unit=self.unit)
     if forced is not None:
       self.sow(nnx.Intermediate, 'output', y)
     elif self.unit_mean_UxD is not None:
@@ -517,26 +480,6 @@ class GatedMultiHeadAttention(nnx.Module):
     return (y, gate) if return_gate else y
 
   # -- checks -----------------------------------------------------------------------------
-
-  def _deterministic(self, deterministic):
-    if not (self.dropout_rate > 0 or self.stochastic_gate):
-      return True
-    deterministic = self.deterministic if deterministic is None else deterministic
-    if deterministic is None:
-      raise ValueError('GatedMultiHeadAttention with dropout or a stochastic gate needs '
-                       '`deterministic` (as a call argument, constructor argument, or via '
-                       'model.train() / model.eval())')
-    return deterministic
-
-  def _rng(self, rngs, deterministic):
-    if deterministic:
-      return None
-    if rngs is None:
-      rngs = self.rngs
-    if rngs is None:
-      raise ValueError('GatedMultiHeadAttention needs `rngs` at call time when built with '
-                       'keep_rngs=False and run with deterministic=False')
-    return rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
 
   def _check_inputs(self, inputs_q, inputs_k=None, inputs_v=None, mask=None):
     for name, x, width in (('inputs_q', inputs_q, self.in_features),

@@ -1,11 +1,14 @@
-"""GatedTransformerBlock: pre-LayerNorm, gated self-attention, MLP, residuals, dropout.
+"""GatedTransformerBlock: pre-norm, gated self-attention, MLP, residuals, dropout.
 
-    h = x + Dropout(GatedAttention(LayerNorm(x)))
-    y = h + Dropout(W2 gelu(W1 LayerNorm(h) + b1) + b2)
+    h = x + Dropout(GatedAttention(Norm(x)))
+    y = h + Dropout(W2 gelu(W1 Norm(h) + b1) + b2)                (mlp='gelu', the default)
+    y = h + Dropout(W2 (silu(W1 Norm(h)) * (W3 Norm(h))))         (mlp='swiglu': Llama, Qwen)
 
-With `mlp_groups=G` the MLP is a GatedMLP: its F hidden channels form G groups, of which a
-router (the same rule, path and router kind as the attention's) opens Kf per sequence.
-Without it the MLP is the two nnx.Linear layers `mlp_in` and `mlp_out`, as before.
+Norm is LayerNorm (norm='layer', the default) or RMSNorm (norm='rms': x / sqrt(mean(x^2)
++ eps) * scale); `mlp_bias` switches the MLP's biases. With `mlp_groups=G` the MLP is a
+GatedMLP: its F hidden channels form G groups, of which a router (the same rule, path and
+router kind as the attention's) opens Kf per sequence. Without it the MLP is the
+nnx.Linear layers `mlp_in` and `mlp_out` (and, for SwiGLU, `mlp_up`), as before.
 
 The groups' router is the MLP's own (group_router='own': it reads LayerNorm(h), after the
 attention) or the attention's (group_router='attention'; older spelling mlp_router='shared'):
@@ -28,6 +31,16 @@ from gating.layers.mlp import GATE_KWARGS, GatedMLP, check_groups
 from gating.layers.router import HeadRouter, logit_layer
 
 GROUP_ROUTERS = ('own', 'attention')
+NORMS = ('layer', 'rms')
+MLPS = ('gelu', 'swiglu')
+
+
+def make_norm(kind: str, features: int, eps: float | None, **dense):
+  """nnx.LayerNorm (norm='layer') or nnx.RMSNorm (norm='rms'); eps None: flax's default."""
+  if kind not in NORMS:
+    raise ValueError(f'norm must be one of {NORMS}, got {kind!r}')
+  cls = nnx.LayerNorm if kind == 'layer' else nnx.RMSNorm
+  return cls(features, **({} if eps is None else {'epsilon': eps}), **dense)
 
 
 class GatedTransformerBlock(nnx.Module):
@@ -47,6 +60,10 @@ class GatedTransformerBlock(nnx.Module):
       hidden features; needs mlp_groups and an attention router that reads the input).
       Older spelling: mlp_router='own' | 'shared'.
     shared_groups: Sf, the MLP's always-open groups (Kf counts them; needs mlp_groups).
+    norm: 'layer' (LayerNorm, the default) or 'rms' (RMSNorm) for both of the block's norms.
+    norm_eps: their epsilon (default: flax's); also the attention's QK norm's, if any.
+    mlp: 'gelu' (the default) or 'swiglu' (see the module docstring).
+    mlp_bias: biases on the MLP's projections (default True).
     dtype, param_dtype: computation and parameter dtypes (as in flax).
     rngs: nnx.Rngs; dropout and gate noise draw from its 'dropout' stream.
     **attention_kwargs: passed to GatedMultiHeadAttention (gate=, active_heads=, path=,
@@ -56,8 +73,9 @@ class GatedTransformerBlock(nnx.Module):
   def __init__(self, features: int, num_heads: int, *, mlp_features: int | None = None,
                dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
                mlp_groups: int | None = None, active_groups: int | None = None,
-               group_router: str | None = None, shared_groups: int = 0, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs, **attention_kwargs):
+               group_router: str | None = None, shared_groups: int = 0, norm: str = 'layer',
+               norm_eps: float | None = None, mlp: str = 'gelu', mlp_bias: bool = True,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs, **attention_kwargs):
     group_router = names.group_router_keyword(group_router,
                                               attention_kwargs.pop('mlp_router', None))
     mlp_features = mlp_features or 4 * features
@@ -73,14 +91,21 @@ class GatedTransformerBlock(nnx.Module):
                        'channel groups G of the MLP)')
     if group_router == 'attention' and mlp_groups is None:
       raise ValueError("group_router='attention' needs mlp_groups (the MLP's channel groups)")
+    if mlp not in MLPS:
+      raise ValueError(f'mlp must be one of {MLPS}, got {mlp!r}')
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.attention_norm = nnx.LayerNorm(features, **dense)
+    if norm_eps is not None:
+      attention_kwargs.setdefault('norm_eps', norm_eps)
+    self.attention_norm = make_norm(norm, features, norm_eps, **dense)
     self.attention = GatedMultiHeadAttention(
         num_heads, features, dropout_rate=attention_dropout_rate, **dense, **attention_kwargs)
-    self.mlp_norm = nnx.LayerNorm(features, **dense)
+    self.mlp_norm = make_norm(norm, features, norm_eps, **dense)
+    self.mlp_kind = mlp
     if mlp_groups is None:
-      self.mlp_in = nnx.Linear(features, mlp_features, **dense)
-      self.mlp_out = nnx.Linear(mlp_features, features, **dense)
+      self.mlp_in = nnx.Linear(features, mlp_features, use_bias=mlp_bias, **dense)
+      self.mlp_up = (nnx.Linear(features, mlp_features, use_bias=mlp_bias, **dense)
+                     if mlp == 'swiglu' else nnx.data(None))
+      self.mlp_out = nnx.Linear(mlp_features, features, use_bias=mlp_bias, **dense)
     else:
       gate_kwargs = {k: v for k, v in attention_kwargs.items() if k in GATE_KWARGS}
       if group_router == 'attention':
@@ -96,9 +121,15 @@ class GatedTransformerBlock(nnx.Module):
             init_logit=attention_kwargs.get('router_init_logit', 0.0),
             param_dtype=param_dtype, rngs=rngs)
       self.mlp = GatedMLP(features, mlp_features, mlp_groups, active_groups=active_groups,
-                          shared_groups=shared_groups,
+                          shared_groups=shared_groups, kind=mlp, use_bias=mlp_bias,
                           precision=attention_kwargs.get('precision'), **dense, **gate_kwargs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  def hidden(self, xn_BxLxD):
+    """The ungated MLP's hidden channels: gelu(W1 x + b1), or silu(W1 x) * (W3 x)."""
+    if self.mlp_up is not None:
+      return jax.nn.silu(self.mlp_in(xn_BxLxD)) * self.mlp_up(xn_BxLxD)
+    return jax.nn.gelu(self.mlp_in(xn_BxLxD))
 
   @property
   def gated_mlp(self) -> GatedMLP | None:
@@ -154,7 +185,7 @@ class GatedTransformerBlock(nnx.Module):
     if self.gated_mlp is None:
       if active_groups is not None:
         raise ValueError('active_groups needs a block built with mlp_groups')
-      y_BxLxD = self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(h_BxLxD))))
+      y_BxLxD = self.mlp_out(self.hidden(self.mlp_norm(h_BxLxD)))
       group_gate = None
     else:
       y_BxLxD, group_gate = self.gated_mlp(

@@ -14,7 +14,10 @@ train/eval mode.
 
 The cache of a layer is k, v [B, N, S, Dh] with S = cache_length: N = K (the selected
 heads) for a gathered layer (path='gathered' with K < H), so its memory is K/H of dense;
-N = H for a masked or dense layer.
+N = H for a masked or dense layer. Under grouped-query attention (G K/V heads) a masked
+layer caches its G heads; a gathered one with unit='kv_group' caches the chosen groups'
+K / (H/G) heads, again K/H of dense; with unit='query_head' it caches every group (each
+selected query head reads its group's).
 
 How a one-token step projects a gathered layer (`projection=`, see DESIGN 4):
   'weights'      The K heads' Q/K/V/O weights are gathered once per sequence at prefill
@@ -24,7 +27,19 @@ How a one-token step projects a gathered layer (`projection=`, see DESIGN 4):
                  takes the K heads' q/k/v; the K outputs go back to their H slots (zeros
                  elsewhere) for the full output projection. Costs B (H - K) extra
                  multiply-adds per weight column, which is cheap when memory bound.
-  'auto'         'weights' when B K < H (it reads fewer bytes), else 'activations'.
+  'grouped'      Every step multiplies, for each head, the rows of all the (sequence,
+                 head) pairs that chose it by that head's weights: one ragged matmul
+                 (jax.lax.ragged_dot) per projection over the B K pairs sorted by head
+                 (sorted once, at prefill). Reads the weights once (1x) and, where
+                 ragged_dot has a kernel (GPU, TPU), does the gathered path's FLOPs
+                 (B K/H of every head); the output projection's per-pair rows are
+                 weighted by the gate and summed back per sequence.
+  'auto'         'weights' when B K < H (it reads fewer bytes), else 'activations'. It
+                 never picks 'grouped': on the CPU, where it was measured, JAX lowers
+                 ragged_dot to a masked matmul of every row by every head (H times the
+                 pairs' FLOPs), and 'grouped' was slower than the faster of the other two
+                 at B = 1, 16 and 64 (0.16-0.77x its tokens/s, docs/benchmarks.md); no
+                 GPU or TPU has measured it yet.
 Masked and dense layers project every head with the full weights ('masked'). Prefill
 computes a gathered layer with gathered weights whatever the step projection (with a
 long prompt the gather pays). `DecodeState.projections` says what every layer does.
@@ -38,7 +53,13 @@ runs with one of (`DecodeState.mlp_projections`; the same `projection=` choice):
                  MLP's weight bytes, and its FLOPs scale as Kf/G.
   'activations'  Full W1 and W2, the closed groups' activations zeroed (the masked
                  computation with the gate's weights on the Kf groups, 0 elsewhere).
-  'auto'         'weights' when B Kf < G, else 'activations'.
+  'grouped'      For each group, one matmul of W1's columns and one of W2's rows over the
+                 (sequence, group) pairs that chose it (jax.lax.ragged_dot): the weights
+                 read once, FLOPs Kf/G of the MLP's where ragged_dot has a kernel.
+  'auto'         'weights' when B Kf < G, else 'activations' (never 'grouped', as above).
+'grouped' needs a gathered layer: asked of a masked-path layer (path='masked'), it is
+refused with a ValueError, as are attention weights with fewer K/V heads than query heads
+(grouped-query attention); a layer that runs every unit (K = H, Kf = G) is 'masked'.
 A masked MLP (path='masked', or Kf = G) computes every group times its gate weight
 ('masked'); an ungated MLP runs as in the block.
 
@@ -66,11 +87,13 @@ from gating.layers.mlp import check_active_groups
 from gating.layers.models import GatedLM, check_token_ids, padding_mask, per_layer
 from gating.layers.router import router_kind_of
 
-PROJECTIONS = ('auto', 'weights', 'activations')
+PROJECTIONS = ('auto', 'weights', 'activations', 'grouped')
 
 
 class GatheredWeights(NamedTuple):
-  """The K selected heads' weights of every sequence, gathered once at prefill."""
+  """The K selected heads' weights of every sequence, gathered once at prefill. Under
+  grouped-query attention the key/value fields hold the M = K / (H/G) chosen groups'
+  heads (unit='kv_group'), or are None (unit='query_head': the full K/V weights)."""
   wq_BxDxKxDh: jax.Array
   wk_BxDxKxDh: jax.Array
   wv_BxDxKxDh: jax.Array
@@ -83,8 +106,8 @@ class GatheredWeights(NamedTuple):
 class LayerCache(struct.PyTreeNode):
   """One layer's cache: the keys and values of its N cached heads, and its gate.
 
-  projection: 'masked' (N = H, every head projected with the full weights), 'weights'
-  or 'activations' (N = K; see the module docstring).
+  projection: 'masked' (N = H, every head projected with the full weights), 'weights',
+  'activations' or 'grouped' (N = K; see the module docstring).
   """
   k_BxNxSxDh: jax.Array
   v_BxNxSxDh: jax.Array
@@ -92,19 +115,21 @@ class LayerCache(struct.PyTreeNode):
   idx_BxK: jax.Array | None        # the cached heads, for a gathered layer
   gathered: GatheredWeights | None  # for projection='weights'
   projection: str = struct.field(pytree_node=False)
+  groups: compute.PairGroups | None = None  # for projection='grouped': pairs sorted by head
 
 
 class GroupCache(struct.PyTreeNode):
   """One layer's MLP gate over channel groups, decided once per sequence at prefill.
 
   projection: 'masked' (N = G: every group, times its gate weight), 'weights' (N = Kf:
-  the gathered groups' weights) or 'activations' (N = G: the gate's weights on the Kf
-  groups, 0 elsewhere; see the module docstring).
+  the gathered groups' weights), 'activations' (N = G: the gate's weights on the Kf
+  groups, 0 elsewhere) or 'grouped' (N = Kf; see the module docstring).
   """
   weights_BxN: jax.Array                         # gate weight of each group computed
   idx_BxK: jax.Array | None                      # the Kf groups, for a gathered MLP
   gathered: compute.GatheredMLPWeights | None    # for projection='weights'
   projection: str = struct.field(pytree_node=False)
+  groups: compute.PairGroups | None = None       # for projection='grouped'
 
 
 class DecodeState(struct.PyTreeNode):
@@ -146,7 +171,8 @@ class Generation(NamedTuple):
 
 def choose_projection(batch: int, active_heads: int, num_heads: int) -> str:
   """'weights' when gathering weights reads fewer bytes than the full weights (B K < H;
-  for MLP groups, B Kf < G)."""
+  for MLP groups, B Kf < G), else 'activations'. Never 'grouped': on the CPU it was
+  measured slower than the faster of these two at every batch (see the module docstring)."""
   return 'weights' if batch * active_heads < num_heads else 'activations'
 
 
@@ -165,10 +191,17 @@ def layer_plan(model: GatedLM, batch: int, *, path=None, active_heads=None,
   return plan
 
 
-def _projection(layer_path: str, k, num_units: int, batch: int, projection: str) -> str:
+def _projection(layer_path: str, k, num_units: int, batch: int, projection: str,
+                unit: str = 'head') -> str:
   """How a layer of `num_units` (heads or groups) with budget k projects each step:
   'masked' on the masked path or when every unit runs, else `projection` ('auto':
-  choose_projection)."""
+  choose_projection). 'grouped' on the masked path is refused: it needs the K units
+  each sequence selected, which only a gathered layer has."""
+  if projection == 'grouped' and layer_path == 'masked':
+    raise ValueError(f"projection='grouped' needs the gathered path (it multiplies each "
+                     f"{unit}'s weights by the sequences that selected it); this layer "
+                     f"runs path='masked', which computes every {unit}: use path='gathered' "
+                     "or another projection")
   if layer_path == 'masked' or k == num_units:
     return 'masked'
   return choose_projection(batch, k, num_units) if projection == 'auto' else projection
@@ -194,7 +227,8 @@ def group_plan(model: GatedLM, batch: int, *, path=None, active_groups=None,
     kf = mlp.active_groups if kf is None else kf
     layer_path = mlp.path if path is None else path
     check_active_groups(kf, mlp.num_groups, mlp.gate_rule, layer_path)
-    plan.append((kf, _projection(layer_path, kf, mlp.num_groups, batch, projection)))
+    plan.append((kf, _projection(layer_path, kf, mlp.num_groups, batch, projection,
+                                 'group')))
   return plan
 
 
@@ -217,7 +251,35 @@ def _check_model(model):
 def _rotate(attn: GatedMultiHeadAttention, x_BxLxNxDh, positions_BxL):
   if attn.rotary_base is None:
     return x_BxLxNxDh
-  return compute.rotate(x_BxLxNxDh, positions_BxL, attn.rotary_base)
+  return compute.rotate(x_BxLxNxDh, positions_BxL, attn.rotary_base, attn.rotary_inv_freq)
+
+
+def _norm_and_rotate(attn, w: compute.HeadWeights, q_BxLxNxDh, k_BxLxMxDh, positions_BxL):
+  """The QK norm (if the layer has one), then RoPE, as the layer's call applies them."""
+  if w.q_norm_Dh is not None:
+    q_BxLxNxDh = compute.rms_norm_heads(q_BxLxNxDh, w.q_norm_Dh, attn.norm_eps)
+    k_BxLxMxDh = compute.rms_norm_heads(k_BxLxMxDh, w.k_norm_Dh, attn.norm_eps)
+  return _rotate(attn, q_BxLxNxDh, positions_BxL), _rotate(attn, k_BxLxMxDh, positions_BxL)
+
+
+def _kv_heads(attn: GatedMultiHeadAttention, idx_BxK):
+  """The K/V heads a gathered layer computes and caches for its K query heads idx_BxK:
+  each head's own (no GQA); under grouped-query attention with unit='kv_group' the chosen
+  groups, M = K / (H/G) of them (idx_BxK holds whole groups, in order: query head j of
+  the K reads cached head j // (H/G)); with unit='query_head', None: every group."""
+  size = attn.group_size
+  if size == 1:
+    return idx_BxK
+  return idx_BxK[:, ::size] // size if attn.unit == 'kv_group' else None
+
+
+def _kv_for_queries(attn, idx_BxK, x_BxSxMxDh):
+  """Keys or values [B, S, M, Dh] as the K selected query heads read them: unchanged, but
+  with unit='query_head' under GQA (every group cached) each head's group's, [B, S, K, Dh]."""
+  if idx_BxK is None or _kv_heads(attn, idx_BxK) is not None:
+    return x_BxSxMxDh
+  return jnp.take_along_axis(x_BxSxMxDh, (idx_BxK // attn.group_size)[:, None, :, None],
+                             axis=2)
 
 
 def _weights(attn: GatedMultiHeadAttention, xn_BxLxD):
@@ -236,6 +298,8 @@ def _embed(model: GatedLM, tokens_BxL, positions_BxL):
 def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projection, S):
   gate = attn.gate(xn_BxLxD, mask=mask_Bx1xLxL, deterministic=True, active_heads=k)
   xn_BxLxD, w = _weights(attn, xn_BxLxD)
+  if projection == 'grouped':
+    compute.check_grouped_heads(w)
   p = attn.precision
   if projection == 'masked':
     idx_BxK, gathered = None, None
@@ -245,18 +309,25 @@ def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projectio
     v_BxLxNxDh = compute.project_all(xn_BxLxD, w.wv_DxHxDh, w.bv_HxDh, p)
   else:
     idx_BxK = gate.idx_BxK
+    kv_BxM = _kv_heads(attn, idx_BxK)
     weights_BxN = jnp.take_along_axis(gate.weights_BxH, idx_BxK, axis=1)
+    gather_kv = lambda x: None if kv_BxM is None else compute.gather_heads(x, kv_BxM)
+    take_kv = lambda x: None if kv_BxM is None else compute.take_heads(x, kv_BxM)
     g = GatheredWeights(
-        *(compute.gather_heads(x, idx_BxK) for x in w[:3]),
-        *(compute.take_heads(x, idx_BxK) for x in (w.wo_HxDhxDo, w.bq_HxDh, w.bk_HxDh,
-                                                    w.bv_HxDh)))
+        compute.gather_heads(w.wq_DxHxDh, idx_BxK), gather_kv(w.wk_DxHxDh),
+        gather_kv(w.wv_DxHxDh), compute.take_heads(w.wo_HxDhxDo, idx_BxK),
+        compute.take_heads(w.bq_HxDh, idx_BxK), take_kv(w.bk_HxDh), take_kv(w.bv_HxDh))
     gathered = g if projection == 'weights' else None
     q_BxLxNxDh = compute.project_gathered(xn_BxLxD, g.wq_BxDxKxDh, g.bq_BxKxDh, p)
-    k_BxLxNxDh = compute.project_gathered(xn_BxLxD, g.wk_BxDxKxDh, g.bk_BxKxDh, p)
-    v_BxLxNxDh = compute.project_gathered(xn_BxLxD, g.wv_BxDxKxDh, g.bv_BxKxDh, p)
-  q_BxLxNxDh = _rotate(attn, q_BxLxNxDh, positions_BxL)
-  k_BxLxNxDh = _rotate(attn, k_BxLxNxDh, positions_BxL)
-  o_BxLxNxDh = compute.attend(q_BxLxNxDh, k_BxLxNxDh, v_BxLxNxDh,
+    if kv_BxM is None:   # unit='query_head' under GQA: every group's K/V
+      k_BxLxNxDh = compute.project_all(xn_BxLxD, w.wk_DxHxDh, w.bk_HxDh, p)
+      v_BxLxNxDh = compute.project_all(xn_BxLxD, w.wv_DxHxDh, w.bv_HxDh, p)
+    else:
+      k_BxLxNxDh = compute.project_gathered(xn_BxLxD, g.wk_BxDxKxDh, g.bk_BxKxDh, p)
+      v_BxLxNxDh = compute.project_gathered(xn_BxLxD, g.wv_BxDxKxDh, g.bv_BxKxDh, p)
+  q_BxLxNxDh, k_BxLxNxDh = _norm_and_rotate(attn, w, q_BxLxNxDh, k_BxLxNxDh, positions_BxL)
+  o_BxLxNxDh = compute.attend(q_BxLxNxDh, _kv_for_queries(attn, idx_BxK, k_BxLxNxDh),
+                              _kv_for_queries(attn, idx_BxK, v_BxLxNxDh),
                               compute.AttendOptions(mask=mask_Bx1xLxL, precision=p))
   if projection == 'masked':
     y_BxLxD = compute.output_all(o_BxLxNxDh, weights_BxN, w.wo_HxDhxDo, w.bo_Do, p)
@@ -265,8 +336,10 @@ def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projectio
   L = xn_BxLxD.shape[1]
   to_cache = lambda x_BxLxNxDh: jnp.pad(x_BxLxNxDh.transpose(0, 2, 1, 3),
                                         ((0, 0), (0, 0), (0, S - L), (0, 0)))
+  groups = (compute.group_pairs(idx_BxK, attn.num_heads) if projection == 'grouped'
+            else None)
   cache = LayerCache(to_cache(k_BxLxNxDh), to_cache(v_BxLxNxDh), weights_BxN, idx_BxK,
-                     gathered, projection)
+                     gathered, projection, groups)
   return y_BxLxD, cache
 
 
@@ -283,14 +356,19 @@ def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection, group_logits_BxG=None
   G, p = mlp.num_groups, mlp.precision
   if projection == 'masked':
     cache = GroupCache(gate.weights_BxH, None, None, projection)
-    y_BxLxD = compute.masked_mlp(xn_BxLxD, w, gate.weights_BxH, G, precision=p)
+    y_BxLxD = compute.masked_mlp(xn_BxLxD, w, gate.weights_BxH, G, mlp.activation,
+                                 precision=p)
   else:
     idx_BxK = gate.idx_BxK
     weights_BxK = jnp.take_along_axis(gate.weights_BxH, idx_BxK, axis=1)
     g = compute.gather_mlp(w, idx_BxK, G)
-    y_BxLxD = compute.mlp_gathered_weights(xn_BxLxD, g, weights_BxK, w.b2_D, precision=p)
+    y_BxLxD = compute.mlp_gathered_weights(xn_BxLxD, g, weights_BxK, w.b2_D, mlp.activation,
+                                           precision=p)
     if projection == 'weights':
       cache = GroupCache(weights_BxK, idx_BxK, g, projection)
+    elif projection == 'grouped':
+      cache = GroupCache(weights_BxK, idx_BxK, None, projection,
+                         compute.group_pairs(idx_BxK, G, unit='group'))
     else:
       cache = GroupCache(compute.scatter_groups(weights_BxK, idx_BxK, G), idx_BxK, None,
                          projection)
@@ -309,7 +387,7 @@ def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, pa
     path, active_heads, active_groups: overrides, as in GatedLM's call (an int or one per
       layer; active_groups needs mlp_groups).
     projection: how steps project gathered layers (attention and MLP groups alike):
-      'auto' | 'weights' | 'activations'.
+      'auto' | 'weights' | 'activations' | 'grouped'.
 
   logits_BxLxV[b, t] for t < lengths_B[b] equal the full forward's. Traceable (jit it with
   nnx.jit, or use `generate`); with concrete `lengths_B` they are checked.
@@ -370,29 +448,44 @@ def _step_attention(attn, cache: LayerCache, xn_Bx1xD, positions_B, mask_Bx1x1xS
   if cache.projection == 'weights':
     g = cache.gathered
     q_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wq_BxDxKxDh, g.bq_BxKxDh, p)
-    k_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wk_BxDxKxDh, g.bk_BxKxDh, p)
-    v_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wv_BxDxKxDh, g.bv_BxKxDh, p)
+    if g.wk_BxDxKxDh is None:   # unit='query_head' under GQA: every group's K/V
+      k_Bx1xNxDh = compute.project_all(xn_Bx1xD, w.wk_DxHxDh, w.bk_HxDh, p)
+      v_Bx1xNxDh = compute.project_all(xn_Bx1xD, w.wv_DxHxDh, w.bv_HxDh, p)
+    else:
+      k_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wk_BxDxKxDh, g.bk_BxKxDh, p)
+      v_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wv_BxDxKxDh, g.bv_BxKxDh, p)
+  elif cache.projection == 'grouped':
+    q_Bx1xNxDh = compute.project_grouped(xn_Bx1xD, w.wq_DxHxDh, w.bq_HxDh, cache.groups, p)
+    k_Bx1xNxDh = compute.project_grouped(xn_Bx1xD, w.wk_DxHxDh, w.bk_HxDh, cache.groups, p)
+    v_Bx1xNxDh = compute.project_grouped(xn_Bx1xD, w.wv_DxHxDh, w.bv_HxDh, cache.groups, p)
   else:
     q_Bx1xNxDh = compute.project_all(xn_Bx1xD, w.wq_DxHxDh, w.bq_HxDh, p)
     k_Bx1xNxDh = compute.project_all(xn_Bx1xD, w.wk_DxHxDh, w.bk_HxDh, p)
     v_Bx1xNxDh = compute.project_all(xn_Bx1xD, w.wv_DxHxDh, w.bv_HxDh, p)
     if cache.projection == 'activations':
-      take = lambda x_Bx1xHxDh: jnp.take_along_axis(
-          x_Bx1xHxDh, cache.idx_BxK[:, None, :, None], axis=2)
-      q_Bx1xNxDh, k_Bx1xNxDh, v_Bx1xNxDh = map(take, (q_Bx1xNxDh, k_Bx1xNxDh, v_Bx1xNxDh))
-  q_Bx1xNxDh = _rotate(attn, q_Bx1xNxDh, positions_B[:, None])
-  k_Bx1xNxDh = _rotate(attn, k_Bx1xNxDh, positions_B[:, None])
+      take = lambda x_Bx1xHxDh, idx_BxN: jnp.take_along_axis(
+          x_Bx1xHxDh, idx_BxN[:, None, :, None], axis=2)
+      q_Bx1xNxDh = take(q_Bx1xNxDh, cache.idx_BxK)
+      kv_BxM = _kv_heads(attn, cache.idx_BxK)
+      if kv_BxM is not None:
+        k_Bx1xNxDh, v_Bx1xNxDh = take(k_Bx1xNxDh, kv_BxM), take(v_Bx1xNxDh, kv_BxM)
+  q_Bx1xNxDh, k_Bx1xNxDh = _norm_and_rotate(attn, w, q_Bx1xNxDh, k_Bx1xNxDh,
+                                            positions_B[:, None])
   batch_B = jnp.arange(xn_Bx1xD.shape[0])
   k_BxNxSxDh = cache.k_BxNxSxDh.at[batch_B, :, positions_B].set(k_Bx1xNxDh[:, 0])
   v_BxNxSxDh = cache.v_BxNxSxDh.at[batch_B, :, positions_B].set(v_Bx1xNxDh[:, 0])
-  o_Bx1xNxDh = compute.attend(
-      q_Bx1xNxDh, k_BxNxSxDh.transpose(0, 2, 1, 3), v_BxNxSxDh.transpose(0, 2, 1, 3),
-      compute.AttendOptions(mask=mask_Bx1x1xS, precision=p))
+  read = lambda x_BxNxSxDh: _kv_for_queries(attn, cache.idx_BxK,
+                                            x_BxNxSxDh.transpose(0, 2, 1, 3))
+  o_Bx1xNxDh = compute.attend(q_Bx1xNxDh, read(k_BxNxSxDh), read(v_BxNxSxDh),
+                              compute.AttendOptions(mask=mask_Bx1x1xS, precision=p))
   if cache.projection == 'masked':
     y_Bx1xD = compute.output_all(o_Bx1xNxDh, cache.weights_BxN, w.wo_HxDhxDo, w.bo_Do, p)
   elif cache.projection == 'weights':
     y_Bx1xD = compute.output_gathered(o_Bx1xNxDh, cache.weights_BxN, g.wo_BxKxDhxDo,
                                       w.bo_Do, p)
+  elif cache.projection == 'grouped':
+    y_Bx1xD = compute.output_grouped(o_Bx1xNxDh, cache.weights_BxN, w.wo_HxDhxDo, w.bo_Do,
+                                     cache.groups, p)
   else:  # back to the H slots, zeros elsewhere, for the full output projection
     onehot_BxKxH = jax.nn.one_hot(cache.idx_BxK, w.wo_HxDhxDo.shape[0], dtype=o_Bx1xNxDh.dtype)
     o_Bx1xHxDh = jnp.einsum('BLKE,BKH->BLHE', o_Bx1xNxDh, onehot_BxKxH, precision=p)
@@ -409,10 +502,13 @@ def _step_mlp(block, cache: GroupCache | None, h_Bx1xD):
   xn_Bx1xD, w = mlp.promoted(block.mlp_norm(h_Bx1xD))
   if cache.projection == 'weights':
     y_Bx1xD = compute.mlp_gathered_weights(xn_Bx1xD, cache.gathered, cache.weights_BxN,
-                                           w.b2_D, precision=mlp.precision)
+                                           w.b2_D, mlp.activation, precision=mlp.precision)
+  elif cache.projection == 'grouped':
+    y_Bx1xD = compute.mlp_grouped(xn_Bx1xD, w, cache.groups, cache.weights_BxN,
+                                  mlp.num_groups, mlp.activation, precision=mlp.precision)
   else:  # 'masked' or 'activations': every group with the full weights, times its weight
     y_Bx1xD = compute.masked_mlp(xn_Bx1xD, w, cache.weights_BxN, mlp.num_groups,
-                                 precision=mlp.precision)
+                                 mlp.activation, precision=mlp.precision)
   return h_Bx1xD + y_Bx1xD
 
 

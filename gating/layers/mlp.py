@@ -9,6 +9,10 @@ for attention heads; the layer then runs on one of two paths:
   gathered:  only the Kf selected groups of each sequence, their W1 columns, b1 entries
              and W2 rows gathered once: FLOPs scale as Kf / G
 
+With kind='swiglu' (Llama's and Qwen's MLP) the hidden channels are a gated linear unit,
+h = silu(x W1) * (x W3), W1 the gate projection (`linear_in`) and W3 the up projection
+(`linear_up`): a group holds the same channels of both, and W2's rows.
+
 Contract: masked equals gathered on the same gate; with every group open at weight 1 the
 layer equals the ungated MLP  W2 gelu(W1 x + b1) + b2  carrying the same weights (the
 parameters `linear_in` [D, F] and `linear_out` [F, D] are ordinary nnx.Linear layers).
@@ -29,6 +33,7 @@ from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve
 from gating.layers.state import GateTemperature, new_gate_stats, record_gate
 
 PATHS = selection.PATHS
+KINDS = ('gelu', 'swiglu')         # the MLP: gelu(x W1 + b1) W2, or silu(x W1) * (x W3) W2
 # The gate arguments a block passes to its MLP as well as to its attention.
 GATE_KWARGS = ('gate', 'path', 'router', 'prefix_len', 'router_hidden_features',
                'router_init_logit', 'temperature', 'noise', 'noise_scale', 'scaled_weights',
@@ -82,6 +87,9 @@ class GatedMLP(nnx.Module):
       given are those of the G - Sf routed groups.
     router_hidden_features, router_init_logit, temperature, noise, noise_scale,
       scaled_weights, gate_options: as in GatedMultiHeadAttention.
+    kind: 'gelu' (the default; parameters linear_in, linear_out) or 'swiglu' (also
+      linear_up; see the module docstring).
+    use_bias: biases on the MLP's projections (default True; Llama and Qwen have none).
     dtype, param_dtype, precision: as in nnx.Linear.
     rngs: nnx.Rngs; a stochastic gate draws from its 'dropout' stream.
 
@@ -97,9 +105,12 @@ class GatedMLP(nnx.Module):
                router_hidden_features: int | None = None, router_init_logit: float = 0.0,
                temperature: float | None = None, noise: str | None = None,
                noise_scale: float = 1.0, scaled_weights: bool = False,
-               gate_options: Mapping[str, float] | None = None, dtype=None,
+               gate_options: Mapping[str, float] | None = None, kind: str = 'gelu',
+               use_bias: bool = True, dtype=None,
                param_dtype=jnp.float32, precision: jax.lax.PrecisionLike = None,
                deterministic: bool | None = None, rngs: nnx.Rngs):
+    if kind not in KINDS:
+      raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
     check_groups(hidden_features, num_groups)
     check_active_groups(active_groups, num_groups, gate, path)
     check_shared_groups(shared_groups, active_groups, num_groups, gate)
@@ -127,8 +138,12 @@ class GatedMLP(nnx.Module):
     self.dtype = dtype
     self.precision = precision
     self.deterministic = deterministic
-    dense = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+    self.kind = kind
+    dense = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
+                 use_bias=use_bias, rngs=rngs)
     self.linear_in = nnx.Linear(in_features, hidden_features, **dense)
+    self.linear_up = (nnx.Linear(in_features, hidden_features, **dense) if kind == 'swiglu'
+                      else nnx.data(None))
     self.linear_out = nnx.Linear(hidden_features, in_features, **dense)
     router_module = None if self.logits_from_attention else build_router(
         gate, router, num_groups - self.shared_groups, in_features, prefix_len=prefix_len,
@@ -154,9 +169,18 @@ class GatedMLP(nnx.Module):
     """True when the gate samples in training (hard-concrete, or noise on the logits)."""
     return selection.RULES[self.gate_rule].samples or self.noise is not None
 
+  @property
+  def activation(self):
+    """The hidden channels' activation: gelu, or silu of SwiGLU's gate projection."""
+    return jax.nn.silu if self.kind == 'swiglu' else jax.nn.gelu
+
   def mlp_weights(self) -> compute.MLPWeights:
+    bias = lambda lin: None if lin.bias is None else lin.bias[...]
+    up = self.linear_up
     return compute.MLPWeights(self.linear_in.kernel[...], self.linear_out.kernel[...],
-                              self.linear_in.bias[...], self.linear_out.bias[...])
+                              bias(self.linear_in), bias(self.linear_out),
+                              None if up is None else up.kernel[...],
+                              None if up is None else bias(up))
 
   def promoted(self, x_BxLxD):
     """(x_BxLxD, MLPWeights) promoted to the layer's compute dtype, as its call computes."""
@@ -213,11 +237,11 @@ class GatedMLP(nnx.Module):
     x_BxLxD, w = self.promoted(x_BxLxD)
     if path == 'masked' or k == self.num_groups:
       y = compute.masked_mlp(x_BxLxD, w, gate.weights_BxH, self.num_groups,
-                             precision=self.precision)
+                             self.activation, precision=self.precision)
     else:
       weights_BxK = jnp.take_along_axis(gate.weights_BxH, gate.idx_BxK, axis=1)
       y = compute.gathered_mlp(x_BxLxD, w, gate.idx_BxK, weights_BxK, self.num_groups,
-                               precision=self.precision)
+                               self.activation, precision=self.precision)
     if forced is not None:
       self.sow(nnx.Intermediate, 'output', y)
     elif self.unit_mean_UxD is not None:

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from gating.layers import names
-from gating.layers.block import GatedTransformerBlock
+from gating.layers.block import GatedTransformerBlock, make_norm
 from gating.layers.router import ROUTERS, get_router
 from gating.layers.selection import get_rule
 
@@ -96,7 +96,9 @@ class _Trunk(nnx.Module):
                dropout_rate: float, attention_dropout_rate: float, active_heads,
                rotary_base: float, dtype, param_dtype, rngs: nnx.Rngs, mlp_groups=None,
                active_groups=None, group_router: str | None = None, shared_groups: int = 0,
-               mlp_router: str | None = None, **attention_kwargs):
+               mlp_router: str | None = None, norm: str = 'layer',
+               norm_eps: float | None = None, mlp: str = 'gelu', mlp_bias: bool = True,
+               num_kv_heads=None, **attention_kwargs):
     group_router = names.group_router_keyword(group_router, mlp_router)
     if positions not in POSITIONS:
       raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}')
@@ -108,6 +110,7 @@ class _Trunk(nnx.Module):
     if any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in heads):
       raise ValueError(f'num_heads must be an int >= 1 or a list of them, got {num_heads!r}')
     heads = [int(h) for h in heads]
+    kv_heads = per_layer(num_kv_heads, num_layers, 'num_kv_heads')
     if mlp_groups is None and active_groups is not None:
       raise ValueError(f'active_groups={active_groups!r} needs mlp_groups (the number of '
                        'channel groups G of each MLP)')
@@ -131,6 +134,8 @@ class _Trunk(nnx.Module):
     self.vocab_size = vocab_size
     self.max_length = max_length
     self.num_heads = heads[0] if isinstance(num_heads, (int, np.integer)) else tuple(heads)
+    self.num_kv_heads = (num_kv_heads if num_kv_heads is None or isinstance(
+        num_kv_heads, (int, np.integer)) else tuple(kv_heads))
     self.head_dim = head_dim
     self.positions = positions
     self.mlp_features = mlp_features if mlp_features is None or isinstance(
@@ -148,14 +153,16 @@ class _Trunk(nnx.Module):
             attention_dropout_rate=attention_dropout_rate, active_heads=k,
             qkv_features=None if head_dim is None else h * head_dim,
             rotary_base=rotary_base if positions == 'rotary' else None, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs,
+            param_dtype=param_dtype, rngs=rngs, norm=norm, norm_eps=norm_eps, mlp=mlp,
+            mlp_bias=mlp_bias, num_kv_heads=kv,
             **({} if g is None else dict(mlp_groups=g, active_groups=kf,
                                          group_router=group_router,
                                          shared_groups=shared_groups)),
             **attention_kwargs)
-        for h, k, f, g, kf in zip(heads, per_layer(active_heads, num_layers), widths, groups,
-                                  group_ks)])
-    self.final_norm = nnx.LayerNorm(features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for h, kv, k, f, g, kf in zip(heads, kv_heads, per_layer(active_heads, num_layers),
+                                      widths, groups, group_ks)])
+    self.final_norm = make_norm(norm, features, norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def check_tokens(self, tokens_BxL, valid_BxL):
@@ -227,7 +234,16 @@ class GatedLM(nnx.Module):
       Older spelling: mlp_router='own' | 'shared'.
     shared_groups: Sf always-open groups in every gated MLP (Kf counts them), as
       shared_heads=S are for the attention.
-    rotary_base: RoPE base for positions='rotary'.
+    rotary_base: RoPE base for positions='rotary' (with rotary_scaling=, a Hugging Face
+      `rope_scaling` mapping such as Llama 3's, passed to the attention).
+    norm, norm_eps, mlp, mlp_bias: the blocks' norms ('layer' or 'rms', also the final
+      norm) and MLP ('gelu' or 'swiglu'); see GatedTransformerBlock. A Llama- or
+      Qwen-style model is norm='rms', mlp='swiglu', mlp_bias=False, use_bias=False (the
+      attention's; Qwen2 keeps q/k/v biases: use_bias=True, out_bias=False),
+      num_kv_heads=G (grouped-query attention, an int or one per layer as `gating.prune`
+      exports; unit= chooses what the gate opens), qk_norm
+      (Qwen3), positions='rotary' and tie_embeddings as the checkpoint says
+      (`gating.load_pretrained` builds one from a checkpoint).
     **attention_kwargs: other GatedMultiHeadAttention arguments (noise=, temperature=,
       scaled_weights=, router_hidden_features=, ...). The router kind (router=) must be
       causal-safe (router.ROUTERS[kind].causal: 'prefix', the default; 'first';

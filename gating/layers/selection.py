@@ -243,6 +243,22 @@ def with_shared(gate: Gate, shared: int) -> Gate:
               jnp.concatenate([ones_BxS.astype(gate.probs_BxH.dtype), gate.probs_BxH], axis=1))
 
 
+def expand_units(gate: Gate, size: int) -> Gate:
+  """The Gate over G units of `size` consecutive heads each (the KV groups of grouped-query
+  attention) as a Gate over their H = G size heads: every head takes its unit's weight and
+  probability, and the unit idx_BxKu becomes its heads, in order:
+  idx_BxK[b, j size + r] = idx_BxKu[b, j] size + r. size 1: the Gate unchanged."""
+  if size == 1:
+    return gate
+  idx_BxK = None
+  if gate.idx_BxK is not None:
+    B, Ku = gate.idx_BxK.shape
+    idx_BxK = (gate.idx_BxK[:, :, None] * size
+               + jnp.arange(size, dtype=gate.idx_BxK.dtype)[None, None, :]).reshape(B, Ku * size)
+  return Gate(jnp.repeat(gate.weights_BxH, size, axis=1), idx_BxK,
+              jnp.repeat(gate.probs_BxH, size, axis=1))
+
+
 def straight_through(open_BxH: jax.Array, p_BxH: jax.Array) -> jax.Array:
   """open in value (exactly: p - stop_gradient(p) is exactly 0), gradient of p."""
   return open_BxH.astype(p_BxH.dtype) + (p_BxH - jax.lax.stop_gradient(p_BxH))

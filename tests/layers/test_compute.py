@@ -89,3 +89,86 @@ def test_out_of_range_unit_indices_are_refused_where_they_can_be_read():
   clipped = compute.gathered_attention(x, x, x, w, jnp.minimum(bad_BxK, H - 1),
                                        jnp.ones((B, 2)))
   np.testing.assert_allclose(y, clipped, atol=1e-6)
+
+
+# -- grouped-query attention: G K/V heads, query head h reads KV head h // (H / G) ---------
+
+G = 2   # with H = 4: two query heads per KV head
+
+
+def gqa_weights(seed=0):
+  ks = jax.random.split(jax.random.key(seed), 8)
+  n = lambda k, s: jax.random.normal(k, s) / np.sqrt(s[0])
+  return compute.HeadWeights(
+      n(ks[0], (D, H, Dh)), n(ks[1], (D, G, Dh)), n(ks[2], (D, G, Dh)), n(ks[3], (H, Dh, D)),
+      n(ks[4], (H, Dh)), n(ks[5], (G, Dh)), n(ks[6], (G, Dh)), n(ks[7], (D,)))
+
+
+def gqa_reference(xq, xkv, w, weights_BxH):
+  """Per-sequence, per-query-head loop; head h attends with KV head h // (H / G)."""
+  w = compute.HeadWeights(*(np.asarray(a, np.float64) for a in w[:8]))
+  out = np.zeros((xq.shape[0], xq.shape[1], D))
+  for b in range(xq.shape[0]):
+    for h in range(H):
+      g = h // (H // G)
+      q = xq[b] @ w.wq_DxHxDh[:, h] + w.bq_HxDh[h]
+      k = xkv[b] @ w.wk_DxHxDh[:, g] + w.bk_HxDh[g]
+      v = xkv[b] @ w.wv_DxHxDh[:, g] + w.bv_HxDh[g]
+      logits = q @ k.T / np.sqrt(Dh)
+      a = np.exp(logits - logits.max(-1, keepdims=True))
+      a /= a.sum(-1, keepdims=True)
+      out[b] += weights_BxH[b, h] * (a @ v) @ w.wo_HxDhxDo[h]
+  return out + w.bo_Do
+
+
+def test_grouped_query_attention_on_both_paths_and_both_units_equals_the_loop():
+  x = jax.random.normal(jax.random.key(1), (B, L, D))
+  w = gqa_weights()
+  # any query heads (unit 'query_head'), and whole groups (heads 0, 1 | 2, 3: 'kv_group')
+  for unit, idx_BxK in (('query_head', jnp.array([[0, 3], [2, 1], [1, 2]])),
+                        ('kv_group', jnp.array([[0, 1], [2, 3], [2, 3]]))):
+    weights_BxK = jnp.array([[1.0, 0.5], [2.0, 1.0], [0.0, 1.0]])
+    weights_BxH = jnp.zeros((B, H)).at[jnp.arange(B)[:, None], idx_BxK].set(weights_BxK)
+    want = gqa_reference(np.asarray(x), np.asarray(x), w, np.asarray(weights_BxH))
+    np.testing.assert_allclose(compute.masked_attention(x, x, x, w, weights_BxH), want,
+                               atol=1e-5)
+    got = compute.gathered_attention(x, x, x, w, idx_BxK, weights_BxK, unit=unit)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_grouped_query_attention_equals_flax():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  mha = nnx.MultiHeadAttention(H, D, num_kv_heads=G, decode=False, rngs=nnx.Rngs(0))
+  w = compute.HeadWeights(*(getattr(mha, n).kernel[...] for n in ('query', 'key', 'value', 'out')),
+                          *(getattr(mha, n).bias[...] for n in ('query', 'key', 'value', 'out')))
+  x = jax.random.normal(jax.random.key(2), (B, L, D))
+  options = compute.AttendOptions(is_causal=True)
+  want = mha(x, is_causal=True)
+  np.testing.assert_allclose(compute.masked_attention(x, x, x, w, jnp.ones((B, H)), options),
+                             want, atol=1e-5)
+  every = jnp.broadcast_to(jnp.arange(H), (B, H))
+  for unit in compute.UNITS:
+    np.testing.assert_allclose(compute.gathered_attention(x, x, x, w, every, jnp.ones((B, H)),
+                                                          options, unit=unit),
+                               want, atol=1e-5)
+
+
+def test_bad_grouped_query_weights_and_indices_are_refused():
+  x = jax.random.normal(jax.random.key(1), (B, L, D))
+  w = gqa_weights()
+  three = w._replace(wk_DxHxDh=jnp.ones((D, 3, Dh)), wv_DxHxDh=jnp.ones((D, 3, Dh)))
+  for fn in (lambda: compute.masked_attention(x, x, x, three, jnp.ones((B, H))),
+             lambda: compute.gathered_attention(x, x, x, three, jnp.zeros((B, 1), jnp.int32),
+                                                jnp.ones((B, 1)))):
+    with pytest.raises(ValueError, match='the key and value weights hold 3 and 3 heads, the '
+                                         'query weights 4 .* divide the query heads'):
+      fn()
+  with pytest.raises(ValueError, match="unit='kv_group': idx_BxK must hold whole KV groups"):
+    compute.gathered_attention(x, x, x, w, jnp.array([[0, 2], [2, 3], [0, 1]]),
+                               jnp.ones((B, 2)), unit='kv_group')
+  with pytest.raises(ValueError, match="K=3 query heads are not whole groups of 2"):
+    compute.gathered_attention(x, x, x, w, jnp.array([[0, 1, 2]] * B), jnp.ones((B, 3)),
+                               unit='kv_group')
+  with pytest.raises(ValueError, match="unit must be one of"):
+    compute.gathered_attention(x, x, x, w, jnp.array([[0, 1]] * B), jnp.ones((B, 2)),
+                               unit='group')

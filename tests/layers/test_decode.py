@@ -314,3 +314,126 @@ def test_group_plan_rule_and_bad_arguments():
   assert out.mlp_projections == ('weights', 'activations')
   want = nnx.jit(lambda m, x: m(x, active_groups=[1, 4]).logits_BxLxV)(model, x)
   np.testing.assert_array_equal(out.tokens_BxT[:, 6], want[:, -1].argmax(-1))
+
+
+# -- projection='grouped': one ragged matmul per head (or group) over its pairs ----------------
+
+def test_grouped_compute_equals_the_gathered_path():
+  """project/output_grouped, grouped_attention and mlp_grouped against the gathered path,
+  with biases, a per-head mask, unsorted indices and a unit that no sequence chose."""
+  from gating.layers import compute
+  keys = jax.random.split(jax.random.key(7), 12)
+  B, Lq, E = 3, 5, D // H
+  w = compute.HeadWeights(*(jax.random.normal(k, s) for k, s in zip(
+      keys, [(D, H, E), (D, H, E), (D, H, E), (H, E, D), (H, E), (H, E), (H, E), (D,)])))
+  idx_BxK = jnp.array([[2, 0], [0, 2], [3, 0]])          # head 1 chosen by nobody
+  weights_BxK = jax.random.uniform(keys[8], (B, 2))
+  x_BxLxD = jax.random.normal(keys[9], (B, Lq, D))
+  groups = compute.group_pairs(idx_BxK, H)
+  np.testing.assert_array_equal(groups.sizes_U, [3, 0, 2, 1])
+  np.testing.assert_array_equal(groups.units_M, [0, 0, 0, 2, 2, 3])
+  np.testing.assert_allclose(
+      compute.project_grouped(x_BxLxD, w.wq_DxHxDh, w.bq_HxDh, groups),
+      compute.project_gathered(x_BxLxD, compute.gather_heads(w.wq_DxHxDh, idx_BxK),
+                               compute.take_heads(w.bq_HxDh, idx_BxK)), atol=1e-5, rtol=1e-5)
+  mask_BxHxLxL = (jax.random.bernoulli(keys[10], 0.7, (B, H, Lq, Lq))
+                  | jnp.eye(Lq, dtype=bool)[None, None])
+  options = compute.AttendOptions(mask=mask_BxHxLxL)
+  np.testing.assert_allclose(
+      compute.grouped_attention(x_BxLxD, x_BxLxD, x_BxLxD, w, idx_BxK, weights_BxK, options),
+      compute.gathered_attention(x_BxLxD, x_BxLxD, x_BxLxD, w, idx_BxK, weights_BxK, options),
+      atol=1e-4, rtol=1e-4)
+  mw = compute.MLPWeights(jax.random.normal(keys[0], (D, 4 * D)),
+                          jax.random.normal(keys[1], (4 * D, D)),
+                          jax.random.normal(keys[2], (4 * D,)), jax.random.normal(keys[3], (D,)))
+  np.testing.assert_allclose(
+      compute.mlp_grouped(x_BxLxD, mw, compute.group_pairs(idx_BxK, 4, 'group'), weights_BxK, 4),
+      compute.gathered_mlp(x_BxLxD, mw, idx_BxK, weights_BxK, 4), atol=1e-3, rtol=1e-4)
+  with pytest.raises(ValueError, match='indices 0..3'):
+    compute.group_pairs(idx_BxK.at[0, 0].set(H), H)
+  gqa = w._replace(wk_DxHxDh=w.wk_DxHxDh[:, :2], wv_DxHxDh=w.wv_DxHxDh[:, :2],
+                   bk_HxDh=w.bk_HxDh[:2], bv_HxDh=w.bv_HxDh[:2])
+  with pytest.raises(ValueError, match='one K/V head per query head; .* 4 query and 2 K/V'):
+    compute.grouped_attention(x_BxLxD, x_BxLxD, x_BxLxD, gqa, idx_BxK, weights_BxK)
+
+
+def test_grouped_decoding_equals_the_other_projections_and_the_full_forward():
+  model = grouped_lm(2, [1, 5], 'gathered', positions='rotary')  # heads 2/4, groups 1 and 5/8
+  x = tokens(b=3, length=10)
+  want = full_forward(model, x)
+  got = {p: teacher_forced(model, x, 6, p) for p in ('weights', 'activations', 'grouped')}
+  np.testing.assert_allclose(got['grouped'], want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(got['grouped'], got['weights'], atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(got['grouped'], got['activations'], atol=2e-5, rtol=2e-5)
+  _, state = jit_prefill(model, x[:, :6], cache_length=L, projection='grouped')
+  assert state.projections == ('grouped', 'grouped')
+  assert state.mlp_projections == ('grouped', 'grouped')
+  assert state.layers[0].gathered is None and state.layers[0].k_BxNxSxDh.shape[1] == 2
+  np.testing.assert_array_equal(state.layers[0].groups.sizes_U.sum(), 3 * 2)
+  out = decode.generate(model, x[:, :6], max_new_tokens=3, projection='grouped')
+  assert out.projections == ('grouped', 'grouped')
+  assert_greedy(model, out, 6)
+
+
+def test_grouped_projection_needs_the_gathered_path_and_auto_never_picks_it():
+  x = tokens(b=2, length=6)
+  with pytest.raises(ValueError, match=r"projection='grouped' needs the gathered path .* "
+                                       r"path='masked'"):
+    decode.generate(lm('topk', path='masked'), x, max_new_tokens=2, projection='grouped')
+  with pytest.raises(ValueError, match=r"projection='grouped' needs the gathered path"):
+    decode.prefill(lm('topk', path='gathered'), x, cache_length=8, path='masked',
+                   projection='grouped')
+  with pytest.raises(ValueError, match=r"group's weights .* path='masked'"):
+    decode.group_plan(grouped_lm(path='masked'), 2, projection='grouped')
+  with pytest.raises(ValueError, match='projection must be one of .*grouped'):
+    decode.layer_plan(lm(), 2, projection='ragged')
+  model = lm('topk', k=1)
+  assert decode.layer_plan(model, 2, projection='grouped') == [(1, 'grouped')] * 2
+  assert decode.layer_plan(model, 1, active_heads=H, projection='grouped') == [(H, 'masked')] * 2
+  for batch in (1, 16, 64):    # measured slower on the CPU (docs/benchmarks.md)
+    assert {p for _, p in decode.layer_plan(model, batch)} <= {'weights', 'activations'}
+
+
+# -- grouped-query attention and Llama/Qwen-style blocks -----------------------------------
+
+LLAMA_LIKE = dict(num_kv_heads=2, norm='rms', mlp='swiglu', mlp_bias=False, use_bias=False,
+                  positions='rotary', tie_embeddings=False, qk_norm=True,
+                  rotary_scaling={'rope_type': 'llama3', 'factor': 4.0, 'low_freq_factor': 1.0,
+                                  'high_freq_factor': 4.0,
+                                  'original_max_position_embeddings': 8})
+
+
+@pytest.mark.parametrize('unit,k,path,projection', [
+    ('kv_group', 2, 'gathered', 'weights'), ('kv_group', 2, 'gathered', 'activations'),
+    ('query_head', 1, 'gathered', 'weights'), ('query_head', 3, 'gathered', 'activations'),
+    ('kv_group', 2, 'masked', 'auto'),
+])
+def test_cached_decoding_of_a_grouped_query_model_equals_the_full_forward(unit, k, path,
+                                                                           projection):
+  """GQA (G = 2 of H = 4), QK norm, Llama 3 RoPE scaling, RMSNorm and SwiGLU, with MLP
+  channel groups: prefill plus one-token steps give the full forward's logits."""
+  model = lm('topk', k=k, path=path, unit=unit, mlp_groups=4, active_groups=2,
+             **LLAMA_LIKE)
+  x = tokens()
+  np.testing.assert_allclose(teacher_forced(model, x, 6, projection), full_forward(model, x),
+                             atol=3e-5, rtol=3e-5)
+
+
+def test_the_kv_group_cache_holds_k_over_h_of_dense():
+  """Under unit='kv_group' a gathered layer caches only its chosen groups: K/H of the
+  dense GQA cache exactly; unit='query_head' caches every group."""
+  dense = lm('dense', path='masked', **LLAMA_LIKE)
+  _, dense_state = jit_prefill(dense, tokens(b=3, length=8), cache_length=12)
+  assert dense_state.layers[0].k_BxNxSxDh.shape == (3, 2, 12, D // H)   # the G = 2 heads
+  for unit, k, want in (('kv_group', 2, 2 / 4), ('query_head', 1, 1.0)):
+    _, state = jit_prefill(lm('topk', k=k, unit=unit, **LLAMA_LIKE), tokens(b=3, length=8),
+                           cache_length=12)
+    assert state.kv_bytes == dense_state.kv_bytes * want
+
+
+def test_grouped_projection_decodes_swiglu_channel_groups():
+  kw = {**LLAMA_LIKE, 'num_kv_heads': H}   # 'grouped' refuses GQA weights
+  model = lm('topk', k=2, path='gathered', mlp_groups=4, active_groups=2, **kw)
+  x = tokens()
+  np.testing.assert_allclose(teacher_forced(model, x, 6, 'grouped'), full_forward(model, x),
+                             atol=3e-5, rtol=3e-5)

@@ -27,7 +27,7 @@ def mlp_weights(seed=0):
 def reference(x, w, weights_BxG):
   """Per-sequence, per-group loop: the math of compute.py, written the slow way."""
   x, w = np.asarray(x, np.float64), [np.asarray(a, np.float64) for a in w]
-  w1, w2, b1, b2 = w
+  w1, w2, b1, b2 = w[:4]
   Fg = F // G
   out = np.zeros(x.shape)
   for b in range(x.shape[0]):
