@@ -2,9 +2,11 @@
 heads it never uses.
 
 gate_heads(model, rngs=..., causal=False, **gate_kwargs)
-    A copy of any NNX model in which every `nnx.MultiHeadAttention` is a
-    `GatedMultiHeadAttention` carrying its weights (`from_dense`). With gate='dense' the
-    outputs do not change. Weights placed on a device mesh keep their placement and
+    A copy of any NNX model in which every attention module that a registered adapter
+    recognises (gating.adapters: `nnx.MultiHeadAttention` -> `GatedMultiHeadAttention`
+    via `from_dense`; flax's NNX Gemma example attention -> `GatedGemmaAttention`) is
+    replaced by its gated form carrying its weights. With gate='dense' the outputs do not
+    change. Weights placed on a device mesh keep their placement and
     sharding metadata; the new state (router, temperature, statistics) is replicated on
     the same mesh, which is what `nnx.get_partition_spec` says for variables without
     sharding metadata. Cross-attention (inputs_k/inputs_v, in_kv_features) is supported:
@@ -18,7 +20,8 @@ gate_mlps(model, num_groups=G, where=..., rngs=..., causal=False, **gate_kwargs)
     outputs do not change. `prune` does not export these; our own blocks (GatedMLP) do.
 
 set_path(model, path, active_heads=None)
-    Switches every gated layer of a model to the masked or gathered path (and a budget).
+    Switches every gated attention layer of a model (ours or an adapter's) to the masked
+    or gathered path (and a budget).
 
 prune(model, usage_or_threshold, ...)
     A thin static copy of a gated model: every GatedMultiHeadAttention becomes a dense
@@ -52,7 +55,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gating import adapters
 from gating.layers.attention import GatedMultiHeadAttention, causal_router, check_active_heads
+from gating.layers.head_gate import HeadGating
 from gating.layers.block import GatedTransformerBlock
 from gating.layers.channels import GatedChannels
 from gating.layers.mlp import GatedMLP
@@ -90,7 +95,7 @@ def _replicate_new_state(module: nnx.Module, mesh) -> None:
 
 def gate_heads(model: nnx.Module, *, rngs: nnx.Rngs, causal: bool = False,
                **gate_kwargs) -> nnx.Module:
-  """A copy of `model` with every nnx.MultiHeadAttention replaced by a gated one.
+  """A copy of `model` with every attention module an adapter recognises gated.
 
   Args:
     model: any NNX module (the original is not changed).
@@ -102,20 +107,24 @@ def gate_heads(model: nnx.Module, *, rngs: nnx.Rngs, causal: bool = False,
       it, the default router pools every token, and a later token would move the outputs
       at earlier positions; is_causal=True with such a router is refused at call time,
       but a causal *mask* cannot be inspected under jit, so say causal=True.
-    **gate_kwargs: GatedMultiHeadAttention arguments for every replaced layer (gate=,
-      active_heads=, path=, router=, prefix_len=, noise=, ...); gate='dense' leaves the
-      outputs unchanged.
+    **gate_kwargs: the gate's arguments for every replaced layer (gate=, active_heads=,
+      path=, router=, prefix_len=, unit=, noise=, ...; see GatedMultiHeadAttention);
+      gate='dense' leaves the outputs unchanged.
+
+  The modules replaced are those of the families in `gating.adapters.ADAPTERS`; a model
+  with none of them is a ValueError that lists the supported families.
   """
   found = [path for path, node in nnx.iter_graph(model)
-           if isinstance(node, nnx.MultiHeadAttention)]
+           if adapters.adapter_for(node) is not None]
   if not found:
-    raise ValueError(f'gate_heads found no nnx.MultiHeadAttention in '
-                     f'{type(model).__name__}: nothing to gate')
+    raise ValueError(f'gate_heads found no attention module it can gate in '
+                     f'{type(model).__name__}; supported families: {adapters.supported()}')
 
   def replace(path, node):
-    if not isinstance(node, nnx.MultiHeadAttention):
+    adapter = adapters.adapter_for(node)
+    if adapter is None:
       return node
-    gated = GatedMultiHeadAttention.from_dense(node, rngs=rngs, causal=causal, **gate_kwargs)
+    gated = adapter.gate(node, rngs=rngs, causal=causal, **gate_kwargs)
     mesh = _mesh_of(node)
     if mesh is not None:
       _replicate_new_state(gated, mesh)
@@ -187,10 +196,10 @@ def set_path(model: nnx.Module, path: str, active_heads: int | None = None) -> n
   nothing. Takes effect at the next trace: a function jitted before keeps its path.
   """
   layers = [(_path_str(p), m) for p, m in nnx.iter_graph(model)
-            if isinstance(m, GatedMultiHeadAttention)]
+            if isinstance(m, HeadGating)]
   if not layers:
-    raise ValueError(f'set_path found no GatedMultiHeadAttention in {type(model).__name__} '
-                     '(gating.gate_heads makes one)')
+    raise ValueError(f'set_path found no gated attention layer in {type(model).__name__} '
+                     '(gating.gate_heads makes them)')
   for name, attn in layers:
     k = attn.active_heads if active_heads is None else active_heads
     try:
@@ -216,6 +225,8 @@ class PruneReport:
     groups (rebuild with mlp_features=mlp_features and no mlp_groups), else None.
   num_heads: the kept head count of every layer, in model order (GatedLM/GatedEncoder
     rebuild with num_heads=num_heads and head_dim=head_dim).
+  num_kv_heads: with grouped-query attention, the K/V heads every layer keeps (rebuild
+    with num_kv_heads=num_kv_heads as well); None when each kept head has its own.
   params_before/after: elements of every nnx.Param.
   flops_before/after: XLA's cost analysis ('flops') of the jitted forward pass in eval
     mode on `flops_input_shape` (the gated model on its own path, router included); None
@@ -231,9 +242,12 @@ class PruneReport:
   flops_input_shape: tuple[int, ...] | None
   kept_groups: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
   mlp_features: tuple[int, ...] | None = None
+  num_kv_heads: tuple[int, ...] | None = None
 
   def __str__(self):
-    lines = [f'prune: heads per layer {list(self.num_heads)} (Dh={self.head_dim})']
+    lines = [f'prune: heads per layer {list(self.num_heads)} (Dh={self.head_dim})'
+             + ('' if self.num_kv_heads is None else
+                f', K/V heads per layer {list(self.num_kv_heads)}')]
     if self.kept_groups:
       lines.append(f'  MLP groups per layer {[len(g) for g in self.kept_groups.values()]}'
                    + ('' if self.mlp_features is None else
@@ -300,33 +314,53 @@ def _usage_by_layer(model, usage_or_threshold, threshold) -> tuple[dict[str, np.
   return usage, threshold
 
 
+def _kept_kv_heads(attn: GatedMultiHeadAttention, kept: np.ndarray) -> np.ndarray:
+  """The K/V heads the thin layer holds, one per its KV head: with grouped-query attention
+  the groups of the kept heads when each keeps equally many (always so for whole KV
+  groups, unit='kv_group'), so that the thin layer is grouped-query attention too;
+  otherwise each kept head's group's K/V once per head (num_kv_heads = its heads)."""
+  group_K = kept // attn.group_size
+  groups, counts = np.unique(group_K, return_counts=True)
+  if len(set(counts.tolist())) == 1:
+    return groups
+  return group_K
+
+
 def _thin_layer(attn: GatedMultiHeadAttention, kept: np.ndarray) -> GatedMultiHeadAttention:
-  """A dense GatedMultiHeadAttention with only the heads `kept` of `attn`."""
+  """A dense GatedMultiHeadAttention with only the heads `kept` of `attn` (and the K/V
+  heads they read, `_kept_kv_heads`), its norms, biases and RoPE unchanged."""
   h = len(kept)
+  kv_kept = _kept_kv_heads(attn, kept)
   thin = GatedMultiHeadAttention(
       h, attn.in_features, qkv_features=h * attn.head_dim, out_features=attn.out_features,
-      in_kv_features=attn.in_kv_features, gate='dense', rotary_base=attn.rotary_base,
+      num_kv_heads=len(kv_kept), in_kv_features=attn.in_kv_features, gate='dense',
+      rotary_base=attn.rotary_base, qk_norm=attn.query_norm is not None,
+      norm_eps=attn.norm_eps, out_bias=attn.out_bias,
       dtype=attn.dtype, param_dtype=attn.param_dtype, broadcast_dropout=attn.broadcast_dropout,
       dropout_rate=attn.dropout_rate, deterministic=attn.deterministic,
       precision=attn.precision, use_bias=attn.use_bias, keep_rngs=attn.rngs is not None,
       rngs=nnx.Rngs(0))
+  thin.rotary_inv_freq = attn.rotary_inv_freq
   if thin.rngs is not None:  # its dropout stream continues the gated layer's
     thin.rngs = nnx.clone(attn.rngs)
+  if attn.query_norm is not None:
+    thin.query_norm, thin.key_norm = nnx.clone(attn.query_norm), nnx.clone(attn.key_norm)
   out_scale_H = np.ones(attn.num_heads, np.float32)
   if attn.scaled_weights and isinstance(attn.router, StaticRouter):
     # A static router weighs every sequence alike: fold its weights into Wo.
     gate = attn.gate(jnp.zeros((1, 1, attn.in_features)), deterministic=True)
     out_scale_H = np.asarray(gate.weights_BxH[0], np.float32)
-  kept_idx = jnp.asarray(kept)
-  for name, head_axis in (('query', 1), ('key', 1), ('value', 1), ('out', 0)):
+  for name, kept_idx, head_axis in (('query', kept, 1), ('key', kv_kept, 1),
+                                    ('value', kv_kept, 1), ('out', kept, 0)):
     src, dst = getattr(attn, name), getattr(thin, name)
-    kernel = jnp.take(src.kernel[...], kept_idx, axis=head_axis)
+    kernel = jnp.take(src.kernel[...], jnp.asarray(kept_idx), axis=head_axis)
     if name == 'out':
       scale_h = jnp.asarray(out_scale_H[kept], kernel.dtype)
       kernel = kernel * scale_h[:, None, None]
     dst.kernel = src.kernel.replace(kernel)
-    if attn.use_bias:
-      bias = src.bias[...] if name == 'out' else jnp.take(src.bias[...], kept_idx, axis=0)
+    if src.bias is not None:
+      bias = (src.bias[...] if name == 'out' else
+              jnp.take(src.bias[...], jnp.asarray(kept_idx), axis=0))
       dst.bias = src.bias.replace(bias)
   return thin
 
@@ -336,20 +370,26 @@ def _thin_mlp(mlp: GatedMLP, kept: np.ndarray) -> GatedMLP:
   Fg = mlp.hidden_features // mlp.num_groups
   thin = GatedMLP(mlp.in_features, len(kept) * Fg, len(kept), gate='dense', dtype=mlp.dtype,
                   param_dtype=mlp.linear_in.kernel[...].dtype, precision=mlp.precision,
-                  rngs=nnx.Rngs(0))
+                  kind=mlp.kind, use_bias=mlp.linear_in.bias is not None, rngs=nnx.Rngs(0))
   scale_G = np.ones(mlp.num_groups, np.float32)
   if mlp.scaled_weights and isinstance(mlp.router, StaticRouter):
     # A static router weighs every sequence alike: fold its weights into W2.
     gate = mlp.gate(jnp.zeros((1, 1, mlp.in_features)), deterministic=True)
     scale_G = np.asarray(gate.weights_BxH[0], np.float32)
   channels = jnp.asarray((kept[:, None] * Fg + np.arange(Fg)[None, :]).reshape(-1))
-  src_in, src_out = mlp.linear_in, mlp.linear_out
-  thin.linear_in.kernel = src_in.kernel.replace(jnp.take(src_in.kernel[...], channels, axis=1))
-  thin.linear_in.bias = src_in.bias.replace(jnp.take(src_in.bias[...], channels, axis=0))
+  for name in ('linear_in', 'linear_up'):   # W1 (and SwiGLU's W3): the kept columns
+    src, dst = getattr(mlp, name), getattr(thin, name)
+    if src is None:
+      continue
+    dst.kernel = src.kernel.replace(jnp.take(src.kernel[...], channels, axis=1))
+    if src.bias is not None:
+      dst.bias = src.bias.replace(jnp.take(src.bias[...], channels, axis=0))
+  src_out = mlp.linear_out
   scale_F = jnp.asarray(np.repeat(scale_G[kept], Fg), src_out.kernel[...].dtype)
   thin.linear_out.kernel = src_out.kernel.replace(
       jnp.take(src_out.kernel[...], channels, axis=0) * scale_F[:, None])
-  thin.linear_out.bias = src_out.bias.replace(src_out.bias[...])
+  if src_out.bias is not None:
+    thin.linear_out.bias = src_out.bias.replace(src_out.bias[...])
   return thin
 
 
@@ -403,13 +443,14 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
     k = mlp.num_groups if get_rule(mlp.gate_rule).budget == 'none' else mlp.active_groups
     kept_groups[path] = _kept_units(path, usage[path], threshold, k, 'MLP layer',
                                     'channel group', 'active_groups', 'groups')
-  kept_heads, counts, head_dims = {}, [], set()
+  kept_heads, counts, kv_counts, head_dims = {}, [], [], set()
   for path, attn in ((_path_str(p), m) for p, m in nnx.iter_graph(model)
                      if isinstance(m, GatedMultiHeadAttention)):
     k = attn.num_heads if get_rule(attn.gate_rule).budget == 'none' else attn.active_heads
     kept_heads[path] = _kept_units(path, usage[path], threshold, k, 'layer', 'head', 'K',
                                    'heads', budget_field='active_heads')
     counts.append(len(kept_heads[path]))
+    kv_counts.append(len(_kept_kv_heads(attn, np.asarray(kept_heads[path]))))
     head_dims.add(attn.head_dim)
 
   def replace(path, node):
@@ -421,6 +462,7 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
       # Children are mapped first: its MLP is already thin and dense; make it the
       # block's ordinary MLP (mlp_in, mlp_out), as a block without mlp_groups holds it.
       node.mlp_in, node.mlp_out = node.mlp.linear_in, node.mlp.linear_out
+      node.mlp_up = node.mlp.linear_up if node.mlp.linear_up is not None else nnx.data(None)
       del node.mlp
     return node
   pruned = nnx.recursive_map(replace, nnx.clone(model))
@@ -428,6 +470,7 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
   mlp_features = None
   if isinstance(pruned, (GatedLM, GatedEncoder)):  # as their constructor records them
     pruned.trunk.num_heads = tuple(counts)
+    pruned.trunk.num_kv_heads = None if kv_counts == counts else tuple(kv_counts)
     pruned.trunk.head_dim = head_dim
     if kept_groups:
       mlp_features = tuple(int(b.mlp_in.kernel.shape[1]) for b in pruned.blocks)
@@ -443,5 +486,6 @@ def prune(model: nnx.Module, usage_or_threshold, *, threshold: float | None = No
       params_before=count_params(model), params_after=count_params(pruned),
       flops_before=flops[0], flops_after=flops[1],
       flops_input_shape=None if inputs is None else tuple(np.shape(inputs[0])),
-      kept_groups=kept_groups, mlp_features=mlp_features)
+      kept_groups=kept_groups, mlp_features=mlp_features,
+      num_kv_heads=None if kv_counts == counts else tuple(kv_counts))
   return pruned, report

@@ -61,7 +61,7 @@ def test_gate_heads_gates_every_layer():
 
 
 def test_gate_heads_bad_models():
-  with pytest.raises(ValueError, match='found no nnx.MultiHeadAttention in Linear'):
+  with pytest.raises(ValueError, match='found no attention module it can gate in Linear.*nnx.MultiHeadAttention.*gemma'):
     gating.gate_heads(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0), gate='dense')
   caching = nnx.MultiHeadAttention(H, D, decode=True, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='decode=True'):
@@ -140,7 +140,7 @@ def test_set_path_switches_every_layer_and_refuses_without_a_budget():
   with pytest.raises(ValueError, match="layer '(cross|layers/0)'.*gathered.*needs a static budget"):
     gating.set_path(sigmoid, 'gathered')
   assert sigmoid.layers[0].path == 'masked'     # nothing changed
-  with pytest.raises(ValueError, match='found no GatedMultiHeadAttention'):
+  with pytest.raises(ValueError, match='set_path found no gated attention layer'):
     gating.set_path(UserModel(rngs=nnx.Rngs(0)), 'gathered')
 
 
@@ -400,3 +400,42 @@ def test_prune_refuses_fewer_groups_than_the_budget():
     gating.prune(model, usage)
   with pytest.raises(ValueError, match=r"missing \['trunk/blocks/0/mlp'"):
     gating.prune(model, {f'trunk/blocks/{i}/attention': [1.0] * 4 for i in range(2)})
+
+
+LLAMA_LIKE = dict(norm='rms', mlp='swiglu', mlp_bias=False, use_bias=False, qk_norm=True,
+                  positions='rotary', tie_embeddings=False)
+
+
+@pytest.mark.parametrize('unit,kept', [('kv_group', [0, 0, 1, 1]),
+                                       ('query_head', [1, 0, 1, 0]),
+                                       ('query_head', [1, 1, 1, 0])])
+def test_prune_a_grouped_query_swiglu_model(unit, kept):
+  """Llama/Qwen3-style blocks (GQA with G=2 of H=4, RMSNorm, SwiGLU, QK norm): the thin
+  model equals the gated one on every sequence whose gate opens exactly the kept heads
+  (forced here), keeps GQA where the kept heads fill their groups equally and gives each
+  kept head its group's K/V otherwise, and is what the constructor builds."""
+  k = sum(kept)
+  model = grouped_lm(num_kv_heads=2, unit=unit, **LLAMA_LIKE)
+  for block in model.blocks:
+    block.attention.active_heads = k
+  usage = {f'trunk/blocks/{i}/{part}': np.asarray(kept, float)
+           for i in range(2) for part in ('attention', 'mlp')}
+  usage.update({f'trunk/blocks/{i}/mlp': np.asarray([1.0, 0.0, 1.0, 0.0]) for i in range(2)})
+  thin, report = gating.prune(model, usage)
+  assert report.num_heads == (k, k)
+  want_kv = {(0, 0, 1, 1): 1, (1, 0, 1, 0): 2, (1, 1, 1, 0): 3}[tuple(kept)]
+  assert [b.attention.num_kv_heads for b in thin.blocks] == [want_kv] * 2
+  assert report.num_kv_heads == (None if want_kv == k else (want_kv, want_kv))
+  x = tokens(b=2)
+  for block in model.blocks:
+    block.attention.force_gate(jnp.broadcast_to(jnp.asarray(kept, jnp.float32), (2, H)))
+    block.mlp.force_gate(jnp.broadcast_to(jnp.asarray([1.0, 0.0, 1.0, 0.0]), (2, G)))
+  forced, _ = nnx.capture(lambda m: m(x), nnx.Intermediate)(model)   # sows what it forced
+  np.testing.assert_allclose(forward(thin, x).logits_BxLxV, forced.logits_BxLxV, atol=1e-4)
+  abstract = nnx.eval_shape(lambda: gating.GatedLM(
+      V, num_layers=2, features=D, num_heads=list(report.num_heads), head_dim=report.head_dim,
+      num_kv_heads=None if report.num_kv_heads is None else list(report.num_kv_heads),
+      mlp_features=list(report.mlp_features), max_length=L, prefix_len=P, gate='dense',
+      rngs=nnx.Rngs(0), **LLAMA_LIKE))
+  shapes = lambda m: jax.tree.map(lambda v: v.shape, nnx.state(m, nnx.Param))
+  assert shapes(abstract) == shapes(thin)

@@ -138,3 +138,24 @@ def test_trained_dense_linen_attention_weights_carry_over():
       jax.random.key(1), x)
   with pytest.raises(ValueError, match='from_dense_params: query has shapes'):
     gating.linen.from_dense_params(gated_vars['params'], wide['params'])
+
+
+def test_grouped_query_attention_and_modern_blocks_through_linen():
+  """GQA (both units) and a Llama-style LM through the bridge equal their NNX layers."""
+  x = jax.random.normal(jax.random.key(0), (2, L, D))
+  for unit, k in (('kv_group', 2), ('query_head', 1)):
+    kwargs = dict(num_kv_heads=2, unit=unit, gate='topk', active_heads=k, path='gathered',
+                  qk_norm=True, use_bias=False)
+    attn = gating.GatedMultiHeadAttention(H, D, rngs=nnx.Rngs(0), **kwargs)
+    params = nnx.to_pure_dict(nnx.state(attn, nnx.Param))
+    assert params['key']['kernel'].shape == (D, 2, D // H)
+    np.testing.assert_allclose(
+        gating.linen.gated_attention(H, D, **kwargs).apply({'params': params}, x), attn(x),
+        atol=1e-6)
+  lm_kwargs = dict(num_layers=1, features=D, num_heads=H, num_kv_heads=2, max_length=L,
+                   prefix_len=P, positions='rotary', active_heads=2, norm='rms',
+                   mlp='swiglu', mlp_bias=False, use_bias=False, tie_embeddings=False)
+  lm = gating.GatedLM(V, rngs=nnx.Rngs(0), **lm_kwargs)
+  out = gating.linen.gated_lm(V, **lm_kwargs).apply(
+      {'params': nnx.to_pure_dict(nnx.state(lm, nnx.Param))}, tokens(), deterministic=True)
+  np.testing.assert_allclose(out.logits_BxLxV, lm(tokens()).logits_BxLxV, atol=1e-5)
