@@ -64,15 +64,16 @@ def parse_args(argv):
 
 
 def resolve(args):
-  """The run's config: the preset with --steps, --seed and --set applied."""
+  """The run's config: the preset with --steps, --seed and --set applied, and with
+  model.pretrained, the checkpoint's architecture and tokenizer (config.with_pretrained)."""
   from experiments import configs
-  from gating.training.config import override
+  from gating.training.config import override, with_pretrained
   overrides = list(args.overrides)
   if args.steps is not None:
     overrides.append(f'steps={args.steps}')
   if args.seed is not None:
     overrides.append(f'seed={args.seed}')
-  return override(configs.get(args.preset), overrides)
+  return with_pretrained(override(configs.get(args.preset), overrides))
 
 
 # The frozen rows the default job is compared with (python -m experiments.sweep

@@ -24,6 +24,7 @@ import importlib
 
 from gating import linen
 from gating.convert import PruneReport, gate_heads, gate_mlps, prune, set_path
+from gating.pretrained import load_pretrained
 from gating.layers import decode
 from gating.layers.attention import GatedMultiHeadAttention
 from gating.layers.block import GatedTransformerBlock
@@ -41,7 +42,7 @@ __all__ = [
     'GatedLM',
     'GatedMLP', 'GatedMultiHeadAttention', 'GatedTransformerBlock', 'HeadRouter', 'LMOutput',
     'HeadWeights', 'MLPWeights', 'PruneReport', 'ROUTERS', 'RULES', 'RouterKind', 'StaticRouter',
-    'gate_heads', 'gate_mlps',
+    'gate_heads', 'gate_mlps', 'load_pretrained',
     'gate_stats', 'gathered_attention', 'gathered_mlp', 'masked_attention', 'masked_mlp',
     'prune', 'select', 'set_path', 'set_temperature',
 ]

@@ -6,6 +6,7 @@ document, and packing into windows that never mix domains.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -50,10 +51,41 @@ class _Tokenizer(NamedTuple):
   name: str
 
 
+def _local_tokenizer(folder: str) -> _Tokenizer:
+  """A checkpoint folder's own tokenizer: its tokenizer.json, read with the `tokenizers`
+  package; the document end is its eos_token_id (config.json or generation_config.json),
+  padding its pad_token_id or else the eos; the vocabulary is the model's (config.json's
+  vocab_size, which may exceed the tokenizer's)."""
+  try:
+    import tokenizers  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ValueError(f'tokenizer={folder!r} needs the `tokenizers` package, which is not '
+                     'installed') from e
+  tok = tokenizers.Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
+  config = {}
+  for name in ('config.json', 'generation_config.json'):
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        config = {**json.load(f), **config}
+  eos = config.get('eos_token_id')
+  eos = eos[0] if isinstance(eos, list) else eos
+  pad = config.get('pad_token_id', eos)
+  if pad is None:
+    raise ValueError(f'tokenizer={folder!r}: config.json names no eos_token_id or '
+                     'pad_token_id to end documents and pad with')
+  vocab = max(config.get('vocab_size', 0), tok.get_vocab_size())
+  encode = lambda texts: [np.asarray(e.ids, np.int32) for e in
+                          tok.encode_batch(list(texts), add_special_tokens=False)]
+  return _Tokenizer(encode, eos, pad, vocab, f'local:{os.path.basename(os.path.normpath(folder))}')
+
+
 def _tokenizer(name: str) -> _Tokenizer:
   if name == 'bytes':
     return _Tokenizer(lambda texts: [encode_bytes(t) for t in texts], BYTE_DOC_ID,
                       BYTE_PAD_ID, BYTE_VOCAB, 'bytes')
+  if os.path.isfile(os.path.join(name, 'tokenizer.json')):
+    return _local_tokenizer(name)
   try:
     import transformers  # pylint: disable=import-outside-toplevel
   except ImportError as e:

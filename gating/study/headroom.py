@@ -47,7 +47,10 @@ cross-entropy per score-position token:
 
 The search is exhaustive over the C(H, K) subsets of one layer at a time (28 for K = 2 of
 8, 70 for K = 4 of 8); the other layers are not searched jointly, so no figure here bounds
-a router that changes several layers together.
+a router that changes several layers together. Under grouped-query attention with
+unit='kv_group' the units are the G KV groups: the C(G, K / (H/G)) subsets of groups are
+searched (subsets, static_subset and by_label_subsets then name groups), K still counting
+query heads.
 """
 
 from __future__ import annotations
@@ -196,6 +199,8 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
     if not 0 <= n < len(found):
       raise ValueError(f'layer {n} does not exist: the model has {len(found)} attention '
                        'layers')
+  # Units: heads, or KV groups under unit='kv_group' (a subset of groups opens all their
+  # query heads); K always counts query heads.
   own = {n: found[n][1].active_heads for n in layers}
   if ks is None:
     if None in own.values():
@@ -204,6 +209,11 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
   for k in ks or ():
     if not 1 <= k < min(found[n][1].num_heads for n in layers):
       raise ValueError(f'K={k} must be in [1, H) for every searched layer')
+    for n in layers:
+      size = found[n][1].unit_size
+      if k % size:
+        raise ValueError(f"K={k}: layer {n} opens whole KV groups of {size} query heads "
+                         f"(unit='kv_group'), so K must be a multiple of {size}")
   if max_sequences is not None and max_sequences < 1:
     raise ValueError(f'max_sequences={max_sequences} must be at least 1 (None: all rows)')
   rows = _rows(getattr(run.splits, split), max_sequences)
@@ -218,11 +228,11 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
             'layers': []}
   for n in layers:
     name, attn = found[n]
-    H = attn.num_heads
-    dense_ce_BxL = np.asarray(_forward(graphdef, state, rows, name, jnp.zeros((H,)), H)[0])
+    H, U, size = attn.num_heads, attn.num_units, attn.unit_size
+    dense_ce_BxL = np.asarray(_forward(graphdef, state, rows, name, jnp.zeros((U,)), H)[0])
     for k in ([own[n]] if ks is None else ks):
-      subsets = list(itertools.combinations(range(H), k))
-      ce_SxBxL = np.stack([np.asarray(_forward(graphdef, state, rows, name, _open(H, s), k)[0])
+      subsets = list(itertools.combinations(range(U), k // size))
+      ce_SxBxL = np.stack([np.asarray(_forward(graphdef, state, rows, name, _open(U, s), k)[0])
                            for s in subsets])
       result = oracle_from_losses(
           ce_SxBxL, choice_BxL, score_BxL,
@@ -234,9 +244,11 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
           for label, s in result['by_label_subsets'].items()}
       counts = np.bincount(best_B, minlength=len(subsets))
       if k == own[n]:
-        result['router_recall'] = oracle_recall(router_open_BxNxH[:, n], subsets, best_B)
+        open_BxU = router_open_BxNxH[:, n, :H].reshape(-1, U, size).any(axis=-1)
+        result['router_recall'] = oracle_recall(open_BxU, subsets, best_B)
       report['layers'].append({
-          'layer': n, 'path': name, 'K': k, 'num_subsets': len(subsets), **result,
+          'layer': n, 'path': name, 'K': k, 'unit': attn.unit, 'units': U,
+          'num_subsets': len(subsets), **result,
           'static_subset': list(subsets[result['static_subset']]),
           'oracle_distinct_subsets': int((counts > 0).sum()),
           'oracle_top_subsets': [[list(subsets[i]), int(counts[i])]
@@ -244,8 +256,8 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
   return report
 
 
-def _open(num_heads: int, subset) -> jax.Array:
-  return jnp.full((num_heads,), -FORCE_LOGIT).at[jnp.array(subset)].set(FORCE_LOGIT)
+def _open(num_units: int, subset) -> jax.Array:
+  return jnp.full((num_units,), -FORCE_LOGIT).at[jnp.array(subset)].set(FORCE_LOGIT)
 
 
 def _rows(dataset, max_sequences):
@@ -262,8 +274,8 @@ def _forward(graphdef, state, rows, layer_path, logits_H, k):
   if layer_path is not None:
     attn = dict(attention_layers(model))[layer_path]
     attn.gate_rule, attn.active_heads, attn.gate_options = 'topk', k, ()
-    attn.noise, attn.scaled_weights, attn.shared_heads = None, False, 0  # search every head
-    attn.router = StaticRouter(attn.num_heads)
+    attn.noise, attn.scaled_weights, attn.shared_heads = None, False, 0  # search every unit
+    attn.router = StaticRouter(attn.num_units)
     attn.router.logits_H[...] = logits_H
   ce, _, weight, gate_weights_BxNxH = train.task_outputs(model, rows, deterministic=True)
   return ce * weight, weight, gate_weights_BxNxH != 0

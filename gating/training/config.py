@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from typing import Any
 
 from gating.layers import names
+from gating.layers.block import MLPS, NORMS
+from gating.layers.compute import UNITS, rope_inv_freq
 from gating.layers.router import ROUTERS
 from gating.layers.selection import NOISES, RULES, check_shared, get_rule
 from gating.training.elastic import check_ks as check_elastic_ks
@@ -36,8 +39,9 @@ FORMAT = 3               # 1: configs written before the format key (read the sa
                          # and 'input_free', the names of format 3)
 # Fields renamed since: (section, old name) -> new name (read with a one-line notice).
 RENAMED_FIELDS = {('model', 'mlp_router'): 'group_router'}
-# Model fields that choose how the same parameters run, not which model they are.
-NOT_COMPATIBILITY = ('path', 'eval_path')
+# Model fields that choose how the same parameters run, not which model they are (and
+# where pretrained weights were first read from: the checkpoints hold them since).
+NOT_COMPATIBILITY = ('path', 'eval_path', 'pretrained')
 DTYPES = ('float32', 'bfloat16')
 WANDB_FORBIDDEN = '/\\#?%:'     # characters W&B refuses in a project name
 
@@ -88,6 +92,20 @@ class ModelConfig:
   router_init_logit: float = 0.0
   shared_heads: int = 0                  # S always-on heads per layer; K counts them (MoH)
   shared_groups: int = 0                 # Sf always-open groups per MLP; Kf counts them
+  num_kv_heads: int | None = None        # G K/V heads (grouped-query attention); None: H
+  unit: str | None = None                # what a gate opens with G < H: 'kv_group' (the
+                                         # default) | 'query_head'
+  norm: str = 'layer'                    # 'layer' (LayerNorm) | 'rms' (RMSNorm)
+  norm_eps: float | None = None          # the norms' epsilon (None: flax's)
+  mlp: str = 'gelu'                      # 'gelu' | 'swiglu' (Llama, Qwen)
+  mlp_bias: bool = True
+  qkv_bias: bool = True                  # biases of the q, k and v projections
+  out_bias: bool | None = None           # the output projection's (None: qkv_bias)
+  qk_norm: bool = False                  # RMSNorm over each head of q and k (Qwen3)
+  rotary_base: float = 10000.0           # RoPE's base, for positions='rotary'
+  rotary_scaling: str | None = None      # Hugging Face rope_scaling as JSON (e.g. llama3)
+  pretrained: str | None = None          # a Hugging Face checkpoint folder: the model's
+                                         # weights at step 0 (gating.load_pretrained)
   dtype: str = 'float32'                 # compute dtype; parameters stay float32
 
   def __post_init__(self):
@@ -118,6 +136,7 @@ class ModelConfig:
            f'must be one of {PATHS}, got {self.eval_path!r}')
     _check(self.noise in NOISES, 'model.noise', f'must be one of {NOISES}, got {self.noise!r}')
     _check(self.dtype in DTYPES, 'model.dtype', f'must be one of {DTYPES}, got {self.dtype!r}')
+    self._check_architecture()
     if self.router is not None:   # older spellings: a notice, then the current name
       router = names.router_kind(self.router)
       _check(router in ROUTERS, 'model.router',
@@ -142,6 +161,32 @@ class ModelConfig:
     self._check_groups(rule, needs_k)
     for k in ks:
       _check_shared('shared_heads', self.shared_heads, k, self.num_heads, self.gate)
+
+  def _check_architecture(self) -> None:
+    """Grouped-query attention, the block's norm and MLP, and RoPE's scaling."""
+    G = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+    _check(G >= 1 and self.num_heads % G == 0, 'model.num_kv_heads',
+           f'G={G} must divide num_heads={self.num_heads}')
+    _check(self.unit in (None,) + UNITS, 'model.unit',
+           f'must be one of {UNITS}, got {self.unit!r}')
+    size = self.num_heads // G if (self.unit or ('kv_group' if G < self.num_heads
+                                                 else 'query_head')) == 'kv_group' else 1
+    ks = self.active_heads if isinstance(self.active_heads, tuple) else (self.active_heads,)
+    for k in ks:
+      _check(k is None or k % size == 0, 'model.active_heads',
+             f"K={k}: with unit='kv_group' a gate opens whole groups of {size} query "
+             f'heads (H / G), so K must be a multiple of {size}')
+    _check(self.shared_heads % size == 0, 'model.shared_heads',
+           f"{self.shared_heads}: with unit='kv_group' shared heads come in groups of {size}")
+    _check(self.norm in NORMS, 'model.norm', f'must be one of {NORMS}, got {self.norm!r}')
+    _check(self.mlp in MLPS, 'model.mlp', f'must be one of {MLPS}, got {self.mlp!r}')
+    _check(self.rotary_base > 0, 'model.rotary_base', f'must be > 0, got {self.rotary_base}')
+    if self.rotary_scaling is not None:
+      _check(self.positions == 'rotary', 'model.rotary_scaling', "needs positions='rotary'")
+      try:
+        rope_inv_freq(self.rotary_base, 2, json.loads(self.rotary_scaling))
+      except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f'model.rotary_scaling: {e}') from None
 
   def _check_groups(self, rule, needs_k: bool) -> None:
     """mlp_groups G divides the MLP width F; active_groups Kf in [1, G] and only with G."""
@@ -341,8 +386,11 @@ class TrainConfig:
   init_from: str | None = None           # a run folder: warm start from its final parameters
 
   def __post_init__(self):
-    for name in ('steps', 'batch_size', 'grad_accum', 'eval_batches', 'keep_checkpoints'):
+    for name in ('batch_size', 'grad_accum', 'eval_batches', 'keep_checkpoints'):
       _check(getattr(self, name) >= 1, name, f'must be >= 1, got {getattr(self, name)}')
+    _check(self.steps >= 1 or (self.steps == 0 and self.model.pretrained is not None),
+           'steps', f'must be >= 1 (0 only with model.pretrained: a checkpoint converted '
+           f'into a run folder, not trained), got {self.steps}')
     _check(self.batch_size % self.grad_accum == 0, 'batch_size',
            f'{self.batch_size} is not divisible by grad_accum={self.grad_accum}')
     for name in ('eval_every', 'checkpoint_every'):
@@ -426,6 +474,28 @@ def _renamed(section: str, values: dict[str, Any]) -> dict[str, Any]:
       names.renamed('config key', f'{section}.{old}', f'{section}.{new}', stacklevel=4)
       values[new] = values.pop(old)
   return values
+
+
+def with_pretrained(cfg: TrainConfig) -> TrainConfig:
+  """`cfg` with the architecture of its model.pretrained checkpoint (its config.json: the
+  layers, widths, heads, norms, MLP, biases, RoPE; gating.pretrained.config_fields) and
+  that checkpoint's own tokenizer for the text data (data.tokenizer left at 'bytes'
+  becomes the checkpoint folder). Unchanged without model.pretrained. A ValueError for
+  data that is not text or another tokenizer."""
+  folder = cfg.model.pretrained
+  if folder is None:
+    return cfg
+  from gating import pretrained  # pylint: disable=import-outside-toplevel
+  model = dataclasses.replace(cfg.model, **pretrained.config_fields(folder))
+  data = cfg.data
+  _check(data.kind == 'text', 'model.pretrained', 'a pretrained language model reads text: '
+         'set data.kind=text')
+  if data.tokenizer == 'bytes':
+    data = dataclasses.replace(data, tokenizer=folder)
+  _check(os.path.abspath(data.tokenizer) == os.path.abspath(folder), 'data.tokenizer',
+         f'{data.tokenizer!r}: the data of a pretrained model must be tokenized with the '
+         f"checkpoint's own tokenizer ({folder})")
+  return dataclasses.replace(cfg, model=model, data=data)
 
 
 def compatibility(cfg: TrainConfig) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gating import data
+from gating import data, pretrained
 from gating.training import checkpoint, elastic, router_fit
 from gating.training import distributed
 from gating.training import losses
@@ -88,7 +88,12 @@ def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx
       gate_options=dict(cfg.gate_options),
       router=cfg.router, router_hidden_features=cfg.router_hidden_features,
       router_init_logit=cfg.router_init_logit, shared_heads=cfg.shared_heads,
-      shared_groups=cfg.shared_groups,
+      shared_groups=cfg.shared_groups, num_kv_heads=cfg.num_kv_heads, unit=cfg.unit,
+      norm=cfg.norm, norm_eps=cfg.norm_eps, mlp=cfg.mlp, mlp_bias=cfg.mlp_bias,
+      use_bias=cfg.qkv_bias, out_bias=cfg.out_bias, qk_norm=cfg.qk_norm,
+      rotary_base=cfg.rotary_base,
+      **({} if cfg.rotary_scaling is None else
+         {'rotary_scaling': json.loads(cfg.rotary_scaling)}),
       dtype=jnp.dtype(cfg.dtype), rngs=rngs)
   if cfg.kind == 'encoder':
     return GatedEncoder(info.vocab_size, num_classes=len(info.label_names), **common)
@@ -117,7 +122,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
   def adamw(peak):
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, peak, min(o.warmup_steps, cfg.steps - 1), cfg.steps,
+        0.0, peak, max(0, min(o.warmup_steps, cfg.steps - 1)), max(cfg.steps, 1),
         end_value=peak * o.final_learning_rate_fraction)
     return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
@@ -135,7 +140,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 def learning_rate(cfg: TrainConfig, step: int) -> float:
   o = cfg.optim
   return float(optax.warmup_cosine_decay_schedule(
-      0.0, o.learning_rate, min(o.warmup_steps, cfg.steps - 1), cfg.steps,
+      0.0, o.learning_rate, max(0, min(o.warmup_steps, cfg.steps - 1)), max(cfg.steps, 1),
       end_value=o.learning_rate * o.final_learning_rate_fraction)(step))
 
 
@@ -564,6 +569,17 @@ def step_flops(cfg: TrainConfig, graphdef, state, batch, k) -> float:
   return float(cost['flops'])
 
 
+def pretrained_start(state, graphdef, folder: str):
+  """(state, arrays copied): the model's weights read from the Hugging Face checkpoint in
+  `folder` (gating.pretrained.load_weights; routers fresh), for a new run whose
+  model.pretrained names it. A checkpoint of another architecture is a ValueError."""
+  learner, optimizer = nnx.merge(graphdef, state)
+  pretrained.load_weights(learner.model, folder)
+  copied = sum(1 for p, _ in nnx.to_flat_state(nnx.state(learner.model, nnx.Param))
+               if 'router' not in map(str, p))
+  return nnx.state((learner, optimizer)), copied
+
+
 def training_flops(cfg: TrainConfig, graphdef, state, batch) -> dict[str, Any]:
   """XLA's FLOP count of the compiled train step (`step_flops`, at every K the run trains
   with) times the steps run at that K; with init_from, the source run's total is added
@@ -652,6 +668,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   if cfg.init_from and not os.path.isdir(checkpoints):
     # A new run: read the source before any folder is made, so a bad one leaves none.
     warm = warm_start(state, graphdef, cfg.init_from)
+  elif cfg.model.pretrained and not os.path.isdir(checkpoints):
+    warm = pretrained_start(state, graphdef, cfg.model.pretrained)
 
   os.makedirs(workdir, exist_ok=True)
   mngr = checkpoint.manager(checkpoints, cfg.keep_checkpoints)
@@ -690,9 +708,11 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       if extended[-1]:
         print(extended[-1], flush=True)
   else:
-    if cfg.init_from:
-      state, copied = warm or warm_start(state, graphdef, cfg.init_from)
-      print(f'warm start: {copied} parameter arrays from {cfg.init_from}', flush=True)
+    if cfg.init_from or cfg.model.pretrained:
+      state, copied = warm or (warm_start(state, graphdef, cfg.init_from) if cfg.init_from
+                               else pretrained_start(state, graphdef, cfg.model.pretrained))
+      print(f'warm start: {copied} parameter arrays from '
+            f'{cfg.init_from or cfg.model.pretrained}', flush=True)
     if main_process:
       log.truncate_after(-1)
   # Event files beside metrics.jsonl; steps after the checkpoint are purged on resume.
@@ -789,6 +809,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     bar.update(1)
   if pending is not None:
     flush(pending)
+  if cfg.steps == 0 and start == 0:   # a conversion (model.pretrained): its step-0 weights
+    checkpoint.save(mngr, 0, state, _meta(cfg, info, 0))
   bar.close()
   if last_step < cfg.steps:
     mngr.close()

@@ -77,7 +77,7 @@ def fit_loss(model, batch, *, labels: str, kind: str, outputs_fn):
   per_layer, recalls = [], []
   for n, (_, layer) in enumerate(layers):
     S, k = routed_budget(layer)
-    labels_BxR = u[n][:, S:]
+    labels_BxR = router_units(layer, u[n])[:, S:]
     per_layer.append(router_loss(logits[n], labels_BxR, k, kind))
     recalls.append(recall(logits[n], labels_BxR, k))
   loss = jnp.mean(jnp.stack(per_layer))
@@ -86,11 +86,22 @@ def fit_loss(model, batch, *, labels: str, kind: str, outputs_fn):
 
 
 def routed_budget(layer) -> tuple[int, int]:
-  """(S, K - S) of a gated layer: its always-on units (shared heads or shared groups) and
-  the budget its router picks among the rest."""
+  """(S, K - S) of a gated layer in the units its router scores: its always-on units
+  (shared heads or shared groups; shared KV groups under unit='kv_group') and the budget
+  its router picks among the rest."""
   if isinstance(layer, GatedMLP):
     return layer.shared_groups, layer.active_groups - layer.shared_groups
-  return layer.shared_heads, layer.active_heads - layer.shared_heads
+  size = layer.unit_size
+  return layer.shared_units, (layer.active_heads - layer.shared_heads) // size
+
+
+def router_units(layer, u_BxU):
+  """Labels over the units a layer's router scores: per head, or under unit='kv_group'
+  per KV group, the sum of its query heads' labels (a group opens and closes as one)."""
+  if isinstance(layer, GatedMLP) or layer.unit_size == 1:
+    return u_BxU
+  B = u_BxU.shape[0]
+  return u_BxU.reshape(B, layer.num_units, layer.unit_size).sum(axis=-1)
 
 
 def fit_config(source, *, k: int, labels: str = 'grad_x_act', loss: str = 'bce',
