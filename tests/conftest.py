@@ -1,12 +1,18 @@
 """Shared test settings: no silent rank promotion, float32 matmuls at full precision, one
-JAX compilation cache for the whole session, and trained tiny runs shared by the tests
-that only read them.
+JAX compilation cache for the whole session, and trained tiny runs (and the tiny sweep)
+shared by the tests that only read them.
 
 The compilation cache (JAX's persistent cache, in a folder of this session's temporary
 directory) is shared by the pytest-xdist workers and by every subprocess the tests start
 (sweeps, resumed runs, several processes), through JAX_COMPILATION_CACHE_DIR: a function
 compiled once with the same shapes is loaded, not compiled again. It changes no result:
 a cached executable is the one XLA compiled.
+
+XLA compiles with most of its optimizations off (JAX_DISABLE_MOST_OPTIMIZATIONS=1, also
+inherited by the workers and subprocesses): the tests' models are tiny, so compiling is
+most of their time, and unoptimized code computes the same functions (every assertion
+holds either way; the suite ran a third faster on the decode, FLOPs and MLP tests). Set
+JAX_DISABLE_MOST_OPTIMIZATIONS=0 to run the suite on fully optimized code.
 """
 
 import hashlib
@@ -16,9 +22,13 @@ import shutil
 import tempfile
 
 import filelock
-import jax
-import pytest
 
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')   # before jax reads it
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import pytest  # noqa: E402  pylint: disable=wrong-import-position
+
+jax.config.update('jax_disable_most_optimizations',
+                  os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'].lower() not in ('0', 'false'))
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -55,6 +65,33 @@ def tinyshakespeare_path():
   return path
 
 
+def _shared_folder(tmp_path_factory, name: str) -> pathlib.Path:
+  """A folder of this session's temp dir that every xdist worker sees."""
+  root = tmp_path_factory.getbasetemp()
+  shared = root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root
+  shared = shared / name
+  shared.mkdir(exist_ok=True)
+  return shared
+
+
+@pytest.fixture(scope='session')
+def finished_sweep(tmp_path_factory):
+  """finished_sweep(name) -> the folder of `python -m experiments.sweep name --parallel 2`,
+  run once per session whichever xdist worker asks first, for tests that read it; a test
+  that writes into it copies it first."""
+  from experiments import sweep as sweep_script  # pylint: disable=import-outside-toplevel
+  shared = _shared_folder(tmp_path_factory, 'finished_sweeps')
+
+  def get(name: str) -> pathlib.Path:
+    out = shared / name
+    with filelock.FileLock(str(out) + '.lock'):
+      if not (out / 'results.csv').exists():
+        shutil.rmtree(out, ignore_errors=True)        # a worker that died mid-sweep
+        sweep_script.main([name, '--out', str(out), '--parallel', '2'])
+    return out
+  return get
+
+
 @pytest.fixture(scope='session')
 def trained_run(tmp_path_factory):
   """trained_run(cfg) -> the folder of a finished run of `cfg`, trained once per session
@@ -62,10 +99,7 @@ def trained_run(tmp_path_factory):
   tests that only read a run. A test that writes into a run copies it first
   (`shutil.copytree(trained_run(cfg), tmp_path / 'run')`)."""
   from gating.training import loop  # pylint: disable=import-outside-toplevel
-  root = tmp_path_factory.getbasetemp()
-  shared = root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root
-  shared = shared / 'trained_runs'
-  shared.mkdir(exist_ok=True)
+  shared = _shared_folder(tmp_path_factory, 'trained_runs')
 
   def get(cfg) -> pathlib.Path:
     key = hashlib.sha256(cfg.to_json().encode()).hexdigest()[:16]

@@ -21,9 +21,8 @@ def _rows(out):
 
 
 @pytest.mark.slow
-def test_tiny_sweep_on_ray_matches_local_and_resumes(tmp_path, capsys):
-  local, on_ray = tmp_path / 'local', tmp_path / 'ray'
-  sweep_script.main(['tiny', '--out', str(local), '--parallel', '2'])
+def test_tiny_sweep_on_ray_matches_local_and_resumes(tmp_path, capsys, finished_sweep):
+  local, on_ray = finished_sweep('tiny'), tmp_path / 'ray'
   sweep_script.main(['tiny', '--out', str(on_ray), '--backend', 'ray'])
   assert 'on Ray (a local cluster)' in capsys.readouterr().out
   rows = _rows(on_ray)

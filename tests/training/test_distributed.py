@@ -63,9 +63,9 @@ def _launch(args, *, devices_per_process=2):
 
 def _train(workdir, overrides=OVERRIDES):
   sets = [a for o in overrides for a in ('--set', o)]
-  return _launch(['-m', 'experiments.train', '--distributed', '--coordinator',
-                  '127.0.0.1:{port}', '--num-processes', '2', '--process-id', '{id}',
-                  '--workdir', str(workdir), '--no-progress', *sets])
+  return _launch(['-m', 'experiments.train', '--preset', 'synthetic', '--distributed',
+                  '--coordinator', '127.0.0.1:{port}', '--num-processes', '2',
+                  '--process-id', '{id}', '--workdir', str(workdir), '--no-progress', *sets])
 
 
 def _losses(workdir):
@@ -173,8 +173,8 @@ def test_a_process_that_dies_leaves_the_last_checkpoint_and_the_run_resumes(tmp_
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'experiments.train', '--distributed', '--coordinator',
-       f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i),
+      [sys.executable, '-m', 'experiments.train', '--preset', 'synthetic', '--distributed',
+       '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i),
        '--heartbeat-timeout', '5', '--workdir', str(workdir), '--no-progress', *sets],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
