@@ -556,12 +556,13 @@ def step_flops(cfg: TrainConfig, graphdef, state, batch, k) -> float:
   (grad_accum=1 on the whole batch: the same arithmetic, as one micro-batch), and the
   importance labels unroll their passes (importance.py). A RuntimeError when the count
   is missing."""
+  if cfg.grad_accum == 1:   # the very step the loop ran: a compilation cache serves it
+    whole = batch
+  else:
+    whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (1, x.shape[0] * x.shape[1], *x.shape[2:]), x.dtype), batch)
   one = dataclasses.replace(cfg, grad_accum=1)
-  whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      (1, x.shape[0] * x.shape[1], *x.shape[2:]), x.dtype), batch)
-  compiled = jax.jit(lambda s, b, i: train_step(s, b, i, graphdef=graphdef, cfg=one,
-                                                active_heads=k)).lower(
-                                                    state, whole, jnp.int32(0)).compile()
+  compiled = jit_train_step(graphdef, one, k).lower(state, whole, jnp.int32(0)).compile()
   cost = compiled.cost_analysis()
   if not (isinstance(cost, dict) and cost.get('flops')):
     raise RuntimeError(f'XLA gave no FLOP count for the compiled train step at K={k} '
