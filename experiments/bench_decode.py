@@ -13,7 +13,8 @@ decode   One prompt of S - T tokens is prefilled (B=1) and its cache repeated to
            weight_bytes  an analytic count of the weight bytes a step reads: every
                          parameter once (the tied embedding whole, for the logits), routers
                          excluded (the gate was picked at prefill), and for a gathered layer
-                         under projection='weights' B K/H of its Q/K/V/O head weights, and
+                         under projection='weights' B K/H of its Q/O head weights and B M/G
+                         of its K/V ones (M the cached K/V heads: K without GQA), and
                          for a gathered MLP under 'weights' B Kf/G of its W1, b1 and W2.
            xla_bytes     XLA's cost analysis 'bytes accessed' of one compiled step (cache
                          donated): weights, cache and activations as XLA counts them.
@@ -26,6 +27,12 @@ forward  A whole forward pass (B x L tokens) of GatedLM on the gathered path at 
          on the masked path at K=2, against dense. FLOPs are XLA's cost analysis of each
          compiled forward; the FLOP-allowed speedup is dense FLOPs / candidate FLOPs, and
          `of_allowed` is the achieved speedup divided by it.
+
+--size gpu (`run_gpu`): GatedLM D = 1024, H = 8 (Dh = 128), 4 layers, V = 256, rotary,
+parameters and compute in bfloat16; 8 different 4096-token prompts prefilled (B = 8) and
+tiled to B = 1, 16 and 64 sequences, then 32 greedy steps timed: dense against K = 2 of 8
+with each step projection ('weights', 'activations', 'grouped'), with memory figures
+(experiments.bench_rows). --dry-run compiles k2_grouped at B = 64.
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import gating
+from experiments.bench_memory import tree_bytes
+from experiments.bench_rows import Candidate, Settings, format_rows, run_table
 from experiments.timing import summarize, time_interleaved
-from gating.layers import decode
+from gating.layers import compute, decode
 
 SIZES = dict(features=512, heads=8, layers=2, vocab=256, prefix=16)
 
@@ -68,12 +77,21 @@ def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> i
   for block, cache in zip(model.blocks, state.layers):
     if cache.projection == 'weights':
       attn = block.attention
-      heads = sum(getattr(attn, name).kernel[...].nbytes for name in ('query', 'key', 'value',
-                                                                      'out'))
-      if attn.use_bias:
-        heads += sum(getattr(attn, name).bias[...].nbytes for name in ('query', 'key', 'value'))
       k = cache.idx_BxK.shape[1]
-      total -= heads - heads * batch * k // attn.num_heads
+      # Query/output heads: B K/H of them. Key/value heads: B M/G, M the K/V heads cached
+      # per sequence (K without GQA; K / (H/G) groups under unit='kv_group'); none
+      # gathered under unit='query_head' with GQA (the full K/V weights, read once).
+      gathered_kv = cache.gathered.wk_BxDxKxDh is not None
+      for name, fraction in (('query', (k, attn.num_heads)), ('out', (k, attn.num_heads)),
+                             ('key', None), ('value', None)):
+        lin = getattr(attn, name)
+        nbytes = lin.kernel[...].nbytes + (0 if lin.bias is None or name == 'out'
+                                           else lin.bias[...].nbytes)
+        if fraction is None:
+          if not gathered_kv:
+            continue
+          fraction = (cache.k_BxNxSxDh.shape[1], attn.num_kv_heads)
+        total -= nbytes - nbytes * batch * fraction[0] // fraction[1]
   for block, mlp_cache in zip(model.blocks, state.mlps):
     if mlp_cache is not None and mlp_cache.projection == 'weights':
       mlp = block.gated_mlp
@@ -85,7 +103,26 @@ def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> i
   return total
 
 
-def _decode_candidate(model, prompt_1xL, batch, cache_length, steps, active_heads, projection):
+def tile_state(state: decode.DecodeState, batch: int) -> decode.DecodeState:
+  """A state of N prefilled sequences tiled to `batch` sequences (sequence b is prefilled
+  sequence b mod N); the 'grouped' projection's pairs sorted again for the new batch."""
+  def tile(cache):
+    if cache is None:
+      return None
+    units = None if cache.groups is None else cache.groups.sizes_U.shape[0]
+    index_B = jnp.arange(batch) % cache.weights_BxN.shape[0]
+    cache = jax.tree.map(lambda a: jnp.take(a, index_B, axis=0), cache.replace(groups=None))
+    return cache if units is None else cache.replace(
+        groups=compute.group_pairs(cache.idx_BxK, units, 'head' if isinstance(
+            cache, decode.LayerCache) else 'group'))
+  index_B = jnp.arange(batch) % state.positions_B.shape[0]
+  return decode.DecodeState(tuple(tile(c) for c in state.layers),
+                            jnp.take(state.positions_B, index_B), tuple(map(tile, state.mlps)))
+
+
+def decode_candidate(model, prompt_1xL, batch, cache_length, steps, active_heads, projection):
+  """(zero-argument call of `steps` greedy steps, info); prompt_1xL: N prompts [N, L],
+  prefilled together and tiled to `batch` sequences."""
   prefill = nnx.jit(decode.prefill, static_argnames=('cache_length', 'active_heads',
                                                      'projection'))
   if projection == 'auto':  # the choice for the batch decoded, not for the prefill's B=1
@@ -96,7 +133,7 @@ def _decode_candidate(model, prompt_1xL, batch, cache_length, steps, active_head
                          f'{projection!r}: prefill them at batch {batch}')
   _, state = prefill(model, prompt_1xL, cache_length=cache_length, active_heads=active_heads,
                      projection=projection)
-  state = jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0), state)
+  state = tile_state(state, batch)
   graphdef, params = nnx.split(model)
 
   @jax.jit
@@ -130,14 +167,14 @@ def run_decode(quick: bool) -> list[dict]:
                                   SIZES['vocab'])
   rows = []
   for batch in (1, 16):
-    cands = {'dense': _decode_candidate(dense, prompt_1xL, batch, cache_length, steps, None,
+    cands = {'dense': decode_candidate(dense, prompt_1xL, batch, cache_length, steps, None,
                                         'auto')}
     for k in (2, 4, 8):
-      cands[f'k{k}'] = _decode_candidate(gated, prompt_1xL, batch, cache_length, steps, k,
+      cands[f'k{k}'] = decode_candidate(gated, prompt_1xL, batch, cache_length, steps, k,
                                          'auto')
     auto = decode.choose_projection(batch, 2, SIZES['heads'])
     other = 'activations' if auto == 'weights' else 'weights'
-    cands[f'k2_{other}'] = _decode_candidate(gated, prompt_1xL, batch, cache_length, steps, 2,
+    cands[f'k2_{other}'] = decode_candidate(gated, prompt_1xL, batch, cache_length, steps, 2,
                                              other)
     times = time_interleaved({n: fn for n, (fn, _) in cands.items()}, trials)
     base = summarize(times['dense'])['median_s']
@@ -165,7 +202,7 @@ def run_groups(quick: bool) -> list[dict]:
   prompt_1xL = jax.random.randint(jax.random.key(0), (1, prompt), 0, SIZES['vocab'])
   rows = []
   for batch in (1, 16):
-    cands = {name: _decode_candidate(model, prompt_1xL, batch, cache_length, steps, k, 'auto')
+    cands = {name: decode_candidate(model, prompt_1xL, batch, cache_length, steps, k, 'auto')
              for name, (model, k) in models.items()}
     times = time_interleaved({n: fn for n, (fn, _) in cands.items()}, trials)
     base = summarize(times['dense'])['median_s']
@@ -223,12 +260,12 @@ def format_table(rows: list[dict]) -> str:
     if r['section'] == 'decode' and r['candidate'] == 'dense':
       lines.append(f'\n  decode B={r["batch"]}, cache S={r["cache_length"]} (prompt '
                    f'{r["prompt_length"]}), {r["steps"]} greedy steps')
-      lines.append(f'    {"":<16}{"tokens/s":>9} {"speedup":>8} {"ms/step [IQR]":>22} '
+      lines.append(f'    {"":<21}{"tokens/s":>9} {"speedup":>8} {"ms/step [IQR]":>22} '
                    f'{"KV MB":>8} {"xKV":>6} {"weight MB":>10} {"xW":>6} {"XLA MB":>8}  projection')
     if r['section'] == 'decode':
       ms = 1e3 / r['steps']
       lines.append(
-          f'    {r["candidate"]:<16}{r["tokens_per_s"]:9.0f} {r["speedup_vs_dense"]:7.2f}x '
+          f'    {r["candidate"]:<21}{r["tokens_per_s"]:9.0f} {r["speedup_vs_dense"]:7.2f}x '
           f'{r["median_s"] * ms:9.2f} [{r["q25_s"] * ms:.2f}, {r["q75_s"] * ms:.2f}] '
           f'{r["kv_bytes"] / 1e6:8.1f} {r["kv_ratio_vs_dense"]:6.3f} '
           f'{r["weight_bytes"] / 1e6:10.2f} {r["weight_ratio_vs_dense"]:6.3f} '
@@ -242,3 +279,121 @@ def format_table(rows: list[dict]) -> str:
           f'{r["speedup_vs_dense"]:.2f}x of allowed {r["flop_allowed_speedup"]:.2f}x '
           f'= {r["of_allowed"]:.0%}')
   return '\n'.join(lines)
+
+
+# -- --size gpu ---------------------------------------------------------------------------
+
+GPU = dict(features=1024, heads=8, layers=4, vocab=256, prefix=16, prompt=4096, steps=32,
+           prompts=8, batches=(1, 16, 64), dtype='bfloat16')
+GPU_CANDIDATES = {'dense': None, 'k2_weights': 'weights', 'k2_activations': 'activations',
+                  'k2_grouped': 'grouped'}     # name: step projection of the K=2 model
+GPU_DRY = (64, 'k2_grouped')
+
+
+def gpu_model(dense: bool, sizes=GPU) -> gating.GatedLM:
+  dtype = jnp.dtype(sizes['dtype'])
+  return gating.GatedLM(
+      sizes['vocab'], num_layers=sizes['layers'], features=sizes['features'],
+      num_heads=sizes['heads'], max_length=sizes['prompt'] + sizes['steps'],
+      prefix_len=sizes['prefix'], positions='rotary', gate='dense' if dense else 'topk',
+      active_heads=None if dense else 2, path='masked' if dense else 'gathered', dtype=dtype,
+      param_dtype=dtype, rngs=nnx.Rngs(0))
+
+
+def _estimate(batch, projection, sizes, param_bytes: int) -> int:
+  """The parameters; the state twice (the call's input and the loop's carry): K/V of the
+  N cached heads (2 B N S Dh per layer) and, for 'weights', the gathered Q/K/V/O weights
+  (4 B K D Dh per layer), at the compute dtype; one layer's float32 scores B N S and
+  logits B V."""
+  D, H, V, n = sizes['features'], sizes['heads'], sizes['vocab'], sizes['layers']
+  S, e = sizes['prompt'] + sizes['steps'], jnp.dtype(sizes['dtype']).itemsize
+  N = H if projection is None else 2
+  state = n * (2 * batch * N * S * (D // H)
+               + (4 * batch * 2 * D * (D // H) if projection == 'weights' else 0)) * e
+  return param_bytes + 2 * state + batch * N * S * 4 + batch * V * 4
+
+
+class _Prefilled:
+  """Each candidate's model and its prefilled state of the 8 prompts, made once per run."""
+
+  def __init__(self, sizes):
+    self.sizes, self.done = sizes, {}
+    self.prompts_NxL = jax.random.randint(jax.random.key(0), (sizes['prompts'],
+                                                              sizes['prompt']),
+                                          0, sizes['vocab'])
+
+  def prefill_fn(self, graphdef, projection):
+    S = self.sizes['prompt'] + self.sizes['steps']
+    return jax.jit(lambda params, prompts: decode.prefill(
+        nnx.merge(graphdef, params), prompts, cache_length=S,
+        projection=projection or 'auto')[1])
+
+  def get(self, name):
+    if name not in self.done:
+      model = gpu_model(GPU_CANDIDATES[name] is None, self.sizes)
+      graphdef, params = nnx.split(model)
+      state = self.prefill_fn(graphdef, GPU_CANDIDATES[name])(params, self.prompts_NxL)
+      self.done[name] = (params, jax.block_until_ready(state))
+    return self.done[name]
+
+
+def steps_fn(graphdef, steps: int):
+  """jit of `steps` greedy decode steps: (params, state, token_B) -> the last tokens."""
+  @jax.jit
+  def run_steps(params, state, token_B):
+    model = nnx.merge(graphdef, params)
+
+    def body(_, carry):
+      state, token_B = carry
+      logits_BxV, state = decode.decode_step(model, state, token_B)
+      return state, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, (state, token_B))[1]
+  return run_steps
+
+
+def gpu_candidate(name, batch, prefilled: _Prefilled) -> Candidate:
+  sizes, projection = prefilled.sizes, GPU_CANDIDATES[name]
+  make = lambda: gpu_model(projection is None, sizes)
+  params = tree_bytes(nnx.state(nnx.eval_shape(make), nnx.Param))
+
+  def build():
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(make))
+    prompts = jax.ShapeDtypeStruct(prefilled.prompts_NxL.shape, jnp.int32)
+    state_N = jax.eval_shape(prefilled.prefill_fn(graphdef, projection), abstract_params,
+                             prompts)
+    state = jax.eval_shape(lambda s: tile_state(s, batch), state_N)
+
+    def make_call(compiled):
+      params, state_N = prefilled.get(name)
+      state = jax.jit(lambda s: tile_state(s, batch))(state_N)
+      token_B = jnp.zeros((batch,), jnp.int32)
+      return lambda: compiled(params, state, token_B)
+    return (steps_fn(graphdef, sizes['steps']),
+            (abstract_params, state, jax.ShapeDtypeStruct((batch,), jnp.int32)), make_call)
+  return Candidate(_estimate(batch, projection, sizes, params), build)
+
+
+def run_gpu(settings: Settings) -> list[dict]:
+  s, rows = GPU, []
+  prefilled = _Prefilled(s)
+  for batch in s['batches']:
+    fields = dict(batch=batch, prompt=s['prompt'], steps=s['steps'], features=s['features'],
+                  heads=s['heads'], layers=s['layers'], dtype=s['dtype'],
+                  auto=decode.choose_projection(batch, 2, s['heads']))
+    cands = {name: gpu_candidate(name, batch, prefilled) for name in GPU_CANDIDATES}
+    rows += run_table('decode', fields, cands, settings,
+                      dry_compile=GPU_DRY[1] if batch == GPU_DRY[0] else None)
+  for r in rows:
+    r['tokens_per_s'] = None if r['median_s'] is None else r['batch'] * r['steps'] / r['median_s']
+    r['speedup_vs_dense'] = None if r['ratio_vs_dense'] is None else 1 / r['ratio_vs_dense']
+  return rows
+
+
+def format_gpu_table(rows: list[dict]) -> str:
+  r0 = rows[0]
+  return format_rows(
+      f"decode (GatedLM {r0['layers']} layers, D={r0['features']}, H={r0['heads']}, "
+      f"{r0['dtype']}, {r0['prompt']}-token prompts, {r0['steps']} greedy steps; K=2 of 8 "
+      "with each step projection; 'auto' picks the `auto` one): median of the steps",
+      rows, ('batch', 'auto'),
+      extra=lambda r: f"{r['tokens_per_s']:,.0f} tok/s")

@@ -15,15 +15,23 @@ Then cached decoding with MLP groups (`bench_decode.run_groups`): D=512, F=2048 
 groups, a 512-token prompt, 64 greedy steps, B=1 and 16; dense, heads only at 2/8 and both
 at 2/8. Targets (issue 12): both_k2 forward <= 0.40x dense time; masked train step <=
 1.10x; decode both at 2/8 >= 3x dense tokens/s at B=1 and >= 1.3x heads only.
+
+--size gpu, section 'forward' (`run_gpu`): the whole forward of the GatedLM of
+bench_train.GPU (8 layers, D = 1024, H = 8, F = 4096 in G = 8 groups, L = 2048, batch 16,
+parameters and compute in bfloat16): dense against heads, groups and both at 2 of 8 on the
+gathered path, with memory figures (experiments.bench_rows). --dry-run compiles both_k2.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from experiments import bench_decode
-from experiments.bench_train import step_callable
+from experiments.bench_memory import tree_bytes
+from experiments.bench_rows import Candidate, Settings, format_rows, run_table
+from experiments.bench_train import GPU, GPU_CANDIDATES, GPU_DRY, gpu_lm, step_callable
 from experiments.timing import summarize, time_interleaved
 from gating.layers.models import GatedLM
 from gating.training.config import DataConfig, ModelConfig, TrainConfig
@@ -118,3 +126,60 @@ def format_table(rows: list[dict]) -> str:
       lines.append(f"    B={batch}: both_k2 / heads_k2 = "
                    f"{speed['both_k2'] / speed['heads_k2']:.2f}x tokens/s")
   return '\n'.join(lines)
+
+
+# -- --size gpu: the forward section --------------------------------------------------------
+
+def _estimate(spec, sizes, param_bytes: int) -> int:
+  """The parameters, the tokens and the float32 logits, and one layer at a time: the
+  residual stream and norm (3 B L D), q/k/v/o of the N computed heads, the float32 scores
+  B N L L, the MLP's computed channels twice, and the per-sequence weight copies of the
+  gathered heads (4 B K D Dh) and groups (2 B Kf D F/G), at the compute dtype."""
+  _, k, groups, kf = spec
+  B, L, D, H, F, V = (sizes[n] for n in ('batch', 'length', 'features', 'heads', 'mlp',
+                                         'vocab'))
+  e, N = jnp.dtype(sizes['dtype']).itemsize, k or H
+  Fk = F if groups is None else F * kf // groups
+  copies = (4 * B * N * D * (D // H) if N < H else 0) + (2 * B * Fk * D if groups else 0)
+  layer = (3 * B * L * D + 4 * B * L * N * (D // H) + 2 * B * L * Fk + copies) * e
+  return param_bytes + B * L * 4 + B * L * V * 4 + layer + B * N * L * L * 4
+
+
+def gpu_candidate(spec, sizes) -> Candidate:
+  dtype = jnp.dtype(sizes['dtype'])
+  make = lambda: gpu_lm(spec, sizes, param_dtype=dtype, train=False)
+  B, L = sizes['batch'], sizes['length']
+
+  def build():
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    fn = jax.jit(lambda state, tokens: nnx.merge(graphdef, state, copy=True)(
+        tokens, deterministic=True).logits_BxLxV)
+
+    def make_call(compiled):
+      _, state = nnx.split(make())
+      tokens = jax.random.randint(jax.random.key(0), (B, L), 0, sizes['vocab'])
+      return lambda: compiled(state, tokens)
+    return fn, (abstract, jax.ShapeDtypeStruct((B, L), jnp.int32)), make_call
+  params = tree_bytes(nnx.state(nnx.eval_shape(make), nnx.Param))
+  return Candidate(_estimate(spec, sizes, params), build)
+
+
+def run_gpu(settings: Settings) -> list[dict]:
+  s = GPU
+  fields = dict(layers=s['layers'], features=s['features'], heads=s['heads'], mlp=s['mlp'],
+                groups=s['groups'], length=s['length'], batch=s['batch'], dtype=s['dtype'])
+  rows = run_table('forward', fields, {name: gpu_candidate(spec, s)
+                                       for name, spec in GPU_CANDIDATES.items()},
+                   settings, dry_compile=GPU_DRY)
+  for r in rows:
+    r['tokens_per_s'] = None if r['median_s'] is None else s['batch'] * s['length'] / r['median_s']
+  return rows
+
+
+def format_gpu_table(rows: list[dict]) -> str:
+  r0 = rows[0]
+  return format_rows(
+      f"forward (GatedLM {r0['layers']} layers, D={r0['features']}, H={r0['heads']}, "
+      f"F={r0['mlp']} in G={r0['groups']} groups, L={r0['length']}, batch {r0['batch']}, "
+      f"{r0['dtype']}; gated: gathered path, 2 of 8)", rows, ('batch', 'length'),
+      extra=lambda r: f"{r['tokens_per_s']:,.0f} tok/s")
