@@ -135,17 +135,7 @@ def decode_candidate(model, prompt_1xL, batch, cache_length, steps, active_heads
                      projection=projection)
   state = tile_state(state, batch)
   graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def run_steps(params, state, token_B):
-    model = nnx.merge(graphdef, params)
-
-    def body(_, carry):
-      state, token_B = carry
-      logits_BxV, state = decode.decode_step(model, state, token_B)
-      return state, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    return jax.lax.fori_loop(0, steps, body, (state, token_B))[1]
-
+  run_steps = steps_fn(graphdef, steps)
   step = jax.jit(lambda params, state, token_B: decode.decode_step(
       nnx.merge(graphdef, params), state, token_B), donate_argnums=1)
   token_B = jnp.zeros((batch,), jnp.int32)

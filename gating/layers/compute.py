@@ -294,6 +294,17 @@ def check_whole_groups(idx_BxK, group_size: int) -> None:
                      f'{group_size} query heads consecutive and in order')
 
 
+def options_for_heads(options: AttendOptions, idx_BxK, H: int, B: int, L: int,
+                      S: int) -> AttendOptions:
+  """`options` for the K heads idx_BxK of H: a per-head mask [B, H, L, S] is taken at
+  those heads; a mask shared by the heads ([..., 1, L, S]) or none is kept as it is."""
+  if options.mask is None or options.mask.shape[-3] == 1:
+    return options
+  mask_BxHxLxS = jnp.broadcast_to(options.mask, (B, H, L, S))
+  return options._replace(
+      mask=jnp.take_along_axis(mask_BxHxLxS, idx_BxK[:, :, None, None], axis=1))
+
+
 def gathered_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, idx_BxK, weights_BxK,
                        options: AttendOptions = AttendOptions(), *, unit: str = 'query_head'):
   """Only each sequence's K query heads idx_BxK computed, scaled by weights_BxK.
@@ -318,11 +329,7 @@ def gathered_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, idx_BxK, we
   H = w.num_heads
   check_indices(idx_BxK, H)
   p = options.precision
-  if options.mask is not None and options.mask.shape[-3] != 1:
-    B, L, S = xq_BxLxD.shape[0], xq_BxLxD.shape[1], xk_BxSxD.shape[1]
-    mask_BxHxLxS = jnp.broadcast_to(options.mask, (B, H, L, S))
-    options = options._replace(
-        mask=jnp.take_along_axis(mask_BxHxLxS, idx_BxK[:, :, None, None], axis=1))
+  options = options_for_heads(options, idx_BxK, H, *xq_BxLxD.shape[:2], xk_BxSxD.shape[1])
   q_BxLxKxDh = project_gathered(xq_BxLxD, gather_heads(w.wq_DxHxDh, idx_BxK),
                                 take_heads(w.bq_HxDh, idx_BxK), p)
   if group_size == 1:
@@ -562,11 +569,7 @@ def grouped_attention(xq_BxLxD, xk_BxSxD, xv_BxSxD, w: HeadWeights, idx_BxK, wei
   H = w.wq_DxHxDh.shape[1]
   groups = group_pairs(idx_BxK, H)
   p = options.precision
-  if options.mask is not None and options.mask.shape[-3] != 1:
-    B, L, S = xq_BxLxD.shape[0], xq_BxLxD.shape[1], xk_BxSxD.shape[1]
-    mask_BxHxLxS = jnp.broadcast_to(options.mask, (B, H, L, S))
-    options = options._replace(
-        mask=jnp.take_along_axis(mask_BxHxLxS, idx_BxK[:, :, None, None], axis=1))
+  options = options_for_heads(options, idx_BxK, H, *xq_BxLxD.shape[:2], xk_BxSxD.shape[1])
   q_BxLxKxDh = project_grouped(xq_BxLxD, w.wq_DxHxDh, w.bq_HxDh, groups, p)
   k_BxSxKxDh = project_grouped(xk_BxSxD, w.wk_DxHxDh, w.bk_HxDh, groups, p)
   v_BxSxKxDh = project_grouped(xv_BxSxD, w.wv_DxHxDh, w.bv_HxDh, groups, p)
