@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -549,20 +549,24 @@ def check_flops_countable() -> None:
                      'training FLOPs could not be reported')
 
 
-def step_flops(cfg: TrainConfig, graphdef, state, batch, k) -> float:
+def step_flops(cfg: TrainConfig, graphdef, state, batch, k, jitted=None) -> float:
   """XLA's FLOP count of the compiled train step at budget `k` on `batch` ([A, B/A, ...]):
   the cost analysis of the optimized executable, as evaluation counts its step. XLA
   counts a loop's body once, so the step is compiled without gradient accumulation
   (grad_accum=1 on the whole batch: the same arithmetic, as one micro-batch), and the
-  importance labels unroll their passes (importance.py). A RuntimeError when the count
-  is missing."""
-  if cfg.grad_accum == 1:   # the very step the loop ran: a compilation cache serves it
-    whole = batch
+  importance labels unroll their passes (importance.py). `jitted`: the loop's own
+  jitted step at this K (`jit_train_step`), used when there is no accumulation: JAX
+  keeps the executable it ran, so the count costs no second trace or compile. A
+  RuntimeError when the count is missing."""
+  if cfg.grad_accum == 1:   # the very step the loop ran
+    whole, fn = batch, jitted
   else:
     whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         (1, x.shape[0] * x.shape[1], *x.shape[2:]), x.dtype), batch)
-  one = dataclasses.replace(cfg, grad_accum=1)
-  compiled = jit_train_step(graphdef, one, k).lower(state, whole, jnp.int32(0)).compile()
+    fn = None
+  if fn is None:
+    fn = jit_train_step(graphdef, dataclasses.replace(cfg, grad_accum=1), k)
+  compiled = fn.lower(state, whole, jnp.int32(0)).compile()
   cost = compiled.cost_analysis()
   if not (isinstance(cost, dict) and cost.get('flops')):
     raise RuntimeError(f'XLA gave no FLOP count for the compiled train step at K={k} '
@@ -581,16 +585,18 @@ def pretrained_start(state, graphdef, folder: str):
   return nnx.state((learner, optimizer)), copied
 
 
-def training_flops(cfg: TrainConfig, graphdef, state, batch) -> dict[str, Any]:
+def training_flops(cfg: TrainConfig, graphdef, state, batch,
+                   jitted: Callable[[Any], Any] | None = None) -> dict[str, Any]:
   """XLA's FLOP count of the compiled train step (`step_flops`, at every K the run trains
   with) times the steps run at that K; with init_from, the source run's total is added
   (`train_flops_with_init`), so a warm-started point reports what all of its training
-  cost."""
+  cost. `jitted(k)`: the loop's jitted step at K, if it has one (see `step_flops`)."""
   counts: dict[int, int] = {}
   for step in range(cfg.steps):
     k = losses.k_at(step, cfg.k_schedule, cfg.model.active_heads)
     counts[k] = counts.get(k, 0) + 1
-  per_step = {k: step_flops(cfg, graphdef, state, batch, k) for k in counts}
+  per_step = {k: step_flops(cfg, graphdef, state, batch, k, jitted and jitted(k))
+              for k in counts}
   own = sum(per_step[k] * n for k, n in counts.items())
   out = {'train_flops': own, 'train_flops_per_step': {str(k): v for k, v in per_step.items()},
          'train_flops_counted_as': 'XLA cost_analysis flops of the compiled train step'}
@@ -823,7 +829,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
 
   summary = {'steps': cfg.steps, 'tokens_seen': cfg.steps * tokens_per_step,
              **training_flops(cfg, graphdef, state, train_batch(splits.train, 0, cfg,
-                                                                batch_sharding)),
+                                                                batch_sharding), step_fn),
              'validation': run_eval(cfg.steps, 'validation', None),
              'test': run_eval(cfg.steps, 'test', None)}
   if main_process:

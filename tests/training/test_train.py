@@ -220,7 +220,7 @@ def test_each_regularizer_moves_the_gate_the_right_way(trained_run, name, overri
     cfg = TINY
     sections = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in overrides.items()
                 if k != 'loss'}
-    cfg = dataclasses.replace(cfg, steps=60, **sections,
+    cfg = dataclasses.replace(cfg, steps=60, checkpoint_every=60, **sections,   # reads metrics
                               loss=dataclasses.replace(cfg.loss, **loss_override))
     return cfg
 
