@@ -335,7 +335,7 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
         norm(self.query_norm), norm(self.key_norm))
 
   def gate(self, inputs_q, mask=None, *, deterministic: bool | None = None,
-           rngs=None, active_heads: int | None = None) -> selection.Gate:
+           rngs=None, active_heads: int | None = None, slice_B=None) -> selection.Gate:
     """The per-sequence decision: Gate(weights_BxH, idx_BxK | None, probs_BxH).
 
     Same conventions as the call: `mask` is the attention mask (padding rows are ignored
@@ -350,8 +350,10 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
         heads = mask.shape[-3] if mask.ndim >= 3 else 1
         full = (*batch, heads, q.shape[1], q.shape[1])
         mask = jnp.broadcast_to(mask, full).reshape((-1, *full[-3:]))
+      if slice_B is not None:
+        slice_B = jnp.reshape(slice_B, (-1,))
       return _unflatten_gate(self.gate(q, mask, deterministic=deterministic, rngs=rngs,
-                                       active_heads=active_heads), batch)
+                                       active_heads=active_heads, slice_B=slice_B), batch)
     self._check_inputs(inputs_q)
     k = self.active_heads if active_heads is None else active_heads
     check_active_heads(k, self.num_heads, self.gate_rule, 'masked')
@@ -361,7 +363,8 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
     if self.stochastic_gate and not deterministic:
       rng = self._rng(rngs, deterministic)()
     valid_BxL = valid_tokens(mask, *inputs_q.shape[:2])
-    return self._select(self.router_logits(inputs_q, valid_BxL), k, deterministic, rng)
+    return self._select(self.router_logits(inputs_q, valid_BxL, slice_B, k), k,
+                        deterministic, rng)
 
   def compensate(self, mean_HxDo: jax.Array | None) -> None:
     """Dropped-head compensation (None: off, the default): with m = mean_HxDo, each call
@@ -383,7 +386,8 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
     deterministic, rngs, decode=False, is_causal), plus the overrides `path` and
     `active_heads` (the budget knob: evaluate at another K without retraining),
     `positions` (int [B, L] for rotary self-attention; default arange(L)) and
-    `return_gate` (return (y, Gate) instead of y, for models that report decisions).
+    `return_gate` (return (y, Gate) instead of y, for models that report decisions) and
+    `slice_B` (int [...batch], each sequence's slice, for gate='slices' and only then).
     As in nnx.MultiHeadAttention, inputs may be unbatched [L, D] or have any number of
     leading batch dimensions [..., L, D] (the mask then [..., H | 1, L, S]); every
     sequence has its own gate, and the Gate's arrays carry the same leading dimensions.
@@ -401,6 +405,8 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
       mask = jnp.broadcast_to(mask, full).reshape((-1, *full[-3:]))
     if positions is not None:
       positions = jnp.broadcast_to(positions, (*batch, q.shape[1])).reshape((-1, q.shape[1]))
+    if kwargs.get('slice_B') is not None:
+      kwargs['slice_B'] = jnp.reshape(kwargs['slice_B'], (-1,))
     out = self._attend(q, k, v, mask=mask, positions=positions, return_gate=return_gate,
                        **kwargs)
     if return_gate:
@@ -412,7 +418,7 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
               deterministic: bool | None = None, rngs=None, sow_weights: bool = False,
               decode: bool | None = None, is_causal: bool = False, path: str | None = None,
               active_heads: int | None = None, positions=None, return_gate: bool = False,
-              out_sharding=None, qkv_sharding=None):
+              out_sharding=None, qkv_sharding=None, slice_B=None):
     """The call on rank-3 inputs [B, L, D]."""
     if decode:
       raise ValueError('GatedMultiHeadAttention does not support decode=True; use '
@@ -449,7 +455,8 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
       gate_rng = stream() if self.stochastic_gate else None
 
     valid_BxL = valid_tokens(mask, *inputs_q.shape[:2])
-    logits_BxU, gate = self.decide(inputs_q, valid_BxL, k, deterministic, gate_rng=gate_rng)
+    logits_BxU, gate = self.decide(inputs_q, valid_BxL, k, deterministic, gate_rng=gate_rng,
+                                   slice_B=slice_B)
     forced = self.forced_weights_BxH
     if forced is not None:
       path = 'masked'

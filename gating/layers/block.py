@@ -123,6 +123,12 @@ class GatedTransformerBlock(nnx.Module):
       self.mlp = GatedMLP(features, mlp_features, mlp_groups, active_groups=active_groups,
                           shared_groups=shared_groups, kind=mlp, use_bias=mlp_bias,
                           precision=attention_kwargs.get('precision'), **dense, **gate_kwargs)
+      if self.attention.num_slices != self.mlp.num_slices:
+        raise ValueError(f"gate='slices': the attention's {self.attention.num_slices} slices "
+                         f"and the MLP's {self.mlp.num_slices} must be as many (a sequence's "
+                         'slice e runs slice e of both): choose active_groups so that '
+                         '(mlp_groups - shared_groups) / (active_groups - shared_groups) = '
+                         f'{self.attention.num_slices}')
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def hidden(self, xn_BxLxD):
@@ -153,28 +159,29 @@ class GatedTransformerBlock(nnx.Module):
   def __call__(self, x_BxLxD, *, mask=None, is_causal: bool = False,
                deterministic: bool | None = None, rngs=None, path: str | None = None,
                active_heads: int | None = None, positions=None, return_gate: bool = False,
-               active_groups: int | None = None, return_gates: bool = False):
+               active_groups: int | None = None, return_gates: bool = False, slice_B=None):
     """x_BxLxD -> y_BxLxD; with return_gate, (y, the attention's Gate); with return_gates,
     (y, (the attention's Gate, the MLP's Gate over groups or None)). `active_groups`
-    overrides the MLP's budget Kf, as `active_heads` does the attention's K."""
+    overrides the MLP's budget Kf, as `active_heads` does the attention's K. `slice_B`:
+    each sequence's slice, for gate='slices' (both halves run that slice)."""
     xn_BxLxD = self.attention_norm(x_BxLxD)
     y_BxLxD, gate = self.attention(
         xn_BxLxD, mask=mask, is_causal=is_causal,
         deterministic=deterministic, rngs=rngs, path=path, active_heads=active_heads,
-        positions=positions, return_gate=True)
+        positions=positions, return_gate=True, slice_B=slice_B)
     h_BxLxD = x_BxLxD + self.dropout(y_BxLxD, deterministic=deterministic, rngs=rngs)
     valid_BxL = None if mask is None else valid_tokens(mask, *x_BxLxD.shape[:2])
     out_BxLxD, group_gate = self.feed_forward(
         h_BxLxD, deterministic=deterministic, rngs=rngs, valid_BxL=valid_BxL, path=path,
         active_groups=active_groups, return_gate=True,
-        group_logits_BxG=self.shared_group_logits(xn_BxLxD, valid_BxL))
+        group_logits_BxG=self.shared_group_logits(xn_BxLxD, valid_BxL), slice_B=slice_B)
     if return_gates:
       return out_BxLxD, (gate, group_gate)
     return (out_BxLxD, gate) if return_gate else out_BxLxD
 
   def feed_forward(self, h_BxLxD, *, deterministic: bool | None = None, rngs=None,
                    valid_BxL=None, path: str | None = None, active_groups: int | None = None,
-                   return_gate: bool = False, group_logits_BxG=None):
+                   return_gate: bool = False, group_logits_BxG=None, slice_B=None):
     """The MLP half of the block: h + Dropout(W2 gelu(W1 LayerNorm(h) + b1) + b2), its
     channel groups gated when the block has mlp_groups (return_gate: also that Gate, or
     None for the ungated MLP). group_logits_BxG: with group_router='attention', the groups'
@@ -191,6 +198,6 @@ class GatedTransformerBlock(nnx.Module):
       y_BxLxD, group_gate = self.gated_mlp(
           self.mlp_norm(h_BxLxD), valid_BxL, deterministic=deterministic, rngs=rngs,
           path=path, active_groups=active_groups, return_gate=True,
-          logits_BxG=group_logits_BxG)
+          logits_BxG=group_logits_BxG, slice_B=slice_B)
     out_BxLxD = h_BxLxD + self.dropout(y_BxLxD, deterministic=deterministic, rngs=rngs)
     return (out_BxLxD, group_gate) if return_gate else out_BxLxD

@@ -78,7 +78,17 @@ def check_gate(*, num_heads: int, num_kv_heads: int, unit, gate: str, active_hea
   router = resolve_router(gate, router, prefix_len)
   if noise not in selection.NOISES:
     raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
+  if rule.router == 'assignment':
+    size = num_heads // num_kv_heads if unit == 'kv_group' else 1
+    slice_count(num_heads // size, shared_heads // size, active_heads // size, size)
   return unit, router, options
+
+
+def slice_count(num_units: int, shared_units: int, k_units: int, size: int) -> int:
+  """E, the slices of gate='slices' over `num_units` units of `size` query heads with
+  `shared_units` shared and a budget of `k_units` (a ValueError naming active_heads)."""
+  units = 'heads' if size == 1 else f'KV groups (of {size} query heads)'
+  return selection.num_slices(num_units - shared_units, k_units - shared_units, units=units)
 
 
 class HeadGating:
@@ -138,6 +148,14 @@ class HeadGating:
     return self.shared_heads // self.unit_size
 
   @property
+  def num_slices(self) -> int | None:
+    """E, the slices of gate='slices' at the layer's budget K (None for another rule)."""
+    if selection.RULES[self.gate_rule].router != 'assignment':
+      return None
+    size = self.unit_size
+    return slice_count(self.num_units, self.shared_units, self.active_heads // size, size)
+
+  @property
   def causal_safe(self) -> bool:
     """True when the gate reads no token after a fixed prefix (the router kind's `causal`;
     no router at all is safe): the layer may run causally."""
@@ -149,9 +167,21 @@ class HeadGating:
     """True when the gate samples in training (hard-concrete, or noise on the logits)."""
     return selection.RULES[self.gate_rule].samples or self.noise is not None
 
-  def router_logits(self, inputs_q, valid_BxL=None):
+  def router_logits(self, inputs_q, valid_BxL=None, slice_B=None, k=None):
     """logits_BxR (float32) of the R routed units (heads, or KV groups under
-    unit='kv_group', less the shared ones); zeros for the dense gate, which has no router."""
+    unit='kv_group', less the shared ones); zeros for the dense gate, which has no router;
+    for gate='slices', the indicator of each sequence's slice `slice_B` at budget k
+    (selection.slice_indicator)."""
+    if selection.RULES[self.gate_rule].router == 'assignment':
+      k = self.active_heads if k is None else k
+      size = self.unit_size
+      count = slice_count(self.num_units, self.shared_units, k // size, size)
+      selection.check_slice_ids(slice_B, inputs_q.shape[0], count)
+      return selection.slice_indicator(slice_B, self.num_units - self.shared_units,
+                                       (k - self.shared_heads) // size)
+    if slice_B is not None:
+      raise ValueError(f"slice_B is for gate='slices'; this layer's gate is "
+                       f'{self.gate_rule!r}')
     if self.router is None:
       return jnp.zeros((inputs_q.shape[0], self.num_units), jnp.float32)
     return self.router(inputs_q, valid_BxL)
@@ -212,12 +242,12 @@ class HeadGating:
     return self._rng(rngs, deterministic)()
 
   def decide(self, x_BxLxD, valid_BxL, k, deterministic, rngs=None, gate_rng=None,
-             record: bool = True) -> tuple[jax.Array, selection.Gate]:
+             record: bool = True, slice_B=None) -> tuple[jax.Array, selection.Gate]:
     """(router logits, the Gate over the H heads) of one call, the forced gate if one is
     set; records the statistics unless record=False (a caller that changes the gate
     records it itself with `_record`). `gate_rng`: the sample's key, if the caller drew
-    it."""
-    logits_BxU = self.router_logits(x_BxLxD, valid_BxL)
+    it. `slice_B`: each sequence's slice, for gate='slices' (and only then)."""
+    logits_BxU = self.router_logits(x_BxLxD, valid_BxL, slice_B, k)
     if self.forced_weights_BxH is not None:
       gate = selection.forced(self.forced_weights_BxH, x_BxLxD.shape[0], self.num_heads,
                               'num_heads')

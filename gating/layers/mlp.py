@@ -124,6 +124,10 @@ class GatedMLP(nnx.Module):
       router = resolve_router(gate, router, prefix_len)
     if noise not in selection.NOISES:
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
+    if rule.router == 'assignment':
+      selection.num_slices(num_groups - shared_groups, active_groups - shared_groups,
+                           budget='active_groups', shared_name='shared_groups',
+                           units='groups')
     self.in_features = in_features
     self.hidden_features = hidden_features
     self.num_groups = num_groups
@@ -165,6 +169,15 @@ class GatedMLP(nnx.Module):
     return self.num_groups - self.shared_groups
 
   @property
+  def num_slices(self) -> int | None:
+    """E, the slices of gate='slices' at the layer's budget Kf (None for another rule)."""
+    if selection.RULES[self.gate_rule].router != 'assignment':
+      return None
+    return selection.num_slices(self.routed_groups, self.active_groups - self.shared_groups,
+                                budget='active_groups', shared_name='shared_groups',
+                                units='groups')
+
+  @property
   def stochastic_gate(self) -> bool:
     """True when the gate samples in training (hard-concrete, or noise on the logits)."""
     return selection.RULES[self.gate_rule].samples or self.noise is not None
@@ -188,7 +201,8 @@ class GatedMLP(nnx.Module):
     return x_BxLxD, compute.MLPWeights(*weights)
 
   def gate(self, x_BxLxD, valid_BxL=None, *, deterministic: bool | None = None, rngs=None,
-           active_groups: int | None = None, logits_BxG=None) -> selection.Gate:
+           active_groups: int | None = None, logits_BxG=None,
+           slice_B=None) -> selection.Gate:
     """The per-sequence decision over groups: Gate(weights_BxG, idx_BxKf | None, probs_BxG).
 
     Writes no state. valid_BxL marks real tokens (padding never moves the gate).
@@ -198,8 +212,8 @@ class GatedMLP(nnx.Module):
     k = self.active_groups if active_groups is None else active_groups
     check_active_groups(k, self.num_groups, self.gate_rule, 'masked')
     deterministic = self._deterministic(deterministic)
-    return self._select(self._logits(x_BxLxD, valid_BxL, logits_BxG), k, deterministic,
-                        self._gate_rng(rngs, deterministic))
+    return self._select(self._logits(x_BxLxD, valid_BxL, logits_BxG, slice_B, k), k,
+                        deterministic, self._gate_rng(rngs, deterministic))
 
   def force_gate(self, weights_BxG: jax.Array | None) -> None:
     """Replaces the rule's decision by the given group weights (None: the rule again).
@@ -214,9 +228,10 @@ class GatedMLP(nnx.Module):
 
   def __call__(self, x_BxLxD, valid_BxL=None, *, deterministic: bool | None = None,
                rngs=None, path: str | None = None, active_groups: int | None = None,
-               return_gate: bool = False, logits_BxG=None):
+               return_gate: bool = False, logits_BxG=None, slice_B=None):
     """x_BxLxD -> y_BxLxD (and the Gate over groups when return_gate). logits_BxG: the
-    group logits, with router='attention' (and only then)."""
+    group logits, with router='attention' (and only then); slice_B: each sequence's
+    slice, with gate='slices' (and only then)."""
     if x_BxLxD.ndim != 3 or x_BxLxD.shape[-1] != self.in_features:
       raise ValueError(f'GatedMLP expects inputs [batch, length, {self.in_features}], got '
                        f'shape {x_BxLxD.shape}')
@@ -224,7 +239,7 @@ class GatedMLP(nnx.Module):
     k = self.active_groups if active_groups is None else active_groups
     check_active_groups(k, self.num_groups, self.gate_rule, path)
     deterministic = self._deterministic(deterministic)
-    logits_BxG = self._logits(x_BxLxD, valid_BxL, logits_BxG)
+    logits_BxG = self._logits(x_BxLxD, valid_BxL, logits_BxG, slice_B, k)
     forced = self.forced_weights_BxG
     if forced is None:
       gate = self._select(logits_BxG, k, deterministic, self._gate_rng(rngs, deterministic))
@@ -259,7 +274,17 @@ class GatedMLP(nnx.Module):
 
   # -- helpers ---------------------------------------------------------------------------
 
-  def _logits(self, x_BxLxD, valid_BxL, logits_BxG=None):
+  def _logits(self, x_BxLxD, valid_BxL, logits_BxG=None, slice_B=None, k=None):
+    if selection.RULES[self.gate_rule].router == 'assignment':
+      k = self.active_groups if k is None else k
+      count = selection.num_slices(self.routed_groups, k - self.shared_groups,
+                                   budget='active_groups', shared_name='shared_groups',
+                                   units='groups')
+      selection.check_slice_ids(slice_B, x_BxLxD.shape[0], count)
+      return selection.slice_indicator(slice_B, self.routed_groups, k - self.shared_groups)
+    if slice_B is not None:
+      raise ValueError(f"slice_B is for gate='slices'; this GatedMLP's gate is "
+                       f'{self.gate_rule!r}')
     if self.logits_from_attention:
       expected = (x_BxLxD.shape[0], self.routed_groups)
       if logits_BxG is None or logits_BxG.shape != expected:

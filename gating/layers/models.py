@@ -180,8 +180,9 @@ class _Trunk(nnx.Module):
       raise ValueError(f'valid_BxL shape {valid_BxL.shape} != tokens shape {tokens_BxL.shape}')
 
   def __call__(self, tokens_BxL, valid_BxL, *, is_causal, deterministic, rngs, path,
-               active_heads, active_groups=None, positions_BxL=None):
-    """-> (final states h_BxLxD, gate_weights_BxNxH, group_weights_BxNxG or None)."""
+               active_heads, active_groups=None, positions_BxL=None, slice_B=None):
+    """-> (final states h_BxLxD, gate_weights_BxNxH, group_weights_BxNxG or None).
+    slice_B: each sequence's slice (gate='slices'), the same in every layer."""
     if active_groups is not None and self.mlp_groups is None:
       raise ValueError('active_groups needs a model built with mlp_groups')
     B, L = tokens_BxL.shape
@@ -199,7 +200,7 @@ class _Trunk(nnx.Module):
           x_BxLxD, mask=mask, is_causal=is_causal and mask is None,
           deterministic=deterministic, rngs=rngs, path=path, active_heads=k,
           positions=positions_BxL if self.positions == 'rotary' else None,
-          active_groups=kf, return_gates=True)
+          active_groups=kf, return_gates=True, slice_B=slice_B)
       weights.append(gate.weights_BxH)
       if group_gate is not None:
         group_weights.append(group_gate.weights_BxH)
@@ -297,12 +298,13 @@ class GatedLM(nnx.Module):
 
   def __call__(self, tokens_BxL, *, valid_BxL=None, deterministic: bool | None = None,
                rngs=None, path: str | None = None, active_heads=None,
-               active_groups=None) -> LMOutput:
+               active_groups=None, slice_B=None) -> LMOutput:
     """tokens_BxL (int) -> LMOutput. valid_BxL marks real tokens (default: all).
 
     Sequences are left-aligned: token 0 is the first of the prefix. `path`,
     `active_heads` and `active_groups` (an int or a list per layer) override the
-    constructor's.
+    constructor's. `slice_B` (int [B]): each sequence's slice, for gate='slices' (its
+    assigner's ids; the same slice in every layer).
     """
     self.trunk.check_tokens(tokens_BxL, valid_BxL)
     if tokens_BxL.shape[1] < self.prefix_len:
@@ -310,7 +312,7 @@ class GatedLM(nnx.Module):
                        f'prefix P={self.prefix_len}')
     h_BxLxD, weights_BxNxH, groups_BxNxG = self.trunk(
         tokens_BxL, valid_BxL, is_causal=True, deterministic=deterministic, rngs=rngs,
-        path=path, active_heads=active_heads, active_groups=active_groups)
+        path=path, active_heads=active_heads, active_groups=active_groups, slice_B=slice_B)
     return LMOutput(self.logits(h_BxLxD), self.scored(tokens_BxL, valid_BxL), weights_BxNxH,
                     groups_BxNxG)
 
@@ -370,11 +372,11 @@ class GatedEncoder(nnx.Module):
 
   def __call__(self, tokens_BxL, *, valid_BxL=None, deterministic: bool | None = None,
                rngs=None, path: str | None = None, active_heads=None,
-               active_groups=None) -> EncoderOutput:
+               active_groups=None, slice_B=None) -> EncoderOutput:
     self.trunk.check_tokens(tokens_BxL, valid_BxL)
     h_BxLxD, weights_BxNxH, groups_BxNxG = self.trunk(
         tokens_BxL, valid_BxL, is_causal=False, deterministic=deterministic, rngs=rngs,
-        path=path, active_heads=active_heads, active_groups=active_groups)
+        path=path, active_heads=active_heads, active_groups=active_groups, slice_B=slice_B)
     if valid_BxL is None:
       pooled_BxD = h_BxLxD.mean(axis=1)
     else:

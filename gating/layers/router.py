@@ -210,7 +210,7 @@ def build_router(gate: str, router: str, num_units: int, in_features: int, *,
   """The router module of a layer with `num_units` gated units (heads, channel groups):
   None for a rule without one (dense), a StaticRouter for an input-free kind, or a
   HeadRouter pooling as the kind `router`."""
-  if get_rule(gate).router is None:
+  if get_rule(gate).router in (None, 'assignment'):
     return None
   if not get_router(router).reads_input:
     return StaticRouter(num_units, init_logit=init_logit, rngs=rngs)

@@ -26,9 +26,15 @@ Rules (t is the temperature, a traced input):
                  probabilities sum to at least `p` (option, default 0.9): head j is open
                  iff the mass of the heads ranked above it is < p. With a budget K
                  (active_heads=K, the gathered path) at most K of them stay open.
+  slices         no router: the caller assigns each sequence a slice e (`slice_B`, the
+                 same in every layer; c-BTM, SmallTalk). The R = H - S routed heads make
+                 E = R / (K - S) disjoint slices, slice e = heads S + e (K - S) ..
+                 S + (e + 1) (K - S) - 1; open iff the head is in the sequence's slice
+                 (or shared), weight exactly 1, no gradient (the assignment is data).
 
-Options (`gate_options`, numbers): sigmoid `threshold` (0.5); hard_concrete and static
-`gamma`, `zeta` (the stretch, -0.1 and 1.1); top_p `p` (0.9).
+Options (`gate_options`): sigmoid `threshold` (0.5); hard_concrete and static `gamma`,
+`zeta` (the stretch, -0.1 and 1.1); top_p `p` (0.9); slices `assigner` (a name: 'label',
+the data's label, or 'cluster', balanced k-means; gating.training.slices).
 
 Weights of open heads are exactly 1 in value by default, with the gradient of p
 (straight-through):  w = open + (p - stop_gradient(p))  for every head, so a closed head
@@ -98,15 +104,22 @@ class Rule:
   temperature: float = 1.0       # default temperature
   router: str | None = 'input'   # 'input': a router that reads the sequence (any kind);
                                  # 'input_free': the input-free router only (StaticRouter);
+                                 # 'assignment': no router: the caller assigns each
+                                 # sequence its slice (`slice_B`; the slices rule);
                                  # None: no router at all
-  options: Mapping[str, float] = dataclasses.field(default_factory=dict)  # name -> default
+  options: Mapping[str, float | str] = dataclasses.field(default_factory=dict)  # defaults
+  check_options: Callable[[Mapping[str, float | str]], None] | None = None  # ValueError
+                                 # naming a bad value (after the kinds are checked)
 
   @property
   def needs_k(self) -> bool:
     return self.budget == 'required'
 
-  def resolve_options(self, given: Mapping[str, float] | None = None) -> dict[str, float]:
-    """The rule's options with `given` applied; a ValueError names an unknown option."""
+  def resolve_options(self, given: Mapping[str, float | str] | None = None
+                      ) -> dict[str, float | str]:
+    """The rule's options with `given` applied; a ValueError names an unknown option, or
+    a value of the wrong kind (an option whose default is a name takes a name, any other
+    a number)."""
     given = dict(given or {})
     unknown = sorted(set(given) - set(self.options))
     if unknown:
@@ -114,9 +127,16 @@ class Rule:
       raise ValueError(f'gate {self.name!r} has no option(s) {unknown}; its options: {known}')
     out = dict(self.options)
     for name, value in given.items():
+      if isinstance(self.options[name], str):
+        if not isinstance(value, str):
+          raise ValueError(f'gate option {name}={value!r} of {self.name!r} must be a name')
+        out[name] = value
+        continue
       if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f'gate option {name}={value!r} of {self.name!r} must be a number')
       out[name] = float(value)
+    if self.check_options is not None:
+      self.check_options(out)
     return out
 
 
@@ -153,8 +173,9 @@ def register(rule: Rule) -> Rule:
   if rule.router == 'static':       # the older spelling of 'input_free'
     names.renamed('Rule.router', 'static', 'input_free')
     rule = dataclasses.replace(rule, router='input_free')
-  if rule.router not in ('input', 'input_free', None):
-    raise ValueError(f"Rule.router must be 'input', 'input_free' or None, got {rule.router!r}")
+  if rule.router not in ('input', 'input_free', 'assignment', None):
+    raise ValueError("Rule.router must be 'input', 'input_free', 'assignment' or None, got "
+                     f'{rule.router!r}')
   RULES[rule.name] = rule
   return rule
 
@@ -340,6 +361,69 @@ def top_p(logits_BxH, *, temperature, p, **_):
   return Decision(open_BxH, p_BxH, n_open_Bx1 * open_p_BxH, logits_BxH, p_BxH)
 
 
+def slices(indicator_BxR, *, k, **_):
+  """The units of the sequence's assigned slice open, weight exactly 1 and no gradient
+  (the assignment is data, not a decision to learn): indicator_BxR is 1 on the units of
+  the slice (`slice_indicator`), 0 elsewhere; the budget K - S is the slice's size."""
+  if k is None:
+    raise ValueError("the 'slices' rule needs a budget: active_heads=K")
+  indicator_BxR = jax.lax.stop_gradient(indicator_BxR)
+  return Decision(indicator_BxR > 0.5, indicator_BxR, indicator_BxR, indicator_BxR,
+                  indicator_BxR)
+
+
+SLICE_ASSIGNERS = ('label', 'cluster')   # gating.training.slices assigns the sequences
+
+
+def _check_slice_options(options) -> None:
+  if options['assigner'] not in SLICE_ASSIGNERS:
+    raise ValueError(f"the 'slices' rule's option assigner must be one of {SLICE_ASSIGNERS}, "
+                     f"got {options['assigner']!r}")
+
+
+def num_slices(routed: int, routed_budget, *, budget: str = 'active_heads',
+               shared_name: str = 'shared_heads', units: str = 'heads') -> int:
+  """E = R / Kr: the disjoint slices of Kr = K - S units that the R = U - S routed units
+  make (K and S counted in units). A ValueError, naming the budget, unless Kr divides R
+  and E >= 2."""
+  if routed_budget is None or routed_budget < 1 or routed % routed_budget:
+    raise ValueError(f"gate='slices' splits the {routed} routed {units} into slices of "
+                     f'{budget} - {shared_name} = {routed_budget} {units}: that must divide '
+                     f'{routed} (E slices of equal size, no remainder)')
+  if routed // routed_budget < 2:
+    raise ValueError(f"gate='slices' needs at least 2 slices: {routed} routed {units} in "
+                     f'slices of {routed_budget} make {routed // routed_budget}; lower '
+                     f'{budget}')
+  return routed // routed_budget
+
+
+def slice_indicator(slice_B: jax.Array, routed: int, routed_budget: int) -> jax.Array:
+  """indicator_BxR (float32): 1 where routed unit r belongs to the sequence's slice,
+  r // Kr == slice_B[b] (slice e holds units e Kr .. (e + 1) Kr - 1), else 0. A slice id
+  outside [0, E) opens no routed unit; callers check the ids where they are concrete
+  (`check_slice_ids`)."""
+  slice_R = jnp.arange(routed) // routed_budget
+  return (slice_R[None, :] == jnp.asarray(slice_B)[:, None]).astype(jnp.float32)
+
+
+def check_slice_ids(slice_B, batch: int, count: int) -> None:
+  """A ValueError unless slice_B is [batch] integers in [0, count) (checked only where
+  the ids are concrete: under jit a bad id opens no routed unit)."""
+  if slice_B is None:
+    raise ValueError("gate='slices' needs each sequence's slice: pass slice_B (int [batch]), "
+                     'the assigner\'s slice ids')
+  if np.shape(slice_B) != (batch,):
+    raise ValueError(f'slice_B must have shape ({batch},) (one slice per sequence), got '
+                     f'{np.shape(slice_B)}')
+  if not jnp.issubdtype(jnp.asarray(slice_B).dtype, jnp.integer):
+    raise ValueError(f'slice_B must hold integer slice ids, got dtype {jnp.asarray(slice_B).dtype}')
+  if not isinstance(slice_B, jax.core.Tracer):
+    ids = np.asarray(slice_B)
+    if ids.size and (ids.min() < 0 or ids.max() >= count):
+      raise ValueError(f'slice_B holds slice ids in [{ids.min()}, {ids.max()}]; this layer '
+                       f'has {count} slices (ids 0..{count - 1})')
+
+
 _STRETCH = types.MappingProxyType(
     {'gamma': HARD_CONCRETE_STRETCH[0], 'zeta': HARD_CONCRETE_STRETCH[1]})
 register(Rule(
@@ -366,6 +450,12 @@ register(Rule(
 register(Rule(
     'top_p', top_p, options=types.MappingProxyType({'p': 0.9}), label='dynamic top-p',
     meaning='the fewest heads whose router probabilities sum to p, per sequence, no budget'))
+
+register(Rule(
+    'slices', slices, budget='required', router='assignment', label='slices',
+    options=types.MappingProxyType({'assigner': 'label'}), check_options=_check_slice_options,
+    meaning='the heads of the slice assigned to the sequence (E = (H - S) / (K - S) disjoint '
+            'slices plus the S shared heads), the same slice in every layer'))
 
 DEFAULT_TEMPERATURE = types.MappingProxyType({n: r.temperature for n, r in RULES.items()})
 

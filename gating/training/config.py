@@ -73,8 +73,9 @@ class ModelConfig:
   dropout_rate: float = 0.0
   prefix_len: int | None = None          # P; None: the data's prompt length (synthetic)
   gate: str = 'topk'                     # a rule in gating.layers.selection.RULES
-  gate_options: tuple[tuple[str, float], ...] = ()  # the rule's options, by name: on the
-                                         # command line model.gate_options=p=0.9,cap=4
+  gate_options: tuple[tuple[str, float | str], ...] = ()  # the rule's options, by name:
+                                  # on the command line model.gate_options=p=0.9,cap=4 (a
+                                  # name where the option is one: assigner=cluster)
   active_heads: int | tuple[int, ...] | None = 2   # K, or one K per layer
   mlp_groups: int | None = None          # G: gate each MLP's channels in G groups (None: off)
   active_groups: int | tuple[int, ...] | None = None  # Kf of G open groups, or one per layer
@@ -604,7 +605,8 @@ def _parse_one(text: str, hint):
       for chunk in chunks:
         if len(chunk) != len(pair):
           raise ValueError(f'{"=".join(chunk)!r} is not a pair a:b or name=value')
-      return tuple(tuple(_parse_one(p.strip(), t) for p, t in zip(chunk, pair))
+      return tuple(tuple(parse_value(p.strip(), t, '=') if _is_union(t) else
+                         _parse_one(p.strip(), t) for p, t in zip(chunk, pair))
                    for chunk in chunks)
     return tuple(_parse_one(chunk, item) for chunk in text.split(',') if chunk)
   raise TypeError(f'unsupported type {hint}')

@@ -125,9 +125,11 @@ def test_masked_equals_gathered_on_the_same_gate(gate):
       if isinstance(p, nnx.Param):
         p[...] = jax.random.normal(jax.random.key(3), p.shape)
   x = x_BxLxD()
-  masked, g = mlp(x, path='masked', deterministic=True, return_gate=True)
+  assigned = (dict(slice_B=jnp.array([0, 1, 1])) if gating.RULES[gate].router == 'assignment'
+              else {})                                  # gate='slices': the data's slices
+  masked, g = mlp(x, path='masked', deterministic=True, return_gate=True, **assigned)
   gathered = mlp(x, path='gathered', active_groups=G if gate == 'dense' else None,
-                 deterministic=True)
+                 deterministic=True, **assigned)
   np.testing.assert_allclose(masked, gathered, atol=1e-5)
   if gate != 'dense':
     assert g.idx_BxK.shape == (B, 2)

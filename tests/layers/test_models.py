@@ -48,8 +48,11 @@ def test_causality_through_gradients(gate, path):
              noise='gumbel' if gate == 'topk' else None, deterministic=False)
   model.trunk.token_embed = ShiftedEmbed(model.trunk.token_embed, L, nnx.Rngs(1))
   x = tokens()
-  scored = np.asarray(model(x, rngs=nnx.Rngs(dropout=3)).scored_BxL[0])
-  dependence_LxL = position_jacobian(model, x, lambda m, x: m(x, rngs=nnx.Rngs(dropout=3)))
+  assigned = (dict(slice_B=jnp.array([1, 0])) if gating.RULES[gate].router == 'assignment'
+              else {})                                  # gate='slices': the data's slices
+  scored = np.asarray(model(x, rngs=nnx.Rngs(dropout=3), **assigned).scored_BxL[0])
+  dependence_LxL = position_jacobian(
+      model, x, lambda m, x: m(x, rngs=nnx.Rngs(dropout=3), **assigned))
   for t in range(L):
     if scored[t]:
       assert (dependence_LxL[t, t + 1:] == 0).all(), f'scored logit {t} reads the future'
