@@ -26,7 +26,7 @@ def counts(cfg, info):
   from gating.training import loop, losses
   graphdef, state = loop.create(cfg, info)
   rows = data.batch_at(loop.load_data(cfg).train, 0, cfg.batch_size, cfg.seed)
-  batch = {k: v[None] for k, v in loop._model_inputs(rows).items()}   # one micro-batch
+  batch = {k: v[None] for k, v in loop.model_inputs(rows).items()}   # one micro-batch
   one = dataclasses.replace(cfg, grad_accum=1)
   out = {}
   for k in sorted({losses.k_at(s, cfg.k_schedule, cfg.model.active_heads)

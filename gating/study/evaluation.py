@@ -95,7 +95,7 @@ def load_run(workdir: str, step: int | None = None, data_overrides: Sequence[str
                             f'folders in {checkpoints} and found none (was the run '
                             'stopped before its first checkpoint?)')
   try:
-    splits = train.load_data(cfg)
+    splits = train.load_data(cfg, workdir)
     graphdef, state = train.create(cfg, splits.info)
     step, state, _ = checkpoint.load(
         mngr, state, step=step, where=workdir,
@@ -122,8 +122,7 @@ def compensated(run: Run, batches: int) -> Run:
     raise ValueError(f'compensate: the training split has {len(rows)} full batches of '
                      f'{size}, fewer than the {batches} asked for')
   learner, optimizer = nnx.merge(run.graphdef, run.state)
-  keys = ('tokens', 'valid', 'target_mask', 'label')
-  means = compensation.unit_means(learner.model, [{k: b[k] for k in keys} for b in rows],
+  means = compensation.unit_means(learner.model, [train.model_inputs(b) for b in rows],
                                   train.model_outputs)
   compensation.compensate(learner.model, means)
   graphdef, state = nnx.split((learner, optimizer))
@@ -163,6 +162,9 @@ def unsupported(cfg: TrainConfig, path: str, k) -> str | None:
             f'K={k} cannot run')
   if get_rule(m.gate).budget == 'none' and any(one != m.num_heads for one in ks):
     return f'the {m.gate!r} gate opens all {m.num_heads} heads; it runs at K={m.num_heads} only'
+  if get_rule(m.gate).router == 'assignment' and k != own_budget(cfg):
+    return (f'the {m.gate!r} gate runs the slice each sequence was assigned, of the size it '
+            f'trained with: K={own_budget(cfg)} only')
   return None
 
 
@@ -171,7 +173,7 @@ def _first_batch(dataset, batch_size):
   n = len(rows['label'])
   if n < batch_size:
     rows = {k: np.resize(v, (batch_size,) + v.shape[1:]) for k, v in rows.items()}
-  return {k: rows[k] for k in ('tokens', 'valid', 'target_mask', 'label')}
+  return train.model_inputs(rows)
 
 
 def evaluate_one(run: Run, path: str, k, split: str = 'test',

@@ -262,7 +262,7 @@ def _open(num_units: int, subset) -> jax.Array:
 
 def _rows(dataset, max_sequences):
   rows = next(data.eval_batches(dataset, len(dataset), max_sequences))
-  return {k: np.asarray(rows[k]) for k in ('tokens', 'valid', 'target_mask', 'label')}
+  return {k: np.asarray(v) for k, v in train.model_inputs(rows).items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5))

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gating import data, pretrained
-from gating.training import checkpoint, elastic, router_fit
+from gating.training import checkpoint, elastic, router_fit, slices
 from gating.training import distributed
 from gating.training import losses
 from gating.training import tensorboard
@@ -59,8 +59,33 @@ class Learner(nnx.Module):
 
 # -- building ----------------------------------------------------------------------------------
 
-def load_data(cfg: TrainConfig) -> data.Splits:
-  """The run's splits; the classification form when the model is an encoder."""
+def load_data(cfg: TrainConfig, workdir: str | None = None) -> data.Splits:
+  """The run's splits; the classification form when the model is an encoder. With
+  gate='slices' every row also carries its slice (`slices.assign`; the cluster assigner
+  stored in `workdir`, if it holds one, is read instead of fitted again)."""
+  return load_data_and_assigner(cfg, workdir)[0]
+
+
+def load_data_and_assigner(cfg: TrainConfig, workdir: str | None = None):
+  """(load_data's splits, the fitted cluster assigner of gate='slices' or None)."""
+  splits = _load_rows(cfg)
+  if cfg.model.gate != 'slices':
+    return splits, None
+  prefix_len = cfg.model.prefix_len or splits.info.prompt_len
+  return slices.assign(splits, cfg.model, cfg.seed, prefix_len, workdir)
+
+
+def slice_summary(cfg: TrainConfig, splits) -> dict[str, Any]:
+  """What a gate='slices' run reports of its assignment: rows per slice, and how often a
+  validation or test row's slice (from its prefix) is its whole sequence's."""
+  E = slices.slice_count(cfg.model)
+  return {'assigner': slices.assigner_of(cfg.model), 'num_slices': E,
+          'train_rows_per_slice': slices.counts(splits.train, E),
+          'validation_prefix_agreement': slices.agreement(splits.validation),
+          'test_prefix_agreement': slices.agreement(splits.test)}
+
+
+def _load_rows(cfg: TrainConfig) -> data.Splits:
   d = cfg.data
   if d.kind == 'synthetic':
     splits = data.synthetic(
@@ -173,6 +198,8 @@ def model_outputs(model, batch, *, deterministic, rngs=None, path=None, active_h
   """
   kw = dict(valid_BxL=batch['valid'], deterministic=deterministic, rngs=rngs, path=path,
             active_heads=active_heads, active_groups=active_groups)
+  if 'slice' in batch:    # gate='slices': each sequence's slice (slices.assign)
+    kw['slice_B'] = batch['slice']
   if isinstance(model, GatedEncoder):
     out = model(batch['tokens'], **kw)
     ce_B, correct_B = losses.classification_losses(out.class_logits_BxC, batch['label'])
@@ -343,7 +370,7 @@ def evaluate(eval_fn, state, dataset, info: data.DataInfo, batch_size: int,
     if n < batch_size:
       rows = {k: np.concatenate([v, np.resize(v, (batch_size - n,) + v.shape[1:])])
               for k, v in rows.items()}
-    out = fetch(eval_fn(state, shard(_model_inputs(rows))))
+    out = fetch(eval_fn(state, shard(model_inputs(rows))))
     out = {k: v[:n] for k, v in out.items()}
     out['label'] = rows['label'][:n]
     sums = out if sums is None else {k: np.concatenate([sums[k], out[k]]) for k in out}
@@ -367,8 +394,11 @@ def summarize_eval(sums, info: data.DataInfo) -> dict[str, Any]:
   return everything
 
 
-def _model_inputs(rows):
-  return {k: rows[k] for k in ('tokens', 'valid', 'target_mask', 'label')}
+def model_inputs(rows):
+  """The columns of a batch of rows that the model and the loss read (with gate='slices',
+  also each row's slice)."""
+  slice_column = ('slice',) if 'slice' in rows else ()
+  return {k: rows[k] for k in ('tokens', 'valid', 'target_mask', 'label', *slice_column)}
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -490,7 +520,7 @@ def train_batch(dataset, step: int, cfg: TrainConfig, sharding):
   rows = data.batch_at(dataset, step, cfg.batch_size, cfg.seed, positions=positions)
   return {k: jax.make_array_from_process_local_data(
               sharding, v.reshape((accum, hi - lo) + v.shape[1:]), (accum, micro) + v.shape[1:])
-          for k, v in _model_inputs(rows).items()}
+          for k, v in model_inputs(rows).items()}
 
 
 def warm_start(state, graphdef, source_dir: str):
@@ -661,7 +691,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   if cfg.log.wandb:
     wandb_log.require()
   check_flops_countable()
-  splits = load_data(cfg)
+  splits, assigner = load_data_and_assigner(cfg, workdir)
   info = splits.info
   replicated, batch_sharding, eval_sharding = mesh_and_shardings(cfg.batch_size,
                                                                 cfg.grad_accum)
@@ -732,6 +762,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       f.write(cfg.to_json())
     with open(os.path.join(workdir, 'data_info.json'), 'w') as f:
       json.dump(dataclasses.asdict(info), f, indent=1)
+    if assigner is not None and not os.path.exists(os.path.join(workdir, slices.STORE)):
+      slices.save(workdir, assigner)
     _write_provenance(os.path.join(workdir, 'provenance.json'),
                       {**provenance(), 'data': info.fingerprint, 'from_step': start,
                        **({'schedule_extended': extended[-1]}
@@ -831,7 +863,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
              **training_flops(cfg, graphdef, state, train_batch(splits.train, 0, cfg,
                                                                 batch_sharding), step_fn),
              'validation': run_eval(cfg.steps, 'validation', None),
-             'test': run_eval(cfg.steps, 'test', None)}
+             'test': run_eval(cfg.steps, 'test', None),
+             **({'slices': slice_summary(cfg, splits)} if cfg.model.gate == 'slices' else {})}
   if main_process:
     board.close()
     if w_and_b:

@@ -45,7 +45,7 @@ def test_the_train_steps_flops_are_the_models_matmuls_plus_a_few_percent(trained
   splits = train.load_data(two)
   graphdef, state = train.create(two, info)
   rows = data.batch_at(splits.train, 0, two.batch_size, 0)
-  batch = {k: v[None] for k, v in train._model_inputs(rows).items()}   # one micro-batch
+  batch = {k: v[None] for k, v in train.model_inputs(rows).items()}   # one micro-batch
   by_hand_two = matmul_flops(two, info.seq_len, info.vocab_size)
   assert by_hand_two <= train.step_flops(two, graphdef, state, batch, None) <= 1.1 * by_hand_two
 

@@ -1,0 +1,103 @@
+"""Slice assigners (gating.training.slices) and a gate='slices' run end to end: label and
+balanced-k-means cluster assignment, prefix routing at test time, the stored centroids."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gating.training import loop as train
+from gating.training import slices
+from gating.training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+SLICES = TrainConfig(
+    model=ModelConfig(num_layers=1, features=32, num_heads=8, head_dim=4, gate='slices',
+                      active_heads=3, shared_heads=2, path='gathered', noise=None,
+                      mlp_groups=8, active_groups=3, shared_groups=2),
+    data=DataConfig(num_tasks=4, input_len=6, num_digits=6, num_recall_tasks=1,
+                    num_induction_tasks=1, num_train=256, num_validation=32, num_test=32),
+    optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
+    steps=8, batch_size=16, eval_batches=1, eval_every=8, checkpoint_every=4)   # 6 labels
+CLUSTER = dataclasses.replace(SLICES, model=dataclasses.replace(
+    SLICES.model, active_heads=4, active_groups=4, gate_options=(('assigner', 'cluster'),)))
+
+
+def test_balanced_kmeans_is_balanced_deterministic_and_finds_planted_clusters():
+  rng = np.random.default_rng(0)
+  centers = np.eye(3, 16) * 5
+  x = np.concatenate([centers[e] + rng.normal(size=(n, 16)) for e, n in
+                      enumerate((50, 30, 20))])              # unequal planted clusters
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  c1, a1 = slices.balanced_kmeans(x, 3, seed=1)
+  c2, a2 = slices.balanced_kmeans(x, 3, seed=1)
+  np.testing.assert_array_equal(a1, a2)
+  np.testing.assert_array_equal(c1, c2)
+  assert np.bincount(a1, minlength=3).max() <= 34            # ceil(100 / 3)
+  # balanced, and otherwise the planted structure: the 20 and 30 rows stay together
+  for lo, hi in ((50, 80), (80, 100)):
+    assert len(set(a1[lo:hi])) == 1
+  with pytest.raises(ValueError, match='3 slices need at least 3 training rows'):
+    slices.balanced_kmeans(x[:2], 3, seed=0)
+
+
+def test_features_of_the_prefix_read_only_the_prefix():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, (4, 20))
+  valid = np.ones((4, 20), bool)
+  changed = tokens.copy()
+  changed[:, 6:] = rng.integers(0, 50, (4, 14))            # every token after P = 6
+  prefix = slices.prefix_valid(valid, 6)
+  f, idf = slices.features(tokens, valid)
+  np.testing.assert_array_equal(slices.features(tokens, prefix, idf)[0],
+                                slices.features(changed, prefix, idf)[0])
+  assert not np.array_equal(slices.features(changed, valid, idf)[0], f)
+
+
+def test_a_label_run_trains_each_label_in_its_slice_and_reports_it(tmp_path):
+  summary = train.train(SLICES, str(tmp_path / 'run'), progress=False)
+  report = summary['slices']
+  assert report['assigner'] == 'label' and report['num_slices'] == 6
+  assert sum(report['train_rows_per_slice']) == 256
+  assert report['test_prefix_agreement'] == 1.0              # the label is the oracle
+  # every test sequence of label t ran the shared heads 0, 1 and slice t's head 2 + t
+  names = json.load(open(tmp_path / 'run' / 'data_info.json'))['label_names']
+  for t, name in enumerate(names):
+    want = np.zeros(8)
+    want[[0, 1, 2 + t]] = 1
+    np.testing.assert_array_equal(summary['test']['per_label'][name]['usage'], [want])
+
+
+def test_a_cluster_run_stores_its_centroids_and_resumes_with_them(tmp_path):
+  run = tmp_path / 'run'
+  assert train.train(CLUSTER, str(run), progress=False, stop_after=4) is None
+  stored = np.load(run / slices.STORE)
+  splits = train.load_data(CLUSTER, str(run))
+  assert np.bincount(splits.train['slice'], minlength=3).max() <= -(-256 // 3)   # balanced
+  summary = train.train(CLUSTER, str(run), progress=False)
+  again = np.load(run / slices.STORE)
+  np.testing.assert_array_equal(stored['centroids'], again['centroids'])
+  report = summary['slices']
+  assert report['assigner'] == 'cluster' and report['num_slices'] == 3
+  assert 0.0 <= report['test_prefix_agreement'] <= 1.0
+  assert report['test_prefix_agreement'] == slices.agreement(splits.test)
+
+  # Centroids of other data are refused, naming the file.
+  other = dataclasses.replace(CLUSTER, data=dataclasses.replace(CLUSTER.data, seed=7))
+  with pytest.raises(ValueError, match=r"slices.npz: the cluster assigner's centroids were "
+                                       r'fitted on other data'):
+    train.load_data(other, str(run))
+
+
+@pytest.mark.parametrize('cfg, message', [
+    (dataclasses.replace(SLICES, model=dataclasses.replace(
+        SLICES.model, active_heads=4, active_groups=4)),
+     r"assigner 'label' gives each label its slice: the data has 6 label\(s\) .* the "
+     r'model 3 slices'),
+])
+def test_an_assignment_the_data_cannot_give_is_refused_before_any_folder(tmp_path, cfg,
+                                                                         message):
+  with pytest.raises(ValueError, match=message):
+    train.train(cfg, str(tmp_path / 'run'), progress=False)
+  assert not os.path.exists(tmp_path / 'run')
