@@ -83,8 +83,9 @@ def print_report(report):
           f"{r['bits_per_token']:9.4f} {r['active_fraction']:7.3f} {flops:>12}{groups}")
   gap = report['gap']
   print(f"  * the training gate: {report['training_gate']['meaning']}")
-  print(f"  gap (gathered at K={gap['K']} minus the training gate): loss {gap['loss']:+.4f}, "
-        f"accuracy {gap['accuracy']:+.4f}, active fraction {gap['active_fraction']:+.3f}")
+  print(f"  gap ({gap['path']} at K={gap['K']} minus the training gate): "
+        f"loss {gap['loss']:+.4f}, accuracy {gap['accuracy']:+.4f}, "
+        f"active fraction {gap['active_fraction']:+.3f}")
 
 
 def main(argv=None):

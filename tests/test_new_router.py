@@ -103,7 +103,7 @@ def test_a_router_kind_that_reads_later_tokens_is_refused_where_causality_matter
   with pytest.raises(ValueError, match="already registered"):
     router.register_router(router.RouterKind('mean', None, causal=True, meaning='x'))
   with pytest.raises(ValueError, match=r"router must be one of \('mean', 'prefix', 'first', "
-                                       r"'input_free'\), got 'nope'"):
+                                       r"'token', 'input_free'\), got 'nope'"):
     gating.GatedMultiHeadAttention(4, 16, active_heads=2, router='nope', rngs=nnx.Rngs(0))
 
 

@@ -79,6 +79,14 @@ The recipes (issue 11), tuned on the validation split before the study is frozen
                 static, one shared head at K = 2, 4). Dense at equal FLOPs is the dense
                 row of synthetic_sums.
 
+Specialization built by the data (c-BTM, SmallTalk; gate='slices'):
+  slices_pilot  text, validation, seeds 0 and 1, 300 steps from scratch, the same
+                training tokens per row: wide dense (8 heads, F = 512), thin dense
+                (4 heads of width 16, F = 256), and slices of 2 shared + 2 routed heads
+                and MLP groups of 8 (E = 3, the thin model's active width) assigned by
+                domain label and by balanced k-means (routed by the first 32 bytes at
+                validation). A first look at one small budget, before the study.
+
 The default job (`python -m experiments.train`, preset `sums`: the same benchmark at
 10000 steps, top-k at K = 2 after 2500 steps with all 8 heads open, in one run):
   default_tune  validation, seeds 0 and 1: how long the all-heads phase of that run
@@ -163,6 +171,14 @@ def thin(heads, mlp):
           f'model.mlp_features={mlp}', 'model.mlp_groups=none', 'model.active_groups=none']
 
 
+def slices(assigner):
+  """gate='slices' (by `assigner`): 2 shared + 2 routed of 8 heads and of 8 MLP groups,
+  E = 3 slices, on the gathered path from scratch (the same active width as thin(4, 256))."""
+  return ['model.gate=slices', 'model.active_heads=4', 'model.shared_heads=2',
+          'model.mlp_groups=8', 'model.active_groups=4', 'model.shared_groups=2',
+          'model.path=gathered', 'model.noise=none', f'model.gate_options=assigner={assigner}']
+
+
 # The synthetic benchmark frozen after capacity_round10 (docs/tuning.md): two-digit sums.
 SUMS = (f'model.num_heads={H}', 'data.num_terms=2', 'data.num_tasks=8')
 
@@ -170,6 +186,15 @@ SUMS = (f'model.num_heads={H}', 'data.num_terms=2', 'data.num_tasks=8')
 WIDTH_WARM = (*dense(), 'model.active_groups=none', 'steps=300')
 
 SWEEPS = {
+    'slices_pilot': Sweep(
+        name='slices_pilot', preset='text', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'steps=300'),
+        points={'wide_dense': [*dense(), 'model.mlp_groups=none', 'model.active_groups=none'],
+                'thin_dense': thin(4, 256),
+                'slices_label': slices('label'),
+                'slices_cluster': slices('cluster')},
+        description='a first look at slices against thin dense at one small budget '
+                    '(300 steps), validation'),
     'synthetic': Sweep(
         name='synthetic', preset='synthetic', points=grid((1, 2, 4), steps=6000, warm=3000),
         seeds=(0, 1, 2), common=(f'model.num_heads={H}',),

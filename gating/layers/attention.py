@@ -484,7 +484,8 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
       self.sow(nnx.Intermediate, 'output', y)
     elif self.unit_mean_UxD is not None:
       y = y + compute.dropped_mean(gate.weights_BxH, self.unit_mean_UxD).astype(y.dtype)
-    return (y, gate) if return_gate else y
+    # A per-token gate (token_topk) is returned as its mean over the sequence's tokens.
+    return (y, selection.per_sequence(gate, valid_BxL)) if return_gate else y
 
   # -- checks -----------------------------------------------------------------------------
 

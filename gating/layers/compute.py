@@ -249,8 +249,10 @@ def take_heads(b_HxE, idx_BxK):
 
 
 def output_all(o_BxLxHxDh, weights_BxH, wo_HxDhxDo, bo_Do, precision=None):
-  """y_BxLxDo = sum_h weights_bh o_bh Wo_h + bo: every head's output, weighted."""
-  o_BxLxHxDh = o_BxLxHxDh * weights_BxH[:, None, :, None].astype(o_BxLxHxDh.dtype)
+  """y_BxLxDo = sum_h weights_bh o_bh Wo_h + bo: every head's output, weighted (per token,
+  w_blh, when the weights are weights_BxLxH: a per-token rule)."""
+  w_BxLxH = weights_BxH if weights_BxH.ndim == 3 else weights_BxH[:, None, :]
+  o_BxLxHxDh = o_BxLxHxDh * w_BxLxH[..., None].astype(o_BxLxHxDh.dtype)
   return _add(jnp.einsum('BLHE,HEO->BLO', o_BxLxHxDh, wo_HxDhxDo, precision=precision), bo_Do)
 
 

@@ -81,7 +81,7 @@ import numpy as np
 from flax import nnx, struct
 from flax.nnx.nn import dtypes
 
-from gating.layers import compute
+from gating.layers import compute, selection
 from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
 from gating.layers.mlp import check_active_groups
 from gating.layers.models import GatedLM, check_token_ids, padding_mask, per_layer
@@ -238,6 +238,11 @@ def _check_model(model):
   if not isinstance(model, GatedLM):
     raise ValueError(f'decoding needs a GatedLM, got {type(model).__name__}')
   for block in model.blocks:
+    rule = selection.RULES[block.attention.gate_rule]
+    if rule.per_token or rule.router == 'assignment':
+      raise ValueError(f'cached decoding decides each layer\'s gate once per sequence, at '
+                       f'prefill; gate={rule.name!r} is not supported (per token, or a slice '
+                       'assigned outside the model): use the full forward')
     # Prefill decides each layer's gate once, from the prompt: only a router that reads no
     # token after the prefix gives the gate that the full causal forward gives.
     if not block.attention.causal_safe:

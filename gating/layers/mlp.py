@@ -115,6 +115,9 @@ class GatedMLP(nnx.Module):
     check_active_groups(active_groups, num_groups, gate, path)
     check_shared_groups(shared_groups, active_groups, num_groups, gate)
     rule = selection.get_rule(gate)
+    if rule.per_token:
+      raise ValueError(f'gate={gate!r} decides per token and gates attention heads only; '
+                       "a GatedMLP's groups need a per-sequence rule")
     router = names.group_router_value(router)      # 'shared' -> 'attention'
     self.logits_from_attention = router == 'attention'
     if self.logits_from_attention and rule.router != 'input':

@@ -47,8 +47,9 @@ class EncoderOutput(NamedTuple):
 
 def _default_router(gate: str, pool: str) -> str:
   """The model's router kind: `pool`, or 'input_free' for a rule that pairs with
-  StaticRouter."""
-  return 'input_free' if get_rule(gate).router == 'input_free' else pool
+  StaticRouter, or 'token' for a per-token rule."""
+  rule = get_rule(gate)
+  return 'input_free' if rule.router == 'input_free' else 'token' if rule.per_token else pool
 
 
 def per_layer(value, num_layers: int, name: str = 'active_heads') -> list:

@@ -20,6 +20,8 @@ function and one `register_router(RouterKind(...))`. The kinds:
   prefix      s = mean over the valid tokens among the first P     (causal-safe; needs P)
   first       s = the first valid token, e.g. a [CLS] or task token (causal-safe for
               left-aligned sequences)
+  token       no pooling: s_BxLxD = x, one logit per unit and token, for a per-token rule
+              (selection's token_topk; causal-safe)
   input_free  no pooling: one learned logit per unit for every sequence (StaticRouter;
               causal-safe). Older spelling: 'static'.
 """
@@ -100,6 +102,13 @@ register_router(RouterKind(
 register_router(RouterKind(
     'first', _first, causal=True,
     meaning='the first valid token (token 0 of a left-aligned sequence)'))
+def _token(x_BxLxD, valid_BxL, **_):
+  return x_BxLxD
+
+
+register_router(RouterKind(
+    'token', _token, causal=True,
+    meaning='each token itself, for a per-token rule (token_topk): logits_BxLxH'))
 register_router(RouterKind(
     'input_free', None, causal=True,
     meaning='no token: one learned logit per unit, the same for every sequence'))
@@ -194,8 +203,13 @@ def resolve_router(gate: str, router: str | None, prefix_len: int | None) -> str
   ValueError names a bad combination."""
   rule = get_rule(gate)
   if router is None:
-    router = 'input_free' if rule.router == 'input_free' else 'mean'
+    router = ('input_free' if rule.router == 'input_free' else 'token' if rule.per_token
+              else 'mean')
   kind = get_router(router)
+  if rule.per_token != (kind.name == 'token'):
+    raise ValueError(f"gate={gate!r} with router={kind.name!r}: the 'token' router kind "
+                     'reads each token for a per-token rule (token_topk), and a per-token '
+                     'rule reads nothing else')
   if kind.needs_prefix and (prefix_len is None or prefix_len < 1):
     raise ValueError(f'router={kind.name!r} needs prefix_len=P >= 1 (the gate reads tokens '
                      f'0..P-1), got prefix_len={prefix_len!r}')

@@ -22,6 +22,11 @@ Rules (t is the temperature, a traced input):
   sigmoid        p = sigmoid(logits / t); open iff p > threshold.
   static         hard_concrete on a static router's logits (Voita et al. 2019): the same
                  math; the attention layer pairs this name with `StaticRouter`.
+  token_topk     topk's math on each token's logits_BxLxH (MoH; Jin et al. 2024), read by the
+                 'token' router kind: a per-token reference, masked path only (K/V and
+                 every head computed; no FLOPs saved). Its Gate per token is
+                 weights_BxLxH; what a layer returns and records is the mean over the
+                 valid tokens (`per_sequence`).
   top_p          p = softmax(logits / t); open the fewest heads, in order of p, whose
                  probabilities sum to at least `p` (option, default 0.9): head j is open
                  iff the mass of the heads ranked above it is < p. With a budget K
@@ -110,6 +115,8 @@ class Rule:
   options: Mapping[str, float | str] = dataclasses.field(default_factory=dict)  # defaults
   check_options: Callable[[Mapping[str, float | str]], None] | None = None  # ValueError
                                  # naming a bad value (after the kinds are checked)
+  per_token: bool = False        # decides per token (logits_BxLxU, the 'token' router
+                                 # kind): the masked path only, no gathered compute
 
   @property
   def needs_k(self) -> bool:
@@ -201,6 +208,9 @@ def check_budget(k, num_units: int, gate: str, path: str, *, name: str = 'active
   if k is None and path == 'gathered':
     raise ValueError(f"path='gathered' needs a static budget: pass {name}={symbol}")
   rule = get_rule(gate)
+  if rule.per_token and path == 'gathered':
+    raise ValueError(f"gate={gate!r} decides per token: it runs on path='masked' only "
+                     '(every head is computed; there is no gathered compute to save)')
   if k is None and rule.budget == 'required':
     raise ValueError(f'gate={gate!r} needs a budget: pass {name}={symbol}')
   if rule.budget == 'none' and k not in (None, num_units):
@@ -255,13 +265,29 @@ def with_shared(gate: Gate, shared: int) -> Gate:
   weights_BxU = [1_S, w_routed], idx_BxK = [0..S-1, S + idx_routed], probs_BxU = [1_S, p]."""
   if not shared:
     return gate
-  B = gate.weights_BxH.shape[0]
-  ones_BxS = jnp.ones((B, shared), gate.weights_BxH.dtype)
+  lead = gate.weights_BxH.shape[:-1]       # [B], or [B, L] for a per-token rule
+  ones_BxS = jnp.ones((*lead, shared), gate.weights_BxH.dtype)
   idx_BxK = None if gate.idx_BxK is None else jnp.concatenate(
-      [jnp.broadcast_to(jnp.arange(shared, dtype=gate.idx_BxK.dtype), (B, shared)),
-       gate.idx_BxK + shared], axis=1)
-  return Gate(jnp.concatenate([ones_BxS, gate.weights_BxH], axis=1), idx_BxK,
-              jnp.concatenate([ones_BxS.astype(gate.probs_BxH.dtype), gate.probs_BxH], axis=1))
+      [jnp.broadcast_to(jnp.arange(shared, dtype=gate.idx_BxK.dtype), (*lead, shared)),
+       gate.idx_BxK + shared], axis=-1)
+  return Gate(jnp.concatenate([ones_BxS, gate.weights_BxH], axis=-1), idx_BxK,
+              jnp.concatenate([ones_BxS.astype(gate.probs_BxH.dtype), gate.probs_BxH],
+                              axis=-1))
+
+
+def per_sequence(gate: Gate, valid_BxL: jax.Array | None) -> Gate:
+  """The per-sequence summary of a per-token Gate (weights_BxLxH): each head's weight and
+  probability averaged over the sequence's valid tokens, no indices. A per-sequence Gate
+  is returned as it is."""
+  if gate.weights_BxH.ndim == 2:
+    return gate
+  B, L, _ = gate.weights_BxH.shape
+  if valid_BxL is None:
+    valid_BxL = jnp.ones((B, L), bool)
+  w_BxLx1 = valid_BxL[:, :, None].astype(gate.weights_BxH.dtype)
+  count_Bx1 = jnp.maximum(w_BxLx1.sum(axis=1), 1)
+  mean = lambda a_BxLxH: (a_BxLxH * w_BxLx1.astype(a_BxLxH.dtype)).sum(axis=1) / count_Bx1
+  return Gate(mean(gate.weights_BxH), None, mean(gate.probs_BxH))
 
 
 def expand_units(gate: Gate, size: int) -> Gate:
@@ -273,11 +299,11 @@ def expand_units(gate: Gate, size: int) -> Gate:
     return gate
   idx_BxK = None
   if gate.idx_BxK is not None:
-    B, Ku = gate.idx_BxK.shape
-    idx_BxK = (gate.idx_BxK[:, :, None] * size
-               + jnp.arange(size, dtype=gate.idx_BxK.dtype)[None, None, :]).reshape(B, Ku * size)
-  return Gate(jnp.repeat(gate.weights_BxH, size, axis=1), idx_BxK,
-              jnp.repeat(gate.probs_BxH, size, axis=1))
+    *lead, Ku = gate.idx_BxK.shape
+    idx_BxK = (gate.idx_BxK[..., None] * size
+               + jnp.arange(size, dtype=gate.idx_BxK.dtype)).reshape(*lead, Ku * size)
+  return Gate(jnp.repeat(gate.weights_BxH, size, axis=-1), idx_BxK,
+              jnp.repeat(gate.probs_BxH, size, axis=-1))
 
 
 def straight_through(open_BxH: jax.Array, p_BxH: jax.Array) -> jax.Array:
@@ -286,8 +312,8 @@ def straight_through(open_BxH: jax.Array, p_BxH: jax.Array) -> jax.Array:
 
 
 def one_hot_sum(idx_BxK: jax.Array, num_heads: int) -> jax.Array:
-  """Boolean membership mask_BxH of the indices idx_BxK."""
-  return jax.nn.one_hot(idx_BxK, num_heads, dtype=jnp.int32).sum(axis=1) > 0
+  """Boolean membership mask_BxH of the indices idx_BxK (or [..., K] -> [..., H])."""
+  return jax.nn.one_hot(idx_BxK, num_heads, dtype=jnp.int32).sum(axis=-2) > 0
 
 
 def add_noise(logits_BxH: jax.Array, noise: str | None, scale: float, rng) -> jax.Array:
@@ -456,6 +482,11 @@ register(Rule(
     options=types.MappingProxyType({'assigner': 'label'}), check_options=_check_slice_options,
     meaning='the heads of the slice assigned to the sequence (E = (H - S) / (K - S) disjoint '
             'slices plus the S shared heads), the same slice in every layer'))
+
+register(Rule(
+    'token_topk', topk, budget='required', per_token=True, label='per-token top-k',
+    meaning='per token, the top-K heads by the token\'s router logits (MoH; K/V computed '
+            'for every head), masked path only'))
 
 DEFAULT_TEMPERATURE = types.MappingProxyType({n: r.temperature for n, r in RULES.items()})
 

@@ -162,6 +162,8 @@ def unsupported(cfg: TrainConfig, path: str, k) -> str | None:
             f'K={k} cannot run')
   if get_rule(m.gate).budget == 'none' and any(one != m.num_heads for one in ks):
     return f'the {m.gate!r} gate opens all {m.num_heads} heads; it runs at K={m.num_heads} only'
+  if get_rule(m.gate).per_token and path == 'gathered':
+    return f'the {m.gate!r} gate decides per token: it runs on the masked path only'
   if get_rule(m.gate).router == 'assignment' and k != own_budget(cfg):
     return (f'the {m.gate!r} gate runs the slice each sequence was assigned, of the size it '
             f'trained with: K={own_budget(cfg)} only')
@@ -272,8 +274,10 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
   reference = once('masked', training_gate_budget(cfg))
   own = own_budget(cfg)
   own_json = list(own) if isinstance(own, tuple) else own
-  budgeted = once('gathered', own)
-  gap = {'K': own_json, **{name: budgeted[name] - reference[name] for name in
+  # A per-token gate has no gathered path: its gap is taken on the masked path (0).
+  gap_path = 'masked' if get_rule(gate).per_token else 'gathered'
+  budgeted = once(gap_path, own)
+  gap = {'K': own_json, 'path': gap_path, **{name: budgeted[name] - reference[name] for name in
                            ('loss', 'accuracy', 'bits_per_token', 'exact_match',
                             'active_fraction')}}
   return {'workdir': run.workdir, 'step': run.step, 'final_step': cfg.steps, 'split': split,
@@ -282,5 +286,5 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
           'flops_counted_as': 'XLA cost_analysis flops of the compiled eval step / (B*L)',
           'results': results,
           'training_gate': {'meaning': get_rule(gate).meaning, **reference},
-          'gap': {'meaning': 'gathered path at the run\'s own K minus the masked path with '
-                             'the training gate', **gap}}
+          'gap': {'meaning': f'{gap_path} path at the run\'s own K minus the masked path '
+                             'with the training gate', **gap}}

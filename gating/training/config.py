@@ -133,6 +133,8 @@ class ModelConfig:
     except ValueError as e:
       raise ValueError(f'model.gate_options: {e}') from None
     _check(self.path in PATHS, 'model.path', f'must be one of {PATHS}, got {self.path!r}')
+    _check(not (rule.per_token and self.path == 'gathered'), 'model.path',
+           f"gate={self.gate!r} decides per token: it trains on path 'masked' only")
     _check(self.eval_path in PATHS, 'model.eval_path',
            f'must be one of {PATHS}, got {self.eval_path!r}')
     _check(self.noise in NOISES, 'model.noise', f'must be one of {NOISES}, got {self.noise!r}')
@@ -228,8 +230,9 @@ class ModelConfig:
 
   @property
   def effective_eval_path(self) -> str:
-    """A rule without a budget (dense) evaluates on the masked path."""
-    return 'masked' if get_rule(self.gate).budget == 'none' else self.eval_path
+    """A rule without a budget (dense), or a per-token rule, evaluates on the masked path."""
+    rule = get_rule(self.gate)
+    return 'masked' if rule.budget == 'none' or rule.per_token else self.eval_path
 
   @property
   def budget(self) -> tuple[int, ...]:

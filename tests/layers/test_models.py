@@ -44,6 +44,10 @@ def tokens(b=2, seed=0):
 @pytest.mark.parametrize('gate', gating.RULES)
 @pytest.mark.parametrize('path', ['masked', 'gathered'])
 def test_causality_through_gradients(gate, path):
+  if gating.RULES[gate].per_token and path == 'gathered':
+    with pytest.raises(ValueError, match=r"decides per token: it runs on path='masked' only"):
+      lm(gate, path=path)
+    return
   model = lm(gate, path=path, positions='rotary' if gate == 'sigmoid' else 'learned',
              noise='gumbel' if gate == 'topk' else None, deterministic=False)
   model.trunk.token_embed = ShiftedEmbed(model.trunk.token_embed, L, nnx.Rngs(1))

@@ -123,3 +123,16 @@ def test_a_call_without_slice_b_or_with_a_bad_id_is_refused():
   with pytest.raises(ValueError, match=r"slice_B is for gate='slices'; this layer's gate is "
                                        r"'topk'"):
     topk(tokens(), slice_B=jnp.array([0, 1, 2]))
+
+
+def test_through_linen_the_call_takes_slice_b():
+  import gating.linen  # pylint: disable=import-outside-toplevel
+  attention = gating.linen.gated_attention(H, D, gate='slices', active_heads=4,
+                                           shared_heads=2, path='gathered', name='attn')
+  x = jax.random.normal(jax.random.key(0), (3, L, D))
+  slice_B = jnp.array([0, 0, 2])
+  variables = attention.init({'params': jax.random.key(1)}, x, slice_B=slice_B)
+  y, updates = attention.apply(variables, x, slice_B=slice_B, mutable=['gate_stats'])
+  assert y.shape == x.shape
+  np.testing.assert_allclose(updates['gate_stats']['head_usage'],
+                             [1, 1, 2 / 3, 2 / 3, 0, 0, 1 / 3, 1 / 3], atol=1e-6)
