@@ -83,6 +83,14 @@ def test_a_cluster_run_stores_its_centroids_and_resumes_with_them(tmp_path):
   assert 0.0 <= report['test_prefix_agreement'] <= 1.0
   assert report['test_prefix_agreement'] == slices.agreement(splits.test)
 
+  # Evaluation reads the stored assigner: at the run's own K only, both paths agree.
+  from gating.study import evaluation  # pylint: disable=import-outside-toplevel
+  report = evaluation.evaluate_run(evaluation.load_run(str(run)), split='test')
+  by = {(r['path'], r['K']): r for r in report['results']}
+  assert 'trained with: K=4 only' in by[('gathered', 8)]['skipped']
+  assert abs(by[('gathered', 4)]['loss'] - summary['test']['loss']) < 1e-4
+  assert abs(report['gap']['loss']) < 1e-4
+
   # Centroids of other data are refused, naming the file.
   other = dataclasses.replace(CLUSTER, data=dataclasses.replace(CLUSTER.data, seed=7))
   with pytest.raises(ValueError, match=r"slices.npz: the cluster assigner's centroids were "
