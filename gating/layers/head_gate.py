@@ -171,7 +171,8 @@ class HeadGating:
     """logits_BxR (float32) of the R routed units (heads, or KV groups under
     unit='kv_group', less the shared ones); zeros for the dense gate, which has no router;
     for gate='slices', the indicator of each sequence's slice `slice_B` at budget k
-    (selection.slice_indicator)."""
+    (selection.slice_indicator); another rule ignores slice_B (a model whose layers mix
+    rules passes it to every layer; the models refuse it when no layer reads it)."""
     if selection.RULES[self.gate_rule].router == 'assignment':
       k = self.active_heads if k is None else k
       size = self.unit_size
@@ -179,9 +180,6 @@ class HeadGating:
       selection.check_slice_ids(slice_B, inputs_q.shape[0], count)
       return selection.slice_indicator(slice_B, self.num_units - self.shared_units,
                                        (k - self.shared_heads) // size)
-    if slice_B is not None:
-      raise ValueError(f"slice_B is for gate='slices'; this layer's gate is "
-                       f'{self.gate_rule!r}')
     if self.router is None:
       return jnp.zeros((inputs_q.shape[0], self.num_units), jnp.float32)
     return self.router(inputs_q, valid_BxL)

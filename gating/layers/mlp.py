@@ -285,9 +285,6 @@ class GatedMLP(nnx.Module):
                                    units='groups')
       selection.check_slice_ids(slice_B, x_BxLxD.shape[0], count)
       return selection.slice_indicator(slice_B, self.routed_groups, k - self.shared_groups)
-    if slice_B is not None:
-      raise ValueError(f"slice_B is for gate='slices'; this GatedMLP's gate is "
-                       f'{self.gate_rule!r}')
     if self.logits_from_attention:
       expected = (x_BxLxD.shape[0], self.routed_groups)
       if logits_BxG is None or logits_BxG.shape != expected:

@@ -186,6 +186,10 @@ class _Trunk(nnx.Module):
     slice_B: each sequence's slice (gate='slices'), the same in every layer."""
     if active_groups is not None and self.mlp_groups is None:
       raise ValueError('active_groups needs a model built with mlp_groups')
+    if slice_B is not None and not any(getattr(m, 'num_slices', None)
+                                       for _, m in nnx.iter_graph(self)):
+      raise ValueError("slice_B is for gate='slices'; no layer of this model reads it (gate "
+                       f'{self.blocks[0].attention.gate_rule!r})')
     B, L = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L)[None, :], (B, L))

@@ -300,8 +300,8 @@ def expand_units(gate: Gate, size: int) -> Gate:
   idx_BxK = None
   if gate.idx_BxK is not None:
     *lead, Ku = gate.idx_BxK.shape
-    idx_BxK = (gate.idx_BxK[..., None] * size
-               + jnp.arange(size, dtype=gate.idx_BxK.dtype)).reshape(*lead, Ku * size)
+    offsets = jnp.arange(size, dtype=gate.idx_BxK.dtype).reshape((1,) * (len(lead) + 1) + (size,))
+    idx_BxK = (gate.idx_BxK[..., None] * size + offsets).reshape(*lead, Ku * size)
   return Gate(jnp.repeat(gate.weights_BxH, size, axis=-1), idx_BxK,
               jnp.repeat(gate.probs_BxH, size, axis=-1))
 

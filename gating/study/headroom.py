@@ -277,5 +277,7 @@ def _forward(graphdef, state, rows, layer_path, logits_H, k):
     attn.noise, attn.scaled_weights, attn.shared_heads = None, False, 0  # search every unit
     attn.router = StaticRouter(attn.num_units)
     attn.router.logits_H[...] = logits_H
+    if not any(getattr(m, 'num_slices', None) for _, m in nnx.iter_graph(model)):
+      rows = {k: v for k, v in rows.items() if k != 'slice'}   # no slices layer is left
   ce, _, weight, gate_weights_BxNxH = train.task_outputs(model, rows, deterministic=True)
   return ce * weight, weight, gate_weights_BxNxH != 0

@@ -120,8 +120,8 @@ def test_a_call_without_slice_b_or_with_a_bad_id_is_refused():
   with pytest.raises(ValueError, match=r'slice_B must have shape \(3,\)'):
     model(tokens(), slice_B=jnp.array([0, 1]))
   topk = slices_lm(gate='topk', gate_options=None)
-  with pytest.raises(ValueError, match=r"slice_B is for gate='slices'; this layer's gate is "
-                                       r"'topk'"):
+  with pytest.raises(ValueError, match=r"slice_B is for gate='slices'; no layer of this "
+                                       r"model reads it \(gate 'topk'\)"):
     topk(tokens(), slice_B=jnp.array([0, 1, 2]))
 
 

@@ -68,6 +68,12 @@ def test_a_label_run_trains_each_label_in_its_slice_and_reports_it(tmp_path):
     want[[0, 1, 2 + t]] = 1
     np.testing.assert_array_equal(summary['test']['per_label'][name]['usage'], [want])
 
+  # The headroom oracle reads a slices model (its searched layer forced, the rest sliced).
+  from experiments import headroom  # pylint: disable=import-outside-toplevel
+  headroom.main(['--workdir', str(tmp_path / 'run'), '--k', '3', '--max-sequences', '24'])
+  layer = json.load(open(tmp_path / 'run' / 'headroom.json'))['layers'][0]
+  assert layer['router'] is not None and len(layer['by_label_subsets']) == 6
+
 
 def test_a_cluster_run_stores_its_centroids_and_resumes_with_them(tmp_path):
   run = tmp_path / 'run'
