@@ -81,9 +81,9 @@ def new_gate_stats(num_units: int) -> tuple[GateStats, GateStats, GateStats, Gat
 def record_gate(usage: GateStats, prob: GateStats, weight: GateStats, z_loss: GateStats,
                 logits_BxU: jax.Array, gate, has_router: bool) -> None:
   """Writes a layer's gate statistics over its U units (heads or channel groups): usage
-  [U] (fraction of sequences with the unit open; of tokens, for a per-token gate), prob [U] (mean open probability),
-  weight [U] (mean gate weight) and the router z-loss mean(logsumexp(logits)^2) (0
-  without a router)."""
+  [U] (fraction of sequences with the unit open; of tokens, for a per-token gate), prob
+  [U] (mean open probability), weight [U] (mean gate weight) and the router z-loss
+  mean(logsumexp(logits)^2) (0 without a router)."""
   U = gate.weights_BxH.shape[-1]
   open_BxU = jax.lax.stop_gradient(gate.weights_BxH).reshape(-1, U) != 0
   # set_value, not `usage[...] = `: the indexed write asks a traced value for its sharding,
