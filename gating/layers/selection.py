@@ -39,7 +39,8 @@ Rules (t is the temperature, a traced input):
 
 Options (`gate_options`): sigmoid `threshold` (0.5); hard_concrete and static `gamma`,
 `zeta` (the stretch, -0.1 and 1.1); top_p `p` (0.9); slices `assigner` (a name: 'label',
-the data's label, or 'cluster', balanced k-means; gating.training.slices).
+the data's label, 'cluster', balanced k-means, or 'prefix_loss', SmallTalk's; and
+`rounds`, prefix_loss's reassignments, 2; gating.training.slices).
 
 Weights of open heads are exactly 1 in value by default, with the gradient of p
 (straight-through):  w = open + (p - stop_gradient(p))  for every head, so a closed head
@@ -398,13 +399,16 @@ def slices(indicator_BxR, *, k, **_):
                   indicator_BxR)
 
 
-SLICE_ASSIGNERS = ('label', 'cluster')   # gating.training.slices assigns the sequences
+SLICE_ASSIGNERS = ('label', 'cluster', 'prefix_loss')   # gating.training.slices
 
 
 def _check_slice_options(options) -> None:
   if options['assigner'] not in SLICE_ASSIGNERS:
     raise ValueError(f"the 'slices' rule's option assigner must be one of {SLICE_ASSIGNERS}, "
                      f"got {options['assigner']!r}")
+  if options['rounds'] < 1 or options['rounds'] != int(options['rounds']):
+    raise ValueError(f"the 'slices' rule's option rounds (prefix_loss reassignments) must "
+                     f"be a whole number >= 1, got {options['rounds']}")
 
 
 def num_slices(routed: int, routed_budget, *, budget: str = 'active_heads',
@@ -479,7 +483,8 @@ register(Rule(
 
 register(Rule(
     'slices', slices, budget='required', router='assignment', label='slices',
-    options=types.MappingProxyType({'assigner': 'label'}), check_options=_check_slice_options,
+    options=types.MappingProxyType({'assigner': 'label', 'rounds': 2.0}),
+    check_options=_check_slice_options,
     meaning='the heads of the slice assigned to the sequence (E = (H - S) / (K - S) disjoint '
             'slices plus the S shared heads), the same slice in every layer'))
 

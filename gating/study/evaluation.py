@@ -44,7 +44,7 @@ import numpy as np
 
 from gating import data
 from gating.layers.selection import get_rule
-from gating.training import checkpoint
+from gating.training import checkpoint, slices
 from gating.training import loop as train
 from gating.training.config import PATHS, TrainConfig, from_dict, override
 
@@ -102,6 +102,11 @@ def load_run(workdir: str, step: int | None = None, data_overrides: Sequence[str
         check=lambda meta: train.check_compatible(meta, cfg, splits.info, workdir))
   finally:
     mngr.close()
+  if slices.is_prefix_loss(cfg.model):   # routed by the restored model's prefix losses
+    score = slices.prefix_scorer(graphdef, slices.slice_count(cfg.model))
+    splits = slices.route_by_prefix_loss(splits, score, state,
+                                         cfg.model.prefix_len or splits.info.prompt_len,
+                                         cfg.batch_size, whole=True)
   return Run(workdir, cfg, splits, graphdef, state, step)
 
 

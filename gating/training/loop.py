@@ -769,6 +769,12 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
                        **({'schedule_extended': extended[-1]}
                           if loaded is not None and extended[-1] else {})})
   state = distributed.replicate(state, replicated)
+  prefix_rounds = slices.is_prefix_loss(cfg.model)
+  if prefix_rounds:   # SmallTalk: the assignment in force at `start`, and the rounds to come
+    score_slices = slices.prefix_scorer(graphdef, slices.slice_count(cfg.model))
+    prefix_len = cfg.model.prefix_len or info.prompt_len
+    splits = slices.at_step(splits, assigner, start)
+    round_at = set(slices.round_steps(cfg.steps, slices.rounds_of(cfg.model)))
 
   steps_fn = {}
 
@@ -826,6 +832,12 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   last_step = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
   for step in range(start + 1, last_step + 1):
     k = losses.k_at(step - 1, cfg.k_schedule, final_k)
+    if prefix_rounds and step - 1 in round_at:   # reassign after step - 1 steps
+      splits, slice_N = slices.reassign_training_rows(splits, score_slices, state, prefix_len,
+                                                      cfg.batch_size)
+      assigner = slices.add_round(assigner, step - 1, slice_N)
+      if main_process:
+        slices.save(workdir, assigner)
     batch = train_batch(splits.train, step - 1, cfg, batch_sharding)
     t_dispatch = time.time()
     state, metrics = step_fn(k)(state, batch, jnp.int32(step - 1))
@@ -837,6 +849,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     if evaluate_now or save_now:
       last_metrics, pending = flush(pending), None
       if evaluate_now:
+        if prefix_rounds:
+          splits = slices.route_by_prefix_loss(splits, score_slices, state, prefix_len,
+                                               cfg.batch_size)
         result = run_eval(step)
         bar.set_postfix(val_loss=f'{result["loss"]:.3f}', val_acc=f'{result["accuracy"]:.3f}')
       if save_now:
@@ -859,6 +874,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       w_and_b.close()
     return None
 
+  if prefix_rounds:
+    splits = slices.route_by_prefix_loss(splits, score_slices, state, prefix_len,
+                                         cfg.batch_size, whole=True)
   summary = {'steps': cfg.steps, 'tokens_seen': cfg.steps * tokens_per_step,
              **training_flops(cfg, graphdef, state, train_batch(splits.train, 0, cfg,
                                                                 batch_sharding), step_fn),

@@ -7,6 +7,9 @@ assigner is the rule's option `assigner` (model.gate_options=assigner=NAME):
 
   label    slice = the row's label (the synthetic task, the text domain; DEMix's routing by
            domain): the oracle, at train and test time. Needs exactly E labels.
+  prefix_loss  SmallTalk LM's assignment, refined during training (`rounds` times; see
+           its section below); needs the model, so validation and test rows are routed
+           when the run evaluates.
   cluster  balanced k-means (c-BTM) with E clusters on a cheap document feature, fitted
            once on the training split:
              f(x) = l2-normalize( log(1 + c(x)) * idf ),
@@ -55,6 +58,11 @@ def slice_count(model_cfg) -> int:
 
 def assigner_of(model_cfg) -> str:
   return str(dict(model_cfg.gate_options).get('assigner', 'label'))
+
+
+def rounds_of(model_cfg) -> int:
+  """The prefix_loss assigner's reassignment rounds (the rule's option `rounds`)."""
+  return int(dict(model_cfg.gate_options).get('rounds', 2))
 
 
 def features(tokens_NxL: np.ndarray, valid_NxL: np.ndarray, idf_J: np.ndarray | None = None
@@ -161,6 +169,9 @@ def load_or_fit(splits, num_clusters: int, seed: int, workdir: str | None):
   if path is None or not os.path.exists(path):
     return fit_cluster(splits, num_clusters, seed), False
   with np.load(path) as stored:
+    if 'centroids' not in stored:
+      raise ValueError(f'{path} holds another assigner\'s slices, not k-means centroids')
+  with np.load(path) as stored:
     fitted = {k: stored[k] for k in ('idf', 'centroids', 'data')}
   if str(fitted['data']) != _fingerprint(splits.info):
     raise ValueError(f"{path}: the cluster assigner's centroids were fitted on other data "
@@ -173,7 +184,11 @@ def load_or_fit(splits, num_clusters: int, seed: int, workdir: str | None):
 
 
 def save(workdir: str, fitted: dict[str, np.ndarray]) -> None:
-  np.savez(os.path.join(workdir, STORE), **fitted)
+  """Writes slices.npz whole or not at all (a temporary file, then a rename)."""
+  path = os.path.join(workdir, STORE)
+  with open(path + '.tmp', 'wb') as f:
+    np.savez(f, **fitted)
+  os.replace(path + '.tmp', path)
 
 
 def assign(splits, model_cfg, seed: int, prefix_len: int, workdir: str | None = None):
@@ -187,7 +202,12 @@ def assign(splits, model_cfg, seed: int, prefix_len: int, workdir: str | None = 
     raise ValueError(f'{E} slices need at least {E} training rows; the training split has '
                      f'{len(splits.train)}')
   fitted = None
-  if assigner == 'label':
+  if assigner == 'prefix_loss':   # validation and test are routed with the model, later
+    slice_N, fitted = initial_prefix_loss(splits, E, seed, workdir)
+    zeros = lambda name: np.zeros(len(getattr(splits, name)), np.int64)
+    per_split = {'train': (slice_N, slice_N), 'validation': (zeros('validation'),) * 2,
+                 'test': (zeros('test'),) * 2}
+  elif assigner == 'label':
     if len(names) != E:
       raise ValueError(f"assigner 'label' gives each label its slice: the data has "
                        f'{len(names)} label(s) {list(names)}, the model {E} slices; choose '
@@ -232,3 +252,144 @@ def agreement(dataset) -> float:
 def counts(dataset, num_slices: int) -> list[int]:
   """Rows per slice."""
   return np.bincount(dataset.with_format('numpy')['slice'], minlength=num_slices).tolist()
+
+
+# -- prefix_loss (SmallTalk LM, 2025) ---------------------------------------------------
+#
+# The training rows start in balanced random slices; after `rounds` evenly spaced points of
+# the run (`round_steps`) each training row moves to the slice whose weights give its
+# prefix (the first P tokens) the lowest mean next-token loss, under the same balance as
+# k-means (`balanced_assign` on -loss: at most ceil(N / E) rows a slice, so one slice
+# that learns fastest cannot take every row). Validation and test rows are routed by the
+# same rule without the balance: the slice of lowest loss on their prefix (E passes of
+# the model over P tokens), and `slice_whole` is the slice of lowest loss over the whole
+# sequence. The rounds' assignments are stored in slices.npz, so a resumed run trains on
+# the assignment of its step.
+
+
+def is_prefix_loss(model_cfg) -> bool:
+  return model_cfg.gate == 'slices' and assigner_of(model_cfg) == 'prefix_loss'
+
+
+def round_steps(steps: int, rounds: int) -> list[int]:
+  """The steps after which the training rows are reassigned: r * steps // (rounds + 1) for
+  r = 1..rounds (distinct, in (0, steps))."""
+  return sorted({r * steps // (rounds + 1) for r in range(1, rounds + 1)} - {0, steps})
+
+
+def balanced_random(num_rows: int, num_slices: int, seed: int) -> np.ndarray:
+  """slice_N: row i of a seeded permutation goes to slice i mod E (sizes differ by <= 1)."""
+  order = np.random.default_rng([0x5A11, seed]).permutation(num_rows)
+  slice_N = np.empty(num_rows, np.int64)
+  slice_N[order] = np.arange(num_rows) % num_slices
+  return slice_N
+
+
+def prefix_scorer(graphdef, num_slices: int):
+  """A jitted (state, tokens_BxT, valid_BxT) -> loss_BxE: each sequence's mean next-token
+  cross-entropy over its T tokens when it runs slice e, for every e (the model run E
+  times; token t predicts token t + 1 where both are valid)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from gating.training import losses  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def score(state, tokens_BxT, valid_BxT):
+    learner, _ = nnx.merge(graphdef, state)
+    B = tokens_BxT.shape[0]
+    pair_BxT = jnp.concatenate([valid_BxT[:, :-1] & valid_BxT[:, 1:],
+                                jnp.zeros((B, 1), bool)], axis=1).astype(jnp.float32)
+    out = []
+    for e in range(num_slices):
+      logits = learner.model(tokens_BxT, valid_BxL=valid_BxT, deterministic=True,
+                             slice_B=jnp.full((B,), e, jnp.int32)).logits_BxLxV
+      ce_BxT, _ = losses.next_token_losses(logits, tokens_BxT)
+      out.append((ce_BxT * pair_BxT).sum(axis=1) / jnp.maximum(pair_BxT.sum(axis=1), 1.0))
+    return jnp.stack(out, axis=1)
+  return score
+
+
+def losses_by_slice(score, state, dataset, length: int, batch_size: int) -> np.ndarray:
+  """loss_NxE of `prefix_scorer` over every row of `dataset`, reading its first `length`
+  tokens (the last batch filled up with repeats, one compiled shape)."""
+  from gating import data  # pylint: disable=import-outside-toplevel
+  out = []
+  for rows in data.eval_batches(dataset, batch_size):
+    n = len(rows['tokens'])
+    tokens, valid = rows['tokens'][:, :length], rows['valid'][:, :length]
+    if n < batch_size:
+      tokens, valid = (np.resize(a, (batch_size,) + a.shape[1:]) for a in (tokens, valid))
+    out.append(np.asarray(score(state, tokens, valid))[:n])
+  return np.concatenate(out)
+
+
+def _with_column(dataset, name: str, values: np.ndarray):
+  if name in dataset.column_names:
+    dataset = dataset.remove_columns(name)
+  return dataset.add_column(name, np.asarray(values, np.int32).tolist()).with_format('numpy')
+
+
+def reassign_training_rows(splits, score, state, prefix_len: int, batch_size: int):
+  """(splits with the training rows moved to their balanced lowest-prefix-loss slices,
+  the new slice_N)."""
+  loss_NxE = losses_by_slice(score, state, splits.train, prefix_len, batch_size)
+  slice_N = balanced_assign(-loss_NxE)
+  train = _with_column(_with_column(splits.train, 'slice', slice_N), 'slice_whole', slice_N)
+  return splits._replace(train=train), slice_N
+
+
+def route_by_prefix_loss(splits, score, state, prefix_len: int, batch_size: int,
+                         whole: bool = False):
+  """splits whose validation and test rows run the slice of lowest loss on their prefix;
+  with `whole`, `slice_whole` is the slice of lowest loss over the whole sequence (for the
+  agreement), else it is left as it was."""
+  routed = {}
+  for name in ('validation', 'test'):
+    dataset = getattr(splits, name)
+    prefix_N = np.argmin(losses_by_slice(score, state, dataset, prefix_len, batch_size), 1)
+    dataset = _with_column(dataset, 'slice', prefix_N)
+    if whole:
+      length = splits.info.seq_len
+      whole_N = np.argmin(losses_by_slice(score, state, dataset, length, batch_size), 1)
+      dataset = _with_column(dataset, 'slice_whole', whole_N)
+    routed[name] = dataset
+  return splits._replace(**routed)
+
+
+def initial_prefix_loss(splits, num_slices: int, seed: int, workdir: str | None):
+  """(train slice_N at the start, the store {'data', 'round_steps', 'train_slices'}): the
+  run's stored rounds when `workdir` holds them (other data refused), else round 0, the
+  balanced random assignment."""
+  path = None if workdir is None else os.path.join(workdir, STORE)
+  if path is not None and os.path.exists(path):
+    with np.load(path) as stored:
+      if 'round_steps' not in stored:
+        raise ValueError(f"{path} holds another assigner's slices, not prefix_loss rounds")
+      store = {k: stored[k] for k in ('data', 'round_steps', 'train_slices')}
+    if str(store['data']) != _fingerprint(splits.info):
+      raise ValueError(f"{path}: the prefix_loss assigner's rounds were made on other data "
+                       f'(data {str(store["data"])}, this run\'s {_fingerprint(splits.info)})')
+    return store['train_slices'][0], store
+  slice_N = balanced_random(len(splits.train), num_slices, seed)
+  return slice_N, {'data': np.asarray(_fingerprint(splits.info)),
+                   'round_steps': np.zeros((0,), np.int64), 'train_slices': slice_N[None]}
+
+
+def at_step(splits, store, step: int):
+  """splits whose training rows carry the stored assignment in force at `step` (the last
+  round made at or before it)."""
+  made = [i + 1 for i, s in enumerate(store['round_steps']) if s <= step]
+  slice_N = store['train_slices'][made[-1] if made else 0]
+  train = _with_column(_with_column(splits.train, 'slice', slice_N), 'slice_whole', slice_N)
+  return splits._replace(train=train)
+
+
+def add_round(store, step: int, slice_N: np.ndarray):
+  """The store with the round made after `step` (a round already stored at `step` is
+  replaced: the assignment is a function of the checkpoint, so it is the same)."""
+  keep = [i for i, s in enumerate(store['round_steps']) if s < step]
+  return {'data': store['data'],
+          'round_steps': np.asarray([store['round_steps'][i] for i in keep] + [step], np.int64),
+          'train_slices': np.concatenate([store['train_slices'][[0] + [i + 1 for i in keep]],
+                                          slice_N[None]])}

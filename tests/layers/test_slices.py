@@ -101,8 +101,10 @@ def test_grouped_query_slices_are_whole_kv_groups():
     (dict(active_groups=None, path='masked'), r"gate='slices' needs a budget: pass "
                                               r'active_groups=Kf'),
     (dict(gate_options={'assigner': 'kmeans'}), r"assigner must be one of \('label', "
-                                                r"'cluster'\), got 'kmeans'"),
+                                                r"'cluster', 'prefix_loss'\), got 'kmeans'"),
     (dict(gate_options={'assigner': 3.0}), r'assigner=3.0 .* must be a name'),
+    (dict(gate_options={'assigner': 'prefix_loss', 'rounds': 0.5}),
+     r"option rounds \(prefix_loss reassignments\) must be a whole number >= 1, got 0.5"),
 ])
 def test_bad_slices_are_refused_when_the_model_is_built(kwargs, message):
   with pytest.raises(ValueError, match=message):

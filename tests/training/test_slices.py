@@ -115,3 +115,50 @@ def test_an_assignment_the_data_cannot_give_is_refused_before_any_folder(tmp_pat
   with pytest.raises(ValueError, match=message):
     train.train(cfg, str(tmp_path / 'run'), progress=False)
   assert not os.path.exists(tmp_path / 'run')
+
+
+PREFIX_LOSS = dataclasses.replace(CLUSTER, model=dataclasses.replace(
+    CLUSTER.model, gate_options=(('assigner', 'prefix_loss'), ('rounds', 2))))
+
+
+def test_prefix_loss_rounds_and_the_random_start():
+  assert slices.round_steps(8, 2) == [2, 5] and slices.round_steps(12, 3) == [3, 6, 9]
+  a = slices.balanced_random(100, 3, seed=0)
+  np.testing.assert_array_equal(a, slices.balanced_random(100, 3, seed=0))
+  assert sorted(np.bincount(a).tolist()) == [33, 33, 34]
+  assert not np.array_equal(a, slices.balanced_random(100, 3, seed=1))
+
+
+def test_a_prefix_loss_run_reassigns_resumes_exactly_and_routes_by_the_prefix(tmp_path):
+  whole = train.train(PREFIX_LOSS, str(tmp_path / 'whole'), progress=False)
+  store = np.load(tmp_path / 'whole' / slices.STORE)
+  np.testing.assert_array_equal(store['round_steps'], [2, 5])
+  assert store['train_slices'].shape == (3, 256)          # the random start and 2 rounds
+  assert not np.array_equal(store['train_slices'][0], store['train_slices'][1])
+  for slice_N in store['train_slices']:
+    assert np.bincount(slice_N, minlength=3).max() <= -(-256 // 3)    # balanced
+  report = whole['slices']
+  assert report['assigner'] == 'prefix_loss' and 0 <= report['test_prefix_agreement'] <= 1
+
+  # Stopped between the rounds, it resumes on the stored round and ends the same.
+  assert train.train(PREFIX_LOSS, str(tmp_path / 'split'), progress=False,
+                     stop_after=4) is None
+  split = train.train(PREFIX_LOSS, str(tmp_path / 'split'), progress=False)
+  assert split['test']['loss'] == whole['test']['loss']
+  np.testing.assert_array_equal(np.load(tmp_path / 'split' / slices.STORE)['train_slices'],
+                                store['train_slices'])
+
+  # Test rows are routed by their prefix alone: later tokens do not move the choice.
+  from gating.study import evaluation  # pylint: disable=import-outside-toplevel
+  run = evaluation.load_run(str(tmp_path / 'whole'))
+  score = slices.prefix_scorer(run.graphdef, 3)
+  P = run.splits.info.prompt_len
+  cols = run.splits.test.with_format('numpy')[:]
+  changed = dict(cols, tokens=np.concatenate(
+      [cols['tokens'][:, :P], np.roll(cols['tokens'][:, P:], 1, axis=0)], axis=1))
+  import datasets  # pylint: disable=import-outside-toplevel
+  before = slices.losses_by_slice(score, run.state, run.splits.test, P, 16)
+  after = slices.losses_by_slice(score, run.state, datasets.Dataset.from_dict(
+      changed, features=run.splits.test.features).with_format('numpy'), P, 16)
+  np.testing.assert_array_equal(before, after)
+  np.testing.assert_array_equal(np.argmin(before, 1), cols['slice'])
