@@ -86,6 +86,10 @@ Specialization built by the data (c-BTM, SmallTalk; gate='slices'):
                 and MLP groups of 8 (E = 3, the thin model's active width) assigned by
                 domain label and by balanced k-means (routed by the first 32 bytes at
                 validation). A first look at one small budget, before the study.
+  slices_pilot_b  the same settings, two more rows (built after the first half ran):
+                slices by prefix loss (SmallTalk, two rounds) and per-token MoH
+                (token_topk, 2 shared + 2 routed heads per token, MoH's weights, the thin
+                model's MLP; masked path, every head computed).
 
 The default job (`python -m experiments.train`, preset `sums`: the same benchmark at
 10000 steps, top-k at K = 2 after 2500 steps with all 8 heads open, in one run):
@@ -195,6 +199,16 @@ SWEEPS = {
                 'slices_cluster': slices('cluster')},
         description='a first look at slices against thin dense at one small budget '
                     '(300 steps), validation'),
+    'slices_pilot_b': Sweep(
+        name='slices_pilot_b', preset='text', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'steps=300'),
+        points={'slices_prefix_loss': slices('prefix_loss'),
+                'token_topk': ['model.gate=token_topk', 'model.active_heads=4',
+                               'model.shared_heads=2', 'model.path=masked',
+                               'model.noise=none', 'model.scaled_weights=true',
+                               'model.mlp_features=256', 'model.mlp_groups=none',
+                               'model.active_groups=none']},
+        description="the pilot's other two rows: slices by prefix loss, per-token MoH"),
     'synthetic': Sweep(
         name='synthetic', preset='synthetic', points=grid((1, 2, 4), steps=6000, warm=3000),
         seeds=(0, 1, 2), common=(f'model.num_heads={H}',),
