@@ -61,13 +61,16 @@ class Learner(nnx.Module):
 
 def load_data(cfg: TrainConfig, workdir: str | None = None) -> data.Splits:
   """The run's splits; the classification form when the model is an encoder. With
-  gate='slices' every row also carries its slice (`slices.assign`; the cluster assigner
-  stored in `workdir`, if it holds one, is read instead of fitted again)."""
+  gate='slices' every row also carries its slice (`slices.assign`; an assigner stored in
+  `workdir`, if it holds one, is read instead of fitted again). Under assigner
+  'prefix_loss' the validation and test rows carry slice 0 until a model routes them
+  (`slices.route_by_prefix_loss`; the loop and `evaluation.load_run` do)."""
   return load_data_and_assigner(cfg, workdir)[0]
 
 
 def load_data_and_assigner(cfg: TrainConfig, workdir: str | None = None):
-  """(load_data's splits, the fitted cluster assigner of gate='slices' or None)."""
+  """(load_data's splits, the assigner's store for the run folder: the k-means centroids
+  of 'cluster' or the rounds of 'prefix_loss'; None for 'label' and other rules)."""
   splits = _load_rows(cfg)
   if cfg.model.gate != 'slices':
     return splits, None
