@@ -83,6 +83,8 @@ def slice_summary(cfg: TrainConfig, splits) -> dict[str, Any]:
   validation or test row's slice (from its prefix) is its whole sequence's."""
   E = slices.slice_count(cfg.model)
   return {'assigner': slices.assigner_of(cfg.model), 'num_slices': E,
+          **({'rounds_at_steps': slices.round_steps(cfg.steps, slices.rounds_of(cfg.model))}
+             if slices.is_prefix_loss(cfg.model) else {}),
           'train_rows_per_slice': slices.counts(splits.train, E),
           'validation_prefix_agreement': slices.agreement(splits.validation),
           'test_prefix_agreement': slices.agreement(splits.test)}
@@ -886,6 +888,11 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
              'validation': run_eval(cfg.steps, 'validation', None),
              'test': run_eval(cfg.steps, 'test', None),
              **({'slices': slice_summary(cfg, splits)} if cfg.model.gate == 'slices' else {})}
+  if prefix_rounds:   # the rounds' scoring passes, beside the train steps' FLOPs
+    summary['assignment_flops'] = len(round_at) * slices.round_flops(
+        score_slices, state, len(splits.train), prefix_len, cfg.batch_size)
+    base = summary.get('train_flops_with_init') or summary['train_flops']
+    summary['train_flops_with_assignment'] = base + summary['assignment_flops']
   if main_process:
     board.close()
     if w_and_b:

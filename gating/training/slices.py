@@ -310,6 +310,16 @@ def prefix_scorer(graphdef, num_slices: int):
   return score
 
 
+def round_flops(score, state, num_rows: int, prefix_len: int, batch_size: int) -> float:
+  """XLA's FLOP count of one reassignment round: the compiled scorer on a [B, P] batch
+  times the batches that cover the training split."""
+  import jax  # pylint: disable=import-outside-toplevel
+  rows = jax.ShapeDtypeStruct((batch_size, prefix_len), np.int32)
+  valid = jax.ShapeDtypeStruct((batch_size, prefix_len), np.bool_)
+  cost = score.lower(state, rows, valid).compile().cost_analysis()
+  return float(cost['flops']) * -(-num_rows // batch_size)
+
+
 def losses_by_slice(score, state, dataset, length: int, batch_size: int) -> np.ndarray:
   """loss_NxE of `prefix_scorer` over every row of `dataset`, reading its first `length`
   tokens (the last batch filled up with repeats, one compiled shape)."""

@@ -139,6 +139,10 @@ def test_a_prefix_loss_run_reassigns_resumes_exactly_and_routes_by_the_prefix(tm
     assert np.bincount(slice_N, minlength=3).max() <= -(-256 // 3)    # balanced
   report = whole['slices']
   assert report['assigner'] == 'prefix_loss' and 0 <= report['test_prefix_agreement'] <= 1
+  assert report['rounds_at_steps'] == [2, 5]
+  # the rounds' scoring (3 slices x 16 batches of [16, P] per round) is counted beside
+  assert whole['assignment_flops'] > 0
+  assert whole['train_flops_with_assignment'] == whole['train_flops'] + whole['assignment_flops']
 
   # Stopped between the rounds, it resumes on the stored round and ends the same.
   assert train.train(PREFIX_LOSS, str(tmp_path / 'split'), progress=False,
