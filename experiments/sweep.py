@@ -95,7 +95,7 @@ def points(sweep, out, *, steps, seeds):
   """(record for sweep.json, [gating.study.sweep.Point]): resolves every point's config first,
   so a bad override fails now, naming its point, before anything runs."""
   from experiments import configs
-  from gating.study import evaluation
+  from gating.study import evaluation, results
   from gating.training.config import override
   from gating.study.sweep import WARM, Point, resolve_warm, warm_folder
   warm = sweep.warm_runs(steps=steps, seeds=seeds)
@@ -117,7 +117,8 @@ def points(sweep, out, *, steps, seeds):
     train = [sys.executable, '-m', 'experiments.train', '--preset', sweep.preset,
              '--workdir', workdir, '--no-progress', *sets]
     evaluate = [sys.executable, '-m', 'experiments.eval', '--workdir', workdir,
-                '--paths', 'gathered', '--k', str(k), '--split', sweep.split]
+                '--paths', results.scored_path(cfg.model.gate), '--k', str(k),
+                '--split', sweep.split]
     result.append(Point(name, workdir, train, evaluate, after))
   record = {'sweep': sweep.name, 'preset': sweep.preset, 'runs': runs}
   if sweep.split != 'test':       # (a study's record stays as older sweep folders hold it)

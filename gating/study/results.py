@@ -118,6 +118,12 @@ def _read(path):
     return json.load(f)
 
 
+def scored_path(gate: str) -> str:
+  """The path a point's row is read from: the gathered path at its own K, or the masked
+  path for a per-token rule, which has no gathered path."""
+  return 'masked' if RULES[gate].per_token else 'gathered'
+
+
 def partial_evaluation(report: dict[str, Any], summary: dict[str, Any],
                        split: str) -> str | None:
   """Why an eval.json does not measure the whole run, or None when it does: it must score
@@ -129,8 +135,9 @@ def partial_evaluation(report: dict[str, Any], summary: dict[str, Any],
     return f"scored at step {report.get('step')} of {final}"
   total = report.get('split_sequences', summary.get(split, {}).get('sequences'))
   own = report.get('own_K')
+  path = scored_path(report['gate']) if report.get('gate') in RULES else 'gathered'
   scored = next((r.get('sequences') for r in report.get('results', [])
-                 if r.get('path') == 'gathered' and r.get('K') == own and 'skipped' not in r),
+                 if r.get('path') == path and r.get('K') == own and 'skipped' not in r),
                 None)
   if report.get('max_batches') is not None or scored is None or scored != total:
     return f'scored on {scored} of the {total} sequences of the {split} split'
@@ -184,11 +191,12 @@ def point_row(workdir: str, name: str, split: str = 'test',
       raise ValueError(f"{workdir}/eval.json scores the {report['split']} split; these "
                        f'results report the {split} split: evaluate with --split {split}')
     own = report['own_K']
-    budgeted = next((r for r in report['results'] if r['path'] == 'gathered'
+    path = scored_path(cfg.model.gate)
+    budgeted = next((r for r in report['results'] if r['path'] == path
                      and r['K'] == own and 'skipped' not in r), None)
     if budgeted is None:
-      raise ValueError(f'{workdir}/eval.json has no gathered-path result at the run\'s own '
-                       f'K={own}; evaluate with --paths gathered --k {own}')
+      raise ValueError(f'{workdir}/eval.json has no {path}-path result at the run\'s own '
+                       f'K={own}; evaluate with --paths {path} --k {own}')
     gate, gap = report['training_gate'], report['gap']
     row.update({f'{split}_{key}': budgeted[key]
                 for key in ('loss', 'accuracy', 'exact_match', 'bits_per_token')})
@@ -310,7 +318,8 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = '') -> str:
   split = split_of(rows)
   lines = [f'# {title}' if title else '# Sweep results', '',
            f'{done} of {len(rows)} points finished. Mean ± sample std over seeds, {split} split, '
-           "gathered path at each point's own K (dense: all heads). Active fraction: mean "
+           "gathered path at each point's own K (dense: all heads; a per-token rule: the "
+           "masked path). Active fraction: mean "
            'fraction of heads with a non-zero gate, over layers and sequences. FLOPs per '
            "token: XLA's cost analysis of the compiled eval step / (B x L); train FLOPs: its "
            'count of the compiled train step times the steps, warm start included. Gap: '

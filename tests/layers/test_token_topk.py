@@ -100,3 +100,9 @@ def test_through_linen():
   y, updates = attention.apply(variables, x, mutable=['gate_stats'])
   usage = np.asarray(updates['gate_stats']['head_usage'])
   assert y.shape == x.shape and usage[0] == 1 and abs(usage.sum() - 3) < 1e-5
+
+
+def test_a_sweep_reads_its_row_from_the_masked_path():
+  from gating.study import results  # pylint: disable=import-outside-toplevel
+  assert results.scored_path('token_topk') == 'masked'
+  assert results.scored_path('topk') == 'gathered' and results.scored_path('slices') == 'gathered'
