@@ -87,8 +87,13 @@ def check_gate(*, num_heads: int, num_kv_heads: int, unit, gate: str, active_hea
 def slice_count(num_units: int, shared_units: int, k_units: int, size: int) -> int:
   """E, the slices of gate='slices' over `num_units` units of `size` query heads with
   `shared_units` shared and a budget of `k_units` (a ValueError naming active_heads)."""
-  units = 'heads' if size == 1 else f'KV groups (of {size} query heads)'
-  return selection.num_slices(num_units - shared_units, k_units - shared_units, units=units)
+  return selection.num_slices(num_units - shared_units, k_units - shared_units,
+                              units=unit_name(size))
+
+
+def unit_name(size: int) -> str:
+  """What a gate unit of `size` query heads is called in an error message."""
+  return 'heads' if size == 1 else f'KV groups (of {size} query heads)'
 
 
 class HeadGating:
@@ -176,10 +181,9 @@ class HeadGating:
     if selection.RULES[self.gate_rule].router == 'assignment':
       k = self.active_heads if k is None else k
       size = self.unit_size
-      count = slice_count(self.num_units, self.shared_units, k // size, size)
-      selection.check_slice_ids(slice_B, inputs_q.shape[0], count)
-      return selection.slice_indicator(slice_B, self.num_units - self.shared_units,
-                                       (k - self.shared_heads) // size)
+      return selection.assigned_logits(slice_B, inputs_q.shape[0],
+                                       self.num_units - self.shared_units,
+                                       k // size - self.shared_units, units=unit_name(size))
     if self.router is None:
       return jnp.zeros((inputs_q.shape[0], self.num_units), jnp.float32)
     return self.router(inputs_q, valid_BxL)

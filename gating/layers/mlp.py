@@ -34,6 +34,8 @@ from gating.layers.state import GateTemperature, new_gate_stats, record_gate
 
 PATHS = selection.PATHS
 KINDS = ('gelu', 'swiglu')         # the MLP: gelu(x W1 + b1) W2, or silu(x W1) * (x W3) W2
+# How a slices error names the MLP's budget and units (selection.num_slices).
+SLICE_NAMES = dict(budget='active_groups', shared_name='shared_groups', units='groups')
 # The gate arguments a block passes to its MLP as well as to its attention.
 GATE_KWARGS = ('gate', 'path', 'router', 'prefix_len', 'router_hidden_features',
                'router_init_logit', 'temperature', 'noise', 'noise_scale', 'scaled_weights',
@@ -129,8 +131,7 @@ class GatedMLP(nnx.Module):
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
     if rule.router == 'assignment':
       selection.num_slices(num_groups - shared_groups, active_groups - shared_groups,
-                           budget='active_groups', shared_name='shared_groups',
-                           units='groups')
+                           **SLICE_NAMES)
     self.in_features = in_features
     self.hidden_features = hidden_features
     self.num_groups = num_groups
@@ -177,8 +178,7 @@ class GatedMLP(nnx.Module):
     if selection.RULES[self.gate_rule].router != 'assignment':
       return None
     return selection.num_slices(self.routed_groups, self.active_groups - self.shared_groups,
-                                budget='active_groups', shared_name='shared_groups',
-                                units='groups')
+                                **SLICE_NAMES)
 
   @property
   def stochastic_gate(self) -> bool:
@@ -280,11 +280,8 @@ class GatedMLP(nnx.Module):
   def _logits(self, x_BxLxD, valid_BxL, logits_BxG=None, slice_B=None, k=None):
     if selection.RULES[self.gate_rule].router == 'assignment':
       k = self.active_groups if k is None else k
-      count = selection.num_slices(self.routed_groups, k - self.shared_groups,
-                                   budget='active_groups', shared_name='shared_groups',
-                                   units='groups')
-      selection.check_slice_ids(slice_B, x_BxLxD.shape[0], count)
-      return selection.slice_indicator(slice_B, self.routed_groups, k - self.shared_groups)
+      return selection.assigned_logits(slice_B, x_BxLxD.shape[0], self.routed_groups,
+                                       k - self.shared_groups, **SLICE_NAMES)
     if self.logits_from_attention:
       expected = (x_BxLxD.shape[0], self.routed_groups)
       if logits_BxG is None or logits_BxG.shape != expected:

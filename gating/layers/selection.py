@@ -436,6 +436,16 @@ def slice_indicator(slice_B: jax.Array, routed: int, routed_budget: int) -> jax.
   return (slice_R[None, :] == jnp.asarray(slice_B)[:, None]).astype(jnp.float32)
 
 
+def assigned_logits(slice_B, batch: int, routed: int, routed_budget: int,
+                    **names) -> jax.Array:
+  """indicator_BxR of each sequence's slice (`slice_indicator`), after the slice count
+  (`num_slices`, its ValueError naming `names`) and the ids (`check_slice_ids`) are
+  checked: what a slices layer reads instead of a router's logits."""
+  count = num_slices(routed, routed_budget, **names)
+  check_slice_ids(slice_B, batch, count)
+  return slice_indicator(slice_B, routed, routed_budget)
+
+
 def check_slice_ids(slice_B, batch: int, count: int) -> None:
   """A ValueError unless slice_B is [batch] integers in [0, count) (checked only where
   the ids are concrete: under jit a bad id opens no routed unit)."""

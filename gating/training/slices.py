@@ -38,6 +38,7 @@ import os
 
 import numpy as np
 
+from gating.data import rows
 from gating.layers import selection
 
 NUM_BUCKETS = 4096
@@ -147,10 +148,25 @@ def prefix_valid(valid_NxL: np.ndarray, prefix_len: int) -> np.ndarray:
 
 
 def _fingerprint(info) -> str:
-  text = json.dumps({k: v for k, v in sorted(info.fingerprint.items())
-                     if k not in ('path', 'python', 'numpy', 'files_available')},
-                    sort_keys=True, default=str)
+  """A short hash of what identifies the data (`data.rows.identity`: not where it was
+  read from, so a moved run or data folder keeps its assigner)."""
+  text = json.dumps(rows.identity(info.fingerprint), sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_store(path: str, keys: tuple[str, ...], what: str, info,
+                made: str = 'made') -> dict[str, np.ndarray]:
+  """The arrays `keys` of a stored assigner; a ValueError when the file holds another
+  assigner's arrays or was made on other data."""
+  with np.load(path) as stored:
+    if not set(keys) <= set(stored.files):
+      raise ValueError(f"{path} holds another assigner's slices, not {what}")
+    store = {k: stored[k] for k in keys}
+  if str(store['data']) != _fingerprint(info):
+    raise ValueError(f'{path}: the {what} were {made} on other data (data '
+                     f"{str(store['data'])}, this run's {_fingerprint(info)}); they do not "
+                     "match the run's data")
+  return store
 
 
 def fit_cluster(splits, num_clusters: int, seed: int) -> dict[str, np.ndarray]:
@@ -168,15 +184,8 @@ def load_or_fit(splits, num_clusters: int, seed: int, workdir: str | None):
   path = None if workdir is None else os.path.join(workdir, STORE)
   if path is None or not os.path.exists(path):
     return fit_cluster(splits, num_clusters, seed), False
-  with np.load(path) as stored:
-    if 'centroids' not in stored:
-      raise ValueError(f'{path} holds another assigner\'s slices, not k-means centroids')
-  with np.load(path) as stored:
-    fitted = {k: stored[k] for k in ('idf', 'centroids', 'data')}
-  if str(fitted['data']) != _fingerprint(splits.info):
-    raise ValueError(f"{path}: the cluster assigner's centroids were fitted on other data "
-                     f"(data {str(fitted['data'])}, this run's {_fingerprint(splits.info)}); "
-                     'they do not match the run\'s data')
+  fitted = _read_store(path, ('idf', 'centroids', 'data'),
+                       "cluster assigner's centroids", splits.info, 'fitted')
   if fitted['centroids'].shape != (num_clusters, NUM_BUCKETS):
     raise ValueError(f'{path}: {fitted["centroids"].shape[0]} stored centroids; the model '
                      f'has {num_clusters} slices')
@@ -230,17 +239,21 @@ def assign(splits, model_cfg, seed: int, prefix_len: int, workdir: str | None = 
       prefix_N = nearest(features(cols['tokens'], prefix_valid(cols['valid'], prefix_len),
                                   fitted['idf'])[0], fitted['centroids'])
       per_split[name] = (prefix_N, whole_N)
-  out = []
-  for name in ('train', 'validation', 'test'):
-    dataset = getattr(splits, name)
-    for column in ('slice', 'slice_whole'):
-      if column in dataset.column_names:
-        dataset = dataset.remove_columns(column)
-    run_N, whole_N = per_split[name]
-    dataset = dataset.add_column('slice', run_N.astype(np.int32).tolist())
-    dataset = dataset.add_column('slice_whole', whole_N.astype(np.int32).tolist())
-    out.append(dataset.with_format('numpy'))
+  out = [_with_slices(getattr(splits, name), *per_split[name])
+         for name in ('train', 'validation', 'test')]
   return type(splits)(*out, splits.info), fitted
+
+
+def _with_column(dataset, name: str, values: np.ndarray):
+  """The dataset with the int32 column `name` set to `values` (replaced if present)."""
+  if name in dataset.column_names:
+    dataset = dataset.remove_columns(name)
+  return dataset.add_column(name, np.asarray(values, np.int32).tolist()).with_format('numpy')
+
+
+def _with_slices(dataset, slice_N: np.ndarray, whole_N: np.ndarray):
+  """The dataset with its 'slice' (what the model runs) and 'slice_whole' columns."""
+  return _with_column(_with_column(dataset, 'slice', slice_N), 'slice_whole', whole_N)
 
 
 def agreement(dataset) -> float:
@@ -334,10 +347,6 @@ def losses_by_slice(score, state, dataset, length: int, batch_size: int) -> np.n
   return np.concatenate(out)
 
 
-def _with_column(dataset, name: str, values: np.ndarray):
-  if name in dataset.column_names:
-    dataset = dataset.remove_columns(name)
-  return dataset.add_column(name, np.asarray(values, np.int32).tolist()).with_format('numpy')
 
 
 def reassign_training_rows(splits, score, state, prefix_len: int, batch_size: int):
@@ -345,8 +354,7 @@ def reassign_training_rows(splits, score, state, prefix_len: int, batch_size: in
   the new slice_N)."""
   loss_NxE = losses_by_slice(score, state, splits.train, prefix_len, batch_size)
   slice_N = balanced_assign(-loss_NxE)
-  train = _with_column(_with_column(splits.train, 'slice', slice_N), 'slice_whole', slice_N)
-  return splits._replace(train=train), slice_N
+  return splits._replace(train=_with_slices(splits.train, slice_N, slice_N)), slice_N
 
 
 def route_by_prefix_loss(splits, score, state, prefix_len: int, batch_size: int,
@@ -373,13 +381,8 @@ def initial_prefix_loss(splits, num_slices: int, seed: int, workdir: str | None)
   balanced random assignment."""
   path = None if workdir is None else os.path.join(workdir, STORE)
   if path is not None and os.path.exists(path):
-    with np.load(path) as stored:
-      if 'round_steps' not in stored:
-        raise ValueError(f"{path} holds another assigner's slices, not prefix_loss rounds")
-      store = {k: stored[k] for k in ('data', 'round_steps', 'train_slices')}
-    if str(store['data']) != _fingerprint(splits.info):
-      raise ValueError(f"{path}: the prefix_loss assigner's rounds were made on other data "
-                       f'(data {str(store["data"])}, this run\'s {_fingerprint(splits.info)})')
+    store = _read_store(path, ('data', 'round_steps', 'train_slices'),
+                        "prefix_loss assigner's rounds", splits.info)
     return store['train_slices'][0], store
   slice_N = balanced_random(len(splits.train), num_slices, seed)
   return slice_N, {'data': np.asarray(_fingerprint(splits.info)),
@@ -391,8 +394,7 @@ def at_step(splits, store, step: int):
   round made at or before it)."""
   made = [i + 1 for i, s in enumerate(store['round_steps']) if s <= step]
   slice_N = store['train_slices'][made[-1] if made else 0]
-  train = _with_column(_with_column(splits.train, 'slice', slice_N), 'slice_whole', slice_N)
-  return splits._replace(train=train)
+  return splits._replace(train=_with_slices(splits.train, slice_N, slice_N))
 
 
 def add_round(store, step: int, slice_N: np.ndarray):
