@@ -44,6 +44,7 @@ import numpy as np
 
 from gating import data
 from gating.layers.selection import get_rule
+from gating.study.results import scored_path
 from gating.training import checkpoint, slices
 from gating.training import loop as train
 from gating.training.config import PATHS, TrainConfig, from_dict, override
@@ -105,7 +106,7 @@ def load_run(workdir: str, step: int | None = None, data_overrides: Sequence[str
   if slices.is_prefix_loss(cfg.model):   # routed by the restored model's prefix losses
     score = slices.prefix_scorer(graphdef, slices.slice_count(cfg.model))
     splits = slices.route_by_prefix_loss(splits, score, state,
-                                         cfg.model.prefix_len or splits.info.prompt_len,
+                                         train.gate_prefix_len(cfg.model, splits.info),
                                          cfg.batch_size, whole=True)
   return Run(workdir, cfg, splits, graphdef, state, step)
 
@@ -280,7 +281,7 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
   own = own_budget(cfg)
   own_json = list(own) if isinstance(own, tuple) else own
   # A per-token gate has no gathered path: its gap is taken on the masked path (0).
-  gap_path = 'masked' if get_rule(gate).per_token else 'gathered'
+  gap_path = scored_path(gate)
   budgeted = once(gap_path, own)
   gap = {'K': own_json, 'path': gap_path, **{name: budgeted[name] - reference[name] for name in
                            ('loss', 'accuracy', 'bits_per_token', 'exact_match',

@@ -74,7 +74,7 @@ def load_data_and_assigner(cfg: TrainConfig, workdir: str | None = None):
   splits = _load_rows(cfg)
   if cfg.model.gate != 'slices':
     return splits, None
-  prefix_len = cfg.model.prefix_len or splits.info.prompt_len
+  prefix_len = gate_prefix_len(cfg.model, splits.info)
   return slices.assign(splits, cfg.model, cfg.seed, prefix_len, workdir)
 
 
@@ -88,6 +88,11 @@ def slice_summary(cfg: TrainConfig, splits) -> dict[str, Any]:
           'train_rows_per_slice': slices.counts(splits.train, E),
           'validation_prefix_agreement': slices.agreement(splits.validation),
           'test_prefix_agreement': slices.agreement(splits.test)}
+
+
+def gate_prefix_len(model_cfg: ModelConfig, info: data.DataInfo) -> int:
+  """P, the tokens an LM's gate reads: model.prefix_len, or the data's prompt length."""
+  return model_cfg.prefix_len or info.prompt_len
 
 
 def _load_rows(cfg: TrainConfig) -> data.Splits:
@@ -127,7 +132,7 @@ def build_model(cfg: ModelConfig, info: data.DataInfo, *, rngs: nnx.Rngs) -> nnx
       dtype=jnp.dtype(cfg.dtype), rngs=rngs)
   if cfg.kind == 'encoder':
     return GatedEncoder(info.vocab_size, num_classes=len(info.label_names), **common)
-  prefix_len = cfg.prefix_len or info.prompt_len
+  prefix_len = gate_prefix_len(cfg, info)
   if not prefix_len:
     raise ValueError('model.prefix_len: this data has no prompt; set the gate prefix P')
   if prefix_len >= info.seq_len:
@@ -777,7 +782,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   prefix_rounds = slices.is_prefix_loss(cfg.model)
   if prefix_rounds:   # SmallTalk: the assignment in force at `start`, and the rounds to come
     score_slices = slices.prefix_scorer(graphdef, slices.slice_count(cfg.model))
-    prefix_len = cfg.model.prefix_len or info.prompt_len
+    prefix_len = gate_prefix_len(cfg.model, info)
     splits = slices.at_step(splits, assigner, start)
     round_at = set(slices.round_steps(cfg.steps, slices.rounds_of(cfg.model)))
 
