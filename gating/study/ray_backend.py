@@ -9,7 +9,8 @@ paths on every node (the commands name the driver's `sys.executable`).
 
 Ray reserves each task's resources (`num_cpus`, `num_gpus`) and sets the task's visible
 GPUs (CUDA_VISIBLE_DEVICES) itself; the task passes its own environment on to the
-commands, with the extra variables the driver adds (PYTHONPATH, XLA_FLAGS). Ray core,
+commands, with the extra variables the driver adds (PYTHONPATH; XLA_FLAGS, whose flags
+are appended to those the worker already has, not put in their place). Ray core,
 not Ray Tune: Tune's own restore would fight the resume by run folder. A task is never
 retried by Ray (a crashed point is reported, as with the local backend, and resumes the
 next time the sweep runs).
@@ -73,6 +74,16 @@ def check_resources(cpus_per_run: float, gpus_per_run: float) -> None:
                              'of the Ray cluster')
 
 
+def task_env(worker: Mapping[str, str], extra_env: Mapping[str, str]) -> dict[str, str]:
+  """The environment of a point's commands on a Ray worker: the worker's, with the
+  driver's `extra_env` set over it, except XLA_FLAGS, whose flags are appended to the
+  worker's (a flag of the worker's own, say for its devices, is kept)."""
+  env = {**worker, **extra_env}
+  if worker.get('XLA_FLAGS') and extra_env.get('XLA_FLAGS'):
+    env['XLA_FLAGS'] = f"{worker['XLA_FLAGS']} {extra_env['XLA_FLAGS']}"
+  return env
+
+
 def _run_point_task(point: sweep.Point, extra_env: Mapping[str, str],
                     after: sweep.Outcome | None = None) -> sweep.Outcome:
   """Runs on a Ray worker: the point's commands in the worker's environment (with the
@@ -81,7 +92,7 @@ def _run_point_task(point: sweep.Point, extra_env: Mapping[str, str],
   does this one."""
   if after is not None and not after.finished:
     return sweep.not_run_after(point)
-  env = {**os.environ, **extra_env}
+  env = task_env(os.environ, extra_env)
   children = sweep._Children()
   try:
     return sweep.run_point(point, env, children)

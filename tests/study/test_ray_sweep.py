@@ -46,6 +46,16 @@ def test_tiny_sweep_on_ray_matches_local_and_resumes(tmp_path, capsys, finished_
   assert _rows(on_ray) == rows
 
 
+def test_a_task_adds_the_drivers_xla_flags_to_the_workers_own():
+  from gating.study import ray_backend
+  extra = {'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false', 'PYTHONPATH': '/repo'}
+  env = ray_backend.task_env({'XLA_FLAGS': '--mine', 'PYTHONPATH': '/x', 'HOME': '/h'}, extra)
+  assert env == {'XLA_FLAGS': '--mine --xla_cpu_multi_thread_eigen=false',
+                 'PYTHONPATH': '/repo', 'HOME': '/h'}
+  assert ray_backend.task_env({'HOME': '/h'}, extra) == {**extra, 'HOME': '/h'}
+  assert ray_backend.task_env({'XLA_FLAGS': '--mine'}, {}) == {'XLA_FLAGS': '--mine'}
+
+
 def test_an_unreachable_address_fails_in_seconds_naming_it(tmp_path):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

@@ -25,6 +25,7 @@ from experiments import configs
 from gating.training import checkpoint
 from gating.training import loop as train
 from gating.training.config import override
+from tests.xla_env import with_xla_flag
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 OVERRIDES = ['steps=6', 'eval_every=3', 'checkpoint_every=3', 'batch_size=16',
@@ -48,7 +49,8 @@ def _launch(args, *, devices_per_process=2):
   """Runs `python args...` as process 0 and 1 of a 2-process job; (return codes, outputs)."""
   port = _free_port()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}'}
+         'XLA_FLAGS': with_xla_flag(
+             f'--xla_force_host_platform_device_count={devices_per_process}')}
   procs = [subprocess.Popen(
       [sys.executable, *[a.format(port=port, id=i) for a in args]], cwd=ROOT, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -171,7 +173,7 @@ def test_a_process_that_dies_leaves_the_last_checkpoint_and_the_run_resumes(tmp_
   sets = [a for o in overrides for a in ('--set', o)]
   port = _free_port()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+         'XLA_FLAGS': with_xla_flag('--xla_force_host_platform_device_count=2')}
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'experiments.train', '--preset', 'synthetic', '--distributed',
        '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i),
