@@ -304,10 +304,11 @@ def _estimate(batch, projection, sizes, param_bytes: int) -> int:
 
 
 class _Prefilled:
-  """Each candidate's model and its prefilled state of the 8 prompts, made once per run."""
+  """Each candidate's model and its prefilled state of the 8 prompts, made once per run,
+  and the parameter bytes of the dense and the gated model, counted once per run."""
 
   def __init__(self, sizes):
-    self.sizes, self.done = sizes, {}
+    self.sizes, self.done, self.bytes_of = sizes, {}, {}
     self.prompts_NxL = jax.random.randint(jax.random.key(0), (sizes['prompts'],
                                                               sizes['prompt']),
                                           0, sizes['vocab'])
@@ -317,6 +318,12 @@ class _Prefilled:
     return jax.jit(lambda params, prompts: decode.prefill(
         nnx.merge(graphdef, params), prompts, cache_length=S,
         projection=projection or 'auto')[1])
+
+  def param_bytes(self, dense: bool) -> int:
+    if dense not in self.bytes_of:
+      abstract = nnx.eval_shape(lambda: gpu_model(dense, self.sizes))
+      self.bytes_of[dense] = tree_bytes(nnx.state(abstract, nnx.Param))
+    return self.bytes_of[dense]
 
   def get(self, name):
     if name not in self.done:
@@ -344,7 +351,7 @@ def steps_fn(graphdef, steps: int):
 def gpu_candidate(name, batch, prefilled: _Prefilled) -> Candidate:
   sizes, projection = prefilled.sizes, GPU_CANDIDATES[name]
   make = lambda: gpu_model(projection is None, sizes)
-  params = tree_bytes(nnx.state(nnx.eval_shape(make), nnx.Param))
+  params = prefilled.param_bytes(projection is None)
 
   def build():
     graphdef, abstract_params = nnx.split(nnx.eval_shape(make))

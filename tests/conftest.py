@@ -28,13 +28,12 @@ import tempfile
 
 import filelock
 
-from tests.xla_env import with_xla_flag
+from tests.xla_env import FAST_COMPILE_FLAG, with_xla_flag
 
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')   # before jax reads it
 FAST_COMPILE = os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'].lower() not in ('0', 'false')
-FAST_COMPILE_XLA_FLAG = '--xla_cpu_use_fusion_emitters=false'
-if FAST_COMPILE and FAST_COMPILE_XLA_FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = with_xla_flag(FAST_COMPILE_XLA_FLAG)
+if FAST_COMPILE and FAST_COMPILE_FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = with_xla_flag(FAST_COMPILE_FLAG)
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import pytest  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -64,6 +63,14 @@ def pytest_unconfigure(config):
   made = getattr(config, '_headgate_cache_dir', None)
   if made:
     shutil.rmtree(made, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+  """The files that hold a test marked slow run first (a stable sort: the order within a
+  file, and among the other files, is kept), so that with pytest-xdist's --dist loadfile
+  the long files start at once and the workers end together on the short ones."""
+  slow_files = {item.path for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture

@@ -88,9 +88,9 @@ def future_influence(model, x_BxLxD):
   """influence[t, s] = |d out[t] / d x[s]| summed over batch and features."""
   graphdef, state = nnx.split(model)
 
-  def out_t(x_LxD, t):
-    return nnx.merge(graphdef, state, copy=True)(x_LxD[None])[0, t].sum()
-  jac_LxLxD = jnp.stack([jax.grad(out_t)(x_BxLxD[0], t) for t in range(L)])
+  def out_per_position(x_LxD):
+    return nnx.merge(graphdef, state, copy=True)(x_LxD[None])[0].sum(-1)
+  jac_LxLxD = jax.jit(jax.jacrev(out_per_position))(x_BxLxD[0])   # [t, s, D]
   return np.asarray(jnp.abs(jac_LxLxD).sum(-1))
 
 

@@ -77,6 +77,11 @@ def padding_mask(valid_BxL, is_causal: bool):
   return mask_Bx1xLxL
 
 
+def reads_slices(model: nnx.Module) -> bool:
+  """Whether any layer of `model` takes each sequence's slice (gate='slices')."""
+  return any(getattr(m, 'num_slices', None) for _, m in nnx.iter_graph(model))
+
+
 def check_token_ids(tokens, vocab_size: int, name: str = 'tokens') -> None:
   """A ValueError unless concrete token ids are in [0, vocab_size); traced ones (under
   jit) pass unchecked."""
@@ -186,8 +191,7 @@ class _Trunk(nnx.Module):
     slice_B: each sequence's slice (gate='slices'), the same in every layer."""
     if active_groups is not None and self.mlp_groups is None:
       raise ValueError('active_groups needs a model built with mlp_groups')
-    if slice_B is not None and not any(getattr(m, 'num_slices', None)
-                                       for _, m in nnx.iter_graph(self)):
+    if slice_B is not None and not reads_slices(self):
       raise ValueError("slice_B is for gate='slices'; no layer of this model reads it (gate "
                        f'{self.blocks[0].attention.gate_rule!r})')
     B, L = tokens_BxL.shape

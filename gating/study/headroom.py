@@ -65,6 +65,7 @@ import numpy as np
 from flax import nnx
 
 from gating import data
+from gating.layers import models
 from gating.layers.attention import GatedMultiHeadAttention
 from gating.layers.router import StaticRouter
 from gating.study.evaluation import Run
@@ -277,7 +278,7 @@ def _forward(graphdef, state, rows, layer_path, logits_H, k):
     attn.noise, attn.scaled_weights, attn.shared_heads = None, False, 0  # search every unit
     attn.router = StaticRouter(attn.num_units)
     attn.router.logits_H[...] = logits_H
-    if not any(getattr(m, 'num_slices', None) for _, m in nnx.iter_graph(model)):
+    if not models.reads_slices(model):
       rows = {k: v for k, v in rows.items() if k != 'slice'}   # no slices layer is left
   ce, _, weight, gate_weights_BxNxH = train.task_outputs(model, rows, deterministic=True)
   return ce * weight, weight, gate_weights_BxNxH != 0

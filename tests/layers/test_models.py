@@ -27,7 +27,7 @@ def position_jacobian(model, x, apply):
 
   def logits_per_position(delta):
     return apply(nnx.merge(graphdef, delta, rest, copy=True), x).logits_BxLxV.sum(axis=(0, 2))
-  jac = jax.jacrev(logits_per_position)(delta)['trunk']['token_embed']['delta'][...]
+  jac = jax.jit(jax.jacrev(logits_per_position))(delta)['trunk']['token_embed']['delta'][...]
   return np.abs(np.asarray(jac)).sum(axis=(1, 3))  # [t, 1, s, D] -> [t, s]
 
 

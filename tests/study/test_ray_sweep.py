@@ -23,8 +23,13 @@ def _rows(out):
 @pytest.mark.slow
 def test_tiny_sweep_on_ray_matches_local_and_resumes(tmp_path, capsys, finished_sweep):
   local, on_ray = finished_sweep('tiny'), tmp_path / 'ray'
+  # The warm start is the local sweep's (not a row, so not compared): the two points
+  # train on Ray at once from it.
+  shutil.copytree(local / 'warm_s0', on_ray / 'warm_s0')
+  shutil.copy(local / 'sweep.json', on_ray)
   sweep_script.main(['tiny', '--out', str(on_ray), '--backend', 'ray'])
-  assert 'on Ray (a local cluster)' in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert 'on Ray (a local cluster)' in printed and printed.count('skipped') == 1
   rows = _rows(on_ray)
   assert set(rows) == {'dense_s0', 'topk_k2_s0'}
   assert all(row['status'] == 'done' for row in rows.values())

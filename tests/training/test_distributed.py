@@ -169,7 +169,7 @@ def test_a_process_that_dies_leaves_the_last_checkpoint_and_the_run_resumes(tmp_
   """Process 1 is killed after a checkpoint; process 0 fails within the (low) heartbeat
   timeout instead of hanging; the checkpoints left are whole, and two processes resume."""
   workdir = tmp_path / 'run'
-  overrides = [*OVERRIDES, 'steps=60', 'eval_every=60', 'checkpoint_every=3']
+  overrides = [*OVERRIDES, 'steps=30', 'eval_every=30', 'checkpoint_every=3']
   sets = [a for o in overrides for a in ('--set', o)]
   port = _free_port()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
@@ -196,11 +196,11 @@ def test_a_process_that_dies_leaves_the_last_checkpoint_and_the_run_resumes(tmp_
         p.kill()
   mngr = checkpoint.manager(str(workdir / 'checkpoints'))
   last = mngr.latest_step()
-  assert last is not None and 6 <= last < 60
+  assert last is not None and 6 <= last < 30
   mngr.close()
   assert not (workdir / 'summary.json').exists()
 
   codes, outs = _train(workdir, overrides)
   assert codes == [0, 0], outs
   assert f'resuming {workdir} from step {last}' in outs[0]
-  assert sorted(_losses(workdir)) == list(range(1, 61))
+  assert sorted(_losses(workdir)) == list(range(1, 31))

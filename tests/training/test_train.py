@@ -96,7 +96,7 @@ def test_resume_continues_where_it_stopped(tmp_path):
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
   """A real subprocess killed with SIGKILL mid-run, resumed, equals an uninterrupted run."""
-  args = ['--steps', '300', '--no-plots', '--no-progress', '--set', 'checkpoint_every=7',
+  args = ['--steps', '100', '--no-plots', '--no-progress', '--set', 'checkpoint_every=7',
           '--set', 'model.num_layers=1', '--set', 'model.features=32',
           '--set', 'model.num_heads=4', '--set', 'data.num_tasks=4', '--set', 'data.input_len=6',
           '--set', 'data.num_train=512', '--set', 'data.num_validation=64',
@@ -125,7 +125,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
   for a, b in zip(final_params(cfg, killed), final_params(cfg, whole)):
     np.testing.assert_array_equal(a, b)
   steps = [r['step'] for r in metrics(killed)]
-  assert steps == list(range(1, 301))
+  assert steps == list(range(1, 101))
 
 
 def test_corrupt_checkpoint_gives_a_clear_error_and_deletes_nothing(tmp_path):
