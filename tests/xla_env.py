@@ -4,7 +4,7 @@ added to or taken from those already set, for a subprocess that needs other flag
 import os
 
 # XLA's CPU backend emits fusions with its older elemental emitters: tiny programs compile
-# faster (three quarters of the suite's time is XLA compiling).
+# faster (compiling was more than half of the suite's time).
 FAST_COMPILE_FLAG = '--xla_cpu_use_fusion_emitters=false'
 
 
