@@ -84,7 +84,7 @@ from flax.nnx.nn import dtypes
 from gating.layers import compute, selection
 from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
 from gating.layers.mlp import check_active_groups
-from gating.layers.models import GatedLM, check_token_ids, padding_mask, per_layer
+from gating.layers.models import GatedLM, check_token_ids, padding_mask, per_layer, reads_slices
 from gating.layers.router import router_kind_of
 
 PROJECTIONS = ('auto', 'weights', 'activations', 'grouped')
@@ -239,10 +239,9 @@ def _check_model(model):
     raise ValueError(f'decoding needs a GatedLM, got {type(model).__name__}')
   for block in model.blocks:
     rule = selection.RULES[block.attention.gate_rule]
-    if rule.per_token or rule.router == 'assignment':
+    if rule.per_token:
       raise ValueError(f'cached decoding decides each layer\'s gate once per sequence, at '
-                       f'prefill; gate={rule.name!r} is not supported (per token, or a slice '
-                       'assigned outside the model): use the full forward')
+                       f'prefill; gate={rule.name!r} decides per token: use the full forward')
     # Prefill decides each layer's gate once, from the prompt: only a router that reads no
     # token after the prefix gives the gate that the full causal forward gives.
     if not block.attention.causal_safe:
@@ -300,8 +299,23 @@ def _embed(model: GatedLM, tokens_BxL, positions_BxL):
   return x_BxLxD
 
 
-def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projection, S):
-  gate = attn.gate(xn_BxLxD, mask=mask_Bx1xLxL, deterministic=True, active_heads=k)
+def _check_slices(model: GatedLM, slice_B, batch: int):
+  """gate='slices' decodes each sequence in the slice it is given (ids checked where
+  concrete); other models take none."""
+  if reads_slices(model):
+    if slice_B is None:
+      raise ValueError("gate='slices': decoding needs each sequence's slice, slice_B (int "
+                       "[B], its assigner's ids, e.g. from the prompt's prefix)")
+    selection.check_slice_ids(slice_B, batch, model.blocks[0].attention.num_slices)
+  elif slice_B is not None:
+    raise ValueError("slice_B is for gate='slices'; no layer of this model reads it (gate "
+                     f'{model.blocks[0].attention.gate_rule!r})')
+
+
+def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projection, S,
+                       slice_B=None):
+  gate = attn.gate(xn_BxLxD, mask=mask_Bx1xLxL, deterministic=True, active_heads=k,
+                   slice_B=slice_B)
   xn_BxLxD, w = _weights(attn, xn_BxLxD)
   if projection == 'grouped':
     compute.check_grouped_heads(w)
@@ -348,7 +362,8 @@ def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projectio
   return y_BxLxD, cache
 
 
-def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection, group_logits_BxG=None):
+def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection, group_logits_BxG=None,
+                 slice_B=None):
   """The block's MLP half over the prompt; its group gate decided here, once. -> (out, cache).
   group_logits_BxG: the groups' logits when the block shares its attention router."""
   mlp = block.gated_mlp
@@ -356,7 +371,7 @@ def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection, group_logits_BxG=None
     return block.feed_forward(h_BxLxD, deterministic=True), None
   xn_BxLxD = block.mlp_norm(h_BxLxD)
   gate = mlp.gate(xn_BxLxD, valid_BxL, deterministic=True, active_groups=k,
-                  logits_BxG=group_logits_BxG)
+                  logits_BxG=group_logits_BxG, slice_B=slice_B)
   xn_BxLxD, w = mlp.promoted(xn_BxLxD)
   G, p = mlp.num_groups, mlp.precision
   if projection == 'masked':
@@ -381,7 +396,7 @@ def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection, group_logits_BxG=None
 
 
 def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, path=None,
-            active_heads=None, projection: str = 'auto', active_groups=None):
+            active_heads=None, projection: str = 'auto', active_groups=None, slice_B=None):
   """Runs the prompt through `model` and fills the cache. -> (logits_BxLxV, DecodeState).
 
   Args:
@@ -393,6 +408,8 @@ def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, pa
       layer; active_groups needs mlp_groups).
     projection: how steps project gathered layers (attention and MLP groups alike):
       'auto' | 'weights' | 'activations' | 'grouped'.
+    slice_B: each sequence's slice (int [B]), for gate='slices' (and only then): its
+      heads and groups, with the shared ones, are the sequence's for every step.
 
   logits_BxLxV[b, t] for t < lengths_B[b] equal the full forward's. Traceable (jit it with
   nnx.jit, or use `generate`); with concrete `lengths_B` they are checked.
@@ -401,6 +418,7 @@ def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, pa
   if tokens_BxL.ndim != 2:
     raise ValueError(f'tokens must have shape [batch, length], got {tokens_BxL.shape}')
   B, L = tokens_BxL.shape
+  _check_slices(model, slice_B, B)
   P, max_length = model.prefix_len, model.trunk.max_length
   if L < P:
     raise ValueError(f'prompt of length {L} is shorter than the gate prefix P={P}: the gate '
@@ -434,11 +452,12 @@ def prefill(model: GatedLM, tokens_BxL, lengths_B=None, *, cache_length: int, pa
   for block, (k, layer_projection), mlp_step in zip(model.blocks, plan, mlp_plan):
     xn_BxLxD = block.attention_norm(x_BxLxD)
     y_BxLxD, cache = _prefill_attention(block.attention, xn_BxLxD, mask_Bx1xLxL,
-                                        positions_BxL, k, layer_projection, cache_length)
+                                        positions_BxL, k, layer_projection, cache_length,
+                                        slice_B)
     kf, mlp_projection = (None, None) if mlp_step is None else mlp_step
     x_BxLxD, mlp_cache = _prefill_mlp(block, x_BxLxD + y_BxLxD, valid_BxL, kf,
                                       mlp_projection,
-                                      block.shared_group_logits(xn_BxLxD, valid_BxL))
+                                      block.shared_group_logits(xn_BxLxD, valid_BxL), slice_B)
     layers.append(cache)
     mlps.append(mlp_cache)
   logits_BxLxV = model.logits(model.trunk.final_norm(x_BxLxD))
@@ -569,14 +588,14 @@ def sample(logits_BxV, rng, temperature=0.0, top_p=1.0):
 
 @partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'cache_length', 'eos_id',
                                    'path', 'active_heads', 'projection', 'active_groups'))
-def _generate(graphdef, model_state, tokens_BxL, lengths_B, rng, temperature, top_p, *,
-              max_new_tokens, cache_length, eos_id, path, active_heads, projection,
+def _generate(graphdef, model_state, tokens_BxL, lengths_B, rng, temperature, top_p, slice_B,
+              *, max_new_tokens, cache_length, eos_id, path, active_heads, projection,
               active_groups):
   model = nnx.merge(graphdef, model_state)
   B, L = tokens_BxL.shape
   logits_BxLxV, state = prefill(model, tokens_BxL, lengths_B, cache_length=cache_length,
                                 path=path, active_heads=active_heads, projection=projection,
-                                active_groups=active_groups)
+                                active_groups=active_groups, slice_B=slice_B)
   logits_BxV = jnp.take_along_axis(logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   valid_BxL = jnp.arange(L)[None, :] < lengths_B[:, None]
   out_BxT = jnp.zeros((B, L + max_new_tokens), jnp.int32)
@@ -613,7 +632,7 @@ def _generate(graphdef, model_state, tokens_BxL, lengths_B, rng, temperature, to
 def generate(model: GatedLM, tokens_BxL, lengths_B=None, *, max_new_tokens: int, rng=None,
              temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None,
              cache_length: int | None = None, path=None, active_heads=None,
-             projection: str = 'auto', active_groups=None) -> Generation:
+             projection: str = 'auto', active_groups=None, slice_B=None) -> Generation:
   """Generates up to max_new_tokens tokens after every prompt, compiled once per shape.
 
   Args:
@@ -626,7 +645,7 @@ def generate(model: GatedLM, tokens_BxL, lengths_B=None, *, max_new_tokens: int,
     eos_id: a token that ends a sequence (it is kept; later slots are 0).
     cache_length: S (default L + max_new_tokens - 1, every position the model reads);
       at most the model's max_length.
-    path, active_heads, projection, active_groups: as in `prefill`.
+    path, active_heads, projection, active_groups, slice_B: as in `prefill`.
 
   Call it outside jit (it checks concrete inputs, then runs one jitted function).
   """
@@ -635,6 +654,7 @@ def generate(model: GatedLM, tokens_BxL, lengths_B=None, *, max_new_tokens: int,
   if tokens.ndim != 2:
     raise ValueError(f'tokens must have shape [batch, length], got {tokens.shape}')
   B, L = tokens.shape
+  _check_slices(model, slice_B, B)
   V = model.vocab_size
   lengths = np.full((B,), L, np.int32) if lengths_B is None else np.asarray(lengths_B, np.int32)
   if lengths.shape != (B,):
@@ -687,7 +707,9 @@ def generate(model: GatedLM, tokens_BxL, lengths_B=None, *, max_new_tokens: int,
   rng = jax.random.key(0) if rng is None else rng
   tokens_BxT, lengths_B = _generate(
       graphdef, model_state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths), rng,
-      jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
+      jnp.float32(temperature), jnp.float32(top_p),
+      None if slice_B is None else jnp.asarray(slice_B, jnp.int32),
+      max_new_tokens=max_new_tokens,
       cache_length=cache_length, eos_id=eos_id, path=path, active_heads=active_heads,
       projection=projection, active_groups=active_groups)
   return Generation(tokens_BxT, lengths_B, tuple(p for _, p in plan),

@@ -138,3 +138,48 @@ def test_through_linen_the_call_takes_slice_b():
   assert y.shape == x.shape
   np.testing.assert_allclose(updates['gate_stats']['head_usage'],
                              [1, 1, 2 / 3, 2 / 3, 0, 0, 1 / 3, 1 / 3], atol=1e-6)
+
+
+@pytest.mark.parametrize('projection', ['weights', 'activations', 'grouped'])
+def test_cached_decoding_runs_each_sequences_slice_and_equals_the_full_forward(projection):
+  from gating.layers import decode  # pylint: disable=import-outside-toplevel
+  model, x, slice_B = slices_lm(), tokens(3), jnp.array([2, 0, 1])
+  prompt = 6
+
+  @nnx.jit(static_argnames=('projection',))
+  def teacher_forced(model, x_BxL, slice_B, projection):
+    logits_BxLxV, state = decode.prefill(model, x_BxL[:, :prompt], cache_length=L,
+                                         projection=projection, slice_B=slice_B)
+    step = lambda state, token_B: decode.decode_step(model, state, token_B)[::-1]
+    _, steps_TxBxV = jax.lax.scan(step, state, x_BxL[:, prompt:].T)
+    return jnp.concatenate([logits_BxLxV, steps_TxBxV.transpose(1, 0, 2)], axis=1)
+
+  want_BxLxV = model(x, slice_B=slice_B).logits_BxLxV
+  np.testing.assert_allclose(teacher_forced(model, x, slice_B, projection), want_BxLxV,
+                             atol=2e-5, rtol=2e-5)
+  # another slice is another model: sequence 0 decoded in slice 1 gives other logits
+  other = teacher_forced(model, x, jnp.array([1, 0, 1]), projection)
+  assert np.abs(np.asarray(other[0] - want_BxLxV[0])).max() > 1e-3
+  out = decode.generate(model, x[:, :prompt], max_new_tokens=4, projection=projection,
+                        slice_B=slice_B)
+  full_BxTxV = model(out.tokens_BxT, slice_B=slice_B).logits_BxLxV
+  np.testing.assert_array_equal(jnp.argmax(full_BxTxV[:, prompt - 1:-1], -1),
+                                out.tokens_BxT[:, prompt:])
+
+
+def test_cached_decoding_needs_the_slices_and_checks_them():
+  from gating.layers import decode  # pylint: disable=import-outside-toplevel
+  model, x = slices_lm(), tokens(2)[:, :6]
+  with pytest.raises(ValueError, match=r"gate='slices': decoding needs each sequence's "
+                                       r'slice, slice_B'):
+    decode.generate(model, x, max_new_tokens=2)
+  with pytest.raises(ValueError, match=r'slice_B holds slice ids in \[0, 3\]; this layer has '
+                                       r'3 slices'):
+    decode.generate(model, x, max_new_tokens=2, slice_B=jnp.array([0, 3]))
+  with pytest.raises(ValueError, match=r'slice_B must have shape \(2,\)'):
+    decode.prefill(model, x, cache_length=8, slice_B=jnp.array([0]))
+  dense = GatedLM(V, num_layers=1, features=D, num_heads=H, max_length=16, prefix_len=4,
+                  gate='dense', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"slice_B is for gate='slices'; no layer of this "
+                                       r"model reads it \(gate 'dense'\)"):
+    decode.generate(dense, x, max_new_tokens=2, slice_B=jnp.array([0, 1]))

@@ -78,8 +78,8 @@ def test_refused_where_a_per_token_gate_cannot_run():
                             rngs=nnx.Rngs(0))
   model = gating.GatedLM(40, num_layers=1, features=D, num_heads=H, max_length=L,
                          prefix_len=2, gate='token_topk', active_heads=2, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"cached decoding .* gate='token_topk' is not "
-                                       r'supported'):
+  with pytest.raises(ValueError, match=r"cached decoding .* gate='token_topk' decides per "
+                                       r'token'):
     decode.generate(model, jnp.zeros((1, 3), jnp.int32), max_new_tokens=1)
 
 
