@@ -38,7 +38,7 @@ import os
 
 import numpy as np
 
-from gating.data import rows
+from gating import data
 from gating.layers import selection
 
 NUM_BUCKETS = 4096
@@ -148,9 +148,9 @@ def prefix_valid(valid_NxL: np.ndarray, prefix_len: int) -> np.ndarray:
 
 
 def _fingerprint(info) -> str:
-  """A short hash of what identifies the data (`data.rows.identity`: not where it was
-  read from, so a moved run or data folder keeps its assigner)."""
-  text = json.dumps(rows.identity(info.fingerprint), sort_keys=True, default=str)
+  """A short hash of what identifies the data (`data.identity`: not where it was read
+  from, so a moved run or data folder keeps its assigner)."""
+  text = json.dumps(data.identity(info.fingerprint), sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -336,7 +336,6 @@ def round_flops(score, state, num_rows: int, prefix_len: int, batch_size: int) -
 def losses_by_slice(score, state, dataset, length: int, batch_size: int) -> np.ndarray:
   """loss_NxE of `prefix_scorer` over every row of `dataset`, reading its first `length`
   tokens (the last batch filled up with repeats, one compiled shape)."""
-  from gating import data  # pylint: disable=import-outside-toplevel
   out = []
   for rows in data.eval_batches(dataset, batch_size):
     n = len(rows['tokens'])
@@ -345,8 +344,6 @@ def losses_by_slice(score, state, dataset, length: int, batch_size: int) -> np.n
       tokens, valid = (np.resize(a, (batch_size,) + a.shape[1:]) for a in (tokens, valid))
     out.append(np.asarray(score(state, tokens, valid))[:n])
   return np.concatenate(out)
-
-
 
 
 def reassign_training_rows(splits, score, state, prefix_len: int, batch_size: int):
