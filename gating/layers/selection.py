@@ -159,15 +159,15 @@ def older_spellings(rule: Rule, options: Mapping[str, float] | None,
   name wins). A rule without that option refuses it, naming the rule and its options,
   rather than ignore it."""
   options = dict(options or {})
-  for keyword, value, names in (('threshold', threshold, ('threshold',)),
-                                ('stretch', stretch, ('gamma', 'zeta'))):
+  for keyword, value, option_names in (('threshold', threshold, ('threshold',)),
+                                       ('stretch', stretch, ('gamma', 'zeta'))):
     if value is None:
       continue
-    if not set(names) <= set(rule.options):
+    if not set(option_names) <= set(rule.options):
       known = ', '.join(sorted(rule.options)) or 'none'
       raise ValueError(f'{keyword}={value!r}: gate {rule.name!r} has no option '
-                       f"{' or '.join(names)} (its options: {known})")
-    for name, v in zip(names, (value,) if keyword == 'threshold' else value):
+                       f"{' or '.join(option_names)} (its options: {known})")
+    for name, v in zip(option_names, (value,) if keyword == 'threshold' else value):
       options.setdefault(name, v)
   return options
 
@@ -437,11 +437,12 @@ def slice_indicator(slice_B: jax.Array, routed: int, routed_budget: int) -> jax.
 
 
 def assigned_logits(slice_B, batch: int, routed: int, routed_budget: int,
-                    **names) -> jax.Array:
+                    **error_names) -> jax.Array:
   """indicator_BxR of each sequence's slice (`slice_indicator`), after the slice count
-  (`num_slices`, its ValueError naming `names`) and the ids (`check_slice_ids`) are
-  checked: what a slices layer reads instead of a router's logits."""
-  count = num_slices(routed, routed_budget, **names)
+  (`num_slices`, its ValueError naming `error_names`: budget, shared_name, units) and the
+  ids (`check_slice_ids`) are checked: what a slices layer reads instead of a router's
+  logits."""
+  count = num_slices(routed, routed_budget, **error_names)
   check_slice_ids(slice_B, batch, count)
   return slice_indicator(slice_B, routed, routed_budget)
 
