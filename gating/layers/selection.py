@@ -409,6 +409,9 @@ def _check_slice_options(options) -> None:
   if options['rounds'] < 1 or options['rounds'] != int(options['rounds']):
     raise ValueError(f"the 'slices' rule's option rounds (prefix_loss reassignments) must "
                      f"be a whole number >= 1, got {options['rounds']}")
+  if not options['balance'] >= 1:
+    raise ValueError(f"the 'slices' rule's option balance (a slice takes at most "
+                     f"ceil(balance N / E) training rows) must be >= 1, got {options['balance']}")
 
 
 def num_slices(routed: int, routed_budget, *, budget: str = 'active_heads',
@@ -494,7 +497,7 @@ register(Rule(
 
 register(Rule(
     'slices', slices, budget='required', router='assignment', label='slices',
-    options=types.MappingProxyType({'assigner': 'label', 'rounds': 2.0}),
+    options=types.MappingProxyType({'assigner': 'label', 'rounds': 2.0, 'balance': 1.0}),
     check_options=_check_slice_options,
     meaning='the heads of the slice assigned to the sequence (E = (H - S) / (K - S) disjoint '
             'slices plus the S shared heads), the same slice in every layer'))

@@ -844,7 +844,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     k = losses.k_at(step - 1, cfg.k_schedule, final_k)
     if prefix_rounds and step - 1 in round_at:   # reassign after step - 1 steps
       splits, slice_N = slices.reassign_training_rows(splits, score_slices, state, prefix_len,
-                                                      cfg.batch_size)
+                                                      cfg.batch_size,
+                                                      slices.balance_of(cfg.model))
       assigner = slices.add_round(assigner, step - 1, slice_N)
       if main_process:
         slices.save(workdir, assigner)

@@ -22,7 +22,8 @@ assigner is the rule's option `assigner` (model.gate_options=assigner=NAME):
            agreement is reported (`agreement`).
 
 Balanced k-means: Lloyd's iterations from E distinct rows drawn with the seed, where the
-assignment step is balanced (each cluster takes at most ceil(N / E) rows): the (row,
+assignment step is balanced (each cluster takes at most ceil(b N / E) rows, b the rule's
+option `balance`, 1 by default: equal clusters; b = E is plain k-means): the (row,
 centroid) pairs are taken in order of cosine similarity, highest first, and a row joins
 the first centroid that still has room; then each centroid is the normalized mean of its
 rows. Deterministic given the data and the seed. The fitted idf and centroids are written
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -59,6 +61,12 @@ def slice_count(model_cfg) -> int:
 
 def assigner_of(model_cfg) -> str:
   return str(dict(model_cfg.gate_options).get('assigner', 'label'))
+
+
+def balance_of(model_cfg) -> float:
+  """b, the rule's option `balance`: a slice takes at most ceil(b N / E) of the N training
+  rows in the cluster and prefix_loss assignments (1: equal slices; E: no limit)."""
+  return float(dict(model_cfg.gate_options).get('balance', 1.0))
 
 
 def rounds_of(model_cfg) -> int:
@@ -92,12 +100,12 @@ def features(tokens_NxL: np.ndarray, valid_NxL: np.ndarray, idf_J: np.ndarray | 
   return f_NxJ / np.maximum(norm_Nx1, 1e-12), idf_J
 
 
-def balanced_assign(sim_NxE: np.ndarray) -> np.ndarray:
-  """cluster_N: each row to a centroid, at most ceil(N / E) rows per centroid, the (row,
-  centroid) pairs taken in order of similarity (highest first; ties by row, then
-  centroid)."""
+def balanced_assign(sim_NxE: np.ndarray, balance: float = 1.0) -> np.ndarray:
+  """cluster_N: each row to a centroid, at most ceil(balance N / E) rows per centroid, the
+  (row, centroid) pairs taken in order of similarity (highest first; ties by row, then
+  centroid). balance >= 1; balance >= E puts each row at its most similar centroid."""
   N, E = sim_NxE.shape
-  capacity = -(-N // E)
+  capacity = min(N, math.ceil(balance * N / E - 1e-9))
   order = np.lexsort((np.tile(np.arange(E), N), np.repeat(np.arange(N), E),
                       -sim_NxE.reshape(-1)))
   cluster_N = np.full(N, -1, np.int64)
@@ -114,7 +122,7 @@ def balanced_assign(sim_NxE: np.ndarray) -> np.ndarray:
   return cluster_N
 
 
-def balanced_kmeans(f_NxJ: np.ndarray, num_clusters: int, seed: int
+def balanced_kmeans(f_NxJ: np.ndarray, num_clusters: int, seed: int, balance: float = 1.0
                     ) -> tuple[np.ndarray, np.ndarray]:
   """(centroids_ExJ, cluster_N) of balanced k-means on l2-normalized rows (module
   docstring). A ValueError when there are fewer rows than clusters."""
@@ -126,7 +134,7 @@ def balanced_kmeans(f_NxJ: np.ndarray, num_clusters: int, seed: int
   centroids_ExJ = f_NxJ[rng.choice(N, num_clusters, replace=False)]
   cluster_N = None
   for _ in range(KMEANS_ITERATIONS):
-    new_N = balanced_assign(f_NxJ @ centroids_ExJ.T)
+    new_N = balanced_assign(f_NxJ @ centroids_ExJ.T, balance)
     if cluster_N is not None and np.array_equal(new_N, cluster_N):
       break
     cluster_N = new_N
@@ -169,21 +177,23 @@ def _read_store(path: str, keys: tuple[str, ...], what: str, info,
   return store
 
 
-def fit_cluster(splits, num_clusters: int, seed: int) -> dict[str, np.ndarray]:
+def fit_cluster(splits, num_clusters: int, seed: int, balance: float = 1.0
+                ) -> dict[str, np.ndarray]:
   """The cluster assigner fitted on the training split: {'idf', 'centroids', 'data'}."""
   cols = splits.train.with_format('numpy')[:]
   f_NxJ, idf_J = features(cols['tokens'], cols['valid'])
-  centroids_ExJ, _ = balanced_kmeans(f_NxJ, num_clusters, seed)
+  centroids_ExJ, _ = balanced_kmeans(f_NxJ, num_clusters, seed, balance)
   return {'idf': idf_J, 'centroids': centroids_ExJ,
           'data': np.asarray(_fingerprint(splits.info))}
 
 
-def load_or_fit(splits, num_clusters: int, seed: int, workdir: str | None):
+def load_or_fit(splits, num_clusters: int, seed: int, workdir: str | None,
+                balance: float = 1.0):
   """The run's stored cluster assigner (workdir/slices.npz) or a new fit. Stored centroids
   of other data, or of another slice count, are a ValueError."""
   path = None if workdir is None else os.path.join(workdir, STORE)
   if path is None or not os.path.exists(path):
-    return fit_cluster(splits, num_clusters, seed), False
+    return fit_cluster(splits, num_clusters, seed, balance), False
   fitted = _read_store(path, ('idf', 'centroids', 'data'),
                        "cluster assigner's centroids", splits.info, 'fitted')
   if fitted['centroids'].shape != (num_clusters, NUM_BUCKETS):
@@ -226,13 +236,13 @@ def assign(splits, model_cfg, seed: int, prefix_len: int, workdir: str | None = 
       label_N = np.asarray(getattr(splits, name).with_format('numpy')['label'], np.int32)
       per_split[name] = (label_N, label_N)
   else:
-    fitted, _ = load_or_fit(splits, E, seed, workdir)
+    fitted, _ = load_or_fit(splits, E, seed, workdir, balance_of(model_cfg))
     per_split = {}
     for name in ('train', 'validation', 'test'):
       cols = getattr(splits, name).with_format('numpy')[:]
       f_NxJ = features(cols['tokens'], cols['valid'], fitted['idf'])[0]
       if name == 'train':     # the balanced assignment the centroids were fitted with
-        balanced_N = balanced_assign(f_NxJ @ fitted['centroids'].T)
+        balanced_N = balanced_assign(f_NxJ @ fitted['centroids'].T, balance_of(model_cfg))
         per_split[name] = (balanced_N, balanced_N)
         continue
       whole_N = nearest(f_NxJ, fitted['centroids'])
@@ -272,7 +282,7 @@ def counts(dataset, num_slices: int) -> list[int]:
 # The training rows start in balanced random slices; after `rounds` evenly spaced points of
 # the run (`round_steps`) each training row moves to the slice whose weights give its
 # prefix (the first P tokens) the lowest mean next-token loss, under the same balance as
-# k-means (`balanced_assign` on -loss: at most ceil(N / E) rows a slice, so one slice
+# k-means (`balanced_assign` on -loss: at most ceil(b N / E) rows a slice, so one slice
 # that learns fastest cannot take every row). Validation and test rows are routed by the
 # same rule without the balance: the slice of lowest loss on their prefix (E passes of
 # the model over P tokens), and `slice_whole` is the slice of lowest loss over the whole
@@ -346,11 +356,12 @@ def losses_by_slice(score, state, dataset, length: int, batch_size: int) -> np.n
   return np.concatenate(out)
 
 
-def reassign_training_rows(splits, score, state, prefix_len: int, batch_size: int):
-  """(splits with the training rows moved to their balanced lowest-prefix-loss slices,
-  the new slice_N)."""
+def reassign_training_rows(splits, score, state, prefix_len: int, batch_size: int,
+                           balance: float = 1.0):
+  """(splits with the training rows moved to their balanced lowest-prefix-loss slices (at
+  most ceil(balance N / E) rows a slice), the new slice_N)."""
   loss_NxE = losses_by_slice(score, state, splits.train, prefix_len, batch_size)
-  slice_N = balanced_assign(-loss_NxE)
+  slice_N = balanced_assign(-loss_NxE, balance)
   return splits._replace(train=_with_slices(splits.train, slice_N, slice_N)), slice_N
 
 

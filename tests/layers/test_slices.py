@@ -46,6 +46,7 @@ def test_masked_equals_gathered():
                              masked(x, slice_B=slice_B).logits_BxLxV, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', ['gathered', 'masked'])
 def test_slice_weights_get_gradients_only_from_their_own_sequences(path):
   model = slices_lm(path)
@@ -105,6 +106,9 @@ def test_grouped_query_slices_are_whole_kv_groups():
     (dict(gate_options={'assigner': 3.0}), r'assigner=3.0 .* must be a name'),
     (dict(gate_options={'assigner': 'prefix_loss', 'rounds': 0.5}),
      r"option rounds \(prefix_loss reassignments\) must be a whole number >= 1, got 0.5"),
+    (dict(gate_options={'assigner': 'cluster', 'balance': 0.5}),
+     r"option balance \(a slice takes at most ceil\(balance N / E\) training rows\) must be "
+     r'>= 1, got 0.5'),
 ])
 def test_bad_slices_are_refused_when_the_model_is_built(kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -42,6 +42,27 @@ def test_balanced_kmeans_is_balanced_deterministic_and_finds_planted_clusters():
     slices.balanced_kmeans(x[:2], 3, seed=0)
 
 
+def test_the_balance_option_bounds_each_cluster_and_at_e_is_plain_kmeans():
+  rng = np.random.default_rng(0)
+  centers = np.eye(3, 16) * 5
+  planted = np.repeat(np.arange(3), (60, 25, 15))
+  x = centers[planted] + rng.normal(size=(100, 16))
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  for balance, most in ((1.0, 34), (1.2, 40), (3.0, 100)):
+    assignment = slices.balanced_kmeans(x, 3, seed=1, balance=balance)[1]
+    assert np.bincount(assignment, minlength=3).max() <= most     # ceil(balance 100 / 3)
+  # balance 1.2 cuts the 60 planted rows to 40; at balance E = 3 each row takes its
+  # nearest centroid, and k-means finds the three planted clusters whole
+  assert np.bincount(slices.balanced_kmeans(x, 3, seed=1, balance=1.2)[1]).max() == 40
+  found = slices.balanced_kmeans(x, 3, seed=1, balance=3.0)[1]
+  assert sorted(np.bincount(found)) == [15, 25, 60]
+  for e in range(3):
+    assert len(set(found[planted == e])) == 1
+  sim = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+  np.testing.assert_array_equal(slices.balanced_assign(sim), [0, 0, 1])          # ceil(3/2)
+  np.testing.assert_array_equal(slices.balanced_assign(sim, balance=2.0), [0, 0, 0])
+
+
 def test_features_of_the_prefix_read_only_the_prefix():
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 50, (4, 20))
@@ -104,6 +125,20 @@ def test_a_cluster_run_stores_its_centroids_and_resumes_with_them(tmp_path):
     train.load_data(other, str(run))
 
 
+def test_the_cluster_assigner_applies_the_balance_option_to_the_training_rows():
+  for balance in (1.0, 3.0):
+    cfg = dataclasses.replace(CLUSTER, model=dataclasses.replace(
+        CLUSTER.model, gate_options=(('assigner', 'cluster'), ('balance', balance))))
+    splits, fitted = train.load_data_and_assigner(cfg)
+    cols = splits.train.with_format('numpy')[:]
+    f_NxJ = slices.features(cols['tokens'], cols['valid'], fitted['idf'])[0]
+    if balance == 1.0:
+      assert np.bincount(cols['slice'], minlength=3).max() <= -(-256 // 3)
+    else:   # no limit: each training row at its nearest centroid, more than 86 in one
+      np.testing.assert_array_equal(cols['slice'], slices.nearest(f_NxJ, fitted['centroids']))
+      assert np.bincount(cols['slice'], minlength=3).max() > -(-256 // 3)
+
+
 @pytest.mark.parametrize('cfg, message', [
     (dataclasses.replace(SLICES, model=dataclasses.replace(
         SLICES.model, active_heads=4, active_groups=4)),
@@ -129,6 +164,7 @@ def test_prefix_loss_rounds_and_the_random_start():
   assert not np.array_equal(a, slices.balanced_random(100, 3, seed=1))
 
 
+@pytest.mark.slow
 def test_a_prefix_loss_run_reassigns_resumes_exactly_and_routes_by_the_prefix(tmp_path):
   whole = train.train(PREFIX_LOSS, str(tmp_path / 'whole'), progress=False)
   store = np.load(tmp_path / 'whole' / slices.STORE)
