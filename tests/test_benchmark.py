@@ -37,6 +37,7 @@ def without_datasets(tmp_path):
               XLA_FLAGS=without_xla_flag(FAST_COMPILE_FLAG))
 
 
+@pytest.mark.slow
 def test_the_gpu_dry_run_compiles_one_row_per_section_without_datasets(tmp_path):
   run = subprocess.run([sys.executable, '-m', 'experiments.benchmark', '--size', 'gpu',
                         '--dry-run', '--out', str(tmp_path / 'out')], cwd=ROOT,
@@ -64,6 +65,7 @@ def test_the_gpu_dry_run_compiles_one_row_per_section_without_datasets(tmp_path)
   assert 'compiled, not timed' in run.stdout
 
 
+@pytest.mark.slow
 def test_the_device_script_rehearses_on_the_cpu_and_merges_one_json(tmp_path):
   script = os.path.join(ROOT, 'experiments', 'device_check.sh')
   env = dict(without_datasets(tmp_path), PYTHON=sys.executable)
@@ -165,6 +167,7 @@ def test_a_dry_run_compiles_only_the_named_row_and_runs_nothing():
   assert all(r['median_s'] is None for r in rows)
 
 
+@pytest.mark.slow
 def test_the_plain_train_step_is_the_loops_train_step():
   from gating import data  # pylint: disable=import-outside-toplevel (needs datasets)
   from gating.training import loop  # pylint: disable=import-outside-toplevel

@@ -140,6 +140,7 @@ def test_trained_dense_linen_attention_weights_carry_over():
     gating.linen.from_dense_params(gated_vars['params'], wide['params'])
 
 
+@pytest.mark.slow
 def test_grouped_query_attention_and_modern_blocks_through_linen():
   """GQA (both units) and a Llama-style LM through the bridge equal their NNX layers."""
   x = jax.random.normal(jax.random.key(0), (2, L, D))

@@ -36,6 +36,7 @@ def new_router():
   del router.ROUTERS['last_of_prefix']
 
 
+@pytest.mark.slow
 def test_a_registered_router_works_everywhere(new_router, tmp_path, capsys):  # pylint: disable=redefined-outer-name,unused-argument
   x = jax.random.normal(jax.random.key(0), (3, 8, 16))
   attn = gating.GatedMultiHeadAttention(4, 16, gate='topk', active_heads=2,

@@ -137,6 +137,7 @@ def tokenizer_folder(tmp_path, corpus, vocab=64):
   return tok
 
 
+@pytest.mark.slow
 def test_a_checkpoint_becomes_a_run_folder_that_headroom_and_fit_router_use(tmp_path, capsys):
   from experiments import eval as eval_script  # pylint: disable=import-outside-toplevel
   from experiments import fit_router as fit_script  # pylint: disable=import-outside-toplevel

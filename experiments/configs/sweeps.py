@@ -91,6 +91,11 @@ Specialization built by the data (c-BTM, SmallTalk; gate='slices'):
                 (token_topk, 2 shared + 2 routed heads per token, MoH's weights, the thin
                 model's MLP; masked path, every head computed).
 
+  slices_tune   the pilot's settings (validation, seeds 0 and 1, 300 steps), the balance
+                of the learned assigners (option balance: a slice takes at most
+                ceil(b N / E) training rows): balanced k-means with b = 1.5 and b = 3
+                (plain k-means), and prefix-loss slices with b = 1.5.
+
 The default job (`python -m experiments.train`, preset `sums`: the same benchmark at
 10000 steps, top-k at K = 2 after 2500 steps with all 8 heads open, in one run):
   default_tune  validation, seeds 0 and 1: how long the all-heads phase of that run
@@ -175,12 +180,14 @@ def thin(heads, mlp):
           f'model.mlp_features={mlp}', 'model.mlp_groups=none', 'model.active_groups=none']
 
 
-def slices(assigner):
-  """gate='slices' (by `assigner`): 2 shared + 2 routed of 8 heads and of 8 MLP groups,
-  E = 3 slices, on the gathered path from scratch (the same active width as thin(4, 256))."""
+def slices(assigner, *options):
+  """gate='slices' (by `assigner`, with the rule's other `options`, e.g. 'balance=1.5'): 2
+  shared + 2 routed of 8 heads and of 8 MLP groups, E = 3 slices, on the gathered path from
+  scratch (the same active width as thin(4, 256))."""
   return ['model.gate=slices', 'model.active_heads=4', 'model.shared_heads=2',
           'model.mlp_groups=8', 'model.active_groups=4', 'model.shared_groups=2',
-          'model.path=gathered', 'model.noise=none', f'model.gate_options=assigner={assigner}']
+          'model.path=gathered', 'model.noise=none',
+          'model.gate_options=' + ','.join([f'assigner={assigner}', *options])]
 
 
 # The synthetic benchmark frozen after capacity_round10 (docs/tuning.md): two-digit sums.
@@ -209,6 +216,14 @@ SWEEPS = {
                                'model.mlp_features=256', 'model.mlp_groups=none',
                                'model.active_groups=none']},
         description="the pilot's other two rows: slices by prefix loss, per-token MoH"),
+    'slices_tune': Sweep(
+        name='slices_tune', preset='text', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'steps=300'),
+        points={'slices_cluster_b1.5': slices('cluster', 'balance=1.5'),
+                'slices_cluster_b3': slices('cluster', 'balance=3'),
+                'slices_prefix_loss_b1.5': slices('prefix_loss', 'balance=1.5')},
+        description="the pilot's settings, the assigners' balance: k-means and prefix-loss "
+                    'slices that may be unequal (validation)'),
     'synthetic': Sweep(
         name='synthetic', preset='synthetic', points=grid((1, 2, 4), steps=6000, warm=3000),
         seeds=(0, 1, 2), common=(f'model.num_heads={H}',),

@@ -357,6 +357,7 @@ def test_grouped_compute_equals_the_gathered_path():
     compute.grouped_attention(x_BxLxD, x_BxLxD, x_BxLxD, gqa, idx_BxK, weights_BxK)
 
 
+@pytest.mark.slow
 def test_grouped_decoding_equals_the_other_projections_and_the_full_forward():
   model = grouped_lm(2, [1, 5], 'gathered', positions='rotary')  # heads 2/4, groups 1 and 5/8
   x = tokens(b=3, length=10)

@@ -24,6 +24,7 @@ HARD_CONCRETE = dataclasses.replace(
     loss=LossConfig(target_fraction=0.5))
 
 
+@pytest.mark.slow
 def test_eval_writes_both_paths_at_several_k(tmp_path, capsys, trained_run):
   shutil.copytree(trained_run(SMALL), tmp_path, dirs_exist_ok=True)
   eval_script.main(['--workdir', str(tmp_path), '--k', '1,2,4'])

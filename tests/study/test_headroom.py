@@ -71,6 +71,7 @@ def test_the_oracle_never_scores_on_its_choice_positions():
     headroom.oracle_from_losses(ce, choice, choice)
 
 
+@pytest.mark.slow
 def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
   shutil.copytree(FIXTURE, tmp_path / 'run')
   headroom_script.main(['--workdir', str(tmp_path / 'run'), '--max-sequences', '16'])

@@ -22,6 +22,7 @@ def _train_steps(workdir):
           if json.loads(line)['kind'] == 'train']
 
 
+@pytest.mark.slow
 def test_tiny_sweep_runs_resumes_and_writes_results(tmp_path, capsys, finished_sweep):
   out = tmp_path / 'tiny'
   shutil.copytree(finished_sweep('tiny'), out)    # the shared run of the tiny sweep

@@ -155,6 +155,7 @@ def test_two_processes_train_like_one_and_resume_exactly(tmp_path):
   assert _losses(resumed) == two_losses
 
 
+@pytest.mark.slow
 def test_a_batch_the_devices_do_not_divide_is_refused_before_compiling(tmp_path):
   codes, outs = _train(tmp_path / 'odd', [*OVERRIDES, 'batch_size=18'])
   assert codes == [1, 1]

@@ -30,6 +30,7 @@ def matmul_flops(cfg, seq_len, vocab):
   return 3 * cfg.batch_size * seq_len * per_token
 
 
+@pytest.mark.slow
 def test_the_train_steps_flops_are_the_models_matmuls_plus_a_few_percent(trained_run):
   summary = json.load(open(trained_run(DENSE) / 'summary.json'))
   info = train.load_data(DENSE).info

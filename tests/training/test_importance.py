@@ -119,6 +119,7 @@ def test_recall_and_targets():
   assert float(router_fit.recall(jnp.array([[0.0, 2.0, -1.0, 1.0]]), labels, 2)) == 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss,shared', [('bce', 0), ('listwise', 0), ('bce', 1)])
 def test_a_fitted_router_picks_the_task_head(loss, shared):
   """The model frozen, the router alone trained on the labels: recall of the task's head
@@ -194,6 +195,7 @@ def lm_batch(b=3):
           'target_mask': valid_BxL.at[:, 0].set(False), 'label': jnp.zeros((b,), jnp.int32)}
 
 
+@pytest.mark.slow
 def test_group_labels_are_those_of_the_heads_for_channel_groups():
   model, batch = grouped_lm(), lm_batch()
   layers = importance.gated_layers(model)
@@ -248,6 +250,7 @@ def test_fitting_reaches_the_group_routers_and_nothing_else():
   assert np.abs(flat['trunk/blocks/0/attention/router/logits/kernel']).sum() > 0
 
 
+@pytest.mark.slow
 def test_the_group_routers_fit_only_the_routed_groups_beside_shared_ones():
   model, batch = grouped_lm(active_groups=(2, 3), shared_groups=1), lm_batch()
   mlp = model.blocks[1].mlp

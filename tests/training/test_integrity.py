@@ -216,6 +216,7 @@ def test_a_damaged_provenance_record_is_kept_aside_not_dropped(finished, tmp_pat
   assert (run / 'provenance.damaged.1.json').read_bytes() == b'[1, 2'
 
 
+@pytest.mark.slow
 def test_a_text_run_evaluates_and_resumes_after_it_and_its_data_moved(tmp_path):
   corpus = tmp_path / 'here' / 'corpus.txt'
   corpus.parent.mkdir()

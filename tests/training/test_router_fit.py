@@ -43,6 +43,7 @@ def model_params(cfg, workdir):
   return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(learner.model, nnx.Param))}
 
 
+@pytest.mark.slow
 def test_the_chain_elastic_labels_router_eval(elastic_run, tmp_path, capsys):
   """The recipe end to end, as a user runs it: fit, evaluate, and a rerun changes nothing."""
   out = str(tmp_path / 'router')

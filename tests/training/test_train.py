@@ -50,6 +50,7 @@ def nnx_params(graphdef, state):
   return nnx.state(learner, nnx.Param)
 
 
+@pytest.mark.slow
 def test_a_short_run_learns_and_writes_its_files(trained_run):
   workdir = trained_run(TINY)
   summary = json.load(open(workdir / 'summary.json'))
@@ -71,6 +72,7 @@ def test_a_short_run_learns_and_writes_its_files(trained_run):
   assert 'train_flops_with_init' not in summary
 
 
+@pytest.mark.slow
 def test_text_run_learns_on_tinyshakespeare(tmp_path, tinyshakespeare_path):
   cfg = dataclasses.replace(
       TINY, data=DataConfig(kind='text', sources=(tinyshakespeare_path,), seq_len=64,
@@ -81,6 +83,7 @@ def test_text_run_learns_on_tinyshakespeare(tmp_path, tinyshakespeare_path):
   assert np.mean([r['task_loss'] for r in lines[-5:]]) < lines[0]['task_loss'] - 1.0
 
 
+@pytest.mark.slow
 def test_resume_continues_where_it_stopped(tmp_path):
   cfg = dataclasses.replace(TINY, steps=20, checkpoint_every=10)
   assert train.train(cfg, str(tmp_path / 'split'), progress=False, stop_after=10) is None
@@ -150,6 +153,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     run(other, tmp_path)
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   """The loss turns NaN at step 8 (injected): the run stops naming that step, the last
   checkpoint (step 5) was written before and is intact, equal to an uninterrupted run's
@@ -181,6 +185,7 @@ def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mo
   assert summary['steps'] == 20 and np.isfinite(summary['test']['loss'])
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(tmp_path):
   script = (
       'import dataclasses, json, sys; sys.path.insert(0, %r)\n'
@@ -222,6 +227,7 @@ def test_four_devices_match_one(tmp_path):
     ('z_loss', dict(model=dict(gate='topk', active_heads=2),
                     loss=dict(z_loss_weight=1.0)), 'smaller_z'),
 ])
+@pytest.mark.slow
 def test_each_regularizer_moves_the_gate_the_right_way(trained_run, name, overrides, moves):
   def variant(**loss_override):
     cfg = TINY
@@ -242,6 +248,7 @@ def test_each_regularizer_moves_the_gate_the_right_way(trained_run, name, overri
     assert np.mean([r['reg/z_loss'] for r in a]) < np.mean([r['reg/z_loss'] for r in b])
 
 
+@pytest.mark.slow
 def test_schedules_grad_accumulation_and_bfloat16(trained_run):
   cfg = dataclasses.replace(
       TINY, steps=12, grad_accum=2, temperature_start=1.0, temperature_end=0.1,
@@ -256,6 +263,7 @@ def test_schedules_grad_accumulation_and_bfloat16(trained_run):
   assert all(np.isfinite(r['loss']) for r in lines)
 
 
+@pytest.mark.slow
 def test_a_run_with_gated_mlp_groups_learns_and_logs_group_usage(tmp_path):
   cfg = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, mlp_groups=4,
                                                             active_groups=2))

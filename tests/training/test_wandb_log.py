@@ -84,6 +84,7 @@ def read_history(run_file: str) -> dict[int, dict[str, float]]:
   return out
 
 
+@pytest.mark.slow
 def test_a_run_logs_its_metrics_to_an_offline_wandb_run_in_its_folder(resumed_run):
   workdir, run_id, summary = resumed_run
   assert summary['steps'] == 10
