@@ -91,6 +91,10 @@ Specialization built by the data (c-BTM, SmallTalk; gate='slices'):
                 (token_topk, 2 shared + 2 routed heads per token, MoH's weights, the thin
                 model's MLP; masked path, every head computed).
 
+  slices_pilot_c  the same settings, the plan's last two rows: static hard-concrete at
+                K = Kf = 4 of 8, and top-k routed end to end from scratch with 2 shared +
+                2 routed heads and MLP groups and load balance 0.01 (the thin model's
+                active width).
   slices_tune   the pilot's settings (validation, seeds 0 and 1, 300 steps), the balance
                 of the learned assigners (option balance: a slice takes at most
                 ceil(b N / E) training rows): balanced k-means with b = 1.5 and b = 3
@@ -216,6 +220,16 @@ SWEEPS = {
                                'model.mlp_features=256', 'model.mlp_groups=none',
                                'model.active_groups=none']},
         description="the pilot's other two rows: slices by prefix loss, per-token MoH"),
+    'slices_pilot_c': Sweep(
+        name='slices_pilot_c', preset='text', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'steps=300'),
+        points={'static_k4_kf4': [*static(4), 'model.mlp_groups=8', 'model.active_groups=4'],
+                'topk_shared2': ['model.gate=topk', 'model.active_heads=4',
+                                 'model.shared_heads=2', 'model.mlp_groups=8',
+                                 'model.active_groups=4', 'model.shared_groups=2',
+                                 'model.noise=none', 'loss.load_balance_weight=0.01']},
+        description="the plan's last two rows at the pilot's settings: static hard-concrete "
+                    'and top-k end to end from scratch (2 shared + 2 routed, load balance)'),
     'slices_tune': Sweep(
         name='slices_tune', preset='text', seeds=(0, 1), split='validation',
         common=(f'model.num_heads={H}', 'steps=300'),
