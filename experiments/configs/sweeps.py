@@ -100,6 +100,13 @@ Specialization built by the data (c-BTM, SmallTalk; gate='slices'):
                 ceil(b N / E) training rows): balanced k-means with b = 1.5 and b = 3
                 (plain k-means), and prefix-loss slices with b = 1.5.
 
+  slices_study_250, slices_study_800, slices_study_2500  the study, frozen after
+                slices_tune: text, test split, eight rows at 250, 800 and 2500 steps of
+                4096 tokens (seeds 0, 1, 2; 0, 1, 2; 0, 1): thin dense (the row to beat),
+                wide dense, static hard-concrete K = Kf = 4, top-k end to end with 2
+                shared heads and groups, slices by label, by k-means (balance 3, routed
+                by the prefix) and by prefix loss, and per-token MoH.
+
 The default job (`python -m experiments.train`, preset `sums`: the same benchmark at
 10000 steps, top-k at K = 2 after 2500 steps with all 8 heads open, in one run):
   default_tune  validation, seeds 0 and 1: how long the all-heads phase of that run
@@ -194,6 +201,36 @@ def slices(assigner, *options):
           'model.gate_options=' + ','.join([f'assigner={assigner}', *options])]
 
 
+# The slices study's rows, frozen after slices_tune (docs/tuning.md): every row at the thin
+# model's active width (2 shared + 2 routed of 8 heads and of 8 MLP groups) but wide dense.
+SLICES_ROWS = {
+    'thin_dense': thin(4, 256),
+    'wide_dense': [*dense(), 'model.mlp_groups=none', 'model.active_groups=none'],
+    'static_k4_kf4': [*static(4), 'model.mlp_groups=8', 'model.active_groups=4'],
+    'topk_shared2': ['model.gate=topk', 'model.active_heads=4', 'model.shared_heads=2',
+                     'model.mlp_groups=8', 'model.active_groups=4', 'model.shared_groups=2',
+                     'model.noise=none', 'loss.load_balance_weight=0.01'],
+    'slices_label': slices('label'),
+    'slices_cluster': slices('cluster', 'balance=3'),
+    'slices_prefix_loss': slices('prefix_loss'),
+    'token_topk': ['model.gate=token_topk', 'model.active_heads=4', 'model.shared_heads=2',
+                   'model.path=masked', 'model.noise=none', 'model.scaled_weights=true',
+                   'model.mlp_features=256', 'model.mlp_groups=none',
+                   'model.active_groups=none'],
+}
+
+
+def slices_study(steps: int, seeds: tuple[int, ...]) -> Sweep:
+  """The slices study at one token budget (`steps` of batch 32 x 128 bytes), test split."""
+  return Sweep(
+      name=f'slices_study_{steps}', preset='text', seeds=seeds,
+      common=(f'model.num_heads={H}', f'steps={steps}'), points=SLICES_ROWS,
+      description=f'specialization built by the data at {steps} steps '
+                  f'({steps * 4096 / 1e6:.1f} M tokens a row): slices by label, cluster and '
+                  'prefix loss against thin and wide dense, static, top-k end to end and '
+                  'per-token MoH (test)')
+
+
 # The synthetic benchmark frozen after capacity_round10 (docs/tuning.md): two-digit sums.
 SUMS = (f'model.num_heads={H}', 'data.num_terms=2', 'data.num_tasks=8')
 
@@ -230,6 +267,8 @@ SWEEPS = {
                                  'model.noise=none', 'loss.load_balance_weight=0.01']},
         description="the plan's last two rows at the pilot's settings: static hard-concrete "
                     'and top-k end to end from scratch (2 shared + 2 routed, load balance)'),
+    **{f'slices_study_{steps}': slices_study(steps, seeds)
+       for steps, seeds in ((250, (0, 1, 2)), (800, (0, 1, 2)), (2500, (0, 1)))},
     'slices_tune': Sweep(
         name='slices_tune', preset='text', seeds=(0, 1), split='validation',
         common=(f'model.num_heads={H}', 'steps=300'),
