@@ -26,7 +26,8 @@ assignment step is balanced (each cluster takes at most ceil(b N / E) rows, b th
 option `balance`, 1 by default: equal clusters; b = E is plain k-means): the (row,
 centroid) pairs are taken in order of cosine similarity, highest first, and a row joins
 the first centroid that still has room; then each centroid is the normalized mean of its
-rows. Deterministic given the data and the seed. The fitted idf and centroids are written
+rows (a centroid that no row chose keeps its place). Deterministic given the data and
+the seed. The fitted idf and centroids are written
 to the run folder (`slices.npz`, with the data's fingerprint), and resume and evaluation
 read them from there instead of fitting again; stored centroids of other data are refused.
 """
@@ -139,6 +140,8 @@ def balanced_kmeans(f_NxJ: np.ndarray, num_clusters: int, seed: int, balance: fl
       break
     cluster_N = new_N
     for e in range(num_clusters):
+      if not (cluster_N == e).any():    # no row chose it (possible when balance > 1): kept
+        continue
       mean_J = f_NxJ[cluster_N == e].mean(axis=0)
       centroids_ExJ[e] = mean_J / max(np.linalg.norm(mean_J), 1e-12)
   return centroids_ExJ, cluster_N

@@ -58,6 +58,11 @@ def test_the_balance_option_bounds_each_cluster_and_at_e_is_plain_kmeans():
   assert sorted(np.bincount(found)) == [15, 25, 60]
   for e in range(3):
     assert len(set(found[planted == e])) == 1
+  # A centroid that no row chooses keeps its place (no mean of nothing): two rows, far
+  # from the third seed once the first assignment has moved the other two.
+  x = np.array([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8]])
+  centroids, found = slices.balanced_kmeans(x, 3, seed=0, balance=3.0)
+  assert np.isfinite(centroids).all() and found.shape == (3,)
   sim = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
   np.testing.assert_array_equal(slices.balanced_assign(sim), [0, 0, 1])          # ceil(3/2)
   np.testing.assert_array_equal(slices.balanced_assign(sim, balance=2.0), [0, 0, 0])
