@@ -69,8 +69,9 @@ def pytest_unconfigure(config):
 def pytest_collection_modifyitems(config, items):
   """The files that hold tests marked slow run first, those with the most slow tests
   first (a stable sort: the order within a file, and among the other files, is kept), so
-  that with pytest-xdist's --dist loadfile the long files start at once and the workers
-  end together on the short ones."""
+  that the long tests start at once and the workers end together on short ones: with
+  pytest-xdist's --dist worksteal (CI's) a worker that runs out of tests takes half of
+  the other's remaining queue, so the tail is one short test, not one long file."""
   slow_count = collections.Counter(item.path for item in items
                                    if item.get_closest_marker('slow'))
   items.sort(key=lambda item: -slow_count[item.path])

@@ -27,10 +27,9 @@ ELASTIC = dataclasses.replace(
 
 
 @pytest.fixture(scope='module')
-def elastic_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('elastic')
-  train.train(ELASTIC, str(workdir), progress=False)
-  return str(workdir)
+def elastic_run(trained_run):
+  """A finished elastic run (trained once per session, shared: the tests only read it)."""
+  return str(trained_run(ELASTIC))
 
 
 def model_params(cfg, workdir):
