@@ -5,7 +5,9 @@ best subset per task or domain, the per-sequence oracle (each sequence's best K-
 chosen on half of its target positions and scored on the other half; also scored in
 sample, the optimistic side) and the run's own router, as loss on the scored positions;
 the headroom (static - oracle) with a bootstrap 95% interval over the sequences, and the
-share of static's gap to dense that the oracle closes. The per-sequence oracle is an
+share of static's gap to dense that the oracle closes. A slices model (gate='slices')
+also gets its assignment oracle: every sequence run in each slice, the best slice for all,
+per label and per sequence against the run's own assignment. The per-sequence oracle is an
 estimate, not a ceiling: with few choice positions per sequence it picks with noise (a
 warning says so); see gating/study/headroom.py. Writes DIR/headroom.json.
 
@@ -13,6 +15,7 @@ Examples:
   python -m experiments.headroom --workdir runs/synthetic
   python -m experiments.headroom --workdir runs/text --layers 0 --max-sequences 256
   python -m experiments.headroom --workdir runs/dense --k 2,4          # a dense model
+  python -m experiments.headroom --workdir runs/slices --layers none   # slices only
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def parse_args(argv):
                       help="comma-separated budgets K (default: the run's own K; required "
                            'for a dense run)')
   parser.add_argument('--layers', default=None,
-                      help='comma-separated gated layer indices (default: all)')
+                      help="comma-separated gated layer indices (default: all; 'none': no "
+                           "layer's heads searched, only a slices model's assignment)")
   parser.add_argument('--split', default='validation', choices=('validation', 'test'),
                       help='validation (tuning; default) or test')
   parser.add_argument('--max-sequences', type=int, default=512,
@@ -48,7 +52,8 @@ def main(argv=None):
   from gating.study import evaluation, headroom
   from gating.training import checkpoint
   try:
-    layers = None if args.layers is None else [int(x) for x in args.layers.split(',') if x]
+    layers = (None if args.layers is None else [] if args.layers == 'none' else
+              [int(x) for x in args.layers.split(',') if x])
     ks = None if args.k is None else [int(x) for x in args.k.split(',') if x]
     run = evaluation.load_run(args.workdir, step=args.restore_step)
     report = headroom.headroom(run, ks=ks, layers=layers, split=args.split,
@@ -78,7 +83,19 @@ def main(argv=None):
           f"{num(r['by_label_closes'], '.0%')}; router gain / oracle gain "
           f"{num(r.get('captured'), '.2f')}, runs {num(r.get('router_recall'), '.0%')} of the "
           "oracle's heads")
-  for warning in sorted({r['warning'] for r in report['layers'] if 'warning' in r}):
+  if 'slices' in report:
+    r = report['slices']
+    low, high = r['headroom_ci95']
+    print(f"  slices (E={r['num_slices']}, each sequence run in every slice): static "
+          f"{r['static']:.4f} (slice {r['static_slice']})  by label {r['by_label']:.4f} "
+          f"{r['by_label_slices']}  oracle {r['oracle']:.4f} held out, "
+          f"{r['oracle_in_sample']:.4f} in sample  the run's assignment {r['router']:.4f}  "
+          f"whole sequence's {num(r.get('whole'))}; headroom {r['headroom']:.4f} "
+          f"[{low:.4f}, {high:.4f}]; the run's gain / oracle gain "
+          f"{num(r.get('captured'), '.2f')}, agrees with the oracle on "
+          f"{r['router_agreement']:.0%} of sequences")
+  found = [*report['layers'], *([report['slices']] if 'slices' in report else [])]
+  for warning in sorted({r['warning'] for r in found if 'warning' in r}):
     print(f'  warning: {warning}')
   print(f'wrote {out}')
 

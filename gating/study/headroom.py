@@ -45,6 +45,11 @@ cross-entropy per score-position token:
              MIN_CHOICE_POSITIONS the report carries a warning that the per-sequence
              figures are dominated by the choice's noise
 
+A slices model (gate='slices': every sequence runs one of E slices of heads and MLP groups
+in every layer, `slice_oracle`) also gets the same figures over its E slices instead of
+one layer's subsets: one slice for all (static), each label's, each sequence's (the
+oracle), the run's own assignment (router) and the whole sequence's assignment (whole).
+
 The search is exhaustive over the C(H, K) subsets of one layer at a time (28 for K = 2 of
 8, 70 for K = 4 of 8); the other layers are not searched jointly, so no figure here bounds
 a router that changes several layers together. Under grouped-query attention with
@@ -200,6 +205,9 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
     if not 0 <= n < len(found):
       raise ValueError(f'layer {n} does not exist: the model has {len(found)} attention '
                        'layers')
+  if not layers and not slice_count(model):
+    raise ValueError(f'{run.workdir}: no layer to search, and the model has no slices '
+                     "(gate='slices') whose assignment could be searched instead")
   # Units: heads, or KV groups under unit='kv_group' (a subset of groups opens all their
   # query heads); K always counts query heads.
   own = {n: found[n][1].active_heads for n in layers}
@@ -217,7 +225,7 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
                          f"(unit='kv_group'), so K must be a multiple of {size}")
   if max_sequences is not None and max_sequences < 1:
     raise ValueError(f'max_sequences={max_sequences} must be at least 1 (None: all rows)')
-  rows = _rows(getattr(run.splits, split), max_sequences)
+  rows, whole_B = _rows(getattr(run.splits, split), max_sequences)
   graphdef, state = nnx.split(model)
   router_ce_BxL, weight_BxL, router_open_BxNxH = map(
       np.asarray, _forward(graphdef, state, rows, None, None, None))
@@ -227,6 +235,10 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
             'sequences_per_label': {name: int((rows['label'] == i).sum())
                                     for i, name in enumerate(run.splits.info.label_names)},
             'layers': []}
+  if slice_count(model):
+    report['slices'] = slice_oracle(graphdef, state, rows, slice_count(model), choice_BxL,
+                                    score_BxL, router_ce_BxL, whole_B,
+                                    run.splits.info.label_names)
   for n in layers:
     name, attn = found[n]
     H, U, size = attn.num_heads, attn.num_units, attn.unit_size
@@ -262,8 +274,55 @@ def _open(num_units: int, subset) -> jax.Array:
 
 
 def _rows(dataset, max_sequences):
+  """(the model's inputs of the drawn rows, their whole-sequence slice or None)."""
   rows = next(data.eval_batches(dataset, len(dataset), max_sequences))
-  return {k: np.asarray(v) for k, v in train.model_inputs(rows).items()}
+  whole_B = np.asarray(rows['slice_whole']) if 'slice_whole' in rows else None
+  return {k: np.asarray(v) for k, v in train.model_inputs(rows).items()}, whole_B
+
+
+def slice_count(model: nnx.Module) -> int:
+  """E, the slices of a gate='slices' model (0 for any other)."""
+  return max((getattr(m, 'num_slices', None) or 0 for _, m in nnx.iter_graph(model)),
+             default=0)
+
+
+def slice_oracle(graphdef, state, rows, num_slices: int, choice_BxL, score_BxL,
+                 router_ce_BxL, whole_B=None, label_names=()) -> dict[str, Any]:
+  """The assignment oracle of a slices model: every sequence is run in each of its E
+  slices in turn (in every layer, as the model runs it), and `oracle_from_losses` reads
+  the E per-position losses as it reads a layer's forced subsets:
+
+    static     one slice for every sequence (the best on the choice positions)
+    by_label   each task or domain its own best slice
+    oracle     each sequence its own best slice, chosen on its choice positions and
+               scored on the others (held out; in sample and split half as for heads)
+    router     the run's own assignment (the label, the prefix's cluster or prefix loss)
+    whole      with a `whole_B`: the assignment the whole sequence gets (the cluster
+               assigner's nearest centroid of the whole sequence, prefix loss's lowest
+               loss over it), which the prefix's routing approximates
+
+  and `captured` = (static - router) / (static - oracle). The oracle is the ceiling of any
+  per-sequence assignment to this model's trained slices (not to slices trained on
+  another assignment), within its choice noise."""
+  ce_ExBxL = np.stack([
+      np.asarray(_forward(graphdef, state, {**rows, 'slice': np.full_like(rows['slice'], e)},
+                          None, None, None)[0]) for e in range(num_slices)])
+  out = oracle_from_losses(ce_ExBxL, choice_BxL, score_BxL, router_ce_BxL=router_ce_BxL,
+                           label_B=rows['label'])
+  out['num_slices'] = num_slices
+  out['static_slice'] = out.pop('static_subset')
+  best_B = out.pop('oracle_subsets_B')
+  out['oracle_sequences_per_slice'] = np.bincount(best_B, minlength=num_slices).tolist()
+  out['router_sequences_per_slice'] = np.bincount(rows['slice'],
+                                                  minlength=num_slices).tolist()
+  out['router_agreement'] = float(np.mean(rows['slice'] == best_B))
+  out['by_label_slices'] = {label_names[label]: e
+                            for label, e in out.pop('by_label_subsets').items()}
+  if whole_B is not None:
+    tokens = max(float(score_BxL.sum()), 1.0)
+    whole_ce_BxL = ce_ExBxL[whole_B, np.arange(whole_B.size)]
+    out['whole'] = float((whole_ce_BxL * score_BxL).sum()) / tokens
+  return out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5))

@@ -85,6 +85,9 @@ def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
   assert layer['score_tokens'] > 0 and layer['choice_tokens'] > 0
   with pytest.raises(SystemExit, match='error: layer 3 does not exist'):
     headroom_script.main(['--workdir', str(tmp_path / 'run'), '--layers', '3'])
+  with pytest.raises(SystemExit, match="error: .*no layer to search, and the model has no "
+                                       "slices"):
+    headroom_script.main(['--workdir', str(tmp_path / 'run'), '--layers', 'none'])
   with pytest.raises(SystemExit, match='error: max_sequences=-2 must be at least 1'):
     headroom_script.main(['--workdir', str(tmp_path / 'run'), '--max-sequences', '-2'])
   run = evaluation.load_run(str(tmp_path / 'run'))

@@ -5,8 +5,10 @@ import dataclasses
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gating.training import loop as train
 from gating.training import slices
@@ -99,6 +101,51 @@ def test_a_label_run_trains_each_label_in_its_slice_and_reports_it(tmp_path):
   headroom.main(['--workdir', str(tmp_path / 'run'), '--k', '3', '--max-sequences', '24'])
   layer = json.load(open(tmp_path / 'run' / 'headroom.json'))['layers'][0]
   assert layer['router'] is not None and len(layer['by_label_subsets']) == 6
+  check_the_slice_oracle(str(tmp_path / 'run'))
+
+
+def check_the_slice_oracle(workdir):
+  """The assignment oracle of a slices run against a brute force: every validation
+  sequence run in each slice through the loop's own forward, the best slice chosen on the
+  first, third, ... target and scored on the others."""
+  from experiments import headroom as headroom_cli  # pylint: disable=import-outside-toplevel
+  from gating.study import evaluation, headroom  # pylint: disable=import-outside-toplevel
+  run = evaluation.load_run(workdir)
+  got = headroom.headroom(run, layers=[], max_sequences=None)['slices']
+  rows = run.splits.validation.with_format('numpy')[:]
+  model = nnx.merge(run.graphdef, run.state)[0].model
+  ce_ExBxL, weight_BxL = [], None
+  for e in [*range(6), None]:
+    batch = {k: jnp.asarray(rows[k]) for k in ('tokens', 'valid', 'target_mask', 'label')}
+    batch['slice'] = jnp.asarray(rows['slice'] if e is None else np.full(32, e, np.int32))
+    out = train.model_outputs(model, batch, deterministic=True)
+    ce_ExBxL.append(np.asarray(out.ce * out.weight))
+    weight_BxL = np.asarray(out.weight)
+  own_BxL = ce_ExBxL.pop()
+  ce_ExBxL = np.stack(ce_ExBxL)
+  rank_BxL = np.cumsum(weight_BxL > 0, axis=1) - 1
+  choose_BxL = (weight_BxL > 0) & (rank_BxL % 2 == 0)
+  score_BxL = (weight_BxL > 0) & (rank_BxL % 2 == 1)
+  choice_ExB, score_ExB = (ce_ExBxL * choose_BxL).sum(2), (ce_ExBxL * score_BxL).sum(2)
+  tokens = score_BxL.sum()
+  static = int(np.argmin(choice_ExB.sum(1)))
+  best_B = np.argmin(choice_ExB, axis=0)
+  assert got['num_slices'] == 6 and got['static_slice'] == static
+  np.testing.assert_allclose(got['static'], score_ExB[static].sum() / tokens, rtol=1e-5)
+  np.testing.assert_allclose(got['oracle'], score_ExB[best_B, np.arange(32)].sum() / tokens,
+                             rtol=1e-5)
+  np.testing.assert_allclose(got['router'], (own_BxL * score_BxL).sum() / tokens, rtol=1e-5)
+  np.testing.assert_allclose(got['whole'], got['router'], rtol=1e-6)   # the label: both
+  assert got['oracle_in_sample'] <= choice_ExB.sum(1).min() / choose_BxL.sum() + 1e-6
+  assert got['router_sequences_per_slice'] == np.bincount(rows['label'], minlength=6).tolist()
+  assert got['router_agreement'] == np.mean(best_B == rows['slice'])
+  assert sorted(got['by_label_slices']) == sorted(run.splits.info.label_names)
+  assert got['headroom'] == pytest.approx(got['static'] - got['oracle'])
+  # The command line searches the assignment alone with --layers none; a model without
+  # slices and no layer to search is refused.
+  headroom_cli.main(['--workdir', workdir, '--layers', 'none', '--out', workdir + '/h.json'])
+  saved = json.load(open(workdir + '/h.json'))
+  assert saved['layers'] == [] and saved['slices']['num_slices'] == 6
 
 
 def test_a_cluster_run_stores_its_centroids_and_resumes_with_them(tmp_path):
