@@ -299,7 +299,8 @@ def slice_oracle(graphdef, state, rows, num_slices: int, choice_BxL, score_BxL,
     router     the run's own assignment (the label, the prefix's cluster or prefix loss)
     whole      with a `whole_B`: the assignment the whole sequence gets (the cluster
                assigner's nearest centroid of the whole sequence, prefix loss's lowest
-               loss over it), which the prefix's routing approximates
+               loss over it), which the prefix's routing approximates. Prefix loss's
+               choice reads the loss at the score positions too: in sample, optimistic
 
   and `captured` = (static - router) / (static - oracle). The oracle is the ceiling of any
   per-sequence assignment to this model's trained slices (not to slices trained on
