@@ -141,8 +141,8 @@ def check_the_slice_oracle(workdir):
   assert got['router_agreement'] == np.mean(best_B == rows['slice'])
   assert sorted(got['by_label_slices']) == sorted(run.splits.info.label_names)
   assert got['headroom'] == pytest.approx(got['static'] - got['oracle'])
-  # The command line searches the assignment alone with --layers none; a model without
-  # slices and no layer to search is refused.
+  # The command line searches the assignment alone with --layers none (a model without
+  # slices is refused that: tests/study/test_headroom.py).
   headroom_cli.main(['--workdir', workdir, '--layers', 'none', '--out', workdir + '/h.json'])
   saved = json.load(open(workdir + '/h.json'))
   assert saved['layers'] == [] and saved['slices']['num_slices'] == 6
