@@ -23,6 +23,17 @@ into DIR/plots/:
 
 python -m experiments.plots --together OUT DIR [DIR ...] draws these three plots for the
 rows of several sweeps at once (one study split over sweeps, same split and data) into OUT/.
+
+python -m experiments.plots --budgets OUT [--reference POINT] DIR [DIR ...] reads sweeps of
+one study at several token budgets (the same points, other steps; same split and data)
+and writes into OUT/:
+  budgets.png           test (or validation) loss for text, accuracy for synthetic data, vs
+                        the training tokens, one line per point, error bars = std over
+                        seeds; with --reference, a second panel: each point's mean relative
+                        to the reference point's at the same budget, in percent (where a
+                        line crosses zero, the point overtakes the reference)
+  budgets.md            the same figures as a table: one row per point, one column per
+                        budget, mean ± std over seeds and the difference to the reference
 """
 
 from __future__ import annotations
@@ -409,6 +420,111 @@ def plot_sweeps(sweep_dirs: list[str], out: str) -> list[str]:
   return written
 
 
+def budget_groups(sweep_dirs: list[str]) -> tuple[list[dict], str, bool]:
+  """(every point of every sweep aggregated over its seeds, sorted by its training tokens;
+  the split; whether the data is text). The sweeps must report the same split and data,
+  and a point may appear once per budget."""
+  from gating.study import results
+  groups, seen = [], set()
+  for sweep_dir in sweep_dirs:
+    path = os.path.join(sweep_dir, 'results.csv')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
+                              '(or its --report for a sweep under way) first')
+    for g in results.aggregate(results.read_csv(path)):
+      key = (g['point'], g['tokens_seen'][0])
+      if key in seen:
+        raise ValueError(f"point {g['point']!r} at {g['tokens_seen'][0]:.0f} tokens appears "
+                         'in two of the sweeps: give one sweep per budget')
+      seen.add(key)
+      groups.append({**g, 'sweep': _sweep_name(sweep_dir),
+                     'split': results.split_of(results.read_csv(path))})
+  splits = {g['split'] for g in groups}
+  kinds = {g['data'] for g in groups}
+  if len(splits) > 1 or len(kinds) > 1:
+    raise ValueError(f'the sweeps report different splits or data ({", ".join(sorted(splits))}; '
+                     f'{", ".join(sorted(kinds))}): one study, one split, one kind of data')
+  if not groups:
+    raise ValueError('the sweeps hold no finished point')
+  return sorted(groups, key=lambda g: g['tokens_seen'][0]), splits.pop(), kinds.pop() == 'text'
+
+
+def relative_to(groups: list[dict], reference: str, y_key: str) -> dict[tuple[str, float], float]:
+  """{(point, tokens): 100 (mean - reference's mean) / reference's mean} wherever the
+  reference point finished at the same budget."""
+  ref = {g['tokens_seen'][0]: g[y_key][0] for g in groups if g['point'] == reference}
+  return {(g['point'], g['tokens_seen'][0]): 100 * (g[y_key][0] - ref[g['tokens_seen'][0]])
+          / ref[g['tokens_seen'][0]] for g in groups if g['tokens_seen'][0] in ref}
+
+
+def plot_budgets(sweep_dirs: list[str], out: str, reference: str | None = None) -> list[str]:
+  """budgets.png and budgets.md (module docstring) of sweeps at several token budgets."""
+  groups, split, text = budget_groups(sweep_dirs)
+  y_key = f'{split}_loss' if text else f'{split}_accuracy'
+  y_label = 'loss, nats per token (lower is better)' if text else 'accuracy (higher is better)'
+  points = list(dict.fromkeys(g['point'] for g in groups))
+  if reference is not None and reference not in points:
+    raise ValueError(f'--reference {reference!r} is no point of these sweeps; the points: '
+                     f'{", ".join(points)}')
+  relative = relative_to(groups, reference, y_key) if reference else {}
+  budgets = sorted({g['tokens_seen'][0] for g in groups})
+  os.makedirs(out, exist_ok=True)
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2 if reference else 1, figsize=(13 if reference else 7.5, 5),
+                           squeeze=False)
+  for point in points:
+    members = [g for g in groups if g['point'] == point and g.get(y_key)]
+    seeds = '/'.join(str(g['seeds']) for g in members)
+    line = axes[0, 0].errorbar([g['tokens_seen'][0] for g in members],
+                               [g[y_key][0] for g in members],
+                               yerr=[g[y_key][1] for g in members], fmt='o-', capsize=3,
+                               label=f'{point} ({seeds} seeds)')
+    if reference:
+      kept = [g for g in members if (point, g['tokens_seen'][0]) in relative]
+      axes[0, 1].plot([g['tokens_seen'][0] for g in kept],
+                      [relative[(point, g['tokens_seen'][0])] for g in kept], 'o-',
+                      color=line[0].get_color(), label=point)
+  axes[0, 0].set(xscale='log', xlabel='training tokens', ylabel=f'{split} {y_label}',
+                 title='quality vs training tokens')
+  axes[0, 0].legend(fontsize=7)
+  if reference:
+    axes[0, 1].axhline(0, color='k', ls='--', lw=0.8)
+    axes[0, 1].set(xscale='log', xlabel='training tokens',
+                   ylabel=f'% of {reference} at the same budget',
+                   title=f'against {reference} (below 0: better)' if text else
+                   f'against {reference} (above 0: better)')
+  for ax in axes.flat:
+    ax.set_xticks(budgets, [f'{b / 1e6:.1f}M' for b in budgets])
+    ax.grid(alpha=0.3)
+  name = ' + '.join(_sweep_name(d) for d in sweep_dirs)
+  fig.suptitle(f'{name}: {split} split, mean ± std over seeds', fontsize=9)
+  fig.tight_layout()
+  written = [os.path.join(out, 'budgets.png')]
+  fig.savefig(written[0], dpi=110)
+  plt.close(fig)
+  header = ['point', *(f'{b / 1e6:.1f}M tokens' for b in budgets)]
+  lines = [f'# {name}: {split} {y_label} by training tokens (mean ± std over seeds'
+           + (f'; in brackets, against {reference})' if reference else ')'), '',
+           '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  by = {(g['point'], g['tokens_seen'][0]): g for g in groups}
+  for point in points:
+    cells = []
+    for b in budgets:
+      g = by.get((point, b))
+      if g is None or not g.get(y_key):
+        cells.append('')
+        continue
+      cell = f'{g[y_key][0]:.4f} ± {g[y_key][1]:.4f} ({g["seeds"]})'
+      if (point, b) in relative and point != reference:
+        cell += f' [{relative[(point, b)]:+.1f}%]'
+      cells.append(cell)
+    lines.append('| ' + ' | '.join([point, *cells]) + ' |')
+  written.append(os.path.join(out, 'budgets.md'))
+  with open(written[1], 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return written
+
+
 def is_sweep(directory: str) -> bool:
   return os.path.exists(os.path.join(directory, 'sweep.json'))
 
@@ -431,7 +547,28 @@ def main(argv=None):
   parser.add_argument('--together', metavar='OUT',
                       help='draw the sweep plots of all the given sweep folders together, '
                            'as one study, into the folder OUT')
+  parser.add_argument('--budgets', metavar='OUT',
+                      help='draw the given sweeps, one study at several token budgets, '
+                           'against their training tokens into the folder OUT')
+  parser.add_argument('--reference', metavar='POINT',
+                      help='with --budgets: the point every other is compared with at each '
+                           'budget (e.g. thin_dense)')
   args = parser.parse_args(argv)
+  if args.reference and not args.budgets:
+    raise SystemExit('error: --reference is for --budgets')
+  if args.together and args.budgets:
+    raise SystemExit('error: choose --together or --budgets')
+  if args.budgets:
+    try:
+      for directory in args.dirs:
+        if not is_sweep(directory):
+          raise FileNotFoundError(f'{directory} is not a sweep folder (no sweep.json): '
+                                  '--budgets draws sweeps only')
+      written = plot_budgets(args.dirs, args.budgets, args.reference)
+    except (FileNotFoundError, ValueError) as e:
+      raise SystemExit(f'error: {e}')
+    print('\n'.join(written))
+    return
   if args.together:
     try:
       for directory in args.dirs:

@@ -136,3 +136,48 @@ def test_sweeps_of_different_splits_or_data_are_not_drawn_together(tmp_path):
   with pytest.raises(SystemExit, match='not a sweep folder'):
     plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path)])
   assert not (tmp_path / 'both').exists()
+
+
+def _budget_rows(steps, losses):
+  """results.csv rows of one budget: {point: (seed 0's loss, seed 1's)}."""
+  return [{'point': f'{point}_s{seed}', 'status': 'done', 'split': 'test', 'data': 'text',
+           'rule': 'dense' if point == 'thin' else 'slices', 'K': 4, 'regularizer': 'none',
+           'seed': seed, 'steps': steps, 'tokens_seen': steps * 4096, 'test_loss': loss}
+          for point, pair in losses.items() for seed, loss in enumerate(pair)]
+
+
+def test_budgets_draw_each_point_against_the_tokens_and_the_reference(tmp_path, capsys):
+  _write_sweep(tmp_path / 'small', 'small', _budget_rows(250, {'thin': (2.0, 2.2),
+                                                              'label': (2.2, 2.2)}))
+  _write_sweep(tmp_path / 'large', 'large', _budget_rows(2500, {'thin': (1.5, 1.5),
+                                                               'label': (1.2, 1.4)}))
+  plots.main(['--budgets', str(tmp_path / 'out'), '--reference', 'thin',
+              str(tmp_path / 'large'), str(tmp_path / 'small')])
+  printed = capsys.readouterr().out.split()
+  assert printed == [str(tmp_path / 'out' / 'budgets.png'), str(tmp_path / 'out' / 'budgets.md')]
+  assert (tmp_path / 'out' / 'budgets.png').stat().st_size > 1000
+  table = (tmp_path / 'out' / 'budgets.md').read_text().splitlines()
+  assert table[2] == '| point | 1.0M tokens | 10.2M tokens |'      # budgets in order
+  assert table[4] == '| thin | 2.1000 ± 0.1414 (2) | 1.5000 ± 0.0000 (2) |'
+  # label: 2.2 against thin's 2.1 (+4.8%), then 1.3 against 1.5 (-13.3%): it crosses over
+  assert table[5] == '| label | 2.2000 ± 0.0000 (2) [+4.8%] | 1.3000 ± 0.1414 (2) [-13.3%] |'
+
+
+def test_budgets_refuse_what_they_cannot_compare(tmp_path):
+  _write_sweep(tmp_path / 'a', 'a', _budget_rows(250, {'thin': (2.0, 2.2)}))
+  _write_sweep(tmp_path / 'b', 'b', _budget_rows(250, {'thin': (2.0, 2.2)}))
+  _write_sweep(tmp_path / 'v', 'v', [dict(r, split='validation')
+                                     for r in _budget_rows(800, {'thin': (2.0, 2.2)})])
+  out = str(tmp_path / 'out')
+  with pytest.raises(SystemExit, match="error: point 'thin' at 1024000 tokens appears in two"):
+    plots.main(['--budgets', out, str(tmp_path / 'a'), str(tmp_path / 'b')])
+  with pytest.raises(SystemExit, match='error: the sweeps report different splits or data'):
+    plots.main(['--budgets', out, str(tmp_path / 'a'), str(tmp_path / 'v')])
+  with pytest.raises(SystemExit, match="error: --reference 'wide' is no point of these "
+                                       'sweeps; the points: thin'):
+    plots.main(['--budgets', out, '--reference', 'wide', str(tmp_path / 'a')])
+  with pytest.raises(SystemExit, match='error: --reference is for --budgets'):
+    plots.main(['--reference', 'thin', str(tmp_path / 'a')])
+  with pytest.raises(SystemExit, match='error: choose --together or --budgets'):
+    plots.main(['--budgets', out, '--together', out, str(tmp_path / 'a')])
+  assert not (tmp_path / 'out').exists()
