@@ -22,8 +22,13 @@ def test_readme_has_python_blocks():
   assert python_blocks(README)
 
 
-@pytest.mark.parametrize('path', [README] + GUIDES,
-                         ids=lambda p: os.path.relpath(p, ROOT))
+# The README's and the layers guide's examples took 5 s or more here: marked slow.
+SLOW_PAGES = (README, os.path.join(ROOT, 'docs', 'guide', 'layers.md'))
+
+
+@pytest.mark.parametrize('path', [
+    pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p
+    for p in [README] + GUIDES], ids=lambda p: os.path.relpath(p, ROOT))
 def test_python_blocks_run(path):
   name = os.path.relpath(path, ROOT)
   rules = set(selection.RULES)

@@ -77,6 +77,7 @@ def test_distillation_is_zero_for_the_teacher_and_teaches_only_the_student():
   assert np.abs(np.asarray(g_student)).sum() > 0 and np.abs(np.asarray(g_teacher)).sum() == 0
 
 
+@pytest.mark.slow
 def test_a_short_elastic_run_trains_every_width(trained_run):
   cfg = dataclasses.replace(
       TINY, steps=12, eval_every=12, checkpoint_every=12,
@@ -93,6 +94,7 @@ def test_a_short_elastic_run_trains_every_width(trained_run):
   assert all(np.isfinite(r['loss']) for r in lines)
 
 
+@pytest.mark.slow
 def test_a_short_elastic_run_with_mlp_groups_trains_every_width(trained_run):
   cfg = dataclasses.replace(
       TINY, steps=8, eval_every=8, checkpoint_every=8,

@@ -232,6 +232,7 @@ def GatedEncoderWithGroups():  # pylint: disable=invalid-name
                       rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_fitting_reaches_the_group_routers_and_nothing_else():
   model, batch = grouped_lm(), lm_batch()
 

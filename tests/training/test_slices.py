@@ -83,6 +83,7 @@ def test_features_of_the_prefix_read_only_the_prefix():
   assert not np.array_equal(slices.features(changed, valid, idf)[0], f)
 
 
+@pytest.mark.slow
 def test_a_label_run_trains_each_label_in_its_slice_and_reports_it(tmp_path):
   summary = train.train(SLICES, str(tmp_path / 'run'), progress=False)
   report = summary['slices']

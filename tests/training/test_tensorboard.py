@@ -16,6 +16,7 @@ def _jsonl(workdir):
   return train.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
 
 
+@pytest.mark.slow
 def test_event_files_hold_the_metrics_and_a_resume_purges_later_steps(tmp_path):
   cfg = dataclasses.replace(TINY, steps=10, checkpoint_every=5, eval_every=5)
   train.train(cfg, str(tmp_path), progress=False)
