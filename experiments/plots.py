@@ -494,7 +494,9 @@ def plot_budgets(sweep_dirs: list[str], out: str, reference: str | None = None) 
                    title=f'against {reference} (below 0: better)' if text else
                    f'against {reference} (above 0: better)')
   for ax in axes.flat:
+    ax.minorticks_off()   # only the budgets are labelled on the log axis
     ax.set_xticks(budgets, [f'{b / 1e6:.1f}M' for b in budgets])
+    ax.margins(x=0.08)
     ax.grid(alpha=0.3)
   name = ' + '.join(_sweep_name(d) for d in sweep_dirs)
   fig.suptitle(f'{name}: {split} split, mean ± std over seeds', fontsize=9)
