@@ -100,7 +100,7 @@ def test_forcing_two_different_subsets_changes_the_loss():
   run = constructed_run(specialised=True)
   learner, _ = nnx.merge(run.graphdef, run.state)
   graphdef, state = nnx.split(learner.model)
-  rows = headroom._rows(run.splits.test, None)       # pylint: disable=protected-access
+  rows, _ = headroom._rows(run.splits.test, None)    # pylint: disable=protected-access
   name = headroom.attention_layers(learner.model)[0][0]
   task0 = np.asarray(rows['label']) == 0
   on_task0 = []
