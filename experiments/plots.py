@@ -341,18 +341,22 @@ def plot_sweep(sweep_dir: str) -> list[str]:
   return plot_sweeps([sweep_dir], os.path.join(sweep_dir, 'plots'))
 
 
+def sweep_rows(sweep_dir: str) -> list[dict]:
+  """The rows of a sweep's results.csv (FileNotFoundError, saying how to make it, if absent)."""
+  from gating.study import results
+  path = os.path.join(sweep_dir, 'results.csv')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
+                            'first, it writes the results at the end (--report: so far)')
+  return results.read_csv(path)
+
+
 def plot_sweeps(sweep_dirs: list[str], out: str) -> list[str]:
   """The sweep plots of several sweeps' rows drawn together into out/: one study whose rows
   come from more than one sweep (say dense, static and top-k from one, the recipes from
   another). The sweeps must report the same split and the same kind of data."""
   from gating.study import results
-  rows_per_sweep = []
-  for sweep_dir in sweep_dirs:
-    path = os.path.join(sweep_dir, 'results.csv')
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
-                              'first, it writes the results at the end')
-    rows_per_sweep.append(results.read_csv(path))
+  rows_per_sweep = [sweep_rows(sweep_dir) for sweep_dir in sweep_dirs]
   splits = {results.split_of(sweep_rows) for sweep_rows in rows_per_sweep}
   if len(splits) > 1:
     raise ValueError(f'the sweeps report different splits ({", ".join(sorted(splits))}): '
@@ -427,18 +431,14 @@ def budget_groups(sweep_dirs: list[str]) -> tuple[list[dict], str, bool]:
   from gating.study import results
   groups, seen = [], set()
   for sweep_dir in sweep_dirs:
-    path = os.path.join(sweep_dir, 'results.csv')
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
-                              '(or its --report for a sweep under way) first')
-    for g in results.aggregate(results.read_csv(path)):
+    rows = sweep_rows(sweep_dir)
+    for g in results.aggregate(rows):
       key = (g['point'], g['tokens_seen'][0])
       if key in seen:
         raise ValueError(f"point {g['point']!r} at {g['tokens_seen'][0]:.0f} tokens appears "
                          'in two of the sweeps: give one sweep per budget')
       seen.add(key)
-      groups.append({**g, 'sweep': _sweep_name(sweep_dir),
-                     'split': results.split_of(results.read_csv(path))})
+      groups.append({**g, 'sweep': _sweep_name(sweep_dir), 'split': results.split_of(rows)})
   splits = {g['split'] for g in groups}
   kinds = {g['data'] for g in groups}
   if len(splits) > 1 or len(kinds) > 1:
@@ -560,24 +560,15 @@ def main(argv=None):
     raise SystemExit('error: --reference is for --budgets')
   if args.together and args.budgets:
     raise SystemExit('error: choose --together or --budgets')
-  if args.budgets:
+  if args.together or args.budgets:
+    flag = '--budgets' if args.budgets else '--together'
     try:
       for directory in args.dirs:
         if not is_sweep(directory):
           raise FileNotFoundError(f'{directory} is not a sweep folder (no sweep.json): '
-                                  '--budgets draws sweeps only')
-      written = plot_budgets(args.dirs, args.budgets, args.reference)
-    except (FileNotFoundError, ValueError) as e:
-      raise SystemExit(f'error: {e}')
-    print('\n'.join(written))
-    return
-  if args.together:
-    try:
-      for directory in args.dirs:
-        if not is_sweep(directory):
-          raise FileNotFoundError(f'{directory} is not a sweep folder (no sweep.json): '
-                                  '--together draws sweeps only')
-      written = plot_sweeps(args.dirs, args.together)
+                                  f'{flag} draws sweeps only')
+      written = (plot_budgets(args.dirs, args.budgets, args.reference) if args.budgets else
+                 plot_sweeps(args.dirs, args.together))
     except (FileNotFoundError, ValueError) as e:
       raise SystemExit(f'error: {e}')
     print('\n'.join(written))

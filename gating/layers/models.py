@@ -77,9 +77,15 @@ def padding_mask(valid_BxL, is_causal: bool):
   return mask_Bx1xLxL
 
 
+def num_slices(model: nnx.Module) -> int:
+  """E, the slices of a gate='slices' model's layers (0 for a model without slices)."""
+  return max((getattr(m, 'num_slices', None) or 0 for _, m in nnx.iter_graph(model)),
+             default=0)
+
+
 def reads_slices(model: nnx.Module) -> bool:
   """Whether any layer of `model` takes each sequence's slice (gate='slices')."""
-  return any(getattr(m, 'num_slices', None) for _, m in nnx.iter_graph(model))
+  return num_slices(model) > 0
 
 
 def check_token_ids(tokens, vocab_size: int, name: str = 'tokens') -> None:

@@ -205,7 +205,7 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
     if not 0 <= n < len(found):
       raise ValueError(f'layer {n} does not exist: the model has {len(found)} attention '
                        'layers')
-  if not layers and not slice_count(model):
+  if not layers and not models.reads_slices(model):
     raise ValueError(f'{run.workdir}: no layer to search, and the model has no slices '
                      "(gate='slices') whose assignment could be searched instead")
   # Units: heads, or KV groups under unit='kv_group' (a subset of groups opens all their
@@ -235,8 +235,8 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
             'sequences_per_label': {name: int((rows['label'] == i).sum())
                                     for i, name in enumerate(run.splits.info.label_names)},
             'layers': []}
-  if slice_count(model):
-    report['slices'] = slice_oracle(graphdef, state, rows, slice_count(model), choice_BxL,
+  if models.reads_slices(model):
+    report['slices'] = slice_oracle(graphdef, state, rows, models.num_slices(model), choice_BxL,
                                     score_BxL, router_ce_BxL, whole_B,
                                     run.splits.info.label_names)
   for n in layers:
@@ -278,12 +278,6 @@ def _rows(dataset, max_sequences):
   rows = next(data.eval_batches(dataset, len(dataset), max_sequences))
   whole_B = np.asarray(rows['slice_whole']) if 'slice_whole' in rows else None
   return {k: np.asarray(v) for k, v in train.model_inputs(rows).items()}, whole_B
-
-
-def slice_count(model: nnx.Module) -> int:
-  """E, the slices of a gate='slices' model (0 for any other)."""
-  return max((getattr(m, 'num_slices', None) or 0 for _, m in nnx.iter_graph(model)),
-             default=0)
 
 
 def slice_oracle(graphdef, state, rows, num_slices: int, choice_BxL, score_BxL,
