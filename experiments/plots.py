@@ -34,6 +34,12 @@ and writes into OUT/:
                         line crosses zero, the point overtakes the reference)
   budgets.md            the same figures as a table: one row per point, one column per
                         budget, mean ± std over seeds and the difference to the reference
+  curves.png, curves.md with --reference, for text, where the sweeps hold their points' run
+                        folders: inside each budget's runs, every point's periodic
+                        validation loss (the fixed subset it evaluates every eval_every
+                        steps) against the reference's of the same seed, 100 (loss /
+                        reference's - 1), the mean over the seeds both finished, at each
+                        evaluated step
 """
 
 from __future__ import annotations
@@ -522,6 +528,80 @@ def plot_budgets(sweep_dirs: list[str], out: str, reference: str | None = None) 
       cells.append(cell)
     lines.append('| ' + ' | '.join([point, *cells]) + ' |')
   written.append(os.path.join(out, 'budgets.md'))
+  with open(written[1], 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  if reference and text:
+    written += plot_curves(sweep_dirs, out, reference)
+  return written
+
+
+def periodic_validation(run_dir: str) -> dict[int, float]:
+  """{step: validation loss} of a run's periodic evaluations: those on the subset its
+  first validation evaluated (the run's final evaluation of the whole split is left out)."""
+  _, evals = read_metrics(run_dir)
+  val = [r for r in evals if r.get('split') == 'validation']
+  curve: dict[int, float] = {}
+  for r in val:
+    if r.get('sequences') == val[0].get('sequences'):
+      curve.setdefault(r['step'], r['loss'])
+  return curve
+
+
+def relative_curves(sweep_dir: str, reference: str) -> dict[str, dict[int, float]]:
+  """{point: {step: 100 (loss / reference's - 1)}} inside one sweep's runs, each seed
+  against the reference of the same seed, the mean over the seeds both finished; points
+  (and seeds) without a metrics.jsonl in the sweep folder are left out."""
+  from gating.study import results
+  curves: dict[str, dict[int, dict[int, float]]] = {}   # point -> seed -> curve
+  for row in sweep_rows(sweep_dir):
+    run_dir = os.path.join(sweep_dir, row['point'])
+    if row.get('status') == 'done' and os.path.exists(os.path.join(run_dir, 'metrics.jsonl')):
+      curves.setdefault(results.point_of(row['point']), {})[row['seed']] = \
+          periodic_validation(run_dir)
+  ref = curves.get(reference, {})
+  relative = {}
+  for point, by_seed in curves.items():
+    per_step: dict[int, list[float]] = {}
+    for seed, curve in by_seed.items():
+      for step, loss in curve.items():
+        if step in ref.get(seed, {}):
+          per_step.setdefault(step, []).append(100 * (loss / ref[seed][step] - 1))
+    if per_step:
+      relative[point] = {step: float(np.mean(v)) for step, v in sorted(per_step.items())}
+  return relative
+
+
+def plot_curves(sweep_dirs: list[str], out: str, reference: str) -> list[str]:
+  """curves.png and curves.md (module docstring): one panel and one table per sweep whose
+  run folders hold the reference and another point; nothing when none does."""
+  per_sweep = [(d, relative_curves(d, reference)) for d in sweep_dirs]
+  per_sweep = [(d, c) for d, c in per_sweep if len(c) > 1]
+  if not per_sweep:
+    return []
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(per_sweep), figsize=(6.5 * len(per_sweep), 4.5),
+                           squeeze=False)
+  lines = [f'# validation loss inside the runs against {reference} of the same seed, in % '
+           '(mean over seeds; below 0: better)']
+  for ax, (sweep_dir, curves) in zip(axes.flat, per_sweep):
+    steps = sorted({step for curve in curves.values() for step in curve})
+    for point, curve in curves.items():
+      ax.plot(list(curve), list(curve.values()), 'o-', ms=3, label=point)
+    ax.axhline(0, color='k', ls='--', lw=0.8)
+    ax.set(xlabel='step', ylabel=f'% of {reference}, same seed',
+           title=f'{_sweep_name(sweep_dir)}: periodic validation loss')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    lines += ['', f'## {_sweep_name(sweep_dir)}', '',
+              '| point | ' + ' | '.join(f'step {step}' for step in steps) + ' |',
+              '|' + '---|' * (len(steps) + 1)]
+    for point, curve in curves.items():
+      cells = [f'{curve[step]:+.1f}%' if step in curve else '' for step in steps]
+      lines.append('| ' + ' | '.join([point, *cells]) + ' |')
+  fig.tight_layout()
+  written = [os.path.join(out, 'curves.png'), os.path.join(out, 'curves.md')]
+  fig.savefig(written[0], dpi=110)
+  plt.close(fig)
   with open(written[1], 'w') as f:
     f.write('\n'.join(lines) + '\n')
   return written

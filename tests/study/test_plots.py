@@ -163,6 +163,44 @@ def test_budgets_draw_each_point_against_the_tokens_and_the_reference(tmp_path, 
   assert table[5] == '| label | 2.2000 ± 0.0000 (2) [+4.8%] | 1.3000 ± 0.1414 (2) [-13.3%] |'
 
 
+def _write_validation(run_dir, losses, final):
+  """A run folder's metrics.jsonl: one train step, periodic validation on 8 sequences
+  ({step: loss}) and the final evaluation of the whole split (`final`, 20 sequences) at a
+  last step that is no multiple of the periodic evaluations'."""
+  run_dir.mkdir()
+  last = max(losses) + 50
+  lines = [{'step': 1, 'kind': 'train', 'loss': 3.0}]
+  lines += [{'step': step, 'kind': 'eval', 'split': 'validation', 'loss': loss, 'sequences': 8}
+            for step, loss in losses.items()]
+  lines += [{'step': last, 'kind': 'eval', 'split': split, 'loss': final, 'sequences': 20}
+            for split in ('validation', 'test')]
+  (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+
+
+def test_budgets_curves_compare_each_seed_inside_the_runs_with_the_reference(tmp_path,
+                                                                             capsys):
+  _write_sweep(tmp_path / 'small', 'small', _budget_rows(250, {'thin': (2.0, 2.2),
+                                                              'label': (2.2, 2.2)}))
+  large = tmp_path / 'large'
+  _write_sweep(large, 'large', _budget_rows(2500, {'thin': (1.5, 1.5), 'label': (1.2, 1.4)}))
+  _write_validation(large / 'thin_s0', {100: 2.0, 200: 1.0}, final=9.0)
+  _write_validation(large / 'thin_s1', {100: 4.0, 200: 2.0}, final=9.0)
+  _write_validation(large / 'label_s0', {100: 1.8, 200: 1.1}, final=0.1)
+  _write_validation(large / 'label_s1', {100: 3.6, 200: 2.4}, final=0.1)
+  plots.main(['--budgets', str(tmp_path / 'out'), '--reference', 'thin', str(large),
+              str(tmp_path / 'small')])
+  out = tmp_path / 'out'
+  assert capsys.readouterr().out.split() == [str(out / name) for name in (
+      'budgets.png', 'budgets.md', 'curves.png', 'curves.md')]
+  table = (out / 'curves.md').read_text().splitlines()
+  # Only the sweep with run folders; the final evaluations (9.0, 0.1) are left out.
+  assert table[2:] == ['## large', '', '| point | step 100 | step 200 |', '|---|---|---|',
+                       '| thin | +0.0% | +0.0% |',
+                       # seed 0: 1.8/2.0 - 1 = -10%, 1.1/1.0 - 1 = +10%; seed 1: -10%, +20%
+                       '| label | -10.0% | +15.0% |']
+  assert (out / 'curves.png').stat().st_size > 1000
+
+
 def test_budgets_refuse_what_they_cannot_compare(tmp_path):
   _write_sweep(tmp_path / 'a', 'a', _budget_rows(250, {'thin': (2.0, 2.2)}))
   _write_sweep(tmp_path / 'b', 'b', _budget_rows(250, {'thin': (2.0, 2.2)}))
