@@ -7,7 +7,8 @@ sample, the optimistic side) and the run's own router, as loss on the scored pos
 the headroom (static - oracle) with a bootstrap 95% interval over the sequences, and the
 share of static's gap to dense that the oracle closes. A slices model (gate='slices')
 also gets its assignment oracle: every sequence run in each slice, the best slice for all,
-per label and per sequence against the run's own assignment. The per-sequence oracle is an
+per label and per sequence against the run's own assignment (and, with the cluster
+assigner, routed by prefixes of 8 to 96 tokens). The per-sequence oracle is an
 estimate, not a ceiling: with few choice positions per sequence it picks with noise (a
 warning says so); see gating/study/headroom.py. Writes DIR/headroom.json.
 
@@ -94,6 +95,11 @@ def main(argv=None):
           f"[{low:.4f}, {high:.4f}]; the run's gain / oracle gain "
           f"{num(r.get('captured'), '.2f')}, agrees with the oracle on "
           f"{r['router_agreement']:.0%} of sequences")
+    for b in r.get('by_prefix', ()):
+      print(f"    routed by the first {b['prefix']} tokens: agrees with the whole sequence's "
+            f"cluster on {b['agreement']:.0%}; on the {b['score_tokens']} score positions "
+            f"after it: {b['route']:.4f} (the run's assignment {b['router']:.4f}, the whole "
+            f"sequence's {b['whole']:.4f})")
   found = [*report['layers'], *([report['slices']] if 'slices' in report else [])]
   for warning in sorted({r['warning'] for r in found if 'warning' in r}):
     print(f'  warning: {warning}')

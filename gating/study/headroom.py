@@ -49,6 +49,8 @@ A slices model (gate='slices': every sequence runs one of E slices of heads and 
 in every layer, `slice_oracle`) also gets the same figures over its E slices instead of
 one layer's subsets: one slice for all (static), each label's, each sequence's (the
 oracle), the run's own assignment (router) and the whole sequence's assignment (whole).
+For the cluster assigner it also routes every sequence by prefixes of other lengths P'
+(`by_prefix`, PREFIXES), each scored only where the prefix reads no scored token.
 
 The search is exhaustive over the C(H, K) subsets of one layer at a time (28 for K = 2 of
 8, 70 for K = 4 of 8); the other layers are not searched jointly, so no figure here bounds
@@ -75,10 +77,12 @@ from gating.layers.attention import GatedMultiHeadAttention
 from gating.layers.router import StaticRouter
 from gating.study.evaluation import Run
 from gating.training import loop as train
+from gating.training import slices
 
 FORCE_LOGIT = 30.0   # a forced subset's logits: +30 open, -30 closed (every rule agrees)
 MIN_CHOICE_POSITIONS = 8   # below this median per sequence, the per-sequence figures warn
 BOOTSTRAP = 1000           # resamples of the sequences for headroom_ci95
+PREFIXES = (8, 16, 32, 48, 64, 96)   # the cluster assigner's prefix lengths P' in by_prefix
 
 
 def split_positions(weight_BxL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,10 +191,12 @@ def attention_layers(model: nnx.Module) -> list[tuple[str, GatedMultiHeadAttenti
 
 
 def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int] | None = None,
-             split: str = 'validation', max_sequences: int | None = 512) -> dict[str, Any]:
+             split: str = 'validation', max_sequences: int | None = 512,
+             prefixes: Sequence[int] = PREFIXES) -> dict[str, Any]:
   """The oracle for each attention layer of a run (all, or those in `layers`) at every
   budget in `ks` (default: the run's own K; a dense run needs `ks`), on `max_sequences`
-  sequences of `split` drawn at random (`data.sample_rows`; None: all)."""
+  sequences of `split` drawn at random (`data.sample_rows`; None: all); a cluster-assigned
+  slices model is also routed by the `prefixes` shorter than its sequences."""
   learner, _ = nnx.merge(run.graphdef, run.state)
   model = learner.model
   found = attention_layers(model)
@@ -236,9 +242,17 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
                                     for i, name in enumerate(run.splits.info.label_names)},
             'layers': []}
   if models.reads_slices(model):
-    report['slices'] = slice_oracle(graphdef, state, rows, models.num_slices(model), choice_BxL,
-                                    score_BxL, router_ce_BxL, whole_B,
-                                    run.splits.info.label_names)
+    E = models.num_slices(model)
+    prefix_routes = None
+    if slices.assigner_of(run.config.model) == 'cluster':   # the run's stored centroids
+      fitted, _ = slices.load_or_fit(run.splits, E, run.config.seed, run.workdir,
+                                     slices.balance_of(run.config.model))
+      L = rows['tokens'].shape[1]
+      prefix_routes = {p: slices.route_by_prefix(rows['tokens'], rows['valid'], fitted, p)
+                       for p in prefixes if p < L - 1}
+    report['slices'] = slice_oracle(graphdef, state, rows, E, choice_BxL, score_BxL,
+                                    router_ce_BxL, whole_B, run.splits.info.label_names,
+                                    prefix_routes)
   for n in layers:
     name, attn = found[n]
     H, U, size = attn.num_heads, attn.num_units, attn.unit_size
@@ -281,7 +295,8 @@ def _rows(dataset, max_sequences):
 
 
 def slice_oracle(graphdef, state, rows, num_slices: int, choice_BxL, score_BxL,
-                 router_ce_BxL, whole_B=None, label_names=()) -> dict[str, Any]:
+                 router_ce_BxL, whole_B=None, label_names=(),
+                 prefix_routes: dict[int, np.ndarray] | None = None) -> dict[str, Any]:
   """The assignment oracle of a slices model: every sequence is run in each of its E
   slices in turn (in every layer, as the model runs it), and `oracle_from_losses` reads
   the E per-position losses as it reads a layer's forced subsets:
@@ -298,7 +313,13 @@ def slice_oracle(graphdef, state, rows, num_slices: int, choice_BxL, score_BxL,
 
   and `captured` = (static - router) / (static - oracle). The oracle is the ceiling of any
   per-sequence assignment to this model's trained slices (not to slices trained on
-  another assignment), within its choice noise."""
+  another assignment), within its choice noise.
+
+  prefix_routes {P': slice_B}, the assignment from each sequence's first P' tokens, give
+  `by_prefix`: for each P', its agreement with `whole_B` and, on the score positions
+  t >= P' - 1 only (position t predicts token t + 1, so no scored token lies in the
+  prefix), the loss of that assignment (route), of the run's own (router) and of the
+  whole sequence's (whole) over the same positions."""
   ce_ExBxL = np.stack([
       np.asarray(_forward(graphdef, state, {**rows, 'slice': np.full_like(rows['slice'], e)},
                           None, None, None)[0]) for e in range(num_slices)])
@@ -317,6 +338,18 @@ def slice_oracle(graphdef, state, rows, num_slices: int, choice_BxL, score_BxL,
     tokens = max(float(score_BxL.sum()), 1.0)
     whole_ce_BxL = ce_ExBxL[whole_B, np.arange(whole_B.size)]
     out['whole'] = float((whole_ce_BxL * score_BxL).sum()) / tokens
+  if prefix_routes:
+    positions_L = np.arange(score_BxL.shape[1])
+    out['by_prefix'] = []
+    for prefix, route_B in sorted(prefix_routes.items()):
+      after_BxL = score_BxL & (positions_L >= prefix - 1)[None, :]
+      tokens = max(float(after_BxL.sum()), 1.0)
+      loss = lambda ce_BxL: float((ce_BxL * after_BxL).sum()) / tokens
+      by_B = lambda slice_B: ce_ExBxL[slice_B, np.arange(slice_B.size)]
+      out['by_prefix'].append({
+          'prefix': prefix, 'score_tokens': int(after_BxL.sum()),
+          'agreement': float(np.mean(route_B == whole_B)), 'route': loss(by_B(route_B)),
+          'router': loss(router_ce_BxL), 'whole': loss(by_B(whole_B))})
   return out
 
 

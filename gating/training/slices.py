@@ -158,6 +158,14 @@ def prefix_valid(valid_NxL: np.ndarray, prefix_len: int) -> np.ndarray:
   return valid_NxL & (np.arange(valid_NxL.shape[1]) < prefix_len)[None, :]
 
 
+def route_by_prefix(tokens_NxL: np.ndarray, valid_NxL: np.ndarray,
+                    fitted: dict[str, np.ndarray], prefix_len: int) -> np.ndarray:
+  """cluster_N of the fitted cluster assigner from the first P tokens alone: the
+  nearest centroid of the prefix's feature."""
+  f_NxJ = features(tokens_NxL, prefix_valid(valid_NxL, prefix_len), fitted['idf'])[0]
+  return nearest(f_NxJ, fitted['centroids'])
+
+
 def _fingerprint(info) -> str:
   """A short hash of what identifies the data (`data.identity`: not where it was read
   from, so a moved run or data folder keeps its assigner)."""
@@ -249,8 +257,7 @@ def assign(splits, model_cfg, seed: int, prefix_len: int, workdir: str | None = 
         per_split[name] = (balanced_N, balanced_N)
         continue
       whole_N = nearest(f_NxJ, fitted['centroids'])
-      prefix_N = nearest(features(cols['tokens'], prefix_valid(cols['valid'], prefix_len),
-                                  fitted['idf'])[0], fitted['centroids'])
+      prefix_N = route_by_prefix(cols['tokens'], cols['valid'], fitted, prefix_len)
       per_split[name] = (prefix_N, whole_N)
   out = [_with_slices(getattr(splits, name), *per_split[name])
          for name in ('train', 'validation', 'test')]

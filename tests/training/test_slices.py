@@ -149,6 +149,39 @@ def check_the_slice_oracle(workdir):
   assert saved['layers'] == [] and saved['slices']['num_slices'] == 6
 
 
+def check_the_prefix_routes(workdir):
+  """The headroom's by_prefix of a cluster run against a brute force: each validation
+  sequence routed by its first P' tokens with the stored centroids, run in that slice
+  through the loop's own forward, and scored only at the score positions t >= P' - 1."""
+  from gating.study import evaluation, headroom  # pylint: disable=import-outside-toplevel
+  run = evaluation.load_run(workdir)
+  rows = run.splits.validation.with_format('numpy')[:]
+  L, P = rows['tokens'].shape[1], run.splits.info.prompt_len
+  prefixes = (2, P, P + 3, L - 1)     # the last is too long to leave a score position
+  got = headroom.headroom(run, layers=[], max_sequences=None,
+                          prefixes=prefixes)['slices']['by_prefix']
+  assert [b['prefix'] for b in got] == [2, P, P + 3]
+  model = nnx.merge(run.graphdef, run.state)[0].model
+  fitted = dict(np.load(os.path.join(workdir, slices.STORE)))
+  batch = {k: jnp.asarray(rows[k]) for k in ('tokens', 'valid', 'target_mask', 'label')}
+  ce_BxL = lambda slice_B: np.asarray(train.model_outputs(
+      model, {**batch, 'slice': jnp.asarray(slice_B)}, deterministic=True).ce)
+  weight_BxL = np.asarray(train.model_outputs(model, {**batch, 'slice': rows['slice']},
+                                              deterministic=True).weight) > 0
+  score_BxL = weight_BxL & ((np.cumsum(weight_BxL, axis=1) - 1) % 2 == 1)
+  for b in got:
+    route_B = slices.route_by_prefix(rows['tokens'], rows['valid'], fitted, b['prefix'])
+    after_BxL = score_BxL & (np.arange(L) >= b['prefix'] - 1)
+    assert b['score_tokens'] == after_BxL.sum() > 0
+    assert b['agreement'] == np.mean(route_B == rows['slice_whole'])
+    if b['prefix'] == P:     # the run's own routing
+      np.testing.assert_array_equal(route_B, rows['slice'])
+    for key, slice_B in (('route', route_B), ('router', rows['slice']),
+                         ('whole', rows['slice_whole'])):
+      want = (ce_BxL(slice_B) * after_BxL).sum() / after_BxL.sum()
+      assert b[key] == pytest.approx(want, rel=1e-5), key
+
+
 def test_a_cluster_run_stores_its_centroids_and_resumes_with_them(tmp_path):
   run = tmp_path / 'run'
   assert train.train(CLUSTER, str(run), progress=False, stop_after=4) is None
@@ -170,6 +203,8 @@ def test_a_cluster_run_stores_its_centroids_and_resumes_with_them(tmp_path):
   assert 'trained with: K=4 only' in by[('gathered', 8)]['skipped']
   assert abs(by[('gathered', 4)]['loss'] - summary['test']['loss']) < 1e-4
   assert abs(report['gap']['loss']) < 1e-4
+
+  check_the_prefix_routes(str(run))
 
   # Centroids of other data are refused, naming the file.
   other = dataclasses.replace(CLUSTER, data=dataclasses.replace(CLUSTER.data, seed=7))
