@@ -100,6 +100,8 @@ def main(argv=None):
             f"cluster on {b['agreement']:.0%}; on the {b['score_tokens']} score positions "
             f"after it: {b['route']:.4f} (the run's assignment {b['router']:.4f}, the whole "
             f"sequence's {b['whole']:.4f})")
+  print("  the run's own loss on the score positions after the first P' tokens: " +
+        ', '.join(f"{a['prefix']}: {a['loss']:.4f}" for a in report['after_prefix']))
   found = [*report['layers'], *([report['slices']] if 'slices' in report else [])]
   for warning in sorted({r['warning'] for r in found if 'warning' in r}):
     print(f'  warning: {warning}')

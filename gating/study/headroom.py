@@ -50,7 +50,8 @@ in every layer, `slice_oracle`) also gets the same figures over its E slices ins
 one layer's subsets: one slice for all (static), each label's, each sequence's (the
 oracle), the run's own assignment (router) and the whole sequence's assignment (whole).
 For the cluster assigner it also routes every sequence by prefixes of other lengths P'
-(`by_prefix`, PREFIXES), each scored only where the prefix reads no scored token.
+(`by_prefix`, PREFIXES), each scored only where the prefix reads no scored token; every
+report gives the run's own loss on those same positions (`after_prefix`).
 
 The search is exhaustive over the C(H, K) subsets of one layer at a time (28 for K = 2 of
 8, 70 for K = 4 of 8); the other layers are not searched jointly, so no figure here bounds
@@ -240,7 +241,8 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
             'sequences': int(weight_BxL.shape[0]),
             'sequences_per_label': {name: int((rows['label'] == i).sum())
                                     for i, name in enumerate(run.splits.info.label_names)},
-            'layers': []}
+            'layers': [],
+            'after_prefix': after_prefix(router_ce_BxL, score_BxL, prefixes)}
   if models.reads_slices(model):
     E = models.num_slices(model)
     prefix_routes = None
@@ -281,6 +283,21 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
           'oracle_top_subsets': [[list(subsets[i]), int(counts[i])]
                                  for i in np.argsort(-counts)[:5] if counts[i] > 0]})
   return report
+
+
+def after_prefix(ce_BxL: np.ndarray, score_BxL: np.ndarray,
+                 prefixes: Sequence[int]) -> list[dict[str, Any]]:
+  """The run's own loss on the score positions t >= P' - 1 for each P' in `prefixes`
+  that leaves one (the positions `by_prefix` scores a P'-token routing on, so that any
+  model, a thin dense one say, can be read on the same tokens)."""
+  positions_L = np.arange(score_BxL.shape[1])
+  out = []
+  for prefix in prefixes:
+    after_BxL = score_BxL & (positions_L >= prefix - 1)[None, :]
+    if prefix < score_BxL.shape[1] - 1 and after_BxL.any():
+      out.append({'prefix': prefix, 'score_tokens': int(after_BxL.sum()),
+                  'loss': float((ce_BxL * after_BxL).sum() / after_BxL.sum())})
+  return out
 
 
 def _open(num_units: int, subset) -> jax.Array:

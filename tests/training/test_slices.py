@@ -158,9 +158,12 @@ def check_the_prefix_routes(workdir):
   rows = run.splits.validation.with_format('numpy')[:]
   L, P = rows['tokens'].shape[1], run.splits.info.prompt_len
   prefixes = (2, P, P + 3, L - 1)     # the last is too long to leave a score position
-  got = headroom.headroom(run, layers=[], max_sequences=None,
-                          prefixes=prefixes)['slices']['by_prefix']
+  report = headroom.headroom(run, layers=[], max_sequences=None, prefixes=prefixes)
+  got = report['slices']['by_prefix']
   assert [b['prefix'] for b in got] == [2, P, P + 3]
+  # The run's own loss on the same positions, as every report gives it.
+  assert [(a['prefix'], a['score_tokens'], a['loss']) for a in report['after_prefix']] == \
+      [(b['prefix'], b['score_tokens'], pytest.approx(b['router'])) for b in got]
   model = nnx.merge(run.graphdef, run.state)[0].model
   fitted = dict(np.load(os.path.join(workdir, slices.STORE)))
   batch = {k: jnp.asarray(rows[k]) for k in ('tokens', 'valid', 'target_mask', 'label')}
