@@ -185,6 +185,7 @@ def check_the_prefix_routes(workdir):
       assert b[key] == pytest.approx(want, rel=1e-5), key
 
 
+@pytest.mark.slow
 def test_a_cluster_run_stores_its_centroids_and_resumes_with_them(tmp_path):
   run = tmp_path / 'run'
   assert train.train(CLUSTER, str(run), progress=False, stop_after=4) is None
