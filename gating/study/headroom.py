@@ -285,15 +285,20 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
   return report
 
 
+def score_after_prefix(score_BxL: np.ndarray, prefix: int) -> np.ndarray:
+  """The score positions t >= P' - 1: position t predicts token t + 1, so a router that
+  reads the first P' tokens reads none of the tokens scored there."""
+  return score_BxL & (np.arange(score_BxL.shape[1]) >= prefix - 1)[None, :]
+
+
 def after_prefix(ce_BxL: np.ndarray, score_BxL: np.ndarray,
                  prefixes: Sequence[int]) -> list[dict[str, Any]]:
   """The run's own loss on the score positions t >= P' - 1 for each P' in `prefixes`
   that leaves one (the positions `by_prefix` scores a P'-token routing on, so that any
   model, a thin dense one say, can be read on the same tokens)."""
-  positions_L = np.arange(score_BxL.shape[1])
   out = []
   for prefix in prefixes:
-    after_BxL = score_BxL & (positions_L >= prefix - 1)[None, :]
+    after_BxL = score_after_prefix(score_BxL, prefix)
     if prefix < score_BxL.shape[1] - 1 and after_BxL.any():
       out.append({'prefix': prefix, 'score_tokens': int(after_BxL.sum()),
                   'loss': float((ce_BxL * after_BxL).sum() / after_BxL.sum())})
@@ -356,10 +361,9 @@ def slice_oracle(graphdef, state, rows, num_slices: int, choice_BxL, score_BxL,
     whole_ce_BxL = ce_ExBxL[whole_B, np.arange(whole_B.size)]
     out['whole'] = float((whole_ce_BxL * score_BxL).sum()) / tokens
   if prefix_routes:
-    positions_L = np.arange(score_BxL.shape[1])
     out['by_prefix'] = []
     for prefix, route_B in sorted(prefix_routes.items()):
-      after_BxL = score_BxL & (positions_L >= prefix - 1)[None, :]
+      after_BxL = score_after_prefix(score_BxL, prefix)
       tokens = max(float(after_BxL.sum()), 1.0)
       loss = lambda ce_BxL: float((ce_BxL * after_BxL).sum()) / tokens
       by_B = lambda slice_B: ce_ExBxL[slice_B, np.arange(slice_B.size)]
