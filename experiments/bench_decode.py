@@ -15,7 +15,10 @@ decode   One prompt of S - T tokens is prefilled (B=1) and its cache repeated to
                          excluded (the gate was picked at prefill), and for a gathered layer
                          under projection='weights' B K/H of its Q/O head weights and B M/G
                          of its K/V ones (M the cached K/V heads: K without GQA), and
-                         for a gathered MLP under 'weights' B Kf/G of its W1, b1 and W2.
+                         for a gathered MLP under 'weights' B Kf/G of its W1, b1 and W2;
+                         under 'grouped' run as tiles (the CPU: gating.layers.tiles) N/H
+                         of the attention's head weights and N/G of the MLP's group
+                         weights, N the layer's tiles.
            xla_bytes     XLA's cost analysis 'bytes accessed' of one compiled step (cache
                          donated): weights, cache and activations as XLA counts them.
 groups   The issue-12 configuration (F=2048 MLP channels in G=8 groups, a 512-token prompt,
@@ -45,7 +48,7 @@ import gating
 from experiments.bench_memory import tree_bytes
 from experiments.bench_rows import Candidate, Settings, format_rows, run_table
 from experiments.timing import summarize, time_interleaved
-from gating.layers import compute, decode
+from gating.layers import decode, tiles
 
 SIZES = dict(features=512, heads=8, layers=2, vocab=256, prefix=16)
 
@@ -75,6 +78,14 @@ def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> i
       continue
     total += leaf[...].nbytes
   for block, cache in zip(model.blocks, state.layers):
+    if cache.pair_tiles is not None:   # 'grouped' as tiles: N tiles' heads
+      attn = block.attention
+      count = cache.pair_tiles.units_N.shape[0]
+      for name in ('query', 'key', 'value', 'out'):
+        lin = getattr(attn, name)
+        nbytes = lin.kernel[...].nbytes + (0 if lin.bias is None or name == 'out'
+                                           else lin.bias[...].nbytes)
+        total -= nbytes - nbytes * count // attn.num_heads
     if cache.projection == 'weights':
       attn = block.attention
       k = cache.idx_BxK.shape[1]
@@ -93,31 +104,33 @@ def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> i
           fraction = (cache.k_BxNxSxDh.shape[1], attn.num_kv_heads)
         total -= nbytes - nbytes * batch * fraction[0] // fraction[1]
   for block, mlp_cache in zip(model.blocks, state.mlps):
-    if mlp_cache is not None and mlp_cache.projection == 'weights':
+    if mlp_cache is not None and (mlp_cache.projection == 'weights'
+                                  or mlp_cache.pair_tiles is not None):
       mlp = block.gated_mlp
       groups = mlp.linear_in.kernel[...].nbytes + mlp.linear_out.kernel[...].nbytes
       if mlp.linear_in.bias is not None:
         groups += mlp.linear_in.bias[...].nbytes
-      kf = mlp_cache.idx_BxK.shape[1]
-      total -= groups - groups * batch * kf // mlp.num_groups
+      copies = (batch * mlp_cache.idx_BxK.shape[1] if mlp_cache.projection == 'weights'
+                else mlp_cache.pair_tiles.units_N.shape[0])   # B Kf groups, or N tiles
+      total -= groups - groups * copies // mlp.num_groups
   return total
 
 
-def tile_state(state: decode.DecodeState, batch: int) -> decode.DecodeState:
+def tile_state(model: gating.GatedLM, state: decode.DecodeState,
+               batch: int) -> decode.DecodeState:
   """A state of N prefilled sequences tiled to `batch` sequences (sequence b is prefilled
-  sequence b mod N); the 'grouped' projection's pairs sorted again for the new batch."""
+  sequence b mod N); the 'grouped' projection's pairs sorted (and tiled) again for the new
+  batch (decode.sort_pairs)."""
   def tile(cache):
     if cache is None:
       return None
-    units = None if cache.groups is None else cache.groups.sizes_U.shape[0]
     index_B = jnp.arange(batch) % cache.weights_BxN.shape[0]
-    cache = jax.tree.map(lambda a: jnp.take(a, index_B, axis=0), cache.replace(groups=None))
-    return cache if units is None else cache.replace(
-        groups=compute.group_pairs(cache.idx_BxK, units, 'head' if isinstance(
-            cache, decode.LayerCache) else 'group'))
+    return jax.tree.map(lambda a: jnp.take(a, index_B, axis=0),
+                        cache.replace(groups=None, pair_tiles=None, tiled=None))
   index_B = jnp.arange(batch) % state.positions_B.shape[0]
-  return decode.DecodeState(tuple(tile(c) for c in state.layers),
-                            jnp.take(state.positions_B, index_B), tuple(map(tile, state.mlps)))
+  return decode.sort_pairs(model, decode.DecodeState(
+      tuple(tile(c) for c in state.layers), jnp.take(state.positions_B, index_B),
+      tuple(map(tile, state.mlps))))
 
 
 def decode_candidate(model, prompt_1xL, batch, cache_length, steps, active_heads, projection):
@@ -133,7 +146,7 @@ def decode_candidate(model, prompt_1xL, batch, cache_length, steps, active_heads
                          f'{projection!r}: prefill them at batch {batch}')
   _, state = prefill(model, prompt_1xL, cache_length=cache_length, active_heads=active_heads,
                      projection=projection)
-  state = tile_state(state, batch)
+  state = tile_state(model, state, batch)
   graphdef, params = nnx.split(model)
   run_steps = steps_fn(graphdef, steps)
   step = jax.jit(lambda params, state, token_B: decode.decode_step(
@@ -293,13 +306,16 @@ def gpu_model(dense: bool, sizes=GPU) -> gating.GatedLM:
 def _estimate(batch, projection, sizes, param_bytes: int) -> int:
   """The parameters; the state twice (the call's input and the loop's carry): K/V of the
   N cached heads (2 B N S Dh per layer) and, for 'weights', the gathered Q/K/V/O weights
-  (4 B K D Dh per layer), at the compute dtype; one layer's float32 scores B N S and
-  logits B V."""
+  (4 B K D Dh per layer), for 'grouped' run as tiles (the CPU) the tiles' Q/K/V/O weights
+  (4 T D Dh per layer, T tiles), at the compute dtype; one layer's float32 scores B N S
+  and logits B V."""
   D, H, V, n = sizes['features'], sizes['heads'], sizes['vocab'], sizes['layers']
   S, e = sizes['prompt'] + sizes['steps'], jnp.dtype(sizes['dtype']).itemsize
   N = H if projection is None else 2
-  state = n * (2 * batch * N * S * (D // H)
-               + (4 * batch * 2 * D * (D // H) if projection == 'weights' else 0)) * e
+  copies = {'weights': batch * 2}.get(projection, 0)   # per-layer copies of a head's weights
+  if projection == 'grouped' and decode.grouped_runs_tiles():
+    copies = tiles.tile_count(batch * 2, H, tiles.tile_rows(batch * 2, H))
+  state = n * (2 * batch * N * S * (D // H) + 4 * copies * D * (D // H)) * e
   return param_bytes + 2 * state + batch * N * S * 4 + batch * V * 4
 
 
@@ -358,11 +374,12 @@ def gpu_candidate(name, batch, prefilled: _Prefilled) -> Candidate:
     prompts = jax.ShapeDtypeStruct(prefilled.prompts_NxL.shape, jnp.int32)
     state_N = jax.eval_shape(prefilled.prefill_fn(graphdef, projection), abstract_params,
                              prompts)
-    state = jax.eval_shape(lambda s: tile_state(s, batch), state_N)
+    tiled = lambda p, s: tile_state(nnx.merge(graphdef, p), s, batch)
+    state = jax.eval_shape(tiled, abstract_params, state_N)
 
     def make_call(compiled):
       params, state_N = prefilled.get(name)
-      state = jax.jit(lambda s: tile_state(s, batch))(state_N)
+      state = jax.jit(tiled)(params, state_N)
       token_B = jnp.zeros((batch,), jnp.int32)
       return lambda: compiled(params, state, token_B)
     return (steps_fn(graphdef, sizes['steps']),

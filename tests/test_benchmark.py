@@ -210,7 +210,7 @@ def test_a_prefilled_state_tiled_to_a_larger_batch_equals_prefilling_that_batch(
     _, state_N = prefill(model, prompts_NxL, cache_length=12, projection=projection)
     _, want = prefill(model, prompts_NxL[jnp.array([0, 1, 0, 1, 0])], cache_length=12,
                       projection=projection)
-    got = bench_decode.tile_state(state_N, 5)
+    got = bench_decode.tile_state(model, state_N, 5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
     assert got.projections == want.projections == (projection,) * 2
 
@@ -238,5 +238,5 @@ def test_every_gpu_section_runs_and_times_at_tiny_sizes(monkeypatch):
       assert r['median_s'] > 0 and r['refused'] is None and r['memory']['peak_bytes'] > 0
       assert r['ratio_vs_dense'] == 1.0 or r['candidate'] != 'dense'
     assert 'of dense' in module.format_gpu_table(rows)
-  assert {r['auto'] for r in rows} == {'weights', 'activations'}     # decode, B = 1 and 3
+  assert {r['auto'] for r in rows} == {'grouped', 'activations'}  # decode, B = 1, 3 (CPU)
   assert rows[-1]['tokens_per_s'] == 3 * 2 / rows[-1]['median_s']

@@ -28,18 +28,23 @@ How a one-token step projects a gathered layer (`projection=`, see DESIGN 4):
                  elsewhere) for the full output projection. Costs B (H - K) extra
                  multiply-adds per weight column, which is cheap when memory bound.
   'grouped'      Every step multiplies, for each head, the rows of all the (sequence,
-                 head) pairs that chose it by that head's weights: one ragged matmul
-                 (jax.lax.ragged_dot) per projection over the B K pairs sorted by head
-                 (sorted once, at prefill). Reads the weights once (1x) and, where
-                 ragged_dot has a kernel (GPU, TPU), does the gathered path's FLOPs
-                 (B K/H of every head); the output projection's per-pair rows are
-                 weighted by the gate and summed back per sequence.
-  'auto'         'weights' when B K < H (it reads fewer bytes), else 'activations'. It
-                 never picks 'grouped': on the CPU, where it was measured, JAX lowers
-                 ragged_dot to a masked matmul of every row by every head (H times the
-                 pairs' FLOPs), and 'grouped' was slower than the faster of the other two
-                 at B = 1, 16 and 64 (0.16-0.77x its tokens/s, docs/benchmarks.md); no
-                 GPU or TPU has measured it yet.
+                 head) pairs that chose it by that head's weights (the B K pairs sorted
+                 by head once, at prefill); the output projection's per-pair rows are
+                 weighted by the gate and summed back per sequence. On GPU and TPU one
+                 ragged matmul (jax.lax.ragged_dot) per projection: the weights read
+                 once (1x), the gathered path's FLOPs (B K/H of every head). The CPU has
+                 no ragged-dot kernel (JAX's generic lowering multiplies every row by
+                 every head), so there (GROUPED_TILES) the sorted pairs are cut at
+                 prefill into N <= 2H tiles of one head each (gating.layers.tiles), each
+                 tile's head weights gathered once and kept in the state (N/H of the
+                 weight bytes, against B K/H for 'weights'), and a step is one batched
+                 matmul over the tiles per projection.
+  'auto'         'weights' when B K < H (it reads fewer bytes), else 'activations'; on
+                 the CPU 'grouped' at B = 1, where it was measured faster than 'weights'
+                 (1.04-1.12x tokens/s with heads alone, 1.39-1.55x with heads and
+                 groups, docs/benchmarks.md), and nowhere else: slower at B = 2 and 3,
+                 level with 'activations' at B = 16 and 64. No GPU or TPU has measured
+                 'grouped' yet, so there it is never picked.
 Masked and dense layers project every head with the full weights ('masked'). Prefill
 computes a gathered layer with gathered weights whatever the step projection (with a
 long prompt the gather pays). `DecodeState.projections` says what every layer does.
@@ -55,8 +60,9 @@ runs with one of (`DecodeState.mlp_projections`; the same `projection=` choice):
                  computation with the gate's weights on the Kf groups, 0 elsewhere).
   'grouped'      For each group, one matmul of W1's columns and one of W2's rows over the
                  (sequence, group) pairs that chose it (jax.lax.ragged_dot): the weights
-                 read once, FLOPs Kf/G of the MLP's where ragged_dot has a kernel.
-  'auto'         'weights' when B Kf < G, else 'activations' (never 'grouped', as above).
+                 read once, FLOPs Kf/G of the MLP's where ragged_dot has a kernel; on the
+                 CPU as tiles, the hidden activations kept in the tiles between W1 and W2.
+  'auto'         as for the heads, with Kf and G.
 'grouped' needs a gathered layer: asked of a masked-path layer (path='masked'), it is
 refused with a ValueError, as are attention weights with fewer K/V heads than query heads
 (grouped-query attention); a layer that runs every unit (K = H, Kf = G) is 'masked'.
@@ -81,7 +87,7 @@ import numpy as np
 from flax import nnx, struct
 from flax.nnx.nn import dtypes
 
-from gating.layers import compute, selection
+from gating.layers import compute, selection, tiles
 from gating.layers.attention import GatedMultiHeadAttention, check_active_heads
 from gating.layers.mlp import check_active_groups
 from gating.layers.models import GatedLM, check_token_ids, padding_mask, per_layer, reads_slices
@@ -116,6 +122,8 @@ class LayerCache(struct.PyTreeNode):
   gathered: GatheredWeights | None  # for projection='weights'
   projection: str = struct.field(pytree_node=False)
   groups: compute.PairGroups | None = None  # for projection='grouped': pairs sorted by head
+  pair_tiles: tiles.PairTiles | None = None  # ... and tiled, where 'grouped' runs tiles
+  tiled: tiles.TiledHeadWeights | None = None  # ... with every tile's head's weights
 
 
 class GroupCache(struct.PyTreeNode):
@@ -130,6 +138,8 @@ class GroupCache(struct.PyTreeNode):
   gathered: compute.GatheredMLPWeights | None    # for projection='weights'
   projection: str = struct.field(pytree_node=False)
   groups: compute.PairGroups | None = None       # for projection='grouped'
+  pair_tiles: tiles.PairTiles | None = None      # ... and tiled, where 'grouped' runs tiles
+  tiled: tiles.TiledMLPWeights | None = None     # ... with every tile's group's weights
 
 
 class DecodeState(struct.PyTreeNode):
@@ -169,11 +179,25 @@ class Generation(NamedTuple):
 
 # -- the plan: K, path and projection of every layer ------------------------------------------
 
-def choose_projection(batch: int, active_heads: int, num_heads: int) -> str:
+GROUPED_TILES = frozenset({'cpu'})   # the backends where projection='grouped' runs tiles
+
+
+def grouped_runs_tiles() -> bool:
+  """Whether projection='grouped' runs as tiles (gating.layers.tiles) here: on a backend
+  in GROUPED_TILES (the CPU, which has no ragged-dot kernel), else as ragged_dot."""
+  return jax.default_backend() in GROUPED_TILES
+
+
+def choose_projection(batch: int, active_heads: int, num_heads: int,
+                      groupable: bool = True) -> str:
   """'weights' when gathering weights reads fewer bytes than the full weights (B K < H;
-  for MLP groups, B Kf < G), else 'activations'. Never 'grouped': on the CPU it was
-  measured slower than the faster of these two at every batch (see the module docstring)."""
-  return 'weights' if batch * active_heads < num_heads else 'activations'
+  for MLP groups, B Kf < G), else 'activations'; 'grouped' at B = 1 where it runs tiles
+  (the CPU), the one place it was measured faster (see the module docstring), unless the
+  layer cannot be grouped (`groupable` False: grouped-query attention)."""
+  if batch * active_heads < num_heads:
+    grouped = groupable and batch == 1 and grouped_runs_tiles()
+    return 'grouped' if grouped else 'weights'
+  return 'activations'
 
 
 def layer_plan(model: GatedLM, batch: int, *, path=None, active_heads=None,
@@ -187,12 +211,13 @@ def layer_plan(model: GatedLM, batch: int, *, path=None, active_heads=None,
     k = attn.active_heads if k is None else k
     layer_path = attn.path if path is None else path
     check_active_heads(k, attn.num_heads, attn.gate_rule, layer_path)
-    plan.append((k, _projection(layer_path, k, attn.num_heads, batch, projection)))
+    plan.append((k, _projection(layer_path, k, attn.num_heads, batch, projection,
+                                groupable=attn.num_kv_heads == attn.num_heads)))
   return plan
 
 
 def _projection(layer_path: str, k, num_units: int, batch: int, projection: str,
-                unit: str = 'head') -> str:
+                unit: str = 'head', groupable: bool = True) -> str:
   """How a layer of `num_units` (heads or groups) with budget k projects each step:
   'masked' on the masked path or when every unit runs, else `projection` ('auto':
   choose_projection). 'grouped' on the masked path is refused: it needs the K units
@@ -204,7 +229,9 @@ def _projection(layer_path: str, k, num_units: int, batch: int, projection: str,
                      "or another projection")
   if layer_path == 'masked' or k == num_units:
     return 'masked'
-  return choose_projection(batch, k, num_units) if projection == 'auto' else projection
+  if projection == 'auto':
+    return choose_projection(batch, k, num_units, groupable)
+  return projection
 
 
 def group_plan(model: GatedLM, batch: int, *, path=None, active_groups=None,
@@ -355,11 +382,38 @@ def _prefill_attention(attn, xn_BxLxD, mask_Bx1xLxL, positions_BxL, k, projectio
   L = xn_BxLxD.shape[1]
   to_cache = lambda x_BxLxNxDh: jnp.pad(x_BxLxNxDh.transpose(0, 2, 1, 3),
                                         ((0, 0), (0, 0), (0, S - L), (0, 0)))
-  groups = (compute.group_pairs(idx_BxK, attn.num_heads) if projection == 'grouped'
-            else None)
   cache = LayerCache(to_cache(k_BxLxNxDh), to_cache(v_BxLxNxDh), weights_BxN, idx_BxK,
-                     gathered, projection, groups)
-  return y_BxLxD, cache
+                     gathered, projection)
+  return y_BxLxD, _sort_pairs(cache, attn.num_heads, partial(tiles.tile_heads, w))
+
+
+def _sort_pairs(cache: LayerCache | GroupCache, num_units: int, tile_weights):
+  """A 'grouped' cache with its (sequence, unit) pairs sorted by unit and, where
+  'grouped' runs tiles (`grouped_runs_tiles`), tiled, with `tile_weights(pair_tiles)` the
+  tiles' weights; any other cache as it is."""
+  if cache.projection != 'grouped':
+    return cache
+  unit = 'head' if isinstance(cache, LayerCache) else 'group'
+  groups = compute.group_pairs(cache.idx_BxK, num_units, unit=unit)
+  if not grouped_runs_tiles():
+    return cache.replace(groups=groups, pair_tiles=None, tiled=None)
+  pair_tiles = tiles.tile_pairs(groups, num_units)
+  return cache.replace(groups=groups, pair_tiles=pair_tiles, tiled=tile_weights(pair_tiles))
+
+
+def sort_pairs(model: GatedLM, state: DecodeState) -> DecodeState:
+  """`state` with the pairs of its 'grouped' layers sorted (and tiled) anew from their
+  idx_BxK: for a state whose sequences were rearranged (taken, repeated or reordered along
+  the batch axis), whose sorted pairs no longer match its sequences."""
+  layers = tuple(_sort_pairs(cache, block.attention.num_heads,
+                             partial(tiles.tile_heads, _weights(block.attention, None)[1]))
+                 for block, cache in zip(model.blocks, state.layers))
+  mlps = tuple(None if cache is None else _sort_pairs(
+      cache, block.gated_mlp.num_groups,
+      partial(tiles.tile_mlp, block.gated_mlp.promoted(None)[1],
+              num_groups=block.gated_mlp.num_groups))
+               for block, cache in zip(model.blocks, state.mlps))
+  return state.replace(layers=layers, mlps=mlps)
 
 
 def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection, group_logits_BxG=None,
@@ -387,8 +441,8 @@ def _prefill_mlp(block, h_BxLxD, valid_BxL, k, projection, group_logits_BxG=None
     if projection == 'weights':
       cache = GroupCache(weights_BxK, idx_BxK, g, projection)
     elif projection == 'grouped':
-      cache = GroupCache(weights_BxK, idx_BxK, None, projection,
-                         compute.group_pairs(idx_BxK, G, unit='group'))
+      cache = _sort_pairs(GroupCache(weights_BxK, idx_BxK, None, projection), G,
+                          lambda pair_tiles: tiles.tile_mlp(w, pair_tiles, G))
     else:
       cache = GroupCache(compute.scatter_groups(weights_BxK, idx_BxK, G), idx_BxK, None,
                          projection)
@@ -478,6 +532,11 @@ def _step_attention(attn, cache: LayerCache, xn_Bx1xD, positions_B, mask_Bx1x1xS
     else:
       k_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wk_BxDxKxDh, g.bk_BxKxDh, p)
       v_Bx1xNxDh = compute.project_gathered(xn_Bx1xD, g.wv_BxDxKxDh, g.bv_BxKxDh, p)
+  elif cache.projection == 'grouped' and cache.pair_tiles is not None:
+    t, tw = cache.pair_tiles, cache.tiled
+    q_Bx1xNxDh = tiles.project_tiled(xn_Bx1xD, tw.wq_NxDxDh, tw.bq_NxDh, t, p)
+    k_Bx1xNxDh = tiles.project_tiled(xn_Bx1xD, tw.wk_NxDxDh, tw.bk_NxDh, t, p)
+    v_Bx1xNxDh = tiles.project_tiled(xn_Bx1xD, tw.wv_NxDxDh, tw.bv_NxDh, t, p)
   elif cache.projection == 'grouped':
     q_Bx1xNxDh = compute.project_grouped(xn_Bx1xD, w.wq_DxHxDh, w.bq_HxDh, cache.groups, p)
     k_Bx1xNxDh = compute.project_grouped(xn_Bx1xD, w.wk_DxHxDh, w.bk_HxDh, cache.groups, p)
@@ -507,6 +566,9 @@ def _step_attention(attn, cache: LayerCache, xn_Bx1xD, positions_B, mask_Bx1x1xS
   elif cache.projection == 'weights':
     y_Bx1xD = compute.output_gathered(o_Bx1xNxDh, cache.weights_BxN, g.wo_BxKxDhxDo,
                                       w.bo_Do, p)
+  elif cache.projection == 'grouped' and cache.pair_tiles is not None:
+    y_Bx1xD = tiles.output_tiled(o_Bx1xNxDh, cache.weights_BxN, cache.tiled.wo_NxDhxDo,
+                                 w.bo_Do, cache.pair_tiles, p)
   elif cache.projection == 'grouped':
     y_Bx1xD = compute.output_grouped(o_Bx1xNxDh, cache.weights_BxN, w.wo_HxDhxDo, w.bo_Do,
                                      cache.groups, p)
@@ -527,6 +589,9 @@ def _step_mlp(block, cache: GroupCache | None, h_Bx1xD):
   if cache.projection == 'weights':
     y_Bx1xD = compute.mlp_gathered_weights(xn_Bx1xD, cache.gathered, cache.weights_BxN,
                                            w.b2_D, mlp.activation, precision=mlp.precision)
+  elif cache.projection == 'grouped' and cache.pair_tiles is not None:
+    y_Bx1xD = tiles.mlp_tiled(xn_Bx1xD, cache.tiled, cache.pair_tiles, cache.weights_BxN,
+                              w.b2_D, mlp.activation, precision=mlp.precision)
   elif cache.projection == 'grouped':
     y_Bx1xD = compute.mlp_grouped(xn_Bx1xD, w, cache.groups, cache.weights_BxN,
                                   mlp.num_groups, mlp.activation, precision=mlp.precision)
