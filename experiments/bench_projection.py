@@ -1,4 +1,5 @@
-"""Decode step projections on this CPU: 'weights', 'activations' and 'grouped' at B = 1, 16, 64.
+"""Decode step projections on this CPU: 'weights', 'activations' and 'grouped' at B = 1, 2, 3,
+16 and 64.
 
 The issue-12 decoding configuration (bench_decode: D = 512, H = 8, 2 layers, V = 256,
 rotary, float32; F = 2048 MLP channels in G = 8 groups; 512-token prompts, 64 greedy
@@ -10,10 +11,12 @@ MLP groups both at 2 of 8, each with every step projection (decode's module docs
   weights      each sequence's K heads' (and Kf groups') weights gathered at prefill:
                a step reads B K/H of the weight bytes
   activations  every head (group) computed with the full weights, the K (Kf) taken
-  grouped      one jax.lax.ragged_dot per projection over the (sequence, head) pairs
-               sorted by head: the weights read once, the gathered path's FLOPs where
-               ragged_dot has a kernel; on the CPU JAX lowers it to a dense matmul over
-               every head, masked (H times the pairs' FLOPs)
+  grouped      the (sequence, head) pairs sorted by head, each head's weights times
+               its pairs' rows: on GPU and TPU one jax.lax.ragged_dot per projection (the
+               weights read once, the gathered path's FLOPs); on the CPU, which has no
+               ragged-dot kernel, tiles of one head's pairs cut at prefill, their weights
+               gathered once (at most twice the weight bytes), one batched matmul a step
+               (gating.layers.tiles)
 
 Reported as in the decode section (tokens/s, speedup against dense, weight bytes a step
 reads, XLA's bytes accessed per step), and per model and batch the best of 'weights' and
@@ -28,7 +31,7 @@ import jax
 from experiments import bench_decode
 from experiments.timing import summarize, time_interleaved
 
-BATCHES = (1, 16, 64)
+BATCHES = (1, 2, 3, 16, 64)   # 2 and 3: where 'auto' picks between weights and grouped
 PROJECTIONS = ('weights', 'activations', 'grouped')
 # name: (gate, K heads, Kf MLP groups or None for the ungated MLP)
 MODELS = {'heads_k2': ('topk', 2, None), 'both_k2': ('topk', 2, 2)}
