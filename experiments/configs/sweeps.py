@@ -100,6 +100,11 @@ Specialization built by the data (c-BTM, SmallTalk; gate='slices'):
                 ceil(b N / E) training rows): balanced k-means with b = 1.5 and b = 3
                 (plain k-means), and prefix-loss slices with b = 1.5.
 
+  slices_tune_b  the same settings, a knob left after the freeze: prefix-loss slices
+                started from the cluster assigner's k-means (start=cluster) at b = 3
+                (the cluster row's balance): do SmallTalk's rounds improve c-BTM's
+                clusters?
+
   slices_study_250, slices_study_800, slices_study_2500  the study, frozen after
                 slices_tune: text, test split, eight rows at 250, 800 and 2500 steps of
                 4096 tokens (seeds 0, 1, 2; 0, 1, 2; 0, 1): thin dense (the row to beat),
@@ -277,6 +282,13 @@ SWEEPS = {
                 'slices_prefix_loss_b1.5': slices('prefix_loss', 'balance=1.5')},
         description="the pilot's settings, the assigners' balance: k-means and prefix-loss "
                     'slices that may be unequal (validation)'),
+    'slices_tune_b': Sweep(
+        name='slices_tune_b', preset='text', seeds=(0, 1), split='validation',
+        common=(f'model.num_heads={H}', 'steps=300'),
+        points={'slices_prefix_loss_from_cluster_b3': slices('prefix_loss', 'start=cluster',
+                                                            'balance=3')},
+        description="the pilot's settings, prefix-loss slices started from the k-means "
+                    'clusters (b = 3) instead of random slices (validation)'),
     'synthetic': Sweep(
         name='synthetic', preset='synthetic', points=grid((1, 2, 4), steps=6000, warm=3000),
         seeds=(0, 1, 2), common=(f'model.num_heads={H}',),

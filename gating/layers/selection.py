@@ -40,7 +40,8 @@ Rules (t is the temperature, a traced input):
 Options (`gate_options`): sigmoid `threshold` (0.5); hard_concrete and static `gamma`,
 `zeta` (the stretch, -0.1 and 1.1); top_p `p` (0.9); slices `assigner` (a name: 'label',
 the data's label, 'cluster', balanced k-means, or 'prefix_loss', SmallTalk's; and
-`rounds`, prefix_loss's reassignments, 2; gating.training.slices).
+`rounds`, prefix_loss's reassignments, 2; `start`, its first assignment, 'random' or
+'cluster'; gating.training.slices).
 
 Weights of open heads are exactly 1 in value by default, with the gradient of p
 (straight-through):  w = open + (p - stop_gradient(p))  for every head, so a closed head
@@ -400,6 +401,7 @@ def slices(indicator_BxR, *, k, **_):
 
 
 SLICE_ASSIGNERS = ('label', 'cluster', 'prefix_loss')   # gating.training.slices
+SLICE_STARTS = ('random', 'cluster')     # prefix_loss's first assignment
 
 
 def _check_slice_options(options) -> None:
@@ -409,6 +411,13 @@ def _check_slice_options(options) -> None:
   if options['rounds'] < 1 or options['rounds'] != int(options['rounds']):
     raise ValueError(f"the 'slices' rule's option rounds (prefix_loss reassignments) must "
                      f"be a whole number >= 1, got {options['rounds']}")
+  if options['start'] not in SLICE_STARTS:
+    raise ValueError(f"the 'slices' rule's option start (prefix_loss's first assignment) "
+                     f"must be one of {SLICE_STARTS}, got {options['start']!r}")
+  if options['start'] != 'random' and options['assigner'] != 'prefix_loss':
+    raise ValueError(f"the 'slices' rule's option start={options['start']} is the "
+                     f"prefix_loss assigner's first assignment; assigner "
+                     f"{options['assigner']!r} has none")
   if not options['balance'] >= 1:
     raise ValueError(f"the 'slices' rule's option balance (a slice takes at most "
                      f"ceil(balance N / E) training rows) must be >= 1, got {options['balance']}")
@@ -497,7 +506,8 @@ register(Rule(
 
 register(Rule(
     'slices', slices, budget='required', router='assignment', label='slices',
-    options=types.MappingProxyType({'assigner': 'label', 'rounds': 2.0, 'balance': 1.0}),
+    options=types.MappingProxyType({'assigner': 'label', 'rounds': 2.0, 'balance': 1.0,
+                                    'start': 'random'}),
     check_options=_check_slice_options,
     meaning='the heads of the slice assigned to the sequence (E = (H - S) / (K - S) disjoint '
             'slices plus the S shared heads), the same slice in every layer'))

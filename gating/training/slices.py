@@ -8,8 +8,9 @@ assigner is the rule's option `assigner` (model.gate_options=assigner=NAME):
   label    slice = the row's label (the synthetic task, the text domain; DEMix's routing by
            domain): the oracle, at train and test time. Needs exactly E labels.
   prefix_loss  SmallTalk LM's assignment, refined during training (`rounds` times; see
-           its section below); needs the model, so validation and test rows are routed
-           when the run evaluates.
+           its section below), from balanced random slices or (option start=cluster)
+           from the cluster assigner's balanced k-means; needs the model, so validation
+           and test rows are routed when the run evaluates.
   cluster  balanced k-means (c-BTM) with E clusters on a cheap document feature, fitted
            once on the training split:
              f(x) = l2-normalize( log(1 + c(x)) * idf ),
@@ -68,6 +69,12 @@ def balance_of(model_cfg) -> float:
   """b, the rule's option `balance`: a slice takes at most ceil(b N / E) of the N training
   rows in the cluster and prefix_loss assignments (1: equal slices; E: no limit)."""
   return float(dict(model_cfg.gate_options).get('balance', 1.0))
+
+
+def start_of(model_cfg) -> str:
+  """The prefix_loss assigner's first assignment (the rule's option `start`): 'random'
+  (balanced random slices) or 'cluster' (balanced k-means on the training rows)."""
+  return str(dict(model_cfg.gate_options).get('start', 'random'))
 
 
 def rounds_of(model_cfg) -> int:
@@ -233,7 +240,8 @@ def assign(splits, model_cfg, seed: int, prefix_len: int, workdir: str | None = 
                      f'{len(splits.train)}')
   fitted = None
   if assigner == 'prefix_loss':   # validation and test are routed with the model, later
-    slice_N, fitted = initial_prefix_loss(splits, E, seed, workdir)
+    slice_N, fitted = initial_prefix_loss(splits, E, seed, workdir, start_of(model_cfg),
+                                          balance_of(model_cfg))
     zeros = lambda name: np.zeros(len(getattr(splits, name)), np.int64)
     per_split = {'train': (slice_N, slice_N), 'validation': (zeros('validation'),) * 2,
                  'test': (zeros('test'),) * 2}
@@ -289,7 +297,9 @@ def counts(dataset, num_slices: int) -> list[int]:
 
 # -- prefix_loss (SmallTalk LM, 2025) ---------------------------------------------------
 #
-# The training rows start in balanced random slices; after `rounds` evenly spaced points of
+# The training rows start in balanced random slices (or, with start=cluster, in the balanced
+# k-means clusters of the cluster assigner, fitted with the same seed and balance: c-BTM's
+# assignment as SmallTalk's starting point); after `rounds` evenly spaced points of
 # the run (`round_steps`) each training row moves to the slice whose weights give its
 # prefix (the first P tokens) the lowest mean next-token loss, under the same balance as
 # k-means (`balanced_assign` on -loss: at most ceil(b N / E) rows a slice, so one slice
@@ -393,16 +403,24 @@ def route_by_prefix_loss(splits, score, state, prefix_len: int, batch_size: int,
   return splits._replace(**routed)
 
 
-def initial_prefix_loss(splits, num_slices: int, seed: int, workdir: str | None):
+def initial_prefix_loss(splits, num_slices: int, seed: int, workdir: str | None,
+                        start: str = 'random', balance: float = 1.0):
   """(train slice_N at the start, the store {'data', 'round_steps', 'train_slices'}): the
-  run's stored rounds when `workdir` holds them (other data refused), else round 0, the
-  balanced random assignment."""
+  run's stored rounds when `workdir` holds them (other data refused), else round 0: the
+  balanced random assignment, or with start='cluster' the balanced k-means assignment of
+  the training rows (`fit_cluster`, at most ceil(balance N / E) rows a slice)."""
   path = None if workdir is None else os.path.join(workdir, STORE)
   if path is not None and os.path.exists(path):
     store = _read_store(path, ('data', 'round_steps', 'train_slices'),
                         "prefix_loss assigner's rounds", splits.info)
     return store['train_slices'][0], store
-  slice_N = balanced_random(len(splits.train), num_slices, seed)
+  if start == 'cluster':
+    fitted = fit_cluster(splits, num_slices, seed, balance)
+    cols = splits.train.with_format('numpy')[:]
+    f_NxJ = features(cols['tokens'], cols['valid'], fitted['idf'])[0]
+    slice_N = balanced_assign(f_NxJ @ fitted['centroids'].T, balance).astype(np.int64)
+  else:
+    slice_N = balanced_random(len(splits.train), num_slices, seed)
   return slice_N, {'data': np.asarray(_fingerprint(splits.info)),
                    'round_steps': np.zeros((0,), np.int64), 'train_slices': slice_N[None]}
 

@@ -256,6 +256,35 @@ def test_prefix_loss_rounds_and_the_random_start():
   assert not np.array_equal(a, slices.balanced_random(100, 3, seed=1))
 
 
+def test_prefix_loss_can_start_from_the_cluster_assigners_balanced_kmeans(tmp_path):
+  """start=cluster: the first training assignment is the cluster assigner's (same seed and
+  balance), stored as round 0 and read back on resume; start is prefix_loss's alone, and
+  a bad one is refused with the config."""
+  for balance in (1.0, 3.0):
+    options = (('assigner', 'prefix_loss'), ('start', 'cluster'), ('balance', balance))
+    cfg = dataclasses.replace(PREFIX_LOSS, model=dataclasses.replace(
+        PREFIX_LOSS.model, gate_options=options))
+    cluster_cfg = dataclasses.replace(CLUSTER, model=dataclasses.replace(
+        CLUSTER.model, gate_options=(('assigner', 'cluster'), ('balance', balance))))
+    splits, store = train.load_data_and_assigner(cfg)
+    want = train.load_data_and_assigner(cluster_cfg)[0].train.with_format('numpy')['slice']
+    np.testing.assert_array_equal(splits.train.with_format('numpy')['slice'], want)
+    np.testing.assert_array_equal(store['train_slices'][0], want)
+    assert not np.array_equal(want, slices.balanced_random(256, 3, PREFIX_LOSS.seed))
+  slices.save(str(tmp_path), dict(store, train_slices=store['train_slices'][:, ::-1]))
+  resumed, _ = slices.initial_prefix_loss(splits, 3, PREFIX_LOSS.seed, str(tmp_path),
+                                          'cluster', 3.0)
+  np.testing.assert_array_equal(resumed, store['train_slices'][0, ::-1])   # the stored one
+  for options, message in (((('assigner', 'cluster'), ('start', 'cluster')),
+                            r"option start=cluster is the prefix_loss assigner's first "
+                            r"assignment; assigner 'cluster' has none"),
+                           ((('assigner', 'prefix_loss'), ('start', 'label')),
+                            r"option start \(prefix_loss's first assignment\) must be one "
+                            r"of \('random', 'cluster'\), got 'label'")):
+    with pytest.raises(ValueError, match='model.gate_options: .*' + message):  # the config
+      dataclasses.replace(PREFIX_LOSS.model, gate_options=options)
+
+
 @pytest.mark.slow
 def test_a_prefix_loss_run_reassigns_resumes_exactly_and_routes_by_the_prefix(tmp_path):
   whole = train.train(PREFIX_LOSS, str(tmp_path / 'whole'), progress=False)
