@@ -42,7 +42,7 @@ How a one-token step projects a gathered layer (`projection=`, see DESIGN 4):
   'auto'         'weights' when B K < H (it reads fewer bytes), else 'activations'; on
                  the CPU 'grouped' at B = 1, where it was measured faster than 'weights'
                  (1.04-1.14x tokens/s with heads alone, 1.39-1.59x with heads and
-                 groups, docs/benchmarks.md), and nowhere else: slower at B = 2 and 3,
+                 groups, docs/benchmarks.md), and nowhere else: mostly slower at B = 2, 3,
                  level with 'activations' at B = 16 and 64. No GPU or TPU has measured
                  'grouped' yet, so there it is never picked.
 Masked and dense layers project every head with the full weights ('masked'). Prefill
