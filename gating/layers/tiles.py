@@ -129,14 +129,19 @@ def _tiles_to_pairs(y_NxCLxE, tiles: PairTiles, B: int, L: int):
   return y_MxLxE.reshape(B, M // B, L, -1)
 
 
+def _rows_in_tiles(x_BxLxD, tiles: PairTiles):
+  """Each tile row's sequence's rows (zeros for an empty row): [B, L, D] -> [N, C L, D]."""
+  B, L, D = x_BxLxD.shape
+  K = tiles.row_M.shape[0] // B
+  x_BplusxLxD = jnp.concatenate([x_BxLxD, jnp.zeros((1, L, D), x_BxLxD.dtype)])
+  return x_BplusxLxD[tiles.pair_NC // K].reshape(tiles.units_N.shape[0], -1, D)  # M // K = B
+
+
 def project_tiled(x_BxLxD, w_NxDxE, b_NxE, tiles: PairTiles, precision=None):
   """Each pair's unit, one batched matmul over the tiles: [B, L, D] -> [B, L, K, E].
   Equals compute.project_grouped (and project_gathered) on the same pairs."""
-  B, L, D = x_BxLxD.shape
-  N = tiles.units_N.shape[0]
-  K = tiles.row_M.shape[0] // B
-  x_BplusxLxD = jnp.concatenate([x_BxLxD, jnp.zeros((1, L, D), x_BxLxD.dtype)])
-  x_NxCLxD = x_BplusxLxD[tiles.pair_NC // K].reshape(N, -1, D)   # empty rows: M // K = B
+  B, L, _ = x_BxLxD.shape
+  x_NxCLxD = _rows_in_tiles(x_BxLxD, tiles)
   y_NxCLxE = jnp.einsum('NTD,NDE->NTE', x_NxCLxD, w_NxDxE, precision=precision)
   if b_NxE is not None:
     y_NxCLxE = y_NxCLxE + b_NxE[:, None, :].astype(y_NxCLxE.dtype)
@@ -163,11 +168,8 @@ def mlp_tiled(x_BxLxD, w: TiledMLPWeights, tiles: PairTiles, weights_BxK, b2_D,
   """y_b = sum_j weights_bj act(x_b W1_g + b1_g) W2_g + b2 over each sequence's Kf groups
   g = idx_bj, one batched matmul per projection over the tiles, the hidden activations
   kept in the tiles between them (equals compute.mlp_grouped). -> y_BxLxD."""
-  B, L, D = x_BxLxD.shape
-  N = tiles.units_N.shape[0]
-  K = tiles.row_M.shape[0] // B
-  x_BplusxLxD = jnp.concatenate([x_BxLxD, jnp.zeros((1, L, D), x_BxLxD.dtype)])
-  x_NxCLxD = x_BplusxLxD[tiles.pair_NC // K].reshape(N, -1, D)   # empty rows: M // K = B
+  B, L, _ = x_BxLxD.shape
+  x_NxCLxD = _rows_in_tiles(x_BxLxD, tiles)
   tile_bias = lambda b_NxFg: 0 if b_NxFg is None else b_NxFg[:, None, :]
   h_NxCLxFg = activation(jnp.einsum('NTD,NDF->NTF', x_NxCLxD, w.w1_NxDxFg,
                                     precision=precision) + tile_bias(w.b1_NxFg))
@@ -175,7 +177,7 @@ def mlp_tiled(x_BxLxD, w: TiledMLPWeights, tiles: PairTiles, weights_BxK, b2_D,
     h_NxCLxFg = h_NxCLxFg * (jnp.einsum('NTD,NDF->NTF', x_NxCLxD, w.w3_NxDxFg,
                                         precision=precision) + tile_bias(w.b3_NxFg))
   weights_M = jnp.concatenate([weights_BxK.reshape(-1), jnp.zeros((1,), weights_BxK.dtype)])
-  gate_NxCL = jnp.repeat(weights_M[tiles.pair_NC], L).reshape(N, -1)    # empty rows: 0
+  gate_NxCL = jnp.repeat(weights_M[tiles.pair_NC], L).reshape(x_NxCLxD.shape[:2])  # empty: 0
   h_NxCLxFg = h_NxCLxFg * gate_NxCL[:, :, None].astype(h_NxCLxFg.dtype)
   y_NxCLxD = jnp.einsum('NTF,NFD->NTD', h_NxCLxFg, w.w2_NxFgxD, precision=precision)
   y_BxLxD = _tiles_to_pairs(y_NxCLxD, tiles, B, L).sum(axis=1)
