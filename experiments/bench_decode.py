@@ -69,6 +69,14 @@ def build(gate: str, max_length: int, active_heads=None, path='masked', active_g
       **groups)
 
 
+def _projection_bytes(attn, name: str) -> int:
+  """The bytes of one of attention's projections a gathered step takes per head: its
+  kernel, and its bias but for the output projection's (added once, whatever the heads)."""
+  lin = getattr(attn, name)
+  return lin.kernel[...].nbytes + (0 if lin.bias is None or name == 'out'
+                                   else lin.bias[...].nbytes)
+
+
 def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> int:
   """Analytic weight bytes one decode step reads (see the module docstring)."""
   batch = state.positions_B.shape[0]
@@ -82,9 +90,7 @@ def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> i
       attn = block.attention
       count = cache.pair_tiles.units_N.shape[0]
       for name in ('query', 'key', 'value', 'out'):
-        lin = getattr(attn, name)
-        nbytes = lin.kernel[...].nbytes + (0 if lin.bias is None or name == 'out'
-                                           else lin.bias[...].nbytes)
+        nbytes = _projection_bytes(attn, name)
         total -= nbytes - nbytes * count // attn.num_heads
     if cache.projection == 'weights':
       attn = block.attention
@@ -95,9 +101,7 @@ def weight_bytes_per_step(model: gating.GatedLM, state: decode.DecodeState) -> i
       gathered_kv = cache.gathered.wk_BxDxKxDh is not None
       for name, fraction in (('query', (k, attn.num_heads)), ('out', (k, attn.num_heads)),
                              ('key', None), ('value', None)):
-        lin = getattr(attn, name)
-        nbytes = lin.kernel[...].nbytes + (0 if lin.bias is None or name == 'out'
-                                           else lin.bias[...].nbytes)
+        nbytes = _projection_bytes(attn, name)
         if fraction is None:
           if not gathered_kv:
             continue
@@ -312,7 +316,7 @@ def _estimate(batch, projection, sizes, param_bytes: int) -> int:
   D, H, V, n = sizes['features'], sizes['heads'], sizes['vocab'], sizes['layers']
   S, e = sizes['prompt'] + sizes['steps'], jnp.dtype(sizes['dtype']).itemsize
   N = H if projection is None else 2
-  copies = {'weights': batch * 2}.get(projection, 0)   # per-layer copies of a head's weights
+  copies = batch * 2 if projection == 'weights' else 0   # per-layer copies of head weights
   if projection == 'grouped' and decode.grouped_runs_tiles():
     copies = tiles.tile_count(batch * 2, H, tiles.tile_rows(batch * 2, H))
   state = n * (2 * batch * N * S * (D // H) + 4 * copies * D * (D // H)) * e

@@ -394,6 +394,12 @@ def group_view(w: MLPWeights, num_groups: int):
           w.w2_FxD.reshape(num_groups, Fg, w.w2_FxD.shape[1]))
 
 
+def up_view(w: MLPWeights, num_groups: int):
+  """(w3_DxGxFg, b3_GxFg): a gated linear unit's up projection split as W1 is."""
+  w3_DxGxFg, b3_GxFg, _ = group_view(w._replace(w1_DxF=w.w3_DxF, b1_F=w.b3_F), num_groups)
+  return w3_DxGxFg, b3_GxFg
+
+
 def gather_groups(w1_DxGxFg, idx_BxK):
   """Each sequence's groups: [D, G, Fg] -> [B, D, Kf, Fg] (a clean batched-matmul layout)."""
   return jnp.take(w1_DxGxFg, idx_BxK, axis=1, mode='clip').transpose(1, 0, 2, 3)
@@ -438,7 +444,7 @@ def gather_mlp(w: MLPWeights, idx_BxK, num_groups: int) -> GatheredMLPWeights:
                                                              mode='clip')
   up = {}
   if w.w3_DxF is not None:     # the up projection's columns, as W1's
-    w3_DxGxFg, b3_GxFg, _ = group_view(w._replace(w1_DxF=w.w3_DxF, b1_F=w.b3_F), num_groups)
+    w3_DxGxFg, b3_GxFg = up_view(w, num_groups)
     up = dict(w3_BxDxKxFg=gather_groups(w3_DxGxFg, idx_BxK), b3_BxKxFg=take(b3_GxFg))
   return GatheredMLPWeights(gather_groups(w1_DxGxFg, idx_BxK), take(b1_GxFg),
                             jnp.take(w2_GxFgxD, idx_BxK, axis=0, mode='clip'), **up)
@@ -599,6 +605,6 @@ def mlp_grouped(x_BxLxD, w: MLPWeights, groups: PairGroups, weights_BxK, num_gro
   w1_DxGxFg, b1_GxFg, w2_GxFgxD = group_view(w, num_groups)
   h_BxLxKxFg = activation(project_grouped(x_BxLxD, w1_DxGxFg, b1_GxFg, groups, precision))
   if w.w3_DxF is not None:     # gated linear unit: times the up projection
-    w3_DxGxFg, b3_GxFg, _ = group_view(w._replace(w1_DxF=w.w3_DxF, b1_F=w.b3_F), num_groups)
+    w3_DxGxFg, b3_GxFg = up_view(w, num_groups)
     h_BxLxKxFg = h_BxLxKxFg * project_grouped(x_BxLxD, w3_DxGxFg, b3_GxFg, groups, precision)
   return output_grouped(h_BxLxKxFg, weights_BxK, w2_GxFgxD, w.b2_D, groups, precision)

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gating.layers.compute import HeadWeights, MLPWeights, PairGroups, group_view
+from gating.layers.compute import HeadWeights, MLPWeights, PairGroups, group_view, up_view
 
 
 class PairTiles(NamedTuple):
@@ -116,7 +116,7 @@ def tile_mlp(w: MLPWeights, tiles: PairTiles, num_groups: int) -> TiledMLPWeight
   columns = lambda w_DxGxFg: w_DxGxFg.transpose(1, 0, 2)[tiles.units_N]
   up = {}
   if w.w3_DxF is not None:
-    w3_DxGxFg, b3_GxFg, _ = group_view(w._replace(w1_DxF=w.w3_DxF, b1_F=w.b3_F), num_groups)
+    w3_DxGxFg, b3_GxFg = up_view(w, num_groups)
     up = dict(w3_NxDxFg=columns(w3_DxGxFg), b3_NxFg=_take(b3_GxFg, tiles.units_N))
   return TiledMLPWeights(columns(w1_DxGxFg), _take(b1_GxFg, tiles.units_N),
                          w2_GxFgxD[tiles.units_N], **up)
