@@ -7,7 +7,8 @@ test split (validation for a tuning sweep), gathered path at the point's own K, 
 masked-path training-gate gap).
 Stopped and started again, a sweep skips finished points (summary.json and eval.json
 present) and resumes unfinished ones from their checkpoints; a crashed point is reported
-and the others go on. OUT/sweep.json records the definition: a folder of another sweep,
+and the others go on. --points NAMES runs only those points (every seed, with their warm
+starts) this sitting; the rest wait. OUT/sweep.json records the definition: a folder of another sweep,
 or of another definition (e.g. other --steps or --seeds), is refused, never overwritten.
 
 A sweep with a warm start trains one warm-start run per seed (OUT/warm_s<seed>) first; the
@@ -78,6 +79,10 @@ def parse_args(argv):
                            "the sweep's; a quick look: the points' budgets then differ)")
   parser.add_argument('--seeds', default=None,
                       help="comma-separated training seeds (overrides the sweep's), e.g. 0,1")
+  parser.add_argument('--points', default=None, metavar='NAMES',
+                      help="comma-separated points of the sweep to run now (every seed of "
+                           "each, and the warm starts they need), e.g. thin_dense,token_topk; "
+                           "the others wait for a later sitting (default: all)")
   parser.add_argument('--dry-run', action='store_true',
                       help='print the points and their commands, and run nothing')
   parser.add_argument('--report', action='store_true',
@@ -126,6 +131,22 @@ def points(sweep, out, *, steps, seeds):
   if warm:
     record['warm_runs'] = warm
   return record, result
+
+
+def only_points(sweep, todo, names):
+  """The points of `todo` (gating.study.sweep.Point) that belong to the sweep's points
+  `names` (comma-separated, e.g. 'thin_dense,token_topk': every seed of each), with the
+  warm starts they start from."""
+  from gating.study.sweep import WARM_PREFIX
+  chosen = [n for n in names.split(',') if n]
+  unknown = [n for n in chosen if n not in sweep.points]
+  if not chosen or unknown:
+    raise ValueError(f'--points: unknown point(s) {", ".join(unknown) or repr(names)}; '
+                     f'the sweep {sweep.name!r} has {", ".join(sweep.points)}')
+  picked = [p for p in todo if not p.name.startswith(WARM_PREFIX)
+            and p.name.rsplit('_s', 1)[0] in chosen]
+  needed = {p.after for p in picked if p.after}
+  return [p for p in todo if p.name in needed or p in picked]
 
 
 def worker_envs(args):
@@ -216,6 +237,11 @@ def main(argv=None):
     if args.backend == 'ray':  # the tasks run in other folders, maybe on other nodes
       out = os.path.abspath(out)
     record, todo = points(sweep, out, steps=args.steps, seeds=seeds)
+    studied = [p.name for p in todo if not p.name.startswith(runner.WARM_PREFIX)]
+    if args.points is not None:
+      if args.report:
+        raise ValueError('--points chooses what runs; --report reports every point')
+      todo = only_points(sweep, todo, args.points)
     parallel, env = worker_envs(args)
     if args.allow_partial and not args.report:
       raise ValueError('--allow-partial is for --report (a sweep evaluates every point on '
@@ -229,7 +255,6 @@ def main(argv=None):
       for slot, slot_env in enumerate(env):
         print(f'slot {slot}: CUDA_VISIBLE_DEVICES={slot_env["CUDA_VISIBLE_DEVICES"]}')
     return
-  studied = [p.name for p in todo if not p.name.startswith(runner.WARM_PREFIX)]
   finished = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
   if args.report:
     try:

@@ -225,6 +225,23 @@ def test_the_sweeps_points_start_after_their_own_seeds_warm_start():
   assert [p.name for p in points][:2] == ['warm_s0', 'warm_s1']
 
 
+def test_points_runs_the_chosen_points_with_their_warm_starts_only(tmp_path, capsys):
+  tiny = sweeps.SWEEPS['tiny']
+  _, points = sweep_script.points(tiny, 'out', steps=None, seeds=(0, 1))
+  chosen = sweep_script.only_points(tiny, points, 'topk_k2')
+  assert [p.name for p in chosen] == ['warm_s0', 'warm_s1', 'topk_k2_s0', 'topk_k2_s1']
+  assert [p.name for p in sweep_script.only_points(tiny, points, 'dense')] == [
+      'dense_s0', 'dense_s1']
+  sweep_script.main(['tiny', '--points', 'dense', '--dry-run', '--out', str(tmp_path / 'o')])
+  assert capsys.readouterr().out.count('experiments.train') == len(tiny.seeds)
+  with pytest.raises(SystemExit, match="--points: unknown point\\(s\\) nope; the sweep "
+                                       "'tiny' has dense, topk_k2"):
+    sweep_script.main(['tiny', '--points', 'dense,nope', '--out', str(tmp_path / 'o')])
+  with pytest.raises(SystemExit, match='--points chooses what runs; --report reports every'):
+    sweep_script.main(['tiny', '--points', 'dense', '--report', '--out', str(tmp_path / 'o')])
+  assert not (tmp_path / 'o').exists()
+
+
 def test_worker_env_single_threads_xla_when_runs_fill_the_cores():
   env = sweep.worker_env(2, base={'XLA_FLAGS': '--foo'}, cores=2)
   assert env['XLA_FLAGS'] == '--foo --xla_cpu_multi_thread_eigen=false'
