@@ -8,8 +8,11 @@ masked-path training-gate gap).
 Stopped and started again, a sweep skips finished points (summary.json and eval.json
 present) and resumes unfinished ones from their checkpoints; a crashed point is reported
 and the others go on. --points NAMES runs only those points (every seed, with their warm
-starts) this sitting; the rest wait. OUT/sweep.json records the definition: a folder of another sweep,
-or of another definition (e.g. other --steps or --seeds), is refused, never overwritten.
+starts) this sitting; the rest wait. --keep DIR writes the sweep's record, its finished
+points without checkpoints (gating/study/records.py), for a later sitting on another
+machine: `cp -r DIR/. OUT/` there, and the sweep runs only the rest. OUT/sweep.json
+records the definition: a folder of another sweep, or of another definition (e.g. other
+--steps or --seeds), is refused, never overwritten.
 
 A sweep with a warm start trains one warm-start run per seed (OUT/warm_s<seed>) first; the
 points that start from it ('init_from={warm}') train the rest of their step budget, each
@@ -89,6 +92,11 @@ def parse_args(argv):
                       help='write results.csv, results.md and the plots from the points '
                            'finished so far (a sweep still running, or stopped), and run '
                            'nothing')
+  parser.add_argument('--keep', default=None, metavar='DIR',
+                      help="write the sweep's record into DIR (sweep.json and every finished "
+                           "point's reports, without checkpoints) and run nothing; copied "
+                           'back into a sweep folder on another machine, the sweep runs only '
+                           'the rest')
   parser.add_argument('--allow-partial', action='store_true',
                       help='with --report: count points whose eval.json scored part of the '
                            'split or an earlier step (left out otherwise); the tables name '
@@ -238,6 +246,8 @@ def main(argv=None):
       out = os.path.abspath(out)
     record, todo = points(sweep, out, steps=args.steps, seeds=seeds)
     studied = [p.name for p in todo if not p.name.startswith(runner.WARM_PREFIX)]
+    if args.keep is not None and (args.report or args.points is not None):
+      raise ValueError('--keep writes the record of every finished point, and runs nothing')
     if args.points is not None:
       if args.report:
         raise ValueError('--points chooses what runs; --report reports every point')
@@ -256,6 +266,16 @@ def main(argv=None):
         print(f'slot {slot}: CUDA_VISIBLE_DEVICES={slot_env["CUDA_VISIBLE_DEVICES"]}')
     return
   finished = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
+  if args.keep is not None:
+    from gating.study import records
+    try:
+      runner.check_folder(out, record)
+      kept = records.keep(out, args.keep, [p.name for p in todo])
+    except (ValueError, runner.SweepError) as e:
+      sys.exit(f'error: {e}')
+    print(f'sweep {sweep.name}: kept {len(kept)} of {len(todo)} points (the finished ones) '
+          f'in {args.keep}')
+    return
   if args.report:
     try:
       runner.check_folder(out, record)

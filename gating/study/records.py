@@ -1,0 +1,75 @@
+"""A sweep's record: its finished points without their checkpoints, to carry a long sweep
+across machines.
+
+A sweep resumes in its own folder, but a folder of trained runs (checkpoints, TensorBoard
+events) is too large to keep where the study is written up, and a sweep too long for one
+sitting may have its next sitting on another machine. `keep(out, dest)` copies what the
+reports read of every finished point (trained, and evaluated on the whole split at its
+final step) into `dest`:
+
+  dest/sweep.json                  the definition, as the sweep folder holds it
+  dest/<point>/config.json, summary.json, eval.json, wall_time.json, data_info.json,
+               provenance.json     (those the point has)
+  dest/<point>/metrics.jsonl       its periodic evaluations only (kind 'eval'); the
+                                   per-step training lines stay in the sweep folder
+
+Copied back into a sweep folder (`cp -r dest/. runs/sweeps/NAME/`), the points count as
+finished: the sweep skips them and runs the rest, and `--report` and the plots read them
+(the training curves of the kept points excepted). What a record cannot do is evaluate
+its points again, or feed the headroom oracle, which needs the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from gating.study.sweep import SWEEP_FILE, WALL_TIME_FILE, SweepError, is_evaluated, is_trained
+
+KEPT_FILES = ('config.json', 'summary.json', 'eval.json', WALL_TIME_FILE, 'data_info.json',
+              'provenance.json')
+METRICS_FILE = 'metrics.jsonl'
+
+
+def keep(out: str, dest: str, names: list[str]) -> list[str]:
+  """Writes the record of the sweep folder `out` into `dest`: sweep.json and every point of
+  `names` that is finished (the others are left out). Returns the points kept.
+
+  `dest` must be empty, absent, or a record of the same sweep definition (its points are
+  then brought up to date); anything else raises SweepError and writes nothing."""
+  with open(os.path.join(out, SWEEP_FILE)) as f:
+    definition = json.load(f)
+  if os.path.abspath(dest) == os.path.abspath(out):
+    raise SweepError(f'{dest} is the sweep folder itself; keep its record elsewhere')
+  saved = os.path.join(dest, SWEEP_FILE)
+  if os.path.exists(saved):
+    with open(saved) as f:
+      if json.load(f) != definition:
+        raise SweepError(f"{dest} holds the record of another sweep or definition than "
+                         f"{out}'s; refusing to mix them")
+  elif os.path.isdir(dest) and os.listdir(dest):
+    raise SweepError(f'{dest} is not empty and holds no {SWEEP_FILE}: not a sweep record')
+  kept = [name for name in names
+          if is_trained(os.path.join(out, name)) and is_evaluated(os.path.join(out, name))]
+  os.makedirs(dest, exist_ok=True)
+  shutil.copyfile(os.path.join(out, SWEEP_FILE), saved)
+  for name in kept:
+    source, target = os.path.join(out, name), os.path.join(dest, name)
+    os.makedirs(target, exist_ok=True)
+    for file in KEPT_FILES:
+      if os.path.exists(os.path.join(source, file)):
+        shutil.copyfile(os.path.join(source, file), os.path.join(target, file))
+    _keep_evaluations(os.path.join(source, METRICS_FILE), os.path.join(target, METRICS_FILE))
+  return kept
+
+
+def _keep_evaluations(source: str, target: str) -> None:
+  """Copies the evaluation lines (kind 'eval') of the metrics file `source` to `target`."""
+  lines = []
+  if os.path.exists(source):
+    with open(source) as f:
+      lines = [line for line in f if line.strip() and json.loads(line).get('kind') == 'eval']
+  with open(target + '.tmp', 'w') as f:
+    f.writelines(lines)
+  os.replace(target + '.tmp', target)
