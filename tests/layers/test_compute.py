@@ -88,7 +88,8 @@ def test_out_of_range_unit_indices_are_refused_where_they_can_be_read():
   y = jax.jit(lambda i: compute.gathered_attention(x, x, x, w, i, jnp.ones((B, 2))))(bad_BxK)
   clipped = compute.gathered_attention(x, x, x, w, jnp.minimum(bad_BxK, H - 1),
                                        jnp.ones((B, 2)))
-  np.testing.assert_allclose(y, clipped, atol=1e-6)
+  # (jit and eager sum in another order: float32 rounding, far below a wrong head's O(1))
+  np.testing.assert_allclose(y, clipped, rtol=1e-5, atol=1e-5)
 
 
 # -- grouped-query attention: G K/V heads, query head h reads KV head h // (H / G) ---------
