@@ -7,6 +7,7 @@ import pytest
 
 from experiments import sweep as sweep_script
 from gating.study import records
+from gating.study import sweep
 from gating.study.sweep import SweepError
 
 
@@ -34,10 +35,12 @@ def test_a_kept_record_reports_and_resumes_like_the_sweep_folder(tmp_path, capsy
       line for line in (out / 'dense_s0' / 'metrics.jsonl').read_text().splitlines()
       if json.loads(line)['kind'] == 'eval']
 
-  # Copied into a fresh folder, the record reports as the sweep folder does, and the
-  # sweep skips its points.
+  # Copied into a fresh folder, the record reports as the sweep folder does, and its
+  # points are finished as the sweep judges it (run_point skips them).
   elsewhere = tmp_path / 'elsewhere'
   shutil.copytree(record, elsewhere)
+  assert all(sweep.is_trained(str(elsewhere / n)) and sweep.is_evaluated(str(elsewhere / n))
+             for n in ('dense_s0', 'warm_s0'))
   sweep_script.main(['tiny', '--out', str(elsewhere), '--report'])
   assert 'sweep tiny: 2 of 3 points finished' in capsys.readouterr().out
   sweep_script.main(['tiny', '--out', str(out), '--report'])
