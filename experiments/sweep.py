@@ -265,7 +265,7 @@ def main(argv=None):
       for slot, slot_env in enumerate(env):
         print(f'slot {slot}: CUDA_VISIBLE_DEVICES={slot_env["CUDA_VISIBLE_DEVICES"]}')
     return
-  finished = sum(runner.is_trained(p.workdir) and runner.is_evaluated(p.workdir) for p in todo)
+  finished = sum(runner.is_finished(p.workdir) for p in todo)
   if args.keep is not None:
     from gating.study import records
     try:

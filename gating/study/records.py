@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 
-from gating.study.sweep import SWEEP_FILE, WALL_TIME_FILE, SweepError, is_evaluated, is_trained
+from gating.study.sweep import SWEEP_FILE, WALL_TIME_FILE, SweepError, is_finished
 
 KEPT_FILES = ('config.json', 'summary.json', 'eval.json', WALL_TIME_FILE, 'data_info.json',
               'provenance.json')
@@ -50,8 +50,7 @@ def keep(out: str, dest: str, names: list[str]) -> list[str]:
                          f"{out}'s; refusing to mix them")
   elif os.path.isdir(dest) and os.listdir(dest):
     raise SweepError(f'{dest} is not empty and holds no {SWEEP_FILE}: not a sweep record')
-  kept = [name for name in names
-          if is_trained(os.path.join(out, name)) and is_evaluated(os.path.join(out, name))]
+  kept = [name for name in names if is_finished(os.path.join(out, name))]
   os.makedirs(dest, exist_ok=True)
   shutil.copyfile(os.path.join(out, SWEEP_FILE), saved)
   for name in kept:

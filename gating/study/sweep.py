@@ -239,6 +239,11 @@ def is_evaluated(workdir: str) -> bool:
   return results.partial_evaluation(report, summary, report.get('split', 'test')) is None
 
 
+def is_finished(workdir: str) -> bool:
+  """Trained and evaluated on the whole split: a point the sweep skips."""
+  return is_trained(workdir) and is_evaluated(workdir)
+
+
 def _add_wall_time(workdir: str, stage: str, seconds: float) -> None:
   """Adds one sitting's seconds of `stage` ('train' | 'eval') to wall_time.json. A sitting
   killed with the sweep (SIGKILL) records nothing: its time is lost, not guessed."""
@@ -288,7 +293,7 @@ def run_point(point: Point, env: Mapping[str, str], children: _Children) -> Outc
   Output goes to workdir/sweep.log (appended); wall times add up in wall_time.json.
   """
   start = time.time()
-  if is_trained(point.workdir) and is_evaluated(point.workdir):
+  if is_finished(point.workdir):
     return Outcome(point.name, 'skipped', 'finished before', 0.0)
   os.makedirs(point.workdir, exist_ok=True)
   with open(os.path.join(point.workdir, LOCK_FILE), 'w') as lock:
