@@ -26,7 +26,8 @@ rows of several sweeps at once (one study split over sweeps, same split and data
 
 python -m experiments.plots --budgets OUT [--reference POINT] DIR [DIR ...] reads sweeps of
 one study at several token budgets (the same points, other steps; same split and data)
-and writes into OUT/:
+and writes into OUT/ (each DIR a sweep folder or a sweep's report table: the results.csv
+that `experiments.sweep --report` writes, such as a copy kept in docs/results/):
   budgets.png           test (or validation) loss for text, accuracy for synthetic data, vs
                         the training tokens, one line per point, error bars = std over
                         seeds; with --reference, a second panel: each point's mean relative
@@ -35,7 +36,8 @@ and writes into OUT/:
   budgets.md            the same figures as a table: one row per point, one column per
                         budget, mean ± std over seeds and the difference to the reference
   curves.png, curves.md with --reference, for text, where the sweeps hold their points' run
-                        folders: inside each budget's runs, every point's periodic
+                        folders (a report table holds none): inside each budget's runs,
+                        every point's periodic
                         validation loss (the fixed subset it evaluates every eval_every
                         steps) against the reference's of the same seed, 100 (loss /
                         reference's - 1), the mean over the seeds both finished, at each
@@ -335,7 +337,16 @@ def _pareto(ax, groups, x_key, y_key):
   ax.grid(alpha=0.3)
 
 
+def is_report(path: str) -> bool:
+  """Whether `path` is a sweep's report table (a .csv file) rather than its folder."""
+  return path.endswith('.csv') and os.path.isfile(path)
+
+
 def _sweep_name(sweep_dir: str) -> str:
+  if is_report(sweep_dir):   # results.csv is named by its folder; a kept copy by itself
+    name = os.path.basename(sweep_dir)[:-len('.csv')]
+    return name if name != 'results' else os.path.basename(os.path.dirname(
+        os.path.abspath(sweep_dir)))
   try:
     return json.load(open(os.path.join(sweep_dir, 'sweep.json')))['sweep']
   except (OSError, KeyError, json.JSONDecodeError):
@@ -348,8 +359,11 @@ def plot_sweep(sweep_dir: str) -> list[str]:
 
 
 def sweep_rows(sweep_dir: str) -> list[dict]:
-  """The rows of a sweep's results.csv (FileNotFoundError, saying how to make it, if absent)."""
+  """The rows of a sweep's results.csv (FileNotFoundError, saying how to make it, if absent);
+  `sweep_dir` may also be the report table itself."""
   from gating.study import results
+  if is_report(sweep_dir):
+    return results.read_csv(sweep_dir)
   path = os.path.join(sweep_dir, 'results.csv')
   if not os.path.exists(path):
     raise FileNotFoundError(f'no results.csv in {sweep_dir}: run python -m experiments.sweep '
@@ -574,7 +588,7 @@ def relative_curves(sweep_dir: str, reference: str) -> dict[str, dict[int, float
 def plot_curves(sweep_dirs: list[str], out: str, reference: str) -> list[str]:
   """curves.png and curves.md (module docstring): one panel and one table per sweep whose
   run folders hold the reference and another point; nothing when none does."""
-  per_sweep = [(d, relative_curves(d, reference)) for d in sweep_dirs]
+  per_sweep = [(d, relative_curves(d, reference)) for d in sweep_dirs if not is_report(d)]
   per_sweep = [(d, c) for d, c in per_sweep if len(c) > 1]
   if not per_sweep:
     return []
@@ -630,8 +644,9 @@ def main(argv=None):
                       help='draw the sweep plots of all the given sweep folders together, '
                            'as one study, into the folder OUT')
   parser.add_argument('--budgets', metavar='OUT',
-                      help='draw the given sweeps, one study at several token budgets, '
-                           'against their training tokens into the folder OUT')
+                      help='draw the given sweeps (folders or their report tables, '
+                           'results.csv), one study at several token budgets, against their '
+                           'training tokens into the folder OUT')
   parser.add_argument('--reference', metavar='POINT',
                       help='with --budgets: the point every other is compared with at each '
                            'budget (e.g. thin_dense)')
@@ -644,9 +659,13 @@ def main(argv=None):
     flag = '--budgets' if args.budgets else '--together'
     try:
       for directory in args.dirs:
+        if args.budgets and is_report(directory):
+          continue
         if not is_sweep(directory):
-          raise FileNotFoundError(f'{directory} is not a sweep folder (no sweep.json): '
-                                  f'{flag} draws sweeps only')
+          what = ("is neither a sweep folder (no sweep.json) nor a sweep's report table "
+                  '(a .csv file)' if args.budgets else
+                  'is not a sweep folder (no sweep.json)')
+          raise FileNotFoundError(f'{directory} {what}: {flag} draws sweeps only')
       written = (plot_budgets(args.dirs, args.budgets, args.reference) if args.budgets else
                  plot_sweeps(args.dirs, args.together))
     except (FileNotFoundError, ValueError) as e:

@@ -201,6 +201,37 @@ def test_budgets_curves_compare_each_seed_inside_the_runs_with_the_reference(tmp
   assert (out / 'curves.png').stat().st_size > 1000
 
 
+def test_budgets_read_a_sweeps_report_table_as_they_read_its_folder(tmp_path, capsys):
+  """A report table kept without its runs (docs/results/NAME.csv) draws the same budgets
+  as the sweep folder it came from; it has no run folders, so no curves of its own."""
+  _write_sweep(tmp_path / 'small', 'small', _budget_rows(250, {'thin': (2.0, 2.2),
+                                                              'label': (2.2, 2.2)}))
+  large = tmp_path / 'large'
+  _write_sweep(large, 'large', _budget_rows(2500, {'thin': (1.5, 1.5), 'label': (1.2, 1.4)}))
+  _write_validation(large / 'thin_s0', {100: 2.0, 200: 1.0}, final=9.0)
+  _write_validation(large / 'label_s0', {100: 1.8, 200: 1.1}, final=0.1)
+  kept = tmp_path / 'kept' / 'small_study.csv'
+  kept.parent.mkdir()
+  kept.write_text((tmp_path / 'small' / 'results.csv').read_text())
+  for name, small in (('folders', tmp_path / 'small'), ('table', kept)):
+    plots.main(['--budgets', str(tmp_path / name), '--reference', 'thin', str(small),
+                str(large)])
+  capsys.readouterr()
+  assert ((tmp_path / 'table' / 'budgets.md').read_text().splitlines()[1:] ==
+          (tmp_path / 'folders' / 'budgets.md').read_text().splitlines()[1:])
+  assert (tmp_path / 'table' / 'budgets.md').read_text().startswith('# small_study + large:')
+  assert ((tmp_path / 'table' / 'curves.md').read_text() ==
+          (tmp_path / 'folders' / 'curves.md').read_text())   # large's runs only, both times
+  other = tmp_path / 'kept' / 'notes.txt'
+  other.write_text('thin 2.0')
+  with pytest.raises(SystemExit, match="notes.txt is neither a sweep folder .* nor a sweep's "
+                                       'report table'):
+    plots.main(['--budgets', str(tmp_path / 'out'), str(other), str(large)])
+  with pytest.raises(SystemExit, match='small_study.csv is not a sweep folder'):
+    plots.main(['--together', str(tmp_path / 'out'), str(kept), str(large)])
+  assert not (tmp_path / 'out').exists()
+
+
 def test_budgets_refuse_what_they_cannot_compare(tmp_path):
   _write_sweep(tmp_path / 'a', 'a', _budget_rows(250, {'thin': (2.0, 2.2)}))
   _write_sweep(tmp_path / 'b', 'b', _budget_rows(250, {'thin': (2.0, 2.2)}))
