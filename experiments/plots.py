@@ -61,7 +61,10 @@ def _pyplot():
   return plt
 
 
-def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
+def read_metrics(run_dir: str, need_train: bool = True) -> tuple[list[dict], list[dict]]:
+  """(train lines, eval lines) of a run's metrics.jsonl; ValueError where it holds no
+  training step, unless need_train is False (a kept record holds its eval lines only,
+  gating/study/records.py)."""
   path = os.path.join(run_dir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(f'no metrics.jsonl in {run_dir}')
@@ -71,7 +74,7 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
       if line.strip():
         record = json.loads(line)
         (evals if record.get('kind') == 'eval' else train).append(record)
-  if not train:
+  if need_train and not train:
     raise ValueError(f'{path} holds no training steps')
   return train, evals
 
@@ -552,7 +555,7 @@ def plot_budgets(sweep_dirs: list[str], out: str, reference: str | None = None) 
 def periodic_validation(run_dir: str) -> dict[int, float]:
   """{step: validation loss} of a run's periodic evaluations: those on the subset its
   first validation evaluated (the run's final evaluation of the whole split is left out)."""
-  _, evals = read_metrics(run_dir)
+  _, evals = read_metrics(run_dir, need_train=False)
   val = [r for r in evals if r.get('split') == 'validation']
   curve: dict[int, float] = {}
   for r in val:

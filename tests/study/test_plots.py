@@ -163,13 +163,14 @@ def test_budgets_draw_each_point_against_the_tokens_and_the_reference(tmp_path, 
   assert table[5] == '| label | 2.2000 ± 0.0000 (2) [+4.8%] | 1.3000 ± 0.1414 (2) [-13.3%] |'
 
 
-def _write_validation(run_dir, losses, final):
+def _write_validation(run_dir, losses, final, kept=False):
   """A run folder's metrics.jsonl: one train step, periodic validation on 8 sequences
   ({step: loss}) and the final evaluation of the whole split (`final`, 20 sequences) at a
-  last step that is no multiple of the periodic evaluations'."""
+  last step that is no multiple of the periodic evaluations'. kept: the evaluation lines
+  only, as a sweep's kept record holds them (gating/study/records.py)."""
   run_dir.mkdir()
   last = max(losses) + 50
-  lines = [{'step': 1, 'kind': 'train', 'loss': 3.0}]
+  lines = [] if kept else [{'step': 1, 'kind': 'train', 'loss': 3.0}]
   lines += [{'step': step, 'kind': 'eval', 'split': 'validation', 'loss': loss, 'sequences': 8}
             for step, loss in losses.items()]
   lines += [{'step': last, 'kind': 'eval', 'split': split, 'loss': final, 'sequences': 20}
@@ -203,13 +204,14 @@ def test_budgets_curves_compare_each_seed_inside_the_runs_with_the_reference(tmp
 
 def test_budgets_read_a_sweeps_report_table_as_they_read_its_folder(tmp_path, capsys):
   """A report table kept without its runs (docs/results/NAME.csv) draws the same budgets
-  as the sweep folder it came from; it has no run folders, so no curves of its own."""
+  as the sweep folder it came from; it has no run folders, so no curves of its own. A
+  sweep folder restored from a kept record (evaluation lines only) draws its curves."""
   _write_sweep(tmp_path / 'small', 'small', _budget_rows(250, {'thin': (2.0, 2.2),
                                                               'label': (2.2, 2.2)}))
   large = tmp_path / 'large'
   _write_sweep(large, 'large', _budget_rows(2500, {'thin': (1.5, 1.5), 'label': (1.2, 1.4)}))
-  _write_validation(large / 'thin_s0', {100: 2.0, 200: 1.0}, final=9.0)
-  _write_validation(large / 'label_s0', {100: 1.8, 200: 1.1}, final=0.1)
+  _write_validation(large / 'thin_s0', {100: 2.0, 200: 1.0}, final=9.0, kept=True)
+  _write_validation(large / 'label_s0', {100: 1.8, 200: 1.1}, final=0.1, kept=True)
   kept = tmp_path / 'kept' / 'small_study.csv'
   kept.parent.mkdir()
   kept.write_text((tmp_path / 'small' / 'results.csv').read_text())
@@ -222,6 +224,9 @@ def test_budgets_read_a_sweeps_report_table_as_they_read_its_folder(tmp_path, ca
   assert (tmp_path / 'table' / 'budgets.md').read_text().startswith('# small_study + large:')
   assert ((tmp_path / 'table' / 'curves.md').read_text() ==
           (tmp_path / 'folders' / 'curves.md').read_text())   # large's runs only, both times
+  # (large's runs are a kept record's: evaluation lines only)
+  assert (tmp_path / 'table' / 'curves.md').read_text().splitlines()[-1] == \
+      '| label | -10.0% | +10.0% |'
   other = tmp_path / 'kept' / 'notes.txt'
   other.write_text('thin 2.0')
   with pytest.raises(SystemExit, match="notes.txt is neither a sweep folder .* nor a sweep's "
