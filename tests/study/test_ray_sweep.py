@@ -23,15 +23,18 @@ def _rows(out):
 def test_tiny_sweep_on_ray_matches_local_and_skips_a_finished_point(tmp_path, capsys,
                                                                    finished_sweep):
   # Resuming a stopped point is `sweep.run_point`'s, the Ray task itself, and is tested
-  # on the local backend (test_sweep); here Ray runs it, skipping the finished warm start.
+  # on the local backend (test_sweep); here Ray runs it, skipping the finished points.
   local, on_ray = finished_sweep('tiny'), tmp_path / 'ray'
-  # The warm start is the local sweep's (not a row, so not compared): the two points
-  # train on Ray at once from it.
-  shutil.copytree(local / 'warm_s0', on_ray / 'warm_s0')
+  # The warm start and the dense point are the local sweep's, finished: Ray skips them
+  # and trains the top-k point from the warm start. One trained point, not two: each is a
+  # train and an eval process, the most expensive part of this test (that Ray runs
+  # points at once, and a point after its warm start, is the next test's).
+  for name in ('warm_s0', 'dense_s0'):
+    shutil.copytree(local / name, on_ray / name)
   shutil.copy(local / 'sweep.json', on_ray)
   sweep_script.main(['tiny', '--out', str(on_ray), '--backend', 'ray'])
   printed = capsys.readouterr().out
-  assert 'on Ray (a local cluster)' in printed and printed.count('skipped') == 1
+  assert 'on Ray (a local cluster)' in printed and printed.count('skipped') == 2
   rows = _rows(on_ray)
   assert set(rows) == {'dense_s0', 'topk_k2_s0'}
   assert all(row['status'] == 'done' for row in rows.values())
@@ -81,16 +84,22 @@ def test_flags_of_the_other_backend_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_on_ray_a_point_waits_for_its_warm_start_and_skips_a_failed_one(tmp_path):
+  """Two CPUs: the point that starts from the warm start waits for it, and the point that
+  needs none runs on Ray at the same time as the warm start."""
   from gating.study import ray_backend
   from tests.study.test_sweep import _stand_in, _times
   ray_backend.connect(None, num_cpus=2)
   try:
     run = lambda points: ray_backend.run_points(points, extra_env={}, report=lambda line: None)
     fine = tmp_path / 'fine'
-    outcomes = run([_stand_in(fine, 'warm_s0', sleep=2.0),
-                    _stand_in(fine, 'routed_s0', after='warm_s0')])
-    assert [o.status for o in outcomes] == ['done', 'done']
-    assert _times(fine, 'routed_s0')[0] >= _times(fine, 'warm_s0')[1]
+    outcomes = run([_stand_in(fine, 'warm_s0', sleep=3.0),
+                    _stand_in(fine, 'routed_s0', after='warm_s0'),
+                    _stand_in(fine, 'dense_s0')])
+    assert [o.status for o in outcomes] == ['done', 'done', 'done']
+    warm_start, warm_end = _times(fine, 'warm_s0')
+    assert _times(fine, 'routed_s0')[0] >= warm_end
+    dense_start, dense_end = _times(fine, 'dense_s0')
+    assert dense_start < warm_end and warm_start < dense_end    # at the same time
     broken = tmp_path / 'broken'
     outcomes = run([_stand_in(broken, 'warm_s0', 3),
                     _stand_in(broken, 'routed_s0', after='warm_s0')])
