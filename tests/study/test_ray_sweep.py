@@ -94,7 +94,7 @@ def test_on_ray_a_point_waits_for_its_warm_start_and_skips_a_failed_one(tmp_path
     fine = tmp_path / 'fine'
     outcomes = run([_stand_in(fine, 'warm_s0', sleep=3.0),
                     _stand_in(fine, 'routed_s0', after='warm_s0'),
-                    _stand_in(fine, 'dense_s0')])
+                    _stand_in(fine, 'dense_s0', sleep=3.0)])
     assert [o.status for o in outcomes] == ['done', 'done', 'done']
     warm_start, warm_end = _times(fine, 'warm_s0')
     assert _times(fine, 'routed_s0')[0] >= warm_end
