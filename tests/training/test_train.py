@@ -196,7 +196,7 @@ def _five_steps_on(devices: int, workdir) -> dict:
     run(dataclasses.replace(TINY, steps=5), workdir)
     return {'refused': refused, 'losses': [r['loss'] for r in metrics(workdir)]}
   script = (
-      'import dataclasses, json, sys; sys.path.insert(0, %r)\n'
+      'import json, sys; sys.path.insert(0, %r)\n'
       'from tests.training.test_train import _five_steps_on\n'
       'print(json.dumps(_five_steps_on(%d, sys.argv[1])))\n') % (ROOT, devices)
   env = {**os.environ, 'PYTHONPATH': ROOT,
