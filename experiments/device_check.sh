@@ -11,12 +11,16 @@
 # short keeps the rows it finished (the benchmark rewrites its JSON after every row) and
 # the check goes on. Options after OUT go to every benchmark call: `--dry-run` (compile
 # one row per section, time nothing; the only way to run this without a GPU or TPU) and
-# `--memory-limit BYTES`.
+# `--memory-limit BYTES`. PYTHON names the interpreter; by default `python`, or `python3`
+# where there is no `python` (as on a GPU image whose python3 holds JAX).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/device_check}
 shift || true
-PYTHON=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=$(command -v python || command -v python3) || {
+    echo 'error: neither python nor python3 is on PATH; set PYTHON' >&2; exit 1; }
+fi
 BUDGETS="attention:90 forward:60 train:110 decode:80"   # seconds per section
 mkdir -p "$OUT"
 

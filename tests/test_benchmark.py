@@ -6,6 +6,7 @@ Nothing here times anything."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -83,10 +84,27 @@ def test_the_device_script_rehearses_on_the_cpu_and_merges_one_json(tmp_path):
       row['refused'] and 'estimated before compiling); 0.00 GiB (1 bytes) are free' in \
       row['refused']
   assert not row['compiled']
-  # Without a GPU and without --dry-run it refuses at once.
+  # Without a GPU and without --dry-run it refuses at once. Without PYTHON, on a PATH
+  # with python3 and no python (as on a GPU image), it runs python3.
+  bin_ = tmp_path / 'bin'
+  bin_.mkdir()
+  (bin_ / 'python3').write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+  (bin_ / 'python3').chmod(0o755)
+  env = {k: v for k, v in env.items() if k != 'PYTHON'}
+  env['PATH'] = os.pathsep.join([str(bin_), *[d for d in os.environ['PATH'].split(os.pathsep)
+                                             if not os.path.exists(os.path.join(d, 'python'))]])
   run = subprocess.run([script, str(tmp_path / 'nogpu')], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
   assert run.returncode == 1 and 'error: no GPU or TPU: jax sees only cpu' in run.stderr
+  bare = tmp_path / 'bare'           # neither: only what the script needs to get that far
+  bare.mkdir()
+  for tool in ('bash', 'dirname'):
+    (bare / tool).symlink_to(shutil.which(tool))
+  env['PATH'] = str(bare)
+  run = subprocess.run([script, str(tmp_path / 'nopython')], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert run.returncode == 1
+  assert run.stderr.strip() == 'error: neither python nor python3 is on PATH; set PYTHON'
 
 
 @pytest.mark.parametrize('argv,message', [
