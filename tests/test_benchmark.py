@@ -6,6 +6,7 @@ Nothing here times anything."""
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def test_the_device_script_rehearses_on_the_cpu_and_merges_one_json(tmp_path):
   # with python3 and no python (as on a GPU image), it runs python3.
   bin_ = tmp_path / 'bin'
   bin_.mkdir()
-  (bin_ / 'python3').write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+  (bin_ / 'python3').write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
   (bin_ / 'python3').chmod(0o755)
   env = {k: v for k, v in env.items() if k != 'PYTHON'}
   env['PATH'] = os.pathsep.join([str(bin_), *[d for d in os.environ['PATH'].split(os.pathsep)
