@@ -3,7 +3,8 @@ added to or taken from those already set, for a subprocess that needs other flag
 
 import importlib.metadata
 import os
-import re
+
+from packaging import version as versions   # pytest's own dependency
 
 # XLA's CPU backend emits fusions with its older elemental emitters: tiny programs compile
 # faster (compiling was more than half of the suite's time).
@@ -16,9 +17,8 @@ FAST_COMPILE_FLAG_GONE = (0, 11, 1)
 
 def fast_compile_flag_known(jaxlib_version: str | None = None) -> bool:
   """Whether the installed jaxlib (or `jaxlib_version`, e.g. '0.10.2') takes the flag."""
-  version = jaxlib_version or importlib.metadata.version('jaxlib')
-  release = tuple(int(part) for part in re.findall(r'\d+', version)[:3])
-  return release < FAST_COMPILE_FLAG_GONE
+  version = versions.Version(jaxlib_version or importlib.metadata.version('jaxlib'))
+  return version.release[:3] < FAST_COMPILE_FLAG_GONE
 
 
 def with_xla_flag(flag: str) -> str:
