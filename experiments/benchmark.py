@@ -44,6 +44,7 @@ import sys
 import time
 
 from experiments.bench_rows import Settings
+from gating.training.folders import check_output_folder
 from gating.training.provenance import provenance
 
 SIZES = ('cpu', 'gpu')
@@ -102,6 +103,7 @@ def parse(argv=None):
     if args.memory_limit <= 0:
       raise ValueError(f'--memory-limit must be > 0 bytes, got {args.memory_limit}')
   args.sections = names
+  check_output_folder(args.out, '--out')   # before anything compiles
   return args
 
 

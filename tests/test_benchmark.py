@@ -129,6 +129,15 @@ def test_bad_arguments_print_one_error_line(argv, message, tmp_path):
   assert not os.listdir(tmp_path)            # refused before anything ran
 
 
+def test_an_out_that_cannot_be_a_folder_is_one_error_line(tmp_path):
+  file = tmp_path / 'benchmark.json'
+  file.write_text('{}')
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.main(['--sections', 'attention', '--out', str(file)])
+  assert str(exit_info.value.code) == f'error: --out {file}: exists and is not a folder'
+  assert file.read_text() == '{}'
+
+
 def tiny_candidate(calls, estimate=1, fail_on_run=None):
   """A candidate of x @ x over a [128, 128] float32 input (64 KiB of argument)."""
   def build():

@@ -26,6 +26,7 @@ import os
 import shutil
 
 from gating.study.sweep import SWEEP_FILE, WALL_TIME_FILE, SweepError, is_finished
+from gating.training import folders
 
 KEPT_FILES = ('config.json', 'summary.json', 'eval.json', WALL_TIME_FILE, 'data_info.json',
               'provenance.json')
@@ -42,6 +43,7 @@ def keep(out: str, dest: str, names: list[str]) -> list[str]:
     definition = json.load(f)
   if os.path.abspath(dest) == os.path.abspath(out):
     raise SweepError(f'{dest} is the sweep folder itself; keep its record elsewhere')
+  folders.check_output_folder(dest, '--keep', SweepError)
   saved = os.path.join(dest, SWEEP_FILE)
   if os.path.exists(saved):
     with open(saved) as f:

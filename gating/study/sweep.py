@@ -33,6 +33,7 @@ import time
 from typing import Mapping, NamedTuple, Sequence
 
 from gating.study import results
+from gating.training import folders
 
 SWEEP_FILE = 'sweep.json'
 WALL_TIME_FILE = 'wall_time.json'
@@ -130,8 +131,10 @@ def claim_folder(out: str, record: dict) -> None:
 
   record: what defines the sweep ({'sweep', 'preset', 'runs'}); it is written to
   out/sweep.json. An existing sweep.json must be equal to it; a non-empty folder without
-  one is refused. Raises SweepError naming the difference; never deletes anything.
+  one is refused, and so is a path that cannot be a folder (a file's). Raises SweepError
+  naming the difference; never deletes anything.
   """
+  folders.check_output_folder(out, '--out', SweepError)
   path = os.path.join(out, SWEEP_FILE)
   if os.path.exists(path):
     check_folder(out, record)

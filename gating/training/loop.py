@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gating import data, pretrained
 from gating.training import checkpoint, elastic, router_fit, slices
-from gating.training import distributed
+from gating.training import distributed, folders
 from gating.training import losses
 from gating.training import tensorboard
 from gating.training import wandb_log
@@ -684,7 +684,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   """Trains (or resumes) the run in `workdir`; returns the final summary.
 
   The data and the model are built before anything is written, so bad data leaves no
-  folder behind (nor does log.wandb without wandb installed: checked first). A finished
+  folder behind (nor does log.wandb without wandb installed, or a workdir that cannot be a
+  folder, such as a file's path: both checked first, a ValueError). A finished
   run (its last step checkpointed and summary.json written) is left as it is: its summary
   comes back with 'already_finished': True.
 
@@ -698,6 +699,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   from tqdm.auto import tqdm
 
   main_process = jax.process_index() == 0
+  folders.check_output_folder(workdir, 'workdir')
   if cfg.log.wandb:
     wandb_log.require()
   check_flops_countable()

@@ -71,6 +71,8 @@ def test_a_record_is_not_mixed_with_another(tmp_path):
     records.keep(str(out), str(stray), ['a_s0'])
   with pytest.raises(SweepError, match='is the sweep folder itself'):
     records.keep(str(out), str(out), ['a_s0'])
+  with pytest.raises(SweepError, match=f'^--keep {stray}/notes.txt: exists and is not a '):
+    records.keep(str(out), str(stray / 'notes.txt'), ['a_s0'])
   assert os.listdir(stray) == ['notes.txt'] and os.listdir(other) == ['sweep.json']
   assert records.keep(str(out), str(tmp_path / 'new'), ['a_s0']) == []
   assert os.listdir(tmp_path / 'new') == ['sweep.json']

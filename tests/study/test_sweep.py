@@ -109,6 +109,12 @@ def test_folder_of_another_sweep_is_refused(tmp_path):
   with pytest.raises(SystemExit, match='holds no sweep.json: not a sweep folder'):
     sweep_script.main(['tiny', '--out', str(other)])
   assert os.listdir(other) == ['metrics.jsonl']
+  file = other / 'metrics.jsonl'
+  with pytest.raises(SystemExit, match=f'^error: --out {file}: exists and is not a folder$'):
+    sweep_script.main(['tiny', '--out', str(file)])
+  with pytest.raises(SystemExit, match=f'^error: --out {file}/sweep: {file} is a file'):
+    sweep_script.main(['tiny', '--out', str(file / 'sweep')])
+  assert os.listdir(other) == ['metrics.jsonl'] and file.read_text() == ''
 
 
 def test_report_needs_the_sweeps_own_folder(tmp_path):

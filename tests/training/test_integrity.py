@@ -171,6 +171,21 @@ def test_bad_data_is_one_error_line_and_leaves_no_folder(tmp_path, capsys):
     assert not workdir.exists()
 
 
+def test_a_workdir_that_cannot_be_a_folder_is_one_error_line_before_any_work(tmp_path,
+                                                                            monkeypatch):
+  def no_data(*args, **kwargs):
+    raise AssertionError('the data was loaded before the workdir was checked')
+  monkeypatch.setattr(train, 'load_data_and_assigner', no_data)
+  file = tmp_path / 'notes.txt'
+  file.write_text('mine')
+  for workdir, why in ((file, 'exists and is not a folder'),
+                       (file / 'run', f'{file} is a file, so {file}/run cannot be a folder')):
+    with pytest.raises(SystemExit) as exit_info:
+      train_script.main(['--workdir', str(workdir), '--no-progress', '--steps', '2'])
+    assert str(exit_info.value.code) == f'error: workdir {workdir}: {why}'
+  assert file.read_text() == 'mine' and os.listdir(tmp_path) == ['notes.txt']
+
+
 def test_a_checkpoint_of_another_model_is_one_error_line(finished, tmp_path):
   run = copy(finished, tmp_path)
   with pytest.raises(SystemExit, match=r'^error: .* different model \(.*model.features: checkpoint 32 vs now 64'):
