@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import timing
+from gating.training.folders import check_output_file
 
 # The published config.json fields that decide the shapes (Hugging Face model cards).
 MODELS = {
@@ -78,7 +79,13 @@ def parse_args(argv):
                       help='query heads that run (default: one KV group)')
   parser.add_argument('--trials', type=int, default=5)
   parser.add_argument('--out', default=None, help='also write the results as JSON here')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.out is not None:
+    try:
+      check_output_file(args.out, '--out')   # before the model is built and timed
+    except ValueError as e:
+      sys.exit(f'error: {e}')
+  return args
 
 
 def main(argv=None):
@@ -125,6 +132,7 @@ def main(argv=None):
   print(f"  headroom oracle: {result['headroom_subsets_per_layer']} subsets of KV groups "
         f'per layer at K={k}, one forward pass each')
   if args.out:
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=1)
   return result

@@ -91,10 +91,13 @@ def print_report(report):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from gating.training import checkpoint
+  from gating.training.folders import check_output_file
   from gating.study import evaluation
   try:
     paths = [p for p in args.paths.split(',') if p]
     ks = None if args.k is None else _ints(args.k, '--k')
+    if args.out is not None:
+      check_output_file(args.out, '--out')   # before the evaluation, not after it
     run = evaluation.load_run(args.workdir, step=args.restore_step,
                               data_overrides=args.overrides)
     if args.compensate is not None:
@@ -108,6 +111,7 @@ def main(argv=None):
   out = args.out or os.path.join(
       args.workdir, 'eval.json' if args.compensate is None else 'eval_compensated.json')
   tmp = out + '.tmp'
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
   with open(tmp, 'w') as f:
     json.dump(report, f, indent=1)
   os.replace(tmp, out)   # a reader (or a resumed sweep) never sees half a file

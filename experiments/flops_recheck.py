@@ -59,8 +59,11 @@ def main(argv=None):
   from gating.study.sweep import WARM
   from gating.training import loop
   from gating.training.config import override
+  from gating.training.folders import check_output_file
   try:
     sweep = sweeps.get(args.sweep)
+    if args.out is not None:
+      check_output_file(args.out, '--out')
   except ValueError as e:
     sys.exit(f'error: {e}')
   seed = sweep.seeds[0]

@@ -52,7 +52,10 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from gating.study import evaluation, headroom
   from gating.training import checkpoint
+  from gating.training.folders import check_output_file
   try:
+    if args.out is not None:
+      check_output_file(args.out, '--out')   # before the search, not after it
     layers = (None if args.layers is None else [] if args.layers == 'none' else
               [int(x) for x in args.layers.split(',') if x])
     ks = None if args.k is None else [int(x) for x in args.k.split(',') if x]
@@ -62,6 +65,7 @@ def main(argv=None):
   except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
     sys.exit(f'error: {e}')
   out = args.out or os.path.join(args.workdir, 'headroom.json')
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
   with open(out + '.tmp', 'w') as f:
     json.dump(report, f, indent=1)
   os.replace(out + '.tmp', out)

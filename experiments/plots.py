@@ -660,7 +660,9 @@ def main(argv=None):
     raise SystemExit('error: choose --together or --budgets')
   if args.together or args.budgets:
     flag = '--budgets' if args.budgets else '--together'
+    from gating.training.folders import check_output_folder
     try:
+      check_output_folder(args.budgets or args.together, flag)
       for directory in args.dirs:
         if args.budgets and is_report(directory):
           continue

@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 
 import gating
-from experiments import bench_decode, bench_rows, bench_train, benchmark
+from experiments import bench_decode, bench_pretrained, bench_rows, bench_train, benchmark
+from experiments import flops_recheck
 from gating.layers import decode
 from gating.training import config
 from tests.xla_env import FAST_COMPILE_FLAG, without_xla_flag
@@ -135,6 +136,13 @@ def test_an_out_that_cannot_be_a_folder_is_one_error_line(tmp_path):
   with pytest.raises(SystemExit) as exit_info:
     benchmark.main(['--sections', 'attention', '--out', str(file)])
   assert str(exit_info.value.code) == f'error: --out {file}: exists and is not a folder'
+  # The scripts that write one file refuse a folder there, before they build anything.
+  for main in (lambda argv: bench_pretrained.parse_args(argv),
+               lambda argv: flops_recheck.main(['tiny', *argv])):
+    with pytest.raises(SystemExit) as exit_info:
+      main(['--out', str(tmp_path)])
+    assert (str(exit_info.value.code)
+            == f'error: --out {tmp_path}: is a folder; give the path of a file')
   assert file.read_text() == '{}'
 
 

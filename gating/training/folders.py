@@ -1,6 +1,7 @@
-"""Output folders (a run's workdir, a sweep's or a benchmark's --out): a path that cannot
-become a folder is refused before any work is done, with an error that names it, rather
-than after the data is loaded and the model compiled, as a traceback from os.makedirs.
+"""Output paths (a run's workdir, a sweep's or a benchmark's --out folder, an evaluation's
+--out file): a path that cannot be written is refused before any work is done, with an
+error that names it, rather than after the data is loaded, the model compiled or the
+evaluation run, as a traceback from os.makedirs or open.
 
 Needs only the standard library, so the benchmark's device run (no `datasets`) imports it.
 """
@@ -10,16 +11,37 @@ from __future__ import annotations
 import os
 
 
-def check_output_folder(path: str, name: str, error: type[Exception] = ValueError) -> None:
-  """Raises `error` (its message starting with `name` and `path`) unless `path` is a
-  folder or can be made one: it is not a file, and the nearest part of it that exists is
-  a folder this process may write into."""
+def _folder_problem(path: str) -> str | None:
+  """Why `path` cannot be (made) a folder this process writes into, or None."""
   if os.path.lexists(path) and not os.path.isdir(path):   # a file, or a broken link
-    raise error(f'{name} {path}: exists and is not a folder')
+    return 'exists and is not a folder'
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise error(f'{name} {path}: {existing} is a file, so {path} cannot be a folder')
+    return f'{existing} is a file, so {path} cannot be a folder'
   if not os.access(existing, os.W_OK | os.X_OK):
-    raise error(f'{name} {path}: {existing} is not writable')
+    return f'{existing} is not writable'
+  return None
+
+
+def check_output_folder(path: str, name: str, error: type[Exception] = ValueError) -> None:
+  """Raises `error` (its message starting with `name` and `path`) unless `path` is a
+  folder or can be made one: it is not a file, and the nearest part of it that exists is
+  a folder this process may write into."""
+  problem = _folder_problem(path)
+  if problem:
+    raise error(f'{name} {path}: {problem}')
+
+
+def check_output_file(path: str, name: str, error: type[Exception] = ValueError) -> None:
+  """Raises `error` (its message starting with `name` and `path`) unless `path` can be
+  written as a file: it is not a folder, and its folder is or can be made one (as
+  `check_output_folder`; the writer makes it: os.makedirs)."""
+  if os.path.isdir(path):
+    raise error(f'{name} {path}: is a folder; give the path of a file')
+  folder = os.path.dirname(path) or '.'
+  problem = _folder_problem(folder)
+  if problem:
+    raise error(f'{name} {path}: {folder} is not a folder' if problem.startswith('exists')
+                else f'{name} {path}: {problem}')

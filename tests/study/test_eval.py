@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import eval as eval_script
+from experiments import headroom as headroom_script
 from gating.study import evaluation
 from gating.training import loop as train
 from gating.training.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
@@ -62,6 +63,24 @@ def test_eval_writes_both_paths_at_several_k(tmp_path, capsys, trained_run):
       eval_script.main(['--workdir', str(tmp_path), '--compensate', str(n)])
   with pytest.raises(SystemExit, match='error: max_batches=0 must be at least 1'):
     eval_script.main(['--workdir', str(tmp_path), '--max-batches', '0'])
+  # --out in a folder not made yet: made, as the file is written.
+  out = tmp_path / 'new' / 'sub' / 'k2.json'
+  eval_script.main(['--workdir', str(tmp_path), '--k', '2', '--paths', 'gathered', '--out',
+                    str(out)])
+  assert [r['K'] for r in json.load(open(out))['results']] == [2]
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_is_read(tmp_path):
+  # The workdir holds no run: the --out error comes first, so it was checked first.
+  (tmp_path / 'notes.txt').write_text('mine')
+  for out, why in ((tmp_path, 'is a folder; give the path of a file'),
+                   (tmp_path / 'notes.txt' / 'eval.json', f'{tmp_path}/notes.txt is not a '
+                                                          'folder')):
+    for script in (eval_script, headroom_script):
+      with pytest.raises(SystemExit) as exit_info:
+        script.main(['--workdir', str(tmp_path / 'none'), '--out', str(out)])
+      assert str(exit_info.value.code) == f'error: --out {out}: {why}'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']
 
 
 def test_hard_concrete_training_gate_has_no_budget():

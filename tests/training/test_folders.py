@@ -32,3 +32,18 @@ def test_a_folder_this_process_cannot_write_into_is_refused(tmp_path, monkeypatc
   with pytest.raises(ValueError, match=f'workdir {tmp_path}/run: {tmp_path} is not writable'):
     folders.check_output_folder(str(tmp_path / 'run'), 'workdir')
   folders.check_output_folder(str(tmp_path.parent / 'elsewhere'), 'workdir')
+
+
+def test_an_output_file_must_not_be_a_folder_and_its_folder_must_be_possible(tmp_path):
+  file = tmp_path / 'notes.txt'
+  file.write_text('mine')
+  folders.check_output_file(str(tmp_path / 'new' / 'eval.json'), '--out')   # made later
+  folders.check_output_file('eval.json', '--out')                           # here
+  for path, why in ((tmp_path, 'is a folder; give the path of a file'),
+                    (file / 'eval.json', f'{file} is not a folder'),
+                    (file / 'sub' / 'eval.json', f'{file} is a file, so {file}/sub cannot be '
+                                                 'a folder')):
+    with pytest.raises(ValueError) as error:
+      folders.check_output_file(str(path), '--out')
+    assert str(error.value) == f'--out {path}: {why}'
+  assert os.listdir(tmp_path) == ['notes.txt']
