@@ -22,6 +22,8 @@ import json
 import os
 import sys
 
+from experiments.flags import int_list
+
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__,
@@ -56,13 +58,6 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def _ints(text: str, flag: str) -> list[int]:
-  try:
-    return [int(x) for x in text.split(',') if x]
-  except ValueError:
-    raise ValueError(f'{flag} {text!r}: expected comma-separated integers') from None
-
-
 def print_report(report):
   print(f"{report['workdir']} at step {report['step']}, {report['split']} split, "
         f"gate {report['gate']}, own K={report['own_K']} of H={report['num_heads']}"
@@ -95,7 +90,7 @@ def main(argv=None):
   from gating.study import evaluation
   try:
     paths = [p for p in args.paths.split(',') if p]
-    ks = None if args.k is None else _ints(args.k, '--k')
+    ks = None if args.k is None else int_list(args.k, '--k')
     if args.out is not None:
       check_output_file(args.out, '--out')   # before the evaluation, not after it
     run = evaluation.load_run(args.workdir, step=args.restore_step,
@@ -104,7 +99,8 @@ def main(argv=None):
       run = evaluation.compensated(run, args.compensate)
     report = evaluation.evaluate_run(run, paths=paths, ks=ks, split=args.split,
                                      max_batches=args.max_batches, groups=args.groups)
-  except (FileNotFoundError, ValueError, FloatingPointError, checkpoint.CheckpointError) as e:
+  except (FileNotFoundError, ConnectionError, ValueError, FloatingPointError,
+          checkpoint.CheckpointError) as e:
     sys.exit(f'error: {e}')
   if args.compensate is not None:
     report['compensated_on_batches'] = args.compensate

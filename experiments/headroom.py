@@ -26,6 +26,8 @@ import json
 import os
 import sys
 
+from experiments.flags import int_list
+
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__,
@@ -57,12 +59,12 @@ def main(argv=None):
     if args.out is not None:
       check_output_file(args.out, '--out')   # before the search, not after it
     layers = (None if args.layers is None else [] if args.layers == 'none' else
-              [int(x) for x in args.layers.split(',') if x])
-    ks = None if args.k is None else [int(x) for x in args.k.split(',') if x]
+              int_list(args.layers, '--layers'))
+    ks = None if args.k is None else int_list(args.k, '--k')
     run = evaluation.load_run(args.workdir, step=args.restore_step)
     report = headroom.headroom(run, ks=ks, layers=layers, split=args.split,
                                max_sequences=args.max_sequences or None)
-  except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+  except (FileNotFoundError, ConnectionError, ValueError, checkpoint.CheckpointError) as e:
     sys.exit(f'error: {e}')
   out = args.out or os.path.join(args.workdir, 'headroom.json')
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)

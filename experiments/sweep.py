@@ -53,6 +53,8 @@ import signal
 import sys
 import time
 
+from experiments.flags import int_list
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -240,7 +242,7 @@ def main(argv=None):
   from gating.study import sweep as runner
   try:
     sweep = sweeps.get(args.name)
-    seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(',') if s]
+    seeds = None if args.seeds is None else int_list(args.seeds, '--seeds')
     out = args.out or os.path.join('runs', 'sweeps', sweep.name)
     if args.backend == 'ray':  # the tasks run in other folders, maybe on other nodes
       out = os.path.abspath(out)

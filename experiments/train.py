@@ -155,7 +155,8 @@ def run_and_report(cfg, workdir, *, progress=True, plots=True, restore_step=None
   try:
     summary = train(cfg, workdir, progress=progress, restore_step=restore_step,
                     extend_schedule=extend_schedule)
-  except (FileNotFoundError, ValueError, FloatingPointError, CheckpointError) as e:
+  except (FileNotFoundError, ConnectionError, ValueError, FloatingPointError,
+          CheckpointError) as e:
     sys.exit(f'error: {e}')
   if summary.get('already_finished'):
     print_summary(summary)

@@ -248,6 +248,9 @@ def evaluate_run(run: Run, *, paths: Sequence[str] = PATHS, ks: Sequence | None 
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   if max_batches is not None and max_batches < 1:
     raise ValueError(f'max_batches={max_batches} must be at least 1 (None: every row)')
+  if not paths or (ks is not None and not ks):   # a report of nothing would replace eval.json
+    raise ValueError(f'paths={list(paths)}, ks={ks}: give at least one path of {PATHS} and '
+                     'one K (ks=None: the default budgets)')
   cfg = run.config
   G = cfg.model.mlp_groups
   if groups is not None and (G is None or not 1 <= groups <= G):

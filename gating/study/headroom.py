@@ -218,6 +218,8 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
   # Units: heads, or KV groups under unit='kv_group' (a subset of groups opens all their
   # query heads); K always counts query heads.
   own = {n: found[n][1].active_heads for n in layers}
+  if ks is not None and not ks:   # a search of nothing would replace headroom.json
+    raise ValueError('ks=[]: give at least one budget K (ks=None: the run\'s own K)')
   if ks is None:
     if None in own.values():
       raise ValueError(f'{run.workdir}: the run has no budget K (gate='

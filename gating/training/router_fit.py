@@ -115,6 +115,8 @@ def fit_config(source, *, k: int, labels: str = 'grad_x_act', loss: str = 'bce',
   at `learning_rate` for `steps` and nothing else."""
   if labels not in importance.LABELS:
     raise ValueError(f'labels must be one of {importance.LABELS}, got {labels!r}')
+  if steps < 1:   # checked here: the warmup below is derived from it
+    raise ValueError(f'steps: a fit needs at least 1 step, got {steps}')
   if loss not in LOSSES:
     raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
   if (source.model.mlp_groups is None) != (groups is None):

@@ -81,6 +81,15 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_is_read(tmp_pa
         script.main(['--workdir', str(tmp_path / 'none'), '--out', str(out)])
       assert str(exit_info.value.code) == f'error: --out {out}: {why}'
   assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']
+  # So are lists that are not integers, and empty ones, which would replace eval.json with
+  # a report of nothing.
+  for script, flag in ((eval_script, '--k'), (headroom_script, '--k'),
+                       (headroom_script, '--layers')):
+    with pytest.raises(SystemExit, match=f"^error: {flag} '2,x': expected comma-separated "):
+      script.main(['--workdir', str(tmp_path / 'none'), flag, '2,x'])
+  for paths, ks in (([], None), (['gathered'], [])):
+    with pytest.raises(ValueError, match='give at least one path .* and one K'):
+      evaluation.evaluate_run(None, paths=paths, ks=ks)
 
 
 def test_hard_concrete_training_gate_has_no_budget():

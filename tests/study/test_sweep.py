@@ -133,6 +133,8 @@ def test_unknown_sweep_lists_the_known_ones():
   assert {'synthetic', 'text', 'tiny', 'recipes'} <= set(sweeps.SWEEPS)
   with pytest.raises(SystemExit, match=r"unknown sweep 'nope'; known sweeps: " + known):
     sweep_script.main(['nope'])
+  with pytest.raises(SystemExit, match=r"^error: --seeds '0,one': expected comma-separated "):
+    sweep_script.main(['tiny', '--seeds', '0,one'])
 
 
 def test_study_sweeps_resolve(capsys):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from experiments import eval as eval_script
 from experiments import train as train_script
+from gating.data import corpus
 from gating.study import evaluation
 from gating.training import checkpoint
 from gating.training import loop as train
@@ -158,17 +159,21 @@ def jax_copy(tree):
   return {k: jnp.array(v) for k, v in tree.items()}
 
 
-def test_bad_data_is_one_error_line_and_leaves_no_folder(tmp_path, capsys):
+def test_bad_data_is_one_error_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
   workdir = tmp_path / 'run'
-  for source in (tmp_path / 'missing.txt', tmp_path / 'empty.txt'):
-    if source.name == 'empty.txt':
+  # A hub source on a machine without the network (made so here, whatever this one has).
+  monkeypatch.setattr(corpus, '_offline', lambda: 'no network in this test')
+  for source in (tmp_path / 'missing.txt', tmp_path / 'empty.txt', 'hub:someone/corpus'):
+    if source == tmp_path / 'empty.txt':
       source.write_text('')
     with pytest.raises(SystemExit) as exit_info:
       train_script.main(['--preset', 'text', '--workdir', str(workdir), '--no-progress',
                          '--set', f'data.sources={source}'])
     message = str(exit_info.value.code)
-    assert message.startswith('error: ') and '\n' not in message and source.name in message
+    name = source if isinstance(source, str) else source.name
+    assert message.startswith('error: ') and '\n' not in message and name in message
     assert not workdir.exists()
+  assert 'needs the Hugging Face hub, but this machine is offline (no network' in message
 
 
 def test_a_workdir_that_cannot_be_a_folder_is_one_error_line_before_any_work(tmp_path,

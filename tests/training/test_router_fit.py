@@ -89,6 +89,7 @@ def test_the_chain_elastic_labels_router_eval(elastic_run, tmp_path, capsys):
     (['--k', '2', '--loss', 'mse'], 'loss must be one of'),
     (['--k', '2', '--router', 'average'], r"model.router: must be one of \('mean', "),
     (['--k', '2', '--groups', '2'], 'groups: the source has no MLP channel groups'),
+    (['--k', '2', '--steps', '0'], 'steps: a fit needs at least 1 step, got 0'),
 ])
 def test_bad_flags_are_one_error_line(elastic_run, tmp_path, argv, match, capsys):
   out = tmp_path / 'router'
