@@ -684,8 +684,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   """Trains (or resumes) the run in `workdir`; returns the final summary.
 
   The data and the model are built before anything is written, so bad data leaves no
-  folder behind (nor does log.wandb without wandb installed, or a workdir that cannot be a
-  folder, such as a file's path: both checked first, a ValueError). A finished
+  folder behind (nor does log.wandb without wandb installed); a workdir that cannot be a
+  folder (a file's path, or a path under a file) is a ValueError before anything else is
+  done (`folders.check_output_folder`). A finished
   run (its last step checkpointed and summary.json written) is left as it is: its summary
   comes back with 'already_finished': True.
 
