@@ -426,7 +426,9 @@ class TrainConfig:
     last = 0
     for k, until in self.k_schedule:
       _check(1 <= k <= self.model.num_heads, 'k_schedule',
-             f'K={k} must be in [1, num_heads={self.model.num_heads}]')
+             f'K={k} must be in [1, num_heads={self.model.num_heads}] (k_schedule='
+             + ','.join(f'{budget}:{step}' for budget, step in self.k_schedule)
+             + ", the preset's unless set: set one for these heads, or k_schedule= for none)")
       _check(until > last, 'k_schedule', f'steps must increase, got {self.k_schedule}')
       last = until
     _check(not self.k_schedule or get_rule(self.model.gate).budget != 'none', 'k_schedule',

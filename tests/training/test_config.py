@@ -25,7 +25,8 @@ def test_defaults_are_valid_and_round_trip_through_dicts():
     (lambda: DataConfig(num_terms=0), 'data.num_terms: must be >= 1'),
     (lambda: DataConfig(input_len=4, num_terms=5), 'data.num_terms: must be <= data.input_len=4'),
     (lambda: TrainConfig(batch_size=10, grad_accum=3), 'batch_size: 10 is not divisible'),
-    (lambda: TrainConfig(k_schedule=((9, 10),)), r'k_schedule: K=9'),
+    (lambda: TrainConfig(k_schedule=((9, 10), (2, 20))),
+     r'k_schedule: K=9 must be in \[1, num_heads=8\] \(k_schedule=9:10,2:20, the preset'),
     (lambda: TrainConfig(k_schedule=((4, 10), (2, 5))), 'steps must increase'),
     (lambda: TrainConfig(temperature_start=1.0), 'set both'),
 ])
