@@ -24,7 +24,6 @@ Example, the recipe chain on the synthetic benchmark:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -69,14 +68,13 @@ def resolve(args):
   """The fit's TrainConfig; a ValueError names what is wrong with the source or flags."""
   from gating.layers import names
   from gating.training import router_fit
-  from gating.training.config import from_dict, override
+  from gating.training.config import override, read_config
   config_path = os.path.join(args.source, 'config.json')
   if not os.path.exists(config_path):
     raise ValueError(f'--from {args.source}: not a run folder (no config.json)')
   if not os.path.isdir(os.path.join(args.source, 'checkpoints')):
     raise ValueError(f'--from {args.source}: the run has no checkpoint to fit routers to')
-  with open(config_path) as f:
-    source = from_dict(json.load(f))
+  source = read_config(config_path)
   router = args.router
   if router == 'static':
     names.renamed('fit_router', '--router static', '--static-subset')

@@ -65,15 +65,13 @@ def read_metrics(run_dir: str, need_train: bool = True) -> tuple[list[dict], lis
   """(train lines, eval lines) of a run's metrics.jsonl; ValueError where it holds no
   training step, unless need_train is False (a kept record holds its eval lines only,
   gating/study/records.py)."""
+  from gating.training.metrics_file import read_metrics as read_records
   path = os.path.join(run_dir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(f'no metrics.jsonl in {run_dir}')
   train, evals = [], []
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        record = json.loads(line)
-        (evals if record.get('kind') == 'eval' else train).append(record)
+  for record in read_records(path):   # a run killed or still running: its last line cut
+    (evals if record.get('kind') == 'eval' else train).append(record)
   if need_train and not train:
     raise ValueError(f'{path} holds no training steps')
   return train, evals

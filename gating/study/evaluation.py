@@ -47,7 +47,7 @@ from gating.layers.selection import get_rule
 from gating.study.results import scored_path
 from gating.training import checkpoint, slices
 from gating.training import loop as train
-from gating.training.config import PATHS, TrainConfig, from_dict, override
+from gating.training.config import PATHS, TrainConfig, override, read_config
 
 SPLITS = ('test', 'validation')
 
@@ -80,8 +80,7 @@ def load_run(workdir: str, step: int | None = None, data_overrides: Sequence[str
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'no run in {workdir}: {config_path} does not exist '
                             '(python -m experiments.train --workdir DIR writes it)')
-  with open(config_path) as f:
-    cfg = from_dict(json.load(f))
+  cfg = read_config(config_path)
   for assignment in data_overrides:
     if not assignment.strip().startswith('data.'):
       raise ValueError(f'{assignment!r}: only data.* keys can be overridden when loading a '

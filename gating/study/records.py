@@ -27,6 +27,7 @@ import shutil
 
 from gating.study.sweep import SWEEP_FILE, WALL_TIME_FILE, SweepError, is_finished
 from gating.training import folders
+from gating.training.metrics_file import read_metrics
 
 KEPT_FILES = ('config.json', 'summary.json', 'eval.json', WALL_TIME_FILE, 'data_info.json',
               'provenance.json')
@@ -67,10 +68,7 @@ def keep(out: str, dest: str, names: list[str]) -> list[str]:
 
 def _keep_evaluations(source: str, target: str) -> None:
   """Copies the evaluation lines (kind 'eval') of the metrics file `source` to `target`."""
-  lines = []
-  if os.path.exists(source):
-    with open(source) as f:
-      lines = [line for line in f if line.strip() and json.loads(line).get('kind') == 'eval']
+  records = read_metrics(source) if os.path.exists(source) else []
   with open(target + '.tmp', 'w') as f:
-    f.writelines(lines)
+    f.writelines(json.dumps(r) + '\n' for r in records if r.get('kind') == 'eval')
   os.replace(target + '.tmp', target)

@@ -471,6 +471,22 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
   return _from_fields(TrainConfig, top, **sections)
 
 
+def read_config(path: str) -> TrainConfig:
+  """A run folder's config.json (`from_dict`); a file that is not JSON, or not a config
+  this version reads, is a ValueError naming the file."""
+  with open(path) as f:
+    try:
+      values = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not JSON ({e}); the file is damaged') from None
+  if not isinstance(values, dict):
+    raise ValueError(f'{path}: not a config (a JSON {type(values).__name__}, not an object)')
+  try:
+    return from_dict(values)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from None
+
+
 def _renamed(section: str, values: dict[str, Any]) -> dict[str, Any]:
   """A section's saved values with renamed fields under their current names (a notice for
   each; names.py)."""

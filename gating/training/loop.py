@@ -36,9 +36,10 @@ from gating import data, pretrained
 from gating.training import checkpoint, elastic, router_fit, slices
 from gating.training import distributed, folders
 from gating.training import losses
+from gating.training.metrics_file import MetricsLog
 from gating.training import tensorboard
 from gating.training import wandb_log
-from gating.training.config import ModelConfig, TrainConfig, compatibility, from_dict
+from gating.training.config import ModelConfig, TrainConfig, compatibility, from_dict, read_config
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.training.provenance import provenance
 from gating.layers.state import gate_stats, set_temperature
@@ -413,40 +414,6 @@ def model_inputs(rows):
 
 # -- the loop -----------------------------------------------------------------------------------
 
-class MetricsLog:
-  """metrics.jsonl: one JSON object per line; truncated to a step when a run resumes."""
-
-  def __init__(self, path: str):
-    self.path = path
-
-  def truncate_after(self, step: int) -> None:
-    """Keeps the complete lines with step <= `step` (atomically: tmp file + rename)."""
-    if not os.path.exists(self.path):
-      return
-    kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut by a kill
-        if record.get('step', 0) <= step:
-          kept.append(json.dumps(record))
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(''.join(line + '\n' for line in kept))
-    os.replace(tmp, self.path)
-
-  def write(self, record: dict[str, Any]) -> None:
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def _to_python(tree):
   return jax.tree.map(lambda x: np.asarray(x).tolist(), tree)
 
@@ -545,8 +512,7 @@ def warm_start(state, graphdef, source_dir: str):
     if not os.path.exists(os.path.join(source_dir, name)):
       raise checkpoint.CheckpointError(f'init_from: {source_dir} is not a run folder (no '
                                        f'{name})')
-  with open(os.path.join(source_dir, 'config.json')) as f:
-    saved_cfg = from_dict(json.load(f))
+  saved_cfg = read_config(os.path.join(source_dir, 'config.json'))
   with open(os.path.join(source_dir, 'data_info.json')) as f:
     saved_info = data.DataInfo(**json.load(f))
   src_def, src_state = create(saved_cfg, saved_info)

@@ -90,6 +90,11 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_is_read(tmp_pa
   for paths, ks in (([], None), (['gathered'], [])):
     with pytest.raises(ValueError, match='give at least one path .* and one K'):
       evaluation.evaluate_run(None, paths=paths, ks=ks)
+  # A damaged config.json is named, not a bare JSON message.
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'config.json').write_text('{"model": ')
+  with pytest.raises(SystemExit, match=f'^error: {tmp_path}/bad/config.json: not JSON'):
+    eval_script.main(['--workdir', str(tmp_path / 'bad')])
 
 
 def test_hard_concrete_training_gate_has_no_budget():

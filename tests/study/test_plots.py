@@ -72,6 +72,15 @@ def test_sweep_plots_and_table_render_from_results(tmp_path, capsys):
     assert (tmp_path / 'plots' / name).stat().st_size > 1000
 
 
+def test_a_run_killed_mid_line_still_plots(tmp_path):
+  _write_run(tmp_path)
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 21, "kind": "train", "lo')   # killed (or still running) mid-line
+  train, evals = plots.read_metrics(str(tmp_path))
+  assert [r['step'] for r in train] == list(range(1, 21)) and len(evals) == 2
+  assert len(plots.plot_run(str(tmp_path))) == 4
+
+
 def test_plots_refuses_a_folder_that_is_neither(tmp_path):
   with pytest.raises(SystemExit, match='neither a run folder .* nor a sweep folder'):
     plots.main([str(tmp_path)])

@@ -109,3 +109,15 @@ def test_group_settings_round_trip_and_parse():
   shared = config.override(TrainConfig(), ['model.mlp_groups=8', 'model.active_groups=2',
                                            'model.group_router=attention'])
   assert config.from_dict(shared.to_dict()).model.group_router == 'attention'
+
+
+def test_a_damaged_config_file_is_an_error_naming_it(tmp_path):
+  path = tmp_path / 'config.json'
+  path.write_text(TrainConfig(steps=7).to_json())
+  assert config.read_config(str(path)).steps == 7
+  for text, why in (('{"model": ', 'not JSON .*the file is damaged'),
+                    ('[1]', r'not a config \(a JSON list, not an object\)'),
+                    ('{"format": 99}', 'config format 99 is not one this version reads')):
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f'^{path}: {why}'):
+      config.read_config(str(path))

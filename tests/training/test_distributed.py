@@ -24,6 +24,7 @@ from flax import nnx
 from experiments import configs
 from gating.training import checkpoint
 from gating.training import loop as train
+from gating.training.metrics_file import read_metrics
 from gating.training.config import override
 from tests.xla_env import with_xla_flag
 
@@ -71,7 +72,7 @@ def _train(workdir, overrides=OVERRIDES):
 
 
 def _losses(workdir):
-  return {r['step']: r['loss'] for r in train.read_metrics(str(workdir / 'metrics.jsonl'))
+  return {r['step']: r['loss'] for r in read_metrics(str(workdir / 'metrics.jsonl'))
           if r['kind'] == 'train'}
 
 
@@ -112,7 +113,7 @@ def test_two_processes_train_like_one_and_resume_exactly(tmp_path):
   assert codes == [0, 0], outs
   assert 'validation:' in outs[0] and 'validation:' not in outs[1]  # only 0 reports
   two = tmp_path / 'two'
-  records = train.read_metrics(str(two / 'metrics.jsonl'))
+  records = read_metrics(str(two / 'metrics.jsonl'))
   assert [r['step'] for r in records if r['kind'] == 'train'] == list(range(1, 7))
   assert len([r for r in records if r['kind'] == 'eval']) == 4   # steps 3, 6; val, test
   assert len([f for f in os.listdir(two) if f.startswith('events.out.tfevents')]) == 1

@@ -11,7 +11,7 @@ from flax import nnx
 
 import gating
 from gating.training import config, elastic
-from gating.training import loop as train
+from gating.training.metrics_file import read_metrics
 from tests.training.test_train import TINY
 
 V, L, D, H = 24, 12, 32, 4
@@ -84,7 +84,7 @@ def test_a_short_elastic_run_trains_every_width(trained_run):
       model=dataclasses.replace(TINY.model, gate='dense', active_heads=None, noise=None,
                                 eval_path='masked'),
       loss=dataclasses.replace(TINY.loss, elastic_ks=(1, 2), distill_weight=0.5))
-  lines = [r for r in train.read_metrics(str(trained_run(cfg) / 'metrics.jsonl'))
+  lines = [r for r in read_metrics(str(trained_run(cfg) / 'metrics.jsonl'))
            if r['kind'] == 'train']
   assert {'elastic/task_K1', 'elastic/distill_K2'} <= set(lines[-1])
   # Each step's K = 1 sub-model is a random head per sequence: compare means of 4 steps,
@@ -101,7 +101,7 @@ def test_a_short_elastic_run_with_mlp_groups_trains_every_width(trained_run):
       model=dataclasses.replace(TINY.model, gate='dense', active_heads=None, noise=None,
                                 eval_path='masked', mlp_groups=4),
       loss=dataclasses.replace(TINY.loss, elastic_ks=(1, 2), elastic_group_ks=(1, 2)))
-  lines = [r for r in train.read_metrics(str(trained_run(cfg) / 'metrics.jsonl'))
+  lines = [r for r in read_metrics(str(trained_run(cfg) / 'metrics.jsonl'))
            if r['kind'] == 'train']
   assert {'elastic/task_K1_Kf1', 'elastic/distill_K2_Kf2'} <= set(lines[-1])
   first, last = (np.mean([r['elastic/task_K1_Kf1'] for r in part])

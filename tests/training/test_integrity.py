@@ -19,6 +19,7 @@ from gating.data import corpus
 from gating.study import evaluation
 from gating.training import checkpoint
 from gating.training import loop as train
+from gating.training.metrics_file import read_metrics
 from tests.training.test_train import TINY
 
 SMALL = dataclasses.replace(TINY, steps=6, checkpoint_every=2, eval_every=6, eval_batches=1,
@@ -92,7 +93,7 @@ def test_unreadable_files_are_named_corrupt_and_train_resumes_from_an_intact_ste
                         extend_schedule=True)
   assert summary['steps'] == 8 and np.isfinite(summary['test']['loss'])
   assert os.listdir(run / 'checkpoints_quarantine') == ['6']        # moved aside, not deleted
-  steps = [r['step'] for r in train.read_metrics(str(run / 'metrics.jsonl'))
+  steps = [r['step'] for r in read_metrics(str(run / 'metrics.jsonl'))
            if r['kind'] == 'train']
   assert steps == list(range(1, 9))
 

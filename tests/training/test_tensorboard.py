@@ -9,11 +9,12 @@ import pytest
 
 from gating.training import tensorboard
 from gating.training import loop as train
+from gating.training.metrics_file import read_metrics
 from tests.training.test_train import TINY
 
 
 def _jsonl(workdir):
-  return train.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  return read_metrics(os.path.join(workdir, 'metrics.jsonl'))
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import pytest
 from gating.training import checkpoint
 from gating.training import config
 from gating.training import loop as train
+from gating.training.metrics_file import read_metrics
 from gating.training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from tests.xla_env import with_xla_flag
 
@@ -32,7 +33,7 @@ def run(cfg, workdir):
 
 
 def metrics(workdir, kind='train'):
-  return [r for r in train.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  return [r for r in read_metrics(os.path.join(workdir, 'metrics.jsonl'))
           if r.get('kind') == kind]
 
 

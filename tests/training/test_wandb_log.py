@@ -17,6 +17,7 @@ import pytest
 
 from gating.training import config, tensorboard, wandb_log
 from gating.training import loop as train
+from gating.training.metrics_file import read_metrics
 from gating.training.config import LogConfig, TrainConfig
 from tests.training.test_train import TINY
 
@@ -98,7 +99,7 @@ def test_a_run_logs_its_metrics_to_an_offline_wandb_run_in_its_folder(resumed_ru
   # What metrics.jsonl says, as W&B keeps it: one row per step, a later value of a key
   # (the full validation after the last step's partial one) replacing an earlier one.
   expected = {}
-  for record in train.read_metrics(str(workdir / 'metrics.jsonl')):
+  for record in read_metrics(str(workdir / 'metrics.jsonl')):
     expected.setdefault(record['step'], {}).update(tensorboard.scalars(record))
   assert sorted(history) == sorted(expected) == list(range(1, 11))
   for step, row in expected.items():
