@@ -11,8 +11,9 @@ steps evaluate; every `checkpoint_every` steps and at the end, fetch this step's
 (NaN check first), then checkpoint. Files in the run folder: config.json (the resolved
 config), provenance.json, metrics.jsonl (one JSON line per train step and per eval),
 events.out.tfevents.* (the same scalars for TensorBoard), wandb/ and wandb_id.txt (the
-same scalars for W&B, only with log.wandb set), checkpoints/, summary.json (written last:
-the run is complete). In a multi-process run only process 0 writes files (orbax aside)
+same scalars for W&B, only with log.wandb set), checkpoints/, summary.json (written last,
+atomically: the run is complete; one that cannot be read is moved aside and the final
+checkpoint evaluated again). In a multi-process run only process 0 writes files (orbax aside)
 and logs to W&B; each process loads only its rows of the batch (see distributed.py).
 """
 
@@ -617,6 +618,36 @@ def training_flops(cfg: TrainConfig, graphdef, state, batch,
   return out
 
 
+def _move_aside(path: str) -> str:
+  """Renames the damaged file `path` (NAME.json) to the first free NAME.damaged[.N].json,
+  its bytes kept as they were; returns the new path."""
+  stem, n = path[:-len('.json')] + '.damaged', 0
+  damaged = f'{stem}.json'
+  while os.path.exists(damaged):
+    n += 1
+    damaged = f'{stem}.{n}.json'
+  os.replace(path, damaged)
+  return damaged
+
+
+def _finished_summary(path: str, main_process: bool) -> dict[str, Any] | None:
+  """The summary.json of a run whose last step is checkpointed, or None where it cannot
+  be read (cut by a kill while it was written, before it was written atomically, or
+  damaged since): it is then moved aside (`_move_aside`, by the main process) and the
+  final evaluation runs again from the last checkpoint."""
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+    if isinstance(summary, dict):
+      return summary
+  except ValueError:
+    pass
+  if main_process:
+    print(f'{path} cannot be read; moved aside to {os.path.basename(_move_aside(path))}; '
+          'the final checkpoint is evaluated again', flush=True)
+  return None
+
+
 def _write_provenance(path: str, record: dict[str, Any]) -> None:
   """provenance.json holds the newest session's record; the records of the sessions that
   trained earlier steps are kept, oldest first, under 'earlier' (appended, never lost).
@@ -632,12 +663,7 @@ def _write_provenance(path: str, record: dict[str, Any]) -> None:
         raise ValueError('not a provenance record')
       earlier = previous.pop('earlier', []) + [previous]
     except (OSError, ValueError):
-      stem, n = path[:-len('.json')] + '.damaged', 0
-      damaged = f'{stem}.json'
-      while os.path.exists(damaged):
-        n += 1
-        damaged = f'{stem}.{n}.json'
-      os.replace(path, damaged)
+      damaged = _move_aside(path)
   if damaged:
     record = {**record, 'damaged_earlier_record': os.path.basename(damaged)}
   with open(path, 'w') as f:
@@ -710,12 +736,13 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
             flush=True)
     mngr = checkpoint.manager(checkpoints, cfg.keep_checkpoints)
   summary_path = os.path.join(workdir, 'summary.json')
-  if loaded is not None and loaded[0] >= cfg.steps and os.path.exists(summary_path):
+  finished = (_finished_summary(summary_path, main_process) if loaded is not None
+              and loaded[0] >= cfg.steps and os.path.exists(summary_path) else None)
+  if finished is not None:
     mngr.close()
     print(f'{workdir} is a finished run (step {loaded[0]} of {cfg.steps}); its files are '
           'left as they are', flush=True)
-    with open(summary_path) as f:
-      return {**json.load(f), 'already_finished': True}
+    return {**finished, 'already_finished': True}
   if loaded is not None:
     start, state, _ = loaded
     if main_process:
@@ -872,7 +899,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     board.close()
     if w_and_b:
       w_and_b.close()
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
+    with open(summary_path + '.tmp', 'w') as f:   # atomic: written last, it marks the
+      json.dump(summary, f, indent=1)             # run finished, so never half written
+    os.replace(summary_path + '.tmp', summary_path)
   mngr.close()
   return summary

@@ -208,6 +208,21 @@ def test_training_a_finished_run_again_changes_nothing(finished, tmp_path, capsy
     assert open(run / name, 'rb').read() == content, name
 
 
+def test_a_summary_cut_by_a_kill_is_moved_aside_and_the_final_evaluation_runs_again(
+    finished, tmp_path, capsys):
+  run = copy(finished, tmp_path)
+  whole = json.load(open(run / 'summary.json'))
+  cut = (run / 'summary.json').read_bytes()[:40]
+  (run / 'summary.json').write_bytes(cut)
+  summary = train.train(SMALL, str(run), progress=False)
+  assert 'summary.json cannot be read; moved aside to summary.damaged.json' in (
+      capsys.readouterr().out)
+  assert (run / 'summary.damaged.json').read_bytes() == cut          # kept as it was
+  assert not summary.get('already_finished')
+  assert json.load(open(run / 'summary.json'))['test'] == whole['test'] == summary['test']
+  assert train.train(SMALL, str(run), progress=False)['already_finished']
+
+
 def test_provenance_keeps_the_sessions_that_trained_earlier_steps(finished, tmp_path):
   run = copy(finished, tmp_path)
   first = json.load(open(run / 'provenance.json'))
