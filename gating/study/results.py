@@ -112,10 +112,16 @@ def _k_label(k) -> str | int:
 
 
 def _read(path):
+  """The JSON in `path`, None where it is absent; ValueError naming a file that cannot be
+  read (a sweep run again redoes the stage that wrote it: sweep.is_trained, is_evaluated)."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(f'{path}: not JSON ({e}); run the sweep again to redo the stage '
+                       'that wrote it') from None
 
 
 def scored_path(gate: str) -> str:

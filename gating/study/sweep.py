@@ -225,20 +225,29 @@ def not_run_after(point: Point) -> Outcome:
                  'not finish', 0.0)
 
 
+def _stage_record(path: str) -> dict | None:
+  """The JSON object a finished stage wrote (summary.json, eval.json), or None where it is
+  absent or cannot be read (cut by a kill, damaged): the stage then runs again, and the
+  train loop moves an unreadable summary.json aside (eval.json is replaced)."""
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError):   # absent (or under a file: the --out check says so)
+    return None
+  return record if isinstance(record, dict) else None
+
+
 def is_trained(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, 'summary.json'))
+  return _stage_record(os.path.join(workdir, 'summary.json')) is not None
 
 
 def is_evaluated(workdir: str) -> bool:
   """eval.json exists and scored the whole split at the run's final step (an evaluation of
   part of it, e.g. with --max-batches or --restore-step, is done again)."""
-  paths = [os.path.join(workdir, name) for name in ('eval.json', 'summary.json')]
-  if not all(os.path.exists(p) for p in paths):
+  report = _stage_record(os.path.join(workdir, 'eval.json'))
+  summary = _stage_record(os.path.join(workdir, 'summary.json'))
+  if report is None or summary is None:
     return False
-  with open(paths[0]) as f:
-    report = json.load(f)
-  with open(paths[1]) as f:
-    summary = json.load(f)
   return results.partial_evaluation(report, summary, report.get('split', 'test')) is None
 
 

@@ -85,6 +85,10 @@ def test_point_row_of_an_unfinished_run(tmp_path):
   assert (row['rule'], row['K'], row['seed']) == ('topk', 2, 3) and 'test_loss' not in row
   (tmp_path / 'summary.json').write_text(json.dumps({'tokens_seen': 5}))
   assert results.point_row(str(tmp_path), 'p')['status'] == 'trained, not evaluated'
+  (tmp_path / 'eval.json').write_text('{"results": [')
+  with pytest.raises(ValueError, match=f'^{tmp_path}/eval.json: not JSON .*run the sweep '
+                                       'again'):
+    results.point_row(str(tmp_path), 'p')
 
 
 def whole_report(step=6, scored=64, total=64, max_batches=None):

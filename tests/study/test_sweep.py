@@ -263,3 +263,15 @@ def test_a_point_evaluated_on_part_of_the_split_is_evaluated_again(tmp_path):
                         (whole_report(step=4), False), (whole_report(), True)):
     (tmp_path / 'eval.json').write_text(json.dumps(report))
     assert sweep.is_evaluated(str(tmp_path)) == whole
+
+
+def test_a_stage_whose_file_cannot_be_read_runs_again(tmp_path):
+  from tests.study.test_results import whole_report
+  summary = json.dumps({'steps': 6, 'test': {'sequences': 64}})
+  (tmp_path / 'summary.json').write_text(summary)
+  (tmp_path / 'eval.json').write_text(json.dumps(whole_report()))
+  assert sweep.is_finished(str(tmp_path))
+  (tmp_path / 'eval.json').write_text(json.dumps(whole_report())[:30])    # cut by a kill
+  assert sweep.is_trained(str(tmp_path)) and not sweep.is_evaluated(str(tmp_path))
+  (tmp_path / 'summary.json').write_text(summary[:10])
+  assert not sweep.is_trained(str(tmp_path)) and not sweep.is_finished(str(tmp_path))
