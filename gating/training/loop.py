@@ -13,8 +13,9 @@ config), provenance.json, metrics.jsonl (one JSON line per train step and per ev
 events.out.tfevents.* (the same scalars for TensorBoard), wandb/ and wandb_id.txt (the
 same scalars for W&B, only with log.wandb set), checkpoints/, summary.json (written last,
 atomically: the run is complete; one that cannot be read is moved aside and the final
-checkpoint evaluated again). In a multi-process run only process 0 writes files (orbax aside)
-and logs to W&B; each process loads only its rows of the batch (see distributed.py).
+checkpoint evaluated again). In a multi-process run only process 0 writes files (orbax
+aside) and logs to W&B; each process loads only its rows of the batch (see
+distributed.py).
 """
 
 from __future__ import annotations
