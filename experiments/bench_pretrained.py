@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import timing
-from gating.training.folders import check_output_file
+from gating.training.folders import check_output_file, write_json
 
 # The published config.json fields that decide the shapes (Hugging Face model cards).
 MODELS = {
@@ -132,9 +132,7 @@ def main(argv=None):
   print(f"  headroom oracle: {result['headroom_subsets_per_layer']} subsets of KV groups "
         f'per layer at K={k}, one forward pass each')
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(result, f, indent=1)
+    write_json(args.out, result)
   return result
 
 

@@ -18,7 +18,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -86,7 +85,7 @@ def print_report(report):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from gating.training import checkpoint
-  from gating.training.folders import check_output_file
+  from gating.training.folders import check_output_file, write_json
   from gating.study import evaluation
   try:
     paths = [p for p in args.paths.split(',') if p]
@@ -106,11 +105,7 @@ def main(argv=None):
     report['compensated_on_batches'] = args.compensate
   out = args.out or os.path.join(
       args.workdir, 'eval.json' if args.compensate is None else 'eval_compensated.json')
-  tmp = out + '.tmp'
-  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-  with open(tmp, 'w') as f:
-    json.dump(report, f, indent=1)
-  os.replace(tmp, out)   # a reader (or a resumed sweep) never sees half a file
+  write_json(out, report)   # a reader (or a resumed sweep) never sees half a file
   print_report(report)
   print(f'wrote {out}')
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -59,7 +58,7 @@ def main(argv=None):
   from gating.study.sweep import WARM
   from gating.training import loop
   from gating.training.config import override
-  from gating.training.folders import check_output_file
+  from gating.training.folders import check_output_file, write_json
   try:
     sweep = sweeps.get(args.sweep)
     if args.out is not None:
@@ -90,9 +89,7 @@ def main(argv=None):
     print(f'{name:<28} lowered {lowered:.4g}  compiled {compiled:.4g}  '
           f'compiled / lowered {compiled / lowered:.3f}', flush=True)
   out = args.out or os.path.join('runs', 'flops_recheck', f'{sweep.name}.json')
-  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump({'sweep': sweep.name, 'seed': seed, 'points': rows}, f, indent=1)
+  write_json(out, {'sweep': sweep.name, 'seed': seed, 'points': rows})
   print(f'wrote {out}')
 
 

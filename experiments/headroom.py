@@ -22,7 +22,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -54,7 +53,7 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from gating.study import evaluation, headroom
   from gating.training import checkpoint
-  from gating.training.folders import check_output_file
+  from gating.training.folders import check_output_file, write_json
   try:
     if args.out is not None:
       check_output_file(args.out, '--out')   # before the search, not after it
@@ -67,10 +66,7 @@ def main(argv=None):
   except (FileNotFoundError, ConnectionError, ValueError, checkpoint.CheckpointError) as e:
     sys.exit(f'error: {e}')
   out = args.out or os.path.join(args.workdir, 'headroom.json')
-  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-  with open(out + '.tmp', 'w') as f:
-    json.dump(report, f, indent=1)
-  os.replace(out + '.tmp', out)
+  write_json(out, report)
   print(f"{report['workdir']} at step {report['step']}, {report['split']} split, "
         f"{report['sequences']} sequences ("
         + ', '.join(f'{n} {name}' for name, n in report['sequences_per_label'].items())

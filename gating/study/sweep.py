@@ -142,10 +142,7 @@ def claim_folder(out: str, record: dict) -> None:
   if os.path.isdir(out) and os.listdir(out):
     raise SweepError(f'{out} is not empty and holds no {SWEEP_FILE}: not a sweep folder; '
                      'refusing to write into it: use another --out')
-  os.makedirs(out, exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=1)
-  os.replace(path + '.tmp', path)
+  folders.write_json(path, record)
 
 
 def check_folder(out: str, record: dict) -> None:
@@ -266,9 +263,7 @@ def _add_wall_time(workdir: str, stage: str, seconds: float) -> None:
       times = json.load(f)
   times[f'{stage}_s'] = times.get(f'{stage}_s', 0.0) + seconds
   times[f'{stage}_sittings'] = times.get(f'{stage}_sittings', 0) + 1
-  with open(path + '.tmp', 'w') as f:
-    json.dump(times, f, indent=1)
-  os.replace(path + '.tmp', path)
+  folders.write_json(path, times)
 
 
 class _Children:

@@ -1,14 +1,17 @@
 """Output paths (a run's workdir, a sweep's or a benchmark's --out folder, an evaluation's
 --out file): a path that cannot be written is refused before any work is done, with an
 error that names it, rather than after the data is loaded, the model compiled or the
-evaluation run, as a traceback from os.makedirs or open.
+evaluation run, as a traceback from os.makedirs or open; and a JSON result is written
+whole or not at all (`write_json`).
 
 Needs only the standard library, so the benchmark's device run (no `datasets`) imports it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 
 def _folder_problem(path: str) -> str | None:
@@ -45,3 +48,13 @@ def check_output_file(path: str, name: str, error: type[Exception] = ValueError)
   if problem:
     raise error(f'{name} {path}: {folder} is not a folder' if problem.startswith('exists')
                 else f'{name} {path}: {problem}')
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON (indent 1) to `path` atomically, making its folder first: a
+  temporary file renamed over it, so that a reader (a resumed run or sweep) never sees
+  half a file, even after a kill."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + '.tmp', path)

@@ -900,8 +900,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     board.close()
     if w_and_b:
       w_and_b.close()
-    with open(summary_path + '.tmp', 'w') as f:   # atomic: written last, it marks the
-      json.dump(summary, f, indent=1)             # run finished, so never half written
-    os.replace(summary_path + '.tmp', summary_path)
+    folders.write_json(summary_path, summary)   # atomic: written last, it marks the run
+                                                # finished, so never half written
   mngr.close()
   return summary
