@@ -796,7 +796,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
                                            active_heads=final_k))
   shard_eval = lambda b: distributed.global_batch(eval_sharding, b)
 
-  def run_eval(step, split='validation', max_batches=cfg.eval_batches):
+  def run_eval(step, split='validation', max_batches=cfg.eval_batches, final=False):
     dataset = getattr(splits, split)
     result = evaluate(eval_fn, state, dataset, info, cfg.batch_size, max_batches, shard_eval,
                       distributed.fetch)
@@ -804,7 +804,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       raise FloatingPointError(f'the {split} loss is {result["loss"]} at step {step}; '
                                'stopping (nothing of this evaluation was written)')
     if main_process:
-      record = {'step': step, 'kind': 'eval', 'split': split, 'path': eval_path, **result}
+      record = {'step': step, 'kind': 'eval', 'split': split, 'path': eval_path, **result,
+                **({'final': True} if final else {})}
       log.write(record)
       board.write(record)
       if w_and_b:
@@ -888,8 +889,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   summary = {'steps': cfg.steps, 'tokens_seen': cfg.steps * tokens_per_step,
              **training_flops(cfg, graphdef, state, train_batch(splits.train, 0, cfg,
                                                                 batch_sharding), step_fn),
-             'validation': run_eval(cfg.steps, 'validation', None),
-             'test': run_eval(cfg.steps, 'test', None),
+             'validation': run_eval(cfg.steps, 'validation', None, final=True),
+             'test': run_eval(cfg.steps, 'test', None, final=True),
              **({'slices': slice_summary(cfg, splits)} if cfg.model.gate == 'slices' else {})}
   if prefix_rounds:   # the rounds' scoring passes, beside the train steps' FLOPs
     summary['assignment_flops'] = len(round_at) * slices.round_flops(

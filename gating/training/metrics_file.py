@@ -1,6 +1,9 @@
 """metrics.jsonl, the source of truth for a run's curves: one JSON object per line
 ({'kind': 'train' | 'eval', 'step': s, ...}), appended as the run goes and cut back to
-the restored step when it resumes (`MetricsLog.truncate_after`).
+the restored step when it resumes (`MetricsLog.truncate_after`). The run's final
+evaluation (the whole validation and test splits at its last step, written just before
+summary.json) is marked 'final': True; a run resumed before summary.json was written
+redoes it, so the resume drops the marked lines too, and each appears once.
 
 A run killed while writing leaves its last line cut short: a resume drops it, and
 `read_metrics` skips it (the run may also still be writing it). Any other line that does
@@ -24,7 +27,8 @@ class MetricsLog:
     self.path = path
 
   def truncate_after(self, step: int) -> None:
-    """Keeps the complete lines with step <= `step` (atomically: tmp file + rename)."""
+    """Keeps the complete lines with step <= `step` that are not the final evaluation's
+    (atomically: tmp file + rename)."""
     if not os.path.exists(self.path):
       return
     kept = []
@@ -34,7 +38,7 @@ class MetricsLog:
           record = json.loads(line)
         except json.JSONDecodeError:
           continue  # a line cut by a kill
-        if record.get('step', 0) <= step:
+        if record.get('step', 0) <= step and not record.get('final'):
           kept.append(json.dumps(record))
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:

@@ -221,6 +221,9 @@ def test_a_summary_cut_by_a_kill_is_moved_aside_and_the_final_evaluation_runs_ag
   assert not summary.get('already_finished')
   assert json.load(open(run / 'summary.json'))['test'] == whole['test'] == summary['test']
   assert train.train(SMALL, str(run), progress=False)['already_finished']
+  finals = [(r['split'], r['step']) for r in read_metrics(str(run / 'metrics.jsonl'))
+            if r.get('final')]           # the evaluation redone, its lines written once
+  assert finals == [('validation', SMALL.steps), ('test', SMALL.steps)]
 
 
 def test_provenance_keeps_the_sessions_that_trained_earlier_steps(finished, tmp_path):

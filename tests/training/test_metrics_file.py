@@ -35,3 +35,15 @@ def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
   path.write_text(lines[0] + 'garbage\n')         # a whole last line that is not JSON
   with pytest.raises(ValueError, match=f'^{path}, line 2: not a JSON record'):
     read_metrics(str(path))
+
+
+def test_a_resume_drops_the_final_evaluation_it_will_redo(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  log = _log(path, range(1, 3))
+  log.write({'step': 2, 'kind': 'eval', 'split': 'validation', 'sequences': 8})
+  log.write({'step': 2, 'kind': 'eval', 'split': 'validation', 'sequences': 64,
+             'final': True})
+  log.write({'step': 2, 'kind': 'eval', 'split': 'test', 'sequences': 64, 'final': True})
+  log.truncate_after(2)
+  assert [(r['kind'], r.get('sequences')) for r in read_metrics(str(path))] == [
+      ('train', None), ('train', None), ('eval', 8)]
