@@ -2,6 +2,7 @@
 
 For a run (a folder with metrics.jsonl) it writes into DIR/plots/:
   training_curves.png   train loss and task loss per step, validation loss and accuracy
+                        (the final evaluation of the whole split as a point of its own)
   routing_diversity.png how the gate spreads its choices, per layer: the mean active heads
                         per sequence over training (for a fixed-count rule such as top-k,
                         whose count is K by construction: the label divergence instead,
@@ -139,13 +140,19 @@ def plot_training_curves(run_dir, train, evals, out):
   ax_acc.plot(steps, accuracy, lw=0.5, alpha=0.2, color='C0')
   ax_acc.plot(steps, _smooth(accuracy, window), lw=1.2, color='C0',
               label=f'{name} ({window}-step mean)')
-  val = [r for r in evals if r.get('split') == 'validation']
-  if val:
+  periodic, final = validation_records(evals)
+  if periodic:
     style = dict(marker='o', ms=6, lw=2, color='C3', mec='k', zorder=5)
-    ax_loss.plot([r['step'] for r in val], [r['loss'] for r in val],
+    ax_loss.plot([r['step'] for r in periodic], [r['loss'] for r in periodic],
                  label='validation loss', **style)
-    ax_acc.plot([r['step'] for r in val], [r['accuracy'] for r in val],
+    ax_acc.plot([r['step'] for r in periodic], [r['accuracy'] for r in periodic],
                 label='validation accuracy', **style)
+  if final:   # another sample (the whole split): a point of its own, not the line's end
+    style = dict(marker='*', ms=13, ls='none', color='C2', mec='k', zorder=6)
+    ax_loss.plot([r['step'] for r in final], [r['loss'] for r in final],
+                 label='final validation loss (whole split)', **style)
+    ax_acc.plot([r['step'] for r in final], [r['accuracy'] for r in final],
+                label='final validation accuracy (whole split)', **style)
   ax_loss.set(xlabel='step', ylabel='cross-entropy (nats per target token)', title=loss_title)
   ax_acc.set(xlabel='step', ylabel='next-token accuracy on targets', title='accuracy',
              ylim=(0, 1.02))
@@ -550,15 +557,26 @@ def plot_budgets(sweep_dirs: list[str], out: str, reference: str | None = None) 
   return written
 
 
-def periodic_validation(run_dir: str) -> dict[int, float]:
-  """{step: validation loss} of a run's periodic evaluations: those on the subset its
-  first validation evaluated (the run's final evaluation of the whole split is left out)."""
-  _, evals = read_metrics(run_dir, need_train=False)
+def validation_records(evals: list[dict]) -> tuple[list[dict], list[dict]]:
+  """(periodic, final): a run's validation records split into its periodic evaluations,
+  on the subset its first validation evaluated, and its final evaluation of the whole
+  split (marked 'final' by the train loop; in runs written before the mark, a record on
+  another number of sequences than the first)."""
   val = [r for r in evals if r.get('split') == 'validation']
-  curve: dict[int, float] = {}
+  periodic, final = [], []
   for r in val:
-    if r.get('sequences') == val[0].get('sequences'):
-      curve.setdefault(r['step'], r['loss'])
+    is_final = r.get('final') or r.get('sequences') != val[0].get('sequences')
+    (final if is_final else periodic).append(r)
+  return periodic, final
+
+
+def periodic_validation(run_dir: str) -> dict[int, float]:
+  """{step: validation loss} of a run's periodic evaluations (`validation_records`; the
+  final evaluation of the whole split is left out)."""
+  _, evals = read_metrics(run_dir, need_train=False)
+  curve: dict[int, float] = {}
+  for r in validation_records(evals)[0]:
+    curve.setdefault(r['step'], r['loss'])
   return curve
 
 

@@ -111,6 +111,29 @@ def test_the_total_loss_line_is_drawn_only_when_it_differs(tmp_path, monkeypatch
   assert len(drawn) == with_regularizer - 1
 
 
+def test_the_final_validation_is_a_point_of_its_own(tmp_path, monkeypatch):
+  import matplotlib.axes  # pylint: disable=import-outside-toplevel
+  _write_run(tmp_path)                            # periodic validations at steps 10 and 20
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write(json.dumps({'step': 20, 'kind': 'eval', 'split': 'validation', 'loss': 2.0,
+                        'accuracy': 0.6, 'final': True}) + '\n')
+  train, evals = plots.read_metrics(str(tmp_path))
+  periodic, final = plots.validation_records(evals)
+  assert [r['step'] for r in periodic] == [10, 20] and [r['loss'] for r in final] == [2.0]
+  assert plots.periodic_validation(str(tmp_path)) == {10: 2.5, 20: 2.5}
+  drawn = {}
+  original = matplotlib.axes.Axes.plot
+  monkeypatch.setattr(matplotlib.axes.Axes, 'plot', lambda ax, x, y, **kw: drawn.setdefault(
+      kw.get('label'), (list(x), list(y))) and original(ax, x, y, **kw))
+  plots.plot_training_curves(str(tmp_path), train, evals, str(tmp_path / 'a.png'))
+  assert drawn['validation loss'] == ([10, 20], [2.5, 2.5])
+  assert drawn['final validation loss (whole split)'] == ([20], [2.0])
+  # A run written before the mark: its final evaluation is the one on more sequences.
+  old = [{'step': s, 'split': 'validation', 'sequences': n, 'loss': 1.0}
+         for s, n in ((10, 64), (20, 64), (20, 2000))]
+  assert [r['sequences'] for r in plots.validation_records(old)[1]] == [2000]
+
+
 def _write_sweep(folder, name, rows):
   folder.mkdir()
   results.write_csv(rows, str(folder / 'results.csv'))
