@@ -38,13 +38,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
 
 from experiments.bench_rows import Settings
-from gating.training.folders import check_output_folder
+from gating.training.folders import check_output_folder, write_json
 from gating.training.provenance import provenance
 
 SIZES = ('cpu', 'gpu')
@@ -117,9 +116,8 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, 'benchmark.json')
 
-  def write():  # rewritten after each row: a run cut short keeps its progress
-    with open(path, 'w') as f:
-      json.dump(result, f, indent=1)
+  def write():  # rewritten (atomically) after each row: a run cut short keeps its progress
+    write_json(path, result)
 
   for name in args.sections:
     module = importlib.import_module(SECTIONS[args.size][name])

@@ -667,8 +667,7 @@ def _write_provenance(path: str, record: dict[str, Any]) -> None:
       damaged = _move_aside(path)
   if damaged:
     record = {**record, 'damaged_earlier_record': os.path.basename(damaged)}
-  with open(path, 'w') as f:
-    json.dump({**record, 'earlier': earlier}, f, indent=1)
+  folders.write_json(path, {**record, 'earlier': earlier})
 
 
 def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
@@ -767,8 +766,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   if main_process:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json())
-    with open(os.path.join(workdir, 'data_info.json'), 'w') as f:
-      json.dump(dataclasses.asdict(info), f, indent=1)
+    folders.write_json(os.path.join(workdir, 'data_info.json'), dataclasses.asdict(info))
     if assigner is not None and not os.path.exists(os.path.join(workdir, slices.STORE)):
       slices.save(workdir, assigner)
     _write_provenance(os.path.join(workdir, 'provenance.json'),
