@@ -559,20 +559,23 @@ def check_flops_countable() -> None:
 
 def step_flops(cfg: TrainConfig, graphdef, state, batch, k, jitted=None) -> float:
   """XLA's FLOP count of the compiled train step at budget `k` on `batch` ([A, B/A, ...]):
-  the cost analysis of the optimized executable, as evaluation counts its step. XLA
-  counts a loop's body once, so the step is compiled without gradient accumulation
-  (grad_accum=1 on the whole batch: the same arithmetic, as one micro-batch), and the
-  importance labels unroll their passes (importance.py). `jitted`: the loop's own
-  jitted step at this K (`jit_train_step`), used when there is no accumulation: JAX
-  keeps the executable it ran, so the count costs no second trace or compile. A
-  RuntimeError when the count is missing."""
-  if cfg.grad_accum == 1:   # the very step the loop ran
-    whole, fn = batch, jitted
+  the cost analysis of the optimized executable, as evaluation counts its step, for the
+  whole global batch on one device. XLA counts a loop's body once, so the step is compiled
+  without gradient accumulation (grad_accum=1 on the whole batch: the same arithmetic, as
+  one micro-batch), and the importance labels unroll their passes (importance.py). A step
+  sharded over D devices is counted on an unsharded copy: the cost analysis of a sharded
+  executable is that of one device's program, about 1/D of the step (a run's count then
+  depended on its device count). `jitted`: the loop's own jitted step at this K
+  (`jit_train_step`), used on one device without accumulation: JAX keeps the executable
+  it ran, so the count costs no second trace or compile. A RuntimeError when the count is
+  missing."""
+  if cfg.grad_accum == 1 and jitted is not None and jax.device_count() == 1:
+    whole, fn = batch, jitted   # the very step the loop ran
   else:
+    unsharded = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         (1, x.shape[0] * x.shape[1], *x.shape[2:]), x.dtype), batch)
-    fn = None
-  if fn is None:
+    state = jax.tree.map(unsharded, state)
     fn = jit_train_step(graphdef, dataclasses.replace(cfg, grad_accum=1), k)
   compiled = fn.lower(state, whole, jnp.int32(0)).compile()
   cost = compiled.cost_analysis()

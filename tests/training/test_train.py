@@ -194,8 +194,9 @@ def _five_steps_on(devices: int, workdir) -> dict:
       refused = None
     except ValueError as e:
       refused = str(e)
-    run(dataclasses.replace(TINY, steps=5), workdir)
-    return {'refused': refused, 'losses': [r['loss'] for r in metrics(workdir)]}
+    summary = run(dataclasses.replace(TINY, steps=5), workdir)
+    return {'refused': refused, 'losses': [r['loss'] for r in metrics(workdir)],
+            'train_flops': summary['train_flops']}
   script = (
       'import json, sys; sys.path.insert(0, %r)\n'
       'from tests.training.test_train import _five_steps_on\n'
@@ -214,6 +215,8 @@ def test_four_devices_match_one(tmp_path):
     provenance = json.load(open(tmp_path / str(devices) / 'provenance.json'))
     assert provenance['device_count'] == devices
   np.testing.assert_allclose(results[4]['losses'], results[1]['losses'], rtol=1e-5)
+  # the step's FLOPs are the whole batch's, not one device's share
+  assert results[4]['train_flops'] == results[1]['train_flops']
   assert results[1]['refused'] is None
   assert 'micro-batch of 6 rows' in results[4]['refused']
   assert 'not divisible by the 4 devices' in results[4]['refused']
