@@ -110,22 +110,31 @@ def load_run(workdir: str, step: int | None = None, data_overrides: Sequence[str
   return Run(workdir, cfg, splits, graphdef, state, step)
 
 
-def compensated(run: Run, batches: int) -> Run:
-  """The run with dropped-unit compensation (gating.training.compensation): every gated
-  layer's unit means measured on the first `batches` full batches of the *training*
-  split (never the split it will be scored on), with the full model."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gating.training import compensation  # pylint: disable=import-outside-toplevel
+def calibration_batches(dataset, batch_size: int, batches: int) -> list[dict]:
+  """`batches` full batches of `dataset` for measuring unit means: a fixed random sample
+  of batches x batch_size of its rows (`data.sample_rows`), in the split's order, not
+  its first rows, since a split may be ordered by label (the text splits: python, then
+  pydoc, then shakespeare). A split with fewer full batches is a ValueError."""
   if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
     raise ValueError(f'compensate: the number of calibration batches must be an int >= 1, '
                      f'got {batches!r}')
-  size = run.config.batch_size
   rows = list(itertools.islice(
-      (b for b in data.eval_batches(run.splits.train, size) if len(b['tokens']) == size),
-      batches))
+      (b for b in data.eval_batches(dataset, batch_size, max_rows=batches * batch_size)
+       if len(b['tokens']) == batch_size), batches))
   if len(rows) < batches:
     raise ValueError(f'compensate: the training split has {len(rows)} full batches of '
-                     f'{size}, fewer than the {batches} asked for')
+                     f'{batch_size}, fewer than the {batches} asked for')
+  return rows
+
+
+def compensated(run: Run, batches: int) -> Run:
+  """The run with dropped-unit compensation (gating.training.compensation): every gated
+  layer's unit means measured with the full model on `batches` full batches of the
+  *training* split (never the split it will be scored on), drawn by
+  `calibration_batches`."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gating.training import compensation  # pylint: disable=import-outside-toplevel
+  rows = calibration_batches(run.splits.train, run.config.batch_size, batches)
   learner, optimizer = nnx.merge(run.graphdef, run.state)
   means = compensation.unit_means(learner.model, [train.model_inputs(b) for b in rows],
                                   train.model_outputs)

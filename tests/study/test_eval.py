@@ -70,6 +70,25 @@ def test_eval_writes_both_paths_at_several_k(tmp_path, capsys, trained_run):
   assert [r['K'] for r in json.load(open(out))['results']] == [2]
 
 
+def test_compensation_calibrates_on_a_sample_of_every_label_not_the_first_rows():
+  """A split ordered by label (as the text splits are, domain by domain): the calibration
+  batches are full, fixed, and hold rows of every label, where its first 2 x 8 rows would
+  all be label 0."""
+  from gating.data import rows as data_rows  # pylint: disable=import-outside-toplevel
+  ones_NxL = np.ones((96, 4), bool)
+  split = data_rows._rows(np.arange(96 * 4).reshape(96, 4), ones_NxL, ones_NxL,
+                          np.repeat(np.arange(3), 32))
+  rows = evaluation.calibration_batches(split, 8, 2)
+  assert [len(b['tokens']) for b in rows] == [8, 8]
+  labels = np.concatenate([b['label'] for b in rows])
+  assert set(labels) == {0, 1, 2}
+  assert len({tuple(t) for b in rows for t in b['tokens']}) == 16       # no row twice
+  again = evaluation.calibration_batches(split, 8, 2)
+  assert all((a['tokens'] == b['tokens']).all() for a, b in zip(rows, again))
+  with pytest.raises(ValueError, match='has 12 full batches of 8, fewer than the 13'):
+    evaluation.calibration_batches(split, 8, 13)
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_anything_is_read(tmp_path):
   # The workdir holds no run: the --out error comes first, so it was checked first.
   (tmp_path / 'notes.txt').write_text('mine')
