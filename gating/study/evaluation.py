@@ -102,6 +102,7 @@ def load_run(workdir: str, step: int | None = None, data_overrides: Sequence[str
         check=lambda meta: train.check_compatible(meta, cfg, splits.info, workdir))
   finally:
     mngr.close()
+  state = train.with_trained_temperature(cfg, graphdef, state, step)
   if slices.is_prefix_loss(cfg.model):   # routed by the restored model's prefix losses
     score = slices.prefix_scorer(graphdef, slices.slice_count(cfg.model))
     splits = slices.route_by_prefix_loss(splits, score, state,

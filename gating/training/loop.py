@@ -585,6 +585,20 @@ def step_flops(cfg: TrainConfig, graphdef, state, batch, k, jitted=None) -> floa
   return float(cost['flops'])
 
 
+def with_trained_temperature(cfg: TrainConfig, graphdef, state, step: int):
+  """The state with every gate's temperature where `step` train steps left it:
+  temperature_at(step - 1) when the run anneals it (train_step sets it each step, and a
+  checkpoint holds only Param and OptState, so a restored state carries the layers'
+  initial temperature and would be evaluated, or trained on, at it). Unchanged when the
+  run does not anneal, or at step 0."""
+  if cfg.temperature_start is None or step < 1:
+    return state
+  learner, optimizer = nnx.merge(graphdef, state)
+  set_temperature(learner.model, losses.temperature_at(    # as train_step computes it
+      jnp.int32(step - 1), cfg.temperature_start, cfg.temperature_end, cfg.temperature_steps))
+  return nnx.state((learner, optimizer))
+
+
 def pretrained_start(state, graphdef, folder: str):
   """(state, arrays copied): the model's weights read from the Hugging Face checkpoint in
   `folder` (gating.pretrained.load_weights; routers fresh), for a new run whose
@@ -748,6 +762,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     return {**finished, 'already_finished': True}
   if loaded is not None:
     start, state, _ = loaded
+    state = with_trained_temperature(cfg, graphdef, state, start)
     if main_process:
       log.truncate_after(start)
       print(f'resuming {workdir} from step {start}', flush=True)

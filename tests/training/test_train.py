@@ -98,6 +98,30 @@ def test_resume_continues_where_it_stopped(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_restored_run_is_evaluated_at_its_annealed_temperature(tmp_path):
+  """Checkpoints hold no gate temperature: a run killed after its last checkpoint, before
+  summary.json, redoes its final evaluation at the temperature training left (top-p at
+  1.0 opens other heads than at 0.14), and so does a later evaluation of the checkpoint."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gating.layers.state import GateTemperature  # pylint: disable=import-outside-toplevel
+  from gating.study import evaluation  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(
+      TINY, steps=3, checkpoint_every=3, eval_every=3, temperature_start=1.0,
+      temperature_end=0.05, temperature_steps=3,
+      model=dataclasses.replace(TINY.model, gate='top_p', active_heads=None, noise=None,
+                                eval_path='masked'))
+  first = run(cfg, tmp_path)
+  os.remove(tmp_path / 'summary.json')       # killed between the checkpoint and the summary
+  again = run(cfg, tmp_path)
+  assert again['test'] == first['test'] and again['validation'] == first['validation']
+  loaded = evaluation.load_run(str(tmp_path))
+  learner, _ = nnx.merge(loaded.graphdef, loaded.state)
+  temperatures = [float(v[...]) for _, v in nnx.iter_graph(learner)
+                  if isinstance(v, GateTemperature)]
+  assert temperatures == [pytest.approx(0.05 ** (2 / 3))]     # temperature_at(step 2 of 3)
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
   """A real subprocess killed with SIGKILL mid-run, resumed, equals an uninterrupted run
   (trained here, in the test's process: the same program, one process fewer)."""
