@@ -150,6 +150,18 @@ def partial_evaluation(report: dict[str, Any], summary: dict[str, Any],
   return None
 
 
+def warm_source(workdir: str, init_from: str) -> str:
+  """The run folder a point started from: `init_from` as its config.json holds it (the
+  absolute path the sweep made where it trained), or, where that holds no summary.json
+  (the sweep folder moved, or its record was copied to another machine), the folder of
+  the same name beside the point, where a sweep keeps its warm starts."""
+  if os.path.exists(os.path.join(init_from, 'summary.json')):
+    return init_from
+  beside = os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                        os.path.basename(os.path.normpath(init_from)))
+  return beside if os.path.exists(os.path.join(beside, 'summary.json')) else init_from
+
+
 def point_row(workdir: str, name: str, split: str = 'test',
               reference: ModelConfig | None = None,
               allow_partial: bool = False) -> dict[str, Any]:
@@ -177,11 +189,13 @@ def point_row(workdir: str, name: str, split: str = 'test',
     return row
   cfg: TrainConfig = from_dict(config)
   k = cfg.model.num_heads if cfg.model.active_heads is None else cfg.model.active_heads
-  warm = _read(os.path.join(cfg.init_from, 'summary.json')) if cfg.init_from else None
-  if cfg.init_from and warm is None:
-    raise ValueError(f'{workdir} starts from {cfg.init_from}, which holds no summary.json')
+  init_from = warm_source(workdir, cfg.init_from) if cfg.init_from else None
+  warm = _read(os.path.join(init_from, 'summary.json')) if init_from else None
+  if init_from and warm is None:
+    raise ValueError(f'{workdir} starts from {cfg.init_from}, which holds no summary.json '
+                     '(nor does a folder of its name beside the point)')
   warm_steps = warm['steps'] if warm else 0
-  source = _read(os.path.join(cfg.init_from, 'config.json')) if cfg.init_from else None
+  source = _read(os.path.join(init_from, 'config.json')) if init_from else None
   rule = recipe_rule(cfg, None if source is None else from_dict(source), reference)
   row.update(data=cfg.data.kind, rule=rule, K=_k_label(k),
              regularizer=regularizer_label(cfg.loss, k, cfg.model.num_heads), seed=cfg.seed,

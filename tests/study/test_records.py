@@ -6,9 +6,12 @@ import shutil
 import pytest
 
 from experiments import sweep as sweep_script
+from gating import data
 from gating.study import records
 from gating.study import sweep
 from gating.study.sweep import SweepError
+from gating.training import config
+from gating.training import loop as train
 
 
 def _rows(out):
@@ -46,6 +49,21 @@ def test_a_kept_record_reports_and_resumes_like_the_sweep_folder(tmp_path, capsy
   original, restored = _rows(out)['dense_s0'], _rows(elsewhere)['dense_s0']
   assert restored == original and restored['status'] == 'done'
   assert _rows(elsewhere)['topk_k2_s0']['status'] == 'not started'
+  # A warm start whose checkpoints are gone, while a point that starts from it is not
+  # finished, could not be resumed from a record: refused, nothing written.
+  bare = tmp_path / 'bare'
+  shutil.copytree(out, bare, ignore=shutil.ignore_patterns('checkpoints'))
+  with pytest.raises(SystemExit, match=r'error: .*bare/warm_s0 holds no checkpoint, and points '
+                                       r'that start from it are not finished \(topk_k2_s0\)'):
+    sweep_script.main(['tiny', '--out', str(bare), '--keep', str(tmp_path / 'bare_record')])
+  assert not (tmp_path / 'bare_record').exists()
+  # topk_k2_s0 is left to train there, from the warm start: its last checkpoint was kept.
+  assert os.listdir(record / 'warm_s0' / 'checkpoints') == ['2']
+  point = config.read_config(str(out / 'topk_k2_s0' / 'config.json'))
+  info = data.DataInfo(**json.load(open(out / 'topk_k2_s0' / 'data_info.json')))
+  graphdef, state = train.create(point, info)
+  _, copied = train.warm_start(state, graphdef, str(elsewhere / 'warm_s0'))
+  assert copied > 0
 
   # Kept again later, the record takes the points finished since.
   (out / 'topk_k2_s0' / 'eval.json').write_text(
@@ -53,6 +71,19 @@ def test_a_kept_record_reports_and_resumes_like_the_sweep_folder(tmp_path, capsy
   sweep_script.main(['tiny', '--out', str(out), '--keep', str(record)])
   assert 'kept 3 of 3 points' in capsys.readouterr().out
   assert (record / 'topk_k2_s0' / 'eval.json').exists()
+  assert not (record / 'warm_s0' / 'checkpoints').exists()    # no point needs it now
+  # Reported on another machine, where the absolute path of the warm start that its
+  # config.json holds does not exist, the warm-started point finds its warm start beside it.
+  other = tmp_path / 'other'
+  shutil.copytree(record, other)
+  point_config = other / 'topk_k2_s0' / 'config.json'
+  trained_at = json.loads(point_config.read_text())['init_from']
+  point_config.write_text(point_config.read_text().replace(
+      trained_at, '/machine_a/runs/sweeps/tiny/warm_s0'))
+  sweep_script.main(['tiny', '--out', str(other), '--report'])
+  assert 'sweep tiny: 3 of 3 points finished' in capsys.readouterr().out
+  assert _rows(other)['topk_k2_s0']['status'] == 'done'
+  assert int(_rows(other)['topk_k2_s0']['warm_start_steps']) == 2
 
 
 def test_a_record_is_not_mixed_with_another(tmp_path):
