@@ -446,6 +446,33 @@ def check_compatible(saved: dict[str, Any], cfg: TrainConfig, info: data.DataInf
         f'differ in {", ".join(keys)}); nothing was deleted')
 
 
+# What a run may change when it resumes: how often it evaluates and checkpoints, what it
+# logs, and its length (`check_schedule`). The model is `check_compatible`'s, the data its
+# fingerprint's (a moved data file is the same data).
+RESUMABLE_CHANGES = ('steps', 'eval_every', 'eval_batches', 'checkpoint_every',
+                     'keep_checkpoints', 'log', 'model', 'data', 'format')
+
+
+def check_same_training(saved: dict[str, Any], cfg: TrainConfig, where: str) -> None:
+  """Resuming the checkpoint `saved` (its meta) keeps what decides the trajectory: the
+  loss and optimizer settings, batch size, gradient accumulation, seed, temperature and K
+  schedules and warm start. Another value would continue another run than the one the
+  checkpoint began (a new batch size even moves the data position), under a config.json
+  that describes neither: a ValueError naming each field."""
+  flat = lambda d, pre='': {k2: v2 for k, v in d.items() for k2, v2 in (
+      flat(v, f'{pre}{k}.').items() if isinstance(v, dict) else [(f'{pre}{k}', v)])}
+  keep = lambda d: {k: v for k, v in flat(d).items()
+                    if k.split('.')[0] not in RESUMABLE_CHANGES}
+  theirs = keep(json.loads(from_dict(saved['config']).to_json()))   # defaults filled in
+  mine = keep(json.loads(cfg.to_json()))
+  diffs = [f'{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}'
+           for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)]
+  if diffs:
+    raise ValueError(f'{where} was trained with other settings ({"; ".join(diffs)}); '
+                     'resuming would continue another run than its checkpoints began. Use '
+                     'the same settings, or another --workdir')
+
+
 def check_schedule(saved: dict[str, Any], cfg: TrainConfig, where: str,
                    extend: bool = False) -> str | None:
   """Resuming keeps the schedule a run was fit to: the learning rate's warmup and cosine
@@ -738,6 +765,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
 
   def check(meta):
     check_compatible(meta, cfg, info, workdir)
+    check_same_training(meta, cfg, workdir)
     extended.append(check_schedule(meta, cfg, workdir, extend_schedule))
   try:
     loaded = checkpoint.load(mngr, state, step=restore_step, where=workdir, check=check)

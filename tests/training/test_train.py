@@ -175,6 +175,17 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
   other = dataclasses.replace(TINY, steps=4, model=dataclasses.replace(TINY.model, features=64))
   with pytest.raises(checkpoint.CheckpointError, match='model.features: checkpoint 32 vs now 64'):
     run(other, tmp_path)
+  # The same model trained on with another batch size, seed or learning rate would be
+  # another run than the checkpoint's: refused, naming each field, config.json untouched.
+  saved = (tmp_path / 'config.json').read_text()
+  changed = dataclasses.replace(TINY, steps=2, batch_size=32, seed=1, optim=dataclasses.replace(
+      TINY.optim, learning_rate=0.3))
+  with pytest.raises(ValueError, match=r'trained with other settings \(batch_size: checkpoint '
+                                       r'16 vs now 32; optim.learning_rate: checkpoint 0.003 '
+                                       r'vs now 0.3; seed: checkpoint 0 vs now 1\)'):
+    run(changed, tmp_path)
+  assert (tmp_path / 'config.json').read_text() == saved
+  run(dataclasses.replace(TINY, steps=2, eval_every=1, eval_batches=1), tmp_path)  # allowed
 
 
 @pytest.mark.slow
