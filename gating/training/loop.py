@@ -448,15 +448,16 @@ def check_compatible(saved: dict[str, Any], cfg: TrainConfig, info: data.DataInf
 
 # What a run may change when it resumes: how often it evaluates and checkpoints, what it
 # logs, and its length (`check_schedule`). The model is `check_compatible`'s, the data its
-# fingerprint's (a moved data file is the same data).
+# fingerprint's (a moved data file is the same data); init_from is read only at step 0
+# (a sweep folder that moved names its warm start at the new path).
 RESUMABLE_CHANGES = ('steps', 'eval_every', 'eval_batches', 'checkpoint_every',
-                     'keep_checkpoints', 'log', 'model', 'data', 'format')
+                     'keep_checkpoints', 'log', 'model', 'data', 'format', 'init_from')
 
 
 def check_same_training(saved: dict[str, Any], cfg: TrainConfig, where: str) -> None:
   """Resuming the checkpoint `saved` (its meta) keeps what decides the trajectory: the
   loss and optimizer settings, batch size, gradient accumulation, seed, temperature and K
-  schedules and warm start. Another value would continue another run than the one the
+  schedules. Another value would continue another run than the one the
   checkpoint began (a new batch size even moves the data position), under a config.json
   that describes neither: a ValueError naming each field."""
   flat = lambda d, pre='': {k2: v2 for k, v in d.items() for k2, v2 in (
