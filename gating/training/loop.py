@@ -664,10 +664,11 @@ def training_flops(cfg: TrainConfig, graphdef, state, batch,
   return out
 
 
-def _move_aside(path: str) -> str:
-  """Renames the damaged file `path` (NAME.json) to the first free NAME.damaged[.N].json,
-  its bytes kept as they were; returns the new path."""
-  stem, n = path[:-len('.json')] + '.damaged', 0
+def _move_aside(path: str, why: str = 'damaged') -> str:
+  """Renames the file `path` (NAME.json) to the first free NAME.<why>[.N].json (damaged,
+  or earlier: the summary of a run now trained on), its bytes kept as they were; returns
+  the new path."""
+  stem, n = path[:-len('.json')] + f'.{why}', 0
   damaged = f'{stem}.json'
   while os.path.exists(damaged):
     n += 1
@@ -795,6 +796,9 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
     if main_process:
       log.truncate_after(start)
       print(f'resuming {workdir} from step {start}', flush=True)
+      if os.path.exists(summary_path):   # of the run before it was extended, or restored
+        print(f'summary.json (of the run that ended before) moved aside to '   # earlier
+              f'{os.path.basename(_move_aside(summary_path, "earlier"))}', flush=True)
       if extended[-1]:
         print(extended[-1], flush=True)
   else:

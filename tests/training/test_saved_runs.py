@@ -52,13 +52,22 @@ def test_an_old_run_folder_resumes(old_run, capsys):
   assert {p.name: p.read_bytes() for p in old_run.iterdir() if p.is_file()} == before
   with pytest.raises(ValueError, match='would end it early'):
     train.train(config.override(cfg, ['steps=4']), str(old_run), progress=False)
+  # Stopped partway, the extended run leaves no summary.json of the 6-step run to be taken
+  # for its own (a sweep would count it trained): that one is moved aside, kept.
+  assert train.train(cfg, str(old_run), progress=False, extend_schedule=True,
+                     stop_after=7) is None
+  assert not (old_run / 'summary.json').exists()
+  assert (old_run / 'summary.earlier.json').read_bytes() == before['summary.json']
   summary = train.train(cfg, str(old_run), progress=False, extend_schedule=True)
   said = capsys.readouterr().out
+  assert 'moved aside to summary.earlier.json' in said
   assert 'extending' in said and 'refit to 8 steps: the rate of step 6 was 3.000e-03' in said
   lr7 = [json.loads(line)['lr'] for line in open(old_run / 'metrics.jsonl')
          if json.loads(line).get('step') == 7 and json.loads(line)['kind'] == 'train']
   assert lr7 == [pytest.approx(train.learning_rate(cfg, 6))]
-  assert 'refit to 8 steps' in json.load(open(old_run / 'provenance.json'))['schedule_extended']
+  provenance = json.load(open(old_run / 'provenance.json'))   # the session that extended it
+  assert any('refit to 8 steps' in session.get('schedule_extended', '')
+             for session in [provenance, *provenance.get('earlier', [])])
   assert summary['steps'] == 8 and np.isfinite(summary['test']['loss'])
   steps = [json.loads(line)['step'] for line in open(old_run / 'metrics.jsonl')
            if json.loads(line)['kind'] == 'train']
