@@ -306,6 +306,8 @@ class LossConfig:
       _check(getattr(self, name) >= 0, f'loss.{name}', f'must be >= 0, got {getattr(self, name)}')
     _check(self.target_fraction is None or 0 < self.target_fraction <= 1,
            'loss.target_fraction', f'must be in (0, 1], got {self.target_fraction}')
+    _check(self.target_fraction is not None or self.target_warmup_steps == 0,
+           'loss.target_warmup_steps', 'ramps loss.target_fraction, which is not set')
     _check(0 <= self.distill_weight <= 1, 'loss.distill_weight',
            f'must be in [0, 1], got {self.distill_weight}')
     sparsity = ('l0_weight', 'l1_weight', 'load_balance_weight', 'z_loss_weight')
@@ -405,6 +407,12 @@ class TrainConfig:
     _check(self.temperature_start is None or (self.temperature_start > 0 and
                                               self.temperature_end > 0),
            'temperature_start', 'temperatures must be > 0')
+    _check(self.temperature_steps >= 0, 'temperature_steps',
+           f'must be >= 0, got {self.temperature_steps}')
+    _check(self.temperature_start is not None or self.temperature_steps == 0,
+           'temperature_steps', 'anneals from temperature_start to temperature_end, which '
+           'are not set')
+    _check(self.seed >= 0, 'seed', f'must be >= 0, got {self.seed}')
     if self.loss.elastic_ks:
       check_elastic_ks(self.loss.elastic_ks, self.model.num_heads, self.model.shared_heads)
       elastic_group_ks(self.loss.elastic_ks, self.loss.elastic_group_ks, self.model.num_heads,
@@ -433,6 +441,15 @@ class TrainConfig:
       last = until
     _check(not self.k_schedule or get_rule(self.model.gate).budget != 'none', 'k_schedule',
            f"the {self.model.gate!r} gate has no budget to schedule")
+    _check(not self.k_schedule or self.model.gate != 'slices', 'k_schedule',
+           "the 'slices' gate assigns each sequence one of (H - S) / (K - S) slices for "
+           'the whole run: another K would change the slices under that assignment (set '
+           'k_schedule= for none)')
+    for k, _ in self.k_schedule:   # each scheduled K must make a valid model on its own
+      try:
+        dataclasses.replace(self.model, active_heads=k)
+      except ValueError as e:
+        raise ValueError(f'k_schedule: K={k} does not fit this model: {e}') from None
 
   @property
   def eval_interval(self) -> int:

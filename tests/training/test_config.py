@@ -29,6 +29,15 @@ def test_defaults_are_valid_and_round_trip_through_dicts():
      r'k_schedule: K=9 must be in \[1, num_heads=8\] \(k_schedule=9:10,2:20, the preset'),
     (lambda: TrainConfig(k_schedule=((4, 10), (2, 5))), 'steps must increase'),
     (lambda: TrainConfig(temperature_start=1.0), 'set both'),
+    (lambda: TrainConfig(temperature_start=1.0, temperature_end=0.1, temperature_steps=-100),
+     'temperature_steps: must be >= 0, got -100'),
+    (lambda: TrainConfig(temperature_steps=100), 'temperature_steps: anneals from '),
+    (lambda: TrainConfig(seed=-1), 'seed: must be >= 0, got -1'),
+    (lambda: LossConfig(target_warmup_steps=10), 'loss.target_warmup_steps: ramps '),
+    (lambda: TrainConfig(model=ModelConfig(gate='slices', active_heads=2), k_schedule=((8, 10),)),
+     "k_schedule: the 'slices' gate assigns each sequence one of"),
+    (lambda: TrainConfig(model=ModelConfig(active_heads=3, shared_heads=2), k_schedule=((2, 10),)),
+     r'k_schedule: K=2 does not fit this model: model.shared_heads=2 must be < active_heads=2'),
 ])
 def test_bad_values_name_the_field(make, message):
   with pytest.raises(ValueError, match=message):
