@@ -95,9 +95,11 @@ def split_positions(weight_BxL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return choice_BxL, scored_BxL & ~choice_BxL
 
 
-def _per_sequence(choice_SxB, score_SxB, tokens):
-  """(best subset per sequence, its summed score loss per sequence / tokens)."""
-  best_B = np.argmin(choice_SxB, axis=0)
+def _per_sequence(choice_SxB, score_SxB, tokens, chooses_B, fallback: int):
+  """(best subset per sequence, its summed score loss per sequence / tokens). A sequence
+  with no choosing position (`chooses_B` False: one too short to hold any) has nothing
+  to choose by and gets `fallback` (the static subset), not subset 0."""
+  best_B = np.where(chooses_B, np.argmin(choice_SxB, axis=0), fallback)
   return best_B, score_SxB[best_B, np.arange(best_B.size)] / tokens
 
 
@@ -112,7 +114,9 @@ def oracle_from_losses(ce_SxBxL: np.ndarray, choice_BxL: np.ndarray, score_BxL: 
 
   Only `choice_BxL` positions pick subsets for the held-out figures; only `score_BxL`
   positions are reported (the in-sample oracle alone picks and scores on the choice
-  positions, and the split-half one also swaps the roles).
+  positions, and the split-half one also swaps the roles). A sequence with no position
+  to pick by takes the static subset; `chooses_B` marks the others, which alone the
+  per-sequence diagnostics (recall, subset counts, agreement) count.
   """
   if (choice_BxL & score_BxL).any():
     raise ValueError('choice and score positions must be disjoint')
@@ -121,17 +125,20 @@ def oracle_from_losses(ce_SxBxL: np.ndarray, choice_BxL: np.ndarray, score_BxL: 
   tokens = max(float(score_BxL.sum()), 1.0)
   choice_tokens = max(float(choice_BxL.sum()), 1.0)
   static = int(np.argmin(choice_SxB.sum(axis=1)))
-  best_B, oracle_B = _per_sequence(choice_SxB, score_SxB, tokens)
+  chooses_B = choice_BxL.any(axis=1)
+  best_B, oracle_B = _per_sequence(choice_SxB, score_SxB, tokens, chooses_B, static)
   static_B = score_SxB[static] / tokens
   # in sample: chosen and scored on the choice positions (optimistic)
   in_sample = float(choice_SxB.min(axis=0).sum()) / choice_tokens
   static_in_sample = float(choice_SxB[static].sum()) / choice_tokens
   # split half: the roles swapped, averaged with the held-out figure
-  _, swapped_B = _per_sequence(score_SxB, choice_SxB, choice_tokens)
+  _, swapped_B = _per_sequence(score_SxB, choice_SxB, choice_tokens, score_BxL.any(axis=1),
+                               static)
   per_seq = choice_BxL.sum(axis=1)
   out = {'static_subset': static,
          'static': float(static_B.sum()),
          'oracle_subsets_B': best_B,
+         'chooses_B': chooses_B,
          'oracle': float(oracle_B.sum()),
          'oracle_in_sample': in_sample,
          'oracle_split_half': (float(oracle_B.sum()) + float(swapped_B.sum())) / 2,
@@ -269,13 +276,15 @@ def headroom(run: Run, *, ks: Sequence[int] | None = None, layers: Sequence[int]
           ce_SxBxL, choice_BxL, score_BxL,
           router_ce_BxL=router_ce_BxL if k == own[n] else None, dense_ce_BxL=dense_ce_BxL,
           label_B=rows['label'])
-      best_B = result.pop('oracle_subsets_B')
+      # the per-sequence diagnostics count the sequences that chose (have a position to)
+      chooses_B = result.pop('chooses_B')
+      best_B = result.pop('oracle_subsets_B')[chooses_B]
       result['by_label_subsets'] = {
           run.splits.info.label_names[label]: list(subsets[s])
           for label, s in result['by_label_subsets'].items()}
       counts = np.bincount(best_B, minlength=len(subsets))
       if k == own[n]:
-        open_BxU = router_open_BxNxH[:, n, :H].reshape(-1, U, size).any(axis=-1)
+        open_BxU = router_open_BxNxH[chooses_B, n, :H].reshape(-1, U, size).any(axis=-1)
         result['router_recall'] = oracle_recall(open_BxU, subsets, best_B)
       report['layers'].append({
           'layer': n, 'path': name, 'K': k, 'unit': attn.unit, 'units': U,
@@ -351,11 +360,13 @@ def slice_oracle(graphdef, state, rows, num_slices: int, choice_BxL, score_BxL,
                            label_B=rows['label'])
   out['num_slices'] = num_slices
   out['static_slice'] = out.pop('static_subset')
+  chooses_B = out.pop('chooses_B')    # the oracle's counts: the sequences that chose
   best_B = out.pop('oracle_subsets_B')
-  out['oracle_sequences_per_slice'] = np.bincount(best_B, minlength=num_slices).tolist()
+  out['oracle_sequences_per_slice'] = np.bincount(best_B[chooses_B],
+                                                  minlength=num_slices).tolist()
   out['router_sequences_per_slice'] = np.bincount(rows['slice'],
                                                   minlength=num_slices).tolist()
-  out['router_agreement'] = float(np.mean(rows['slice'] == best_B))
+  out['router_agreement'] = float(np.mean(rows['slice'][chooses_B] == best_B[chooses_B]))
   out['by_label_slices'] = {label_names[label]: e
                             for label, e in out.pop('by_label_subsets').items()}
   if whole_B is not None:

@@ -71,6 +71,28 @@ def test_the_oracle_never_scores_on_its_choice_positions():
     headroom.oracle_from_losses(ce, choice, choice)
 
 
+def test_a_sequence_with_nothing_to_choose_by_gets_the_static_subset():
+  """Sequence 4 has no scored position (a window shorter than the prefix), sequence 5 one
+  (a choice position, no score position): with nothing to choose by, each takes the
+  static subset (1 here), not subset 0, which argmin of an empty sum would give."""
+  ce = np.roll(known_losses(), 1, axis=0)     # subset s is known_losses' s - 1: static 1
+  weight = np.ones(ce.shape[1:])
+  weight[4] = 0
+  weight[5, 1:] = 0
+  ce = ce * weight
+  choice, score = headroom.split_positions(weight)
+  out = headroom.oracle_from_losses(ce, choice, score)
+  assert out['static_subset'] == 1
+  np.testing.assert_array_equal(out['chooses_B'], [True] * 4 + [False, True])
+  np.testing.assert_array_equal(out['oracle_subsets_B'], [1, 2, 3, 0, 1, 2])
+  # split half: chosen on the score positions (sequence 5 has none: static), scored on
+  # the choice positions
+  choice_S_B, score_S_B = (ce * choice).sum(2), (ce * score).sum(2)
+  picks = [int(np.argmin(score_S_B[:, b])) if score[b].any() else 1 for b in range(6)]
+  swapped = sum(choice_S_B[p, b] for b, p in enumerate(picks)) / choice.sum()
+  assert out['oracle_split_half'] == pytest.approx((out['oracle'] + swapped) / 2)
+
+
 @pytest.mark.slow
 def test_headroom_of_a_run_and_its_bad_inputs(tmp_path):
   shutil.copytree(FIXTURE, tmp_path / 'run')
