@@ -154,8 +154,10 @@ def _label(path, _) -> str:
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """Clipping, then AdamW with warmup and cosine decay (router: its own rate); the
-  Lagrange multipliers take plain gradient ascent. With loss.router_labels only the
-  routers train."""
+  Lagrange multipliers take plain gradient ascent on the clipped gradient (the global
+  norm covers them with the model's parameters, so a clipped step shrinks their ascent by
+  the same factor; CoFi clips the model alone). With loss.router_labels only the routers
+  train."""
   o = cfg.optim
 
   def adamw(peak):
