@@ -227,51 +227,72 @@ def model_outputs(model, batch, *, deterministic, rngs=None, path=None, active_h
                  out.group_weights_BxNxG)
 
 
+def loss_weights(model, batch):
+  """The weight model_outputs gives each loss of `batch`, without running the model: ones
+  [B] for an encoder; for an LM [B, L], scored (t >= P - 1, token t + 1 valid) and token
+  t + 1 a target. What grad_accum weighs its micro-batches by (`train_step`)."""
+  if isinstance(model, GatedEncoder):
+    return jnp.ones(batch['tokens'].shape[:1], jnp.float32)
+  return losses.next_token_weights(model.scored(batch['tokens'], batch['valid']),
+                                   batch['target_mask'])
+
+
 def task_outputs(model, batch, **kwargs):
   """Per-position losses of one batch: (ce, correct, weight, gate_weights_BxNxH); see
   model_outputs."""
   return model_outputs(model, batch, **kwargs)[1:5]
 
 
-def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs):
+def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs, token_share=None):
   """The full model plus one random-subset sub-model per K of loss.elastic_ks, each
-  distilled from the full pass (see gating/training/elastic.py); returns (loss, metrics)."""
+  distilled from the full pass (see gating/training/elastic.py); returns (loss, metrics).
+  token_share: see total_loss."""
   model, a, m = learner.model, cfg.loss.distill_weight, cfg.model
   kfs = elastic.group_ks(cfg.loss.elastic_ks, cfg.loss.elastic_group_ks, m.num_heads,
                          m.mlp_groups, m.shared_groups)
   elastic.random_subsets(model, m.num_heads, m.mlp_groups)
   logits_full, ce, correct, weight, *_ = model_outputs(model, batch, deterministic=False,
                                                        rngs=rngs)
-  full = losses.weighted_mean(ce, weight)
+  share = 1.0 if token_share is None else token_share
+  full = share * losses.weighted_mean(ce, weight)
   metrics, subs = {}, []
   for k, kf in zip(cfg.loss.elastic_ks, kfs):
     if k == m.num_heads and kf in (None, m.mlp_groups):
       continue          # every head and group: the full pass itself
     elastic.random_subsets(model, k, kf)
     logits_k, ce_k, *_ = model_outputs(model, batch, deterministic=False, rngs=rngs)
-    task_k = losses.weighted_mean(ce_k, weight)
-    distill_k = elastic.distillation(logits_k, logits_full, weight)
+    task_k = share * losses.weighted_mean(ce_k, weight)
+    distill_k = share * elastic.distillation(logits_k, logits_full, weight)
     subs.append((1 - a) * task_k + a * distill_k)
     name = f'K{k}' if kf is None else f'K{k}_Kf{kf}'
     metrics.update({f'elastic/task_{name}': task_k, f'elastic/distill_{name}': distill_k})
   loss = full + (sum(subs) / len(subs) if subs else 0.0)
   stats = gate_stats(model)
   return loss, {'loss': loss, 'task_loss': full,
-                'accuracy': losses.weighted_mean(correct.astype(jnp.float32), weight),
+                'accuracy': share * losses.weighted_mean(correct.astype(jnp.float32), weight),
                 'active_heads': losses.active_heads_per_layer(stats), **metrics}
 
 
-def total_loss(learner: Learner, batch, cfg: TrainConfig, *, target, rngs, active_heads):
+def total_loss(learner: Learner, batch, cfg: TrainConfig, *, target, rngs, active_heads,
+               token_share=None):
   """Task loss plus the weighted sparsity terms; returns (loss, metrics). Elastic training
-  and router fitting have their own losses (elastic.py, router_fit.py)."""
+  and router fitting have their own losses (elastic.py, router_fit.py).
+
+  token_share: with grad_accum, this micro-batch's share of the step's loss weight times
+  the number of micro-batches (A w_a / W): the token means (task loss, accuracy) are
+  scaled by it, so that their mean over the micro-batches is the whole batch's token
+  mean, whatever the micro-batches' token counts; the sparsity terms, means over
+  sequences (equally many in each micro-batch), are not. Router fitting's loss is per
+  sequence and takes no share."""
   if cfg.loss.elastic_ks:
-    return elastic_total_loss(learner, batch, cfg, rngs=rngs)
+    return elastic_total_loss(learner, batch, cfg, rngs=rngs, token_share=token_share)
   if cfg.loss.router_labels:
     return router_fit.fit_loss(learner.model, batch, labels=cfg.loss.router_labels,
                                kind=cfg.loss.router_loss, outputs_fn=model_outputs)
   ce, correct, weight, _ = task_outputs(learner.model, batch, deterministic=False, rngs=rngs,
                                         active_heads=active_heads)
-  task = losses.weighted_mean(ce, weight)
+  share = 1.0 if token_share is None else token_share
+  task = share * losses.weighted_mean(ce, weight)
   stats = gate_stats(learner.model)
   l = cfg.loss
   s_hat = losses.expected_l0(stats)
@@ -285,7 +306,7 @@ def total_loss(learner: Learner, batch, cfg: TrainConfig, *, target, rngs, activ
     terms['lagrangian'] = (1.0, lagrangian)
   metrics = {
       'loss': loss, 'task_loss': task,
-      'accuracy': losses.weighted_mean(correct.astype(jnp.float32), weight),
+      'accuracy': share * losses.weighted_mean(correct.astype(jnp.float32), weight),
       'expected_active_fraction': s_hat,
       'active_heads': losses.active_heads_per_layer(stats),
       'usage': jnp.stack([s['usage'] for s in losses.units(stats, 'head').values()]),
@@ -299,7 +320,9 @@ def total_loss(learner: Learner, batch, cfg: TrainConfig, *, target, rngs, activ
 
 
 def train_step(state, batch, step, *, graphdef, cfg: TrainConfig, active_heads):
-  """One optimizer step on `batch` (arrays [A, B/A, ...]: A micro-batches). Pure."""
+  """One optimizer step on `batch` (arrays [A, B/A, ...]: A micro-batches). Pure. The
+  gradient is the mean of the micro-batches' gradients, their token means weighed by
+  their share of the step's tokens, so that it is the whole batch's gradient."""
   learner, optimizer = nnx.merge(graphdef, state)
   if cfg.temperature_start is not None:
     temperature = losses.temperature_at(step, cfg.temperature_start, cfg.temperature_end,
@@ -310,22 +333,26 @@ def train_step(state, batch, step, *, graphdef, cfg: TrainConfig, active_heads):
   learner_def, params, rest = nnx.split(learner, nnx.Param, ...)
   step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
 
-  def micro_loss(params, micro, index):
+  def micro_loss(params, micro, index, token_share):
     micro_learner = nnx.merge(learner_def, params, rest, copy=True)
     rngs = nnx.Rngs(dropout=jax.random.fold_in(step_key, index))
     return total_loss(micro_learner, micro, cfg, target=target, rngs=rngs,
-                      active_heads=active_heads)
+                      active_heads=active_heads, token_share=token_share)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-  def accumulate(grads_sum, micro_and_index):
-    micro, index = micro_and_index
-    (_, metrics), grads = grad_fn(params, micro, index)
+  def accumulate(grads_sum, micro_index_share):
+    (_, metrics), grads = grad_fn(params, *micro_index_share)
     return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
   accum = cfg.grad_accum
+  share_A = None        # one micro-batch: its token means are the batch's
+  if accum > 1:         # micro-batch a's token means weigh A w_a / W (see total_loss)
+    tokens_A = jnp.stack([jnp.sum(loss_weights(learner.model, jax.tree.map(
+        lambda x, a=a: x[a], batch))) for a in range(accum)])
+    share_A = accum * tokens_A / jnp.maximum(jnp.sum(tokens_A), 1.0)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, metrics = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(accum)))
+  grads, metrics = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(accum), share_A))
   grads = jax.tree.map(lambda g: g / accum, grads)
   metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
   optimizer.update(learner, grads)
