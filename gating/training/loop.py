@@ -844,8 +844,8 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
   w_and_b = (wandb_log.WandbLog(cfg.log.wandb, workdir, config=cfg.to_dict())
              if main_process and cfg.log.wandb else None)
   if main_process:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json())
+    # atomic, the same bytes as cfg.to_json() (its keys come sorted from it)
+    folders.write_json(os.path.join(workdir, 'config.json'), json.loads(cfg.to_json()))
     folders.write_json(os.path.join(workdir, 'data_info.json'), dataclasses.asdict(info))
     if assigner is not None and not os.path.exists(os.path.join(workdir, slices.STORE)):
       slices.save(workdir, assigner)
