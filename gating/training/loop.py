@@ -698,12 +698,12 @@ def _move_aside(path: str, why: str = 'damaged') -> str:
   or earlier: the summary of a run now trained on), its bytes kept as they were; returns
   the new path."""
   stem, n = path[:-len('.json')] + f'.{why}', 0
-  damaged = f'{stem}.json'
-  while os.path.exists(damaged):
+  moved = f'{stem}.json'
+  while os.path.exists(moved):
     n += 1
-    damaged = f'{stem}.{n}.json'
-  os.replace(path, damaged)
-  return damaged
+    moved = f'{stem}.{n}.json'
+  os.replace(path, moved)
+  return moved
 
 
 def _finished_summary(path: str, main_process: bool) -> dict[str, Any] | None:
@@ -826,7 +826,7 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
       log.truncate_after(start)
       print(f'resuming {workdir} from step {start}', flush=True)
       if os.path.exists(summary_path):   # of the run before it was extended, or restored
-        print(f'summary.json (of the run that ended before) moved aside to '   # earlier
+        print(f'summary.json (of the run that ended before) moved aside to '
               f'{os.path.basename(_move_aside(summary_path, "earlier"))}', flush=True)
       if extended[-1]:
         print(extended[-1], flush=True)
