@@ -10,7 +10,8 @@ biases; RoPE in Hugging Face's rotate_half convention; grouped-query attention):
   Llama (2, 3, 3.1, 3.2)   LlamaForCausalLM; rope_scaling None or 'llama3';
                            attention_bias and mlp_bias as configured
   Qwen2, Qwen2.5           Qwen2ForCausalLM; biases on q, k and v (not o)
-  Qwen3                    Qwen3ForCausalLM; RMSNorm over each head of q and k (QK norm)
+  Qwen3                    Qwen3ForCausalLM; RMSNorm over each head of q and k (QK norm);
+                           attention_bias (q, k, v and o) as configured
 Gemma 3 is not supported: its blocks norm both before and after each sublayer, its RMSNorm
 scales by (1 + w), it multiplies the embeddings by sqrt(D), uses GeGLU, and mixes
 sliding-window layers with global ones at two RoPE bases; GatedLM has none of these.
@@ -98,7 +99,9 @@ def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
       tie_embeddings=bool(config.get('tie_word_embeddings', False)), norm='rms',
       norm_eps=float(config.get('rms_norm_eps', 1e-6)), mlp='swiglu',
       mlp_bias=bool(config.get('mlp_bias', False)), use_bias=qkv_bias,
-      out_bias=bool(config.get('attention_bias', False)) and family == 'llama',
+      # o_proj follows attention_bias in Llama and Qwen3 (Qwen2's q, k, v always carry a
+      # bias and its o_proj never does)
+      out_bias=bool(config.get('attention_bias', False)) and family != 'qwen2',
       qk_norm=family == 'qwen3')
 
 
@@ -187,20 +190,35 @@ def config_fields(folder: str) -> dict[str, Any]:
               out_bias=kw['out_bias'], qk_norm=kw['qk_norm'])
 
 
+def _unread_by_design(name: str, kw: dict) -> bool:
+  """A checkpoint tensor the model has no use for: the rotary inverse frequencies some
+  Llama checkpoints store (computed from rope_theta instead), and an lm_head kept beside
+  tied embeddings."""
+  return (name.endswith('rotary_emb.inv_freq')
+          or (name == 'lm_head.weight' and kw['tie_embeddings']))
+
+
 def load_weights(model, folder: str) -> None:
   """Copies the checkpoint's weights into `model` (a GatedLM of its architecture, built by
   `load_pretrained` or from `config_fields`), in place. Refused with a ValueError naming
   the problem: a tensor missing from the checkpoint or of another shape than its config
-  implies, and a model whose parameters outside the routers do not all come from the
-  checkpoint (another architecture)."""
+  implies, a tensor its config gives no place (it would be dropped), and a model whose
+  parameters outside the routers do not all come from the checkpoint (another
+  architecture)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   config = read_config(folder)
-  hf_to_ours = layout(config, model_kwargs(config))
+  kw = model_kwargs(config)
+  hf_to_ours = layout(config, kw)
   weights = read_weights(folder)
   missing = [name for name in hf_to_ours if name not in weights]
   if missing:
     raise ValueError(f'{folder}: the checkpoint lacks {len(missing)} tensor(s) its config '
                      f'implies, e.g. {missing[0]}')
+  unread = sorted(n for n in weights if n not in hf_to_ours and not _unread_by_design(n, kw))
+  if unread:
+    raise ValueError(f'{folder}: the checkpoint holds {len(unread)} tensor(s) its config '
+                     f'gives no place in the model, e.g. {unread[0]}: another architecture, '
+                     'or a setting (a bias, tied embeddings) config.json does not state')
   for name, (_, shape, _) in hf_to_ours.items():
     if weights[name].shape != shape:
       raise ValueError(f'{folder}: tensor {name} has shape {list(weights[name].shape)}; '

@@ -33,7 +33,7 @@ FAMILIES = {
 
 
 def tiny_config(family: str, *, hidden=32, heads=4, kv_heads=2, layers=2, ffn=48, vocab=64,
-                tie=False, rope_scaling=None, head_dim=None) -> dict:
+                tie=False, rope_scaling=None, head_dim=None, attention_bias=None) -> dict:
   config = {**FAMILIES[family], 'hidden_size': hidden, 'num_attention_heads': heads,
             'num_key_value_heads': kv_heads, 'num_hidden_layers': layers,
             'intermediate_size': ffn, 'vocab_size': vocab, 'rms_norm_eps': 1e-6,
@@ -43,6 +43,8 @@ def tiny_config(family: str, *, hidden=32, heads=4, kv_heads=2, layers=2, ffn=48
     config['head_dim'] = head_dim or hidden // heads
   if rope_scaling is not None:
     config['rope_scaling'] = rope_scaling
+  if attention_bias is not None:
+    config['attention_bias'] = attention_bias
   return config
 
 
@@ -75,6 +77,8 @@ def tiny_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     if qkv_bias:
       for name, n in (('q', H * Dh), ('k', G * Dh), ('v', G * Dh)):
         w[p + f'self_attn.{name}_proj.bias'] = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    if config.get('attention_bias', False) and config['model_type'] != 'qwen2':
+      w[p + 'self_attn.o_proj.bias'] = (0.1 * rng.standard_normal(D)).astype(np.float32)
     if config['model_type'] == 'qwen3':
       w[p + 'self_attn.q_norm.weight'] = norm(Dh)
       w[p + 'self_attn.k_norm.weight'] = norm(Dh)
@@ -162,6 +166,8 @@ def forward(config: dict, weights: dict[str, np.ndarray], tokens_L) -> np.ndarra
       s = np.exp(s - s.max(-1, keepdims=True))
       heads.append((s / s.sum(-1, keepdims=True)) @ v[:, g])
     x = x + np.concatenate(heads, -1) @ w[p + 'self_attn.o_proj.weight'].T
+    if p + 'self_attn.o_proj.bias' in w:
+      x = x + w[p + 'self_attn.o_proj.bias']
     m = rms_norm(x, w[p + 'post_attention_layernorm.weight'], eps)
     gate = m @ w[p + 'mlp.gate_proj.weight'].T
     x = x + ((gate / (1 + np.exp(-gate))) * (m @ w[p + 'mlp.up_proj.weight'].T)) @ w[

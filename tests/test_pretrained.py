@@ -27,6 +27,7 @@ def checkpoint(tmp_path, family, shards=1, **config_kw):
     ('llama', dict(rope_scaling={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
                                  'high_freq_factor': 4.0, 'original_max_position_embeddings': 8})),
     ('qwen2', {}), ('qwen3', dict(head_dim=16)),
+    ('llama', dict(attention_bias=True)), ('qwen3', dict(head_dim=16, attention_bias=True)),
 ])
 def test_a_tiny_checkpoint_loads_and_equals_the_reference(tmp_path, family, kw):
   folder, config, weights = checkpoint(tmp_path, family, shards=2 if family == 'qwen2' else 1,
@@ -120,6 +121,16 @@ def test_bad_checkpoints_are_refused_naming_the_problem(tmp_path):
     gating.load_pretrained(hf_reference.write(
         tmp_path / 'lacks', config, {k: v for k, v in weights.items() if 'norm' not in k
                                      or 'layers.0.input' not in k}))
+  # A tensor the config gives no place (here o_proj's bias under attention_bias false)
+  # would be dropped: refused.
+  extra = {**weights, 'model.layers.0.self_attn.o_proj.bias': np.ones(32, np.float32)}
+  with pytest.raises(ValueError, match='holds 1 tensor.s. its config gives no place in the '
+                                       'model, e.g. model.layers.0.self_attn.o_proj.bias'):
+    gating.load_pretrained(hf_reference.write(tmp_path / 'extra', config, extra))
+  tied = hf_reference.tiny_config('llama', tie=True)   # a stored lm_head beside tied ones
+  hf_reference.write(tmp_path / 'tied', tied, {**hf_reference.tiny_weights(tied),
+                                               'lm_head.weight': np.ones((64, 32), np.float32)})
+  gating.load_pretrained(str(tmp_path / 'tied'))
   with pytest.raises(ValueError, match=r"\['num_heads'\] come from"):
     gating.load_pretrained(folder.replace('llama', 'llama'), num_heads=8)
 
