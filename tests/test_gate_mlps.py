@@ -111,6 +111,12 @@ def test_causal_retrofit_reads_no_later_token():
     (dict(where='blocks/*/fc2', num_groups=4, active_groups=9),
      r'active_groups must be in \[1, G=4\], got 9'),
     (dict(where=3, num_groups=4), 'where must be a path pattern or a callable'),
+    (dict(where='blocks/*/fc2', num_groups=4, gate='slices', active_groups=2),
+     "gate='slices' decides per token or by an assignment the caller passes"),
+    (dict(where='blocks/*/fc2', num_groups=4, gate='token_topk', active_groups=2),
+     "gate='token_topk' decides per token"),
+    (dict(where='blocks/*/fc2', num_groups=4, active_groups=2, temperature=-0.5),
+     'temperature must be > 0, got -0.5'),
 ])
 def test_bad_arguments_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -28,8 +28,9 @@ PATHS = selection.PATHS
 
 def causal_router(kwargs: Mapping[str, Any]) -> dict[str, Any]:
   """Constructor arguments with a router kind that reads no token after the prefix
-  (router.ROUTERS[kind].causal): the given one, or 'prefix' (with prefix_len) / 'first'
-  (token 0) by default; a kind that is not causal-safe ('mean') is refused."""
+  (router.ROUTERS[kind].causal): the given one, or by default 'token' for a per-token
+  rule and 'prefix' (with prefix_len) / 'first' (token 0) for the others; a kind that is
+  not causal-safe ('mean') is refused."""
   kwargs = dict(kwargs)
   rule = selection.get_rule(kwargs.get('gate', 'topk'))
   router = kwargs.get('router')
@@ -41,6 +42,8 @@ def causal_router(kwargs: Mapping[str, Any]) -> dict[str, Any]:
                        'token would move the gate of earlier positions (a causal leak); '
                        f"use a causal-safe kind: {safe} ('prefix' with prefix_len=P)")
     kwargs['router'] = kind.name
+  elif rule.per_token:      # the 'token' router reads each token alone: causal-safe
+    kwargs['router'] = 'token'
   elif rule.router == 'input':
     kwargs['router'] = 'prefix' if kwargs.get('prefix_len') else 'first'
   return kwargs
@@ -294,7 +297,8 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
 
     causal=True states that the model is causal (it may pass a causal mask, which cannot
     be inspected under jit): the router then reads no token after the prefix. Without a
-    `router`, it is 'prefix' when `prefix_len=P` is given, else 'first' (token 0 only);
+    `router`, it is 'token' for a per-token rule, else 'prefix' when `prefix_len=P` is
+    given, else 'first' (token 0 only);
     router='mean', which reads every token and so lets the future move the gate of
     earlier positions, is refused.
     """

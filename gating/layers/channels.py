@@ -24,7 +24,8 @@ from flax import nnx
 from gating.layers import selection
 from gating.layers.mlp import check_active_groups, check_groups, check_shared_groups
 from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
-from gating.layers.state import GateTemperature, new_gate_stats, record_gate
+from gating.layers.state import (GateTemperature, check_temperature, new_gate_stats,
+                                 record_gate)
 
 
 class GatedChannels(nnx.Module):
@@ -62,6 +63,10 @@ class GatedChannels(nnx.Module):
     if noise not in selection.NOISES:
       raise ValueError(f'noise must be one of {selection.NOISES}, got {noise!r}')
     rule = selection.get_rule(gate)
+    if rule.per_token or rule.router == 'assignment':
+      raise ValueError(f'gate={gate!r} decides per token or by an assignment the caller '
+                       'passes; GatedChannels needs a per-sequence rule that its router '
+                       'decides (or dense, static)')
     router = resolve_router(gate, router, prefix_len)
     self.linear = linear
     self.num_groups = num_groups
@@ -78,6 +83,8 @@ class GatedChannels(nnx.Module):
         hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
     self.router: HeadRouter | StaticRouter | None = (
         nnx.data(None) if router_module is None else router_module)
+    if temperature is not None:
+      check_temperature(temperature)   # <= 0 would invert the gate or give NaN gradients
     self.temperature = GateTemperature(jnp.asarray(
         rule.temperature if temperature is None else temperature, jnp.float32))
     self.group_usage, self.group_prob, self.group_weight, self.router_z_loss = (

@@ -299,8 +299,9 @@ def check_whole_groups(idx_BxK, group_size: int) -> None:
 def options_for_heads(options: AttendOptions, idx_BxK, H: int, B: int, L: int,
                       S: int) -> AttendOptions:
   """`options` for the K heads idx_BxK of H: a per-head mask [B, H, L, S] is taken at
-  those heads; a mask shared by the heads ([..., 1, L, S]) or none is kept as it is."""
-  if options.mask is None or options.mask.shape[-3] == 1:
+  those heads; a mask shared by the heads ([..., 1, L, S], or [L, S] with no head axis)
+  or none is kept as it is."""
+  if options.mask is None or options.mask.ndim < 3 or options.mask.shape[-3] == 1:
     return options
   mask_BxHxLxS = jnp.broadcast_to(options.mask, (B, H, L, S))
   return options._replace(

@@ -27,7 +27,8 @@ from flax import nnx
 from gating.layers import compute, selection
 from gating.layers.router import (HeadRouter, StaticRouter, build_router, resolve_router,
                                   router_kind_of)
-from gating.layers.state import GateTemperature, new_gate_stats, record_gate
+from gating.layers.state import (GateTemperature, check_temperature, new_gate_stats,
+                                 record_gate)
 
 
 def check_active_heads(active_heads, num_heads: int, gate: str, path: str) -> None:
@@ -124,6 +125,8 @@ class HeadGating:
     self.router: HeadRouter | StaticRouter | None = (
         nnx.data(None) if router_module is None else router_module)
     default_t = selection.get_rule(gate).temperature
+    if temperature is not None:
+      check_temperature(temperature)   # <= 0 would invert the gate or give NaN gradients
     self.temperature = GateTemperature(jnp.asarray(
         default_t if temperature is None else temperature, jnp.float32))
     self.head_usage, self.head_prob, self.head_weight, self.router_z_loss = new_gate_stats(

@@ -30,7 +30,8 @@ from flax.nnx.nn import dtypes
 
 from gating.layers import compute, names, selection
 from gating.layers.router import HeadRouter, StaticRouter, build_router, resolve_router
-from gating.layers.state import GateTemperature, new_gate_stats, record_gate
+from gating.layers.state import (GateTemperature, check_temperature, new_gate_stats,
+                                 record_gate)
 
 PATHS = selection.PATHS
 KINDS = ('gelu', 'swiglu')         # the MLP: gelu(x W1 + b1) W2, or silu(x W1) * (x W3) W2
@@ -158,6 +159,8 @@ class GatedMLP(nnx.Module):
         hidden_features=router_hidden_features, init_logit=router_init_logit, rngs=rngs)
     self.router: HeadRouter | StaticRouter | None = (
         nnx.data(None) if router_module is None else router_module)
+    if temperature is not None:
+      check_temperature(temperature)   # <= 0 would invert the gate or give NaN gradients
     self.temperature = GateTemperature(jnp.asarray(
         rule.temperature if temperature is None else temperature, jnp.float32))
     self.group_usage, self.group_prob, self.group_weight, self.router_z_loss = (

@@ -479,6 +479,14 @@ def check_slice_ids(slice_B, batch: int, count: int) -> None:
 
 _STRETCH = types.MappingProxyType(
     {'gamma': HARD_CONCRETE_STRETCH[0], 'zeta': HARD_CONCRETE_STRETCH[1]})
+
+
+def _check_stretch(options) -> None:
+  """Hard concrete stretches (0, 1) to (gamma, zeta) and clips: gamma < 0 < 1 < zeta, or
+  P(open) = sigmoid(log_alpha - beta log(-gamma / zeta)) is NaN and no gate is ever 0 or 1."""
+  if not options['gamma'] < 0 < 1 < options['zeta']:
+    raise ValueError(f"hard concrete needs gamma < 0 and zeta > 1, got gamma="
+                     f"{options['gamma']}, zeta={options['zeta']}")
 register(Rule(
     'dense', dense, budget='none', router=None, label='dense',
     meaning='all heads (the dense gate has no router); the gap is 0 by construction'))
@@ -488,6 +496,7 @@ register(Rule(
             'the gap is only the numerical difference of the masked and gathered paths'))
 register(Rule(
     'hard_concrete', hard_concrete, samples=True, temperature=2 / 3, options=_STRETCH,
+    check_options=_check_stretch,
     label='dynamic hard-concrete',
     meaning='every head with deterministic hard-concrete gate z > 0 '
             '(log_alpha > log(-gamma/zeta)), per sequence, no budget'))
@@ -497,6 +506,7 @@ register(Rule(
     meaning='every head with sigmoid(logit / t) > threshold, per sequence, no budget'))
 register(Rule(
     'static', hard_concrete, samples=True, temperature=2 / 3, options=_STRETCH,
+    check_options=_check_stretch,
     router='input_free', label='static hard-concrete',
     meaning='every head with static hard-concrete gate z > 0 (the same heads for every '
             'sequence), no budget'))

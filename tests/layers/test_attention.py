@@ -256,6 +256,13 @@ def test_jit_compiles_once_for_the_same_shapes_and_temperature_is_traced():
     (dict(gate='topk', active_heads=2, router='max'), 'router must be one of'),
     (dict(gate='topk', active_heads=2, noise='salt'), 'noise must be one of'),
     (dict(gate='static', active_heads=2, router='mean'), 'uses the input-free router'),
+    (dict(gate='sigmoid', active_heads=None, temperature=-1.0),
+     'temperature must be > 0, got -1.0'),
+    (dict(gate='topk', active_heads=2, temperature=0.0), 'temperature must be > 0, got 0.0'),
+    (dict(gate='hard_concrete', active_heads=None, gate_options={'gamma': 0.1}),
+     'hard concrete needs gamma < 0 and zeta > 1, got gamma=0.1'),
+    (dict(gate='static', active_heads=None, gate_options={'zeta': 0.9}),
+     'needs gamma < 0 and zeta > 1'),
 ])
 def test_bad_construction_raises(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -312,6 +319,26 @@ def test_unbatched_and_extra_batch_dimensions_match_the_batched_call(path):
 def test_prefix_router_without_prefix_len_names_the_router_argument():
   with pytest.raises(ValueError, match=r"router='prefix' needs prefix_len=P >= 1"):
     layer('topk', k=2, router='prefix')
+
+
+def test_a_mask_without_batch_or_head_axes_runs_on_both_paths():
+  """A [L, S] mask broadcasts to every sequence and head: the gathered path takes it as
+  the masked path does (it read a head axis that is not there)."""
+  attn = layer('topk', k=2)
+  x = inputs()
+  L = x.shape[1]
+  mask_LxS = jnp.tril(jnp.ones((L, L), bool))
+  masked, gathered = (attn(x, mask=mask_LxS, path=p) for p in ('masked', 'gathered'))
+  np.testing.assert_allclose(gathered, masked, atol=1e-5)
+  np.testing.assert_allclose(masked, attn(x, mask=mask_LxS[None, None], path='masked'), atol=0)
+
+
+def test_causal_construction_gives_a_per_token_rule_the_token_router():
+  attn = gating.GatedMultiHeadAttention.from_dense(
+      nnx.MultiHeadAttention(H, D, decode=False, rngs=nnx.Rngs(0)), gate='token_topk',
+      active_heads=2, causal=True, rngs=nnx.Rngs(1))
+  assert attn.router.pool == 'token'
+  attn(inputs(), is_causal=True)
 
 
 def test_is_causal_with_a_pooling_router_is_refused():

@@ -214,6 +214,8 @@ def test_padding_does_not_move_the_group_gate():
      "group_router='attention' needs an attention router that reads the input"),
     (lambda: GatedMLP(D, F, G, gate='dense', router='attention', rngs=nnx.Rngs(0)),
      "router='attention' takes the group logits from the attention's router"),
+    (lambda: GatedMLP(D, F, G, gate='sigmoid', temperature=0.0, rngs=nnx.Rngs(0)),
+     'temperature must be > 0, got 0.0'),
 ])
 def test_bad_arguments_name_the_argument(make, message):
   with pytest.raises(ValueError, match=message):
