@@ -96,7 +96,7 @@ def parse(argv=None):
   if args.memory_limit is not None:
     try:
       args.memory_limit = int(float(args.memory_limit))
-    except ValueError:
+    except (ValueError, OverflowError):    # 'abc'; 'inf', '1e400'
       raise ValueError(f'--memory-limit must be a number of bytes, got '
                        f'{args.memory_limit!r}') from None
     if args.memory_limit <= 0:

@@ -396,9 +396,9 @@ def plot_sweeps(sweep_dirs: list[str], out: str) -> list[str]:
                      'plot each on its own')
   groups = results.aggregate(rows)
   split = splits.pop()
-  os.makedirs(out, exist_ok=True)
   if not groups:
     return []
+  os.makedirs(out, exist_ok=True)
   name = ' + '.join(_sweep_name(d) for d in sweep_dirs)
   text = groups[0]['data'] == 'text'
   y_key, y_label = _quality(text, f'{split}_')
@@ -689,6 +689,8 @@ def main(argv=None):
           raise FileNotFoundError(f'{directory} {what}: {flag} draws sweeps only')
       written = (plot_budgets(args.dirs, args.budgets, args.reference) if args.budgets else
                  plot_sweeps(args.dirs, args.together))
+      if not written:
+        raise ValueError('the sweeps hold no finished point: nothing to draw')
     except (FileNotFoundError, ValueError) as e:
       raise SystemExit(f'error: {e}')
     print('\n'.join(written))

@@ -121,6 +121,8 @@ def test_the_device_script_rehearses_on_the_cpu_and_merges_one_json(tmp_path):
     (['--size', 'gpu', '--quick'], 'error: --quick is for --size cpu'),
     (['--size', 'gpu', '--memory-limit', 'lots'],
      "error: --memory-limit must be a number of bytes, got 'lots'"),
+    (['--size', 'gpu', '--memory-limit', 'inf'],
+     "error: --memory-limit must be a number of bytes, got 'inf'"),
 ])
 def test_bad_arguments_print_one_error_line(argv, message, tmp_path):
   with pytest.raises(SystemExit) as exit_info:

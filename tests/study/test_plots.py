@@ -168,6 +168,10 @@ def test_sweeps_of_different_splits_or_data_are_not_drawn_together(tmp_path):
   with pytest.raises(SystemExit, match='not a sweep folder'):
     plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path)])
   assert not (tmp_path / 'both').exists()
+  _write_sweep(tmp_path / 'none', 'none', [])      # no point finished: nothing to draw
+  with pytest.raises(SystemExit, match='^error: the sweeps hold no finished point'):
+    plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'none')])
+  assert not (tmp_path / 'both').exists()
   file = tmp_path / 'a' / 'sweep.json'
   with pytest.raises(SystemExit, match=f'^error: --together {file}: exists and is not a '):
     plots.main(['--together', str(file), str(tmp_path / 'a'), str(tmp_path / 'b')])

@@ -135,6 +135,8 @@ def test_unknown_sweep_lists_the_known_ones():
     sweep_script.main(['nope'])
   with pytest.raises(SystemExit, match=r"^error: --seeds '0,one': expected comma-separated "):
     sweep_script.main(['tiny', '--seeds', '0,one'])
+  with pytest.raises(SystemExit, match=r"^error: --seeds ',': expected at least one integer"):
+    sweep_script.main(['tiny', '--seeds', ','])
 
 
 def test_study_sweeps_resolve(capsys):
