@@ -545,6 +545,27 @@ def compatibility(cfg: TrainConfig) -> dict[str, Any]:
                                 if k not in NOT_COMPATIBILITY}))
 
 
+# What a run may change when it resumes: how often it evaluates and checkpoints, what it
+# logs, and its length (the loop's check_schedule). The model is `compatibility`'s, the
+# data its fingerprint's (a moved data file is the same data); init_from is read only at
+# step 0 (a sweep folder that moved names its warm start at the new path).
+RESUMABLE_CHANGES = ('steps', 'eval_every', 'eval_batches', 'checkpoint_every',
+                     'keep_checkpoints', 'log', 'model', 'data', 'init_from')
+
+
+def training_settings(cfg: TrainConfig) -> dict[str, Any]:
+  """What decides a run's trajectory beside its model and data (loss and optimizer
+  settings, batch size, gradient accumulation, seed, temperature and K schedules): every
+  field but RESUMABLE_CHANGES, sections' fields as 'section.field', as JSON values."""
+  settings: dict[str, Any] = {}
+  for name, value in dataclasses.asdict(cfg).items():
+    if name in RESUMABLE_CHANGES:
+      continue
+    settings.update({f'{name}.{k}': v for k, v in value.items()} if isinstance(value, dict)
+                    else {name: value})
+  return json.loads(json.dumps(settings))
+
+
 def _from_fields(cls, values, **extra):
   hints = typing.get_type_hints(cls)
   known = {f.name for f in dataclasses.fields(cls)}

@@ -41,7 +41,8 @@ from gating.training import losses
 from gating.training.metrics_file import MetricsLog
 from gating.training import tensorboard
 from gating.training import wandb_log
-from gating.training.config import ModelConfig, TrainConfig, compatibility, from_dict, read_config
+from gating.training.config import (ModelConfig, TrainConfig, compatibility, from_dict,
+                                    read_config, training_settings)
 from gating.layers.models import GatedEncoder, GatedLM
 from gating.training.provenance import provenance
 from gating.layers.state import gate_stats, set_temperature
@@ -218,19 +219,19 @@ def model_outputs(model, batch, *, deterministic, rngs=None, path=None, active_h
   if isinstance(model, GatedEncoder):
     out = model(batch['tokens'], **kw)
     ce_B, correct_B = losses.classification_losses(out.class_logits_BxC, batch['label'])
-    return Outputs(out.class_logits_BxC, ce_B, correct_B, jnp.ones_like(ce_B),
+    return Outputs(out.class_logits_BxC, ce_B, correct_B, loss_weights(model, batch),
                    out.gate_weights_BxNxH, out.group_weights_BxNxG)
   out = model(batch['tokens'], **kw)
   ce_BxL, correct_BxL = losses.next_token_losses(out.logits_BxLxV, batch['tokens'])
-  weight_BxL = losses.next_token_weights(out.scored_BxL, batch['target_mask'])
-  return Outputs(out.logits_BxLxV, ce_BxL, correct_BxL, weight_BxL, out.gate_weights_BxNxH,
-                 out.group_weights_BxNxG)
+  return Outputs(out.logits_BxLxV, ce_BxL, correct_BxL, loss_weights(model, batch),
+                 out.gate_weights_BxNxH, out.group_weights_BxNxG)
 
 
 def loss_weights(model, batch):
-  """The weight model_outputs gives each loss of `batch`, without running the model: ones
-  [B] for an encoder; for an LM [B, L], scored (t >= P - 1, token t + 1 valid) and token
-  t + 1 a target. What grad_accum weighs its micro-batches by (`train_step`)."""
+  """The weight of each loss of `batch` (model_outputs' weight), known without running the
+  model: ones [B] for an encoder; for an LM [B, L], scored (t >= P - 1, token t + 1
+  valid; `GatedLM.scored`) and token t + 1 a target. What grad_accum weighs its
+  micro-batches by (`train_step`)."""
   if isinstance(model, GatedEncoder):
     return jnp.ones(batch['tokens'].shape[:1], jnp.float32)
   return losses.next_token_weights(model.scored(batch['tokens'], batch['valid']),
@@ -475,26 +476,15 @@ def check_compatible(saved: dict[str, Any], cfg: TrainConfig, info: data.DataInf
         f'differ in {", ".join(keys)}); nothing was deleted')
 
 
-# What a run may change when it resumes: how often it evaluates and checkpoints, what it
-# logs, and its length (`check_schedule`). The model is `check_compatible`'s, the data its
-# fingerprint's (a moved data file is the same data); init_from is read only at step 0
-# (a sweep folder that moved names its warm start at the new path).
-RESUMABLE_CHANGES = ('steps', 'eval_every', 'eval_batches', 'checkpoint_every',
-                     'keep_checkpoints', 'log', 'model', 'data', 'format', 'init_from')
-
-
 def check_same_training(saved: dict[str, Any], cfg: TrainConfig, where: str) -> None:
   """Resuming the checkpoint `saved` (its meta) keeps what decides the trajectory: the
   loss and optimizer settings, batch size, gradient accumulation, seed, temperature and K
   schedules. Another value would continue another run than the one the
   checkpoint began (a new batch size even moves the data position), under a config.json
-  that describes neither: a ValueError naming each field."""
-  flat = lambda d, pre='': {k2: v2 for k, v in d.items() for k2, v2 in (
-      flat(v, f'{pre}{k}.').items() if isinstance(v, dict) else [(f'{pre}{k}', v)])}
-  keep = lambda d: {k: v for k, v in flat(d).items()
-                    if k.split('.')[0] not in RESUMABLE_CHANGES}
-  theirs = keep(json.loads(from_dict(saved['config']).to_json()))   # defaults filled in
-  mine = keep(json.loads(cfg.to_json()))
+  that describes neither: a ValueError naming each field (config.training_settings;
+  what may change is config.RESUMABLE_CHANGES)."""
+  theirs = training_settings(from_dict(saved['config']))   # its defaults filled in
+  mine = training_settings(cfg)
   diffs = [f'{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}'
            for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)]
   if diffs:
