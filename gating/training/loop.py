@@ -421,11 +421,16 @@ def evaluate(eval_fn, state, dataset, info: data.DataInfo, batch_size: int,
 
 
 def summarize_eval(sums, info: data.DataInfo) -> dict[str, Any]:
+  """Per-sequence sums -> the evaluation block: token means (loss, accuracy) over the
+  scored tokens, exact_match over the sequences with a scored token (one with none, such
+  as a padded window holding one valid token, has nothing to match), usage over every
+  sequence; overall and per label."""
   def block(select):
     count = float(sums['count'][select].sum())
     loss = float(sums['loss_sum'][select].sum()) / max(count, 1.0)
+    scored = select & (sums['count'] > 0)
     return {'loss': loss, 'accuracy': float(sums['hits'][select].sum()) / max(count, 1.0),
-            'exact_match': float(sums['exact'][select].mean()) if select.any() else 0.0,
+            'exact_match': float(sums['exact'][scored].mean()) if scored.any() else 0.0,
             'bits_per_token': loss / math.log(2), 'sequences': int(select.sum()),
             'usage': sums['open_BxNxH'][select].mean(axis=0).tolist() if select.any() else None,
             **({'group_usage': sums['open_BxNxG'][select].mean(axis=0).tolist()

@@ -389,3 +389,20 @@ def test_warm_start_copies_everything_but_fresh_routers_and_refuses_another_mode
                                          r'routers do not match'):
       run(cfg, tmp_path / 'other')
     assert not (tmp_path / 'other').exists()
+
+
+def test_exact_match_counts_only_the_sequences_with_a_scored_token():
+  """A sequence with no scored token (a padded window of one valid token) has nothing to
+  match: exact_match is over the others (here 1 of 2 exact), not 2 of 3 with it vacuously
+  exact; loss and accuracy are token means, which it does not move."""
+  info = train.data.DataInfo(vocab_size=4, seq_len=4, prompt_len=1, pad_id=3,
+                             label_names=('a',), fingerprint={})
+  sums = {'loss_sum': np.array([2.0, 3.0, 0.0]), 'hits': np.array([3.0, 1.0, 0.0]),
+          'count': np.array([3.0, 3.0, 0.0]), 'exact': np.array([1.0, 0.0, 1.0]),
+          'open_BxNxH': np.ones((3, 1, 2)), 'label': np.array([0, 0, 0])}
+  block = train.summarize_eval(sums, info)
+  assert block['exact_match'] == 0.5 and block['per_label']['a']['exact_match'] == 0.5
+  assert block['loss'] == 5.0 / 6.0 and block['accuracy'] == 4.0 / 6.0
+  assert block['sequences'] == 3
+  none_scored = {**sums, 'count': np.zeros(3)}
+  assert train.summarize_eval(none_scored, info)['exact_match'] == 0.0
