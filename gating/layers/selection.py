@@ -30,7 +30,8 @@ Rules (t is the temperature, a traced input):
   top_p          p = softmax(logits / t); open the fewest heads, in order of p, whose
                  probabilities sum to at least `p` (option, default 0.9): head j is open
                  iff the mass of the heads ranked above it is < p. With a budget K
-                 (active_heads=K, the gathered path) at most K of them stay open.
+                 (active_heads=K, the gathered path) at most K of them stay open, and
+                 scaled weights are normalised over those.
   slices         no router: the caller assigns each sequence a slice e (`slice_B`, the
                  same in every layer; c-BTM, SmallTalk). The R = H - S routed heads make
                  E = R / (K - S) disjoint slices, slice e = heads S + e (K - S) ..
@@ -369,19 +370,26 @@ def sigmoid(logits_BxH, *, temperature, threshold, **_):
   return Decision(p_BxH > threshold, p_BxH, p_BxH, p_BxH, p_BxH)
 
 
-def top_p(logits_BxH, *, temperature, p, **_):
+def top_p(logits_BxH, *, temperature, p, k=None, **_):
   """p_h = softmax(logits / t); open the fewest heads whose p sum to >= `p`.
 
-  Sorted by p (descending), head j is open iff sum_{i ranked before j} p_i < p, so the
-  most probable head is always open. Scaled weights: n_open softmax over the open heads.
+  Ranked by logit (the order of p, and the order a budget keeps), head j is open iff
+  sum_{i ranked before j} p_i < p, so the most probable head is always open; with a
+  budget K only the first K can be open. Scaled weights: n_open softmax over the heads
+  that are open after the budget, so they sum to the number open, as topk's do to K.
   """
   if not 0.0 < p <= 1.0:
     raise ValueError(f"the 'top_p' rule's option p must be in (0, 1], got {p}")
   H = logits_BxH.shape[-1]
   p_BxH = jax.nn.softmax(logits_BxH / temperature, axis=-1)
-  sorted_p_BxH, order_BxH = jax.lax.top_k(jax.lax.stop_gradient(p_BxH), H)
+  _, order_BxH = jax.lax.top_k(jax.lax.stop_gradient(logits_BxH), H)
+  sorted_p_BxH = jnp.take_along_axis(jax.lax.stop_gradient(p_BxH), order_BxH, axis=-1)
   mass_before_BxH = jnp.cumsum(sorted_p_BxH, axis=-1) - sorted_p_BxH
   open_sorted_BxH = mass_before_BxH < p
+  if k is not None:
+    rank_in_order_BxH = jax.lax.broadcasted_iota(jnp.int32, open_sorted_BxH.shape,
+                                                 open_sorted_BxH.ndim - 1)
+    open_sorted_BxH = open_sorted_BxH & (rank_in_order_BxH < k)
   rank_BxH = jnp.argsort(order_BxH, axis=-1)
   open_BxH = jnp.take_along_axis(open_sorted_BxH, rank_BxH, axis=-1)
   n_open_Bx1 = open_BxH.sum(axis=-1, keepdims=True).astype(p_BxH.dtype)

@@ -170,6 +170,16 @@ def test_top_p_with_a_budget_keeps_at_most_k_and_routes_gradients():
   np.testing.assert_allclose(np.asarray(scaled).sum(axis=1), open_B, rtol=1e-5)
 
 
+def test_top_p_scaled_weights_under_a_budget_are_normalised_over_the_heads_kept():
+  """With K = 2 of 4 open by mass, the two kept weigh 2 softmax over those two (sum 2),
+  not 4 softmax over all four cut to two (sum below 2)."""
+  x = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1, 0.0, 0.0]]) + 1e-9)
+  gate = selection.select('top_p', x, k=2, options={'p': 0.95}, scaled_weights=True)
+  kept = np.exp(np.asarray(x[0, :2])) / np.exp(np.asarray(x[0, :2])).sum()
+  np.testing.assert_allclose(np.asarray(gate.weights_BxH)[0], [*(2 * kept), 0, 0, 0, 0],
+                             rtol=1e-5)
+
+
 @pytest.mark.parametrize('options, match', [
     ({'q': 0.5}, "no option.*'q'.*its options: p"),
     ({'p': 1.5}, r'p must be in \(0, 1\]'),
