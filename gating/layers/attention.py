@@ -352,7 +352,7 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
       if mask is not None:
         mask = jnp.asarray(mask)
         heads = mask.shape[-3] if mask.ndim >= 3 else 1
-        full = (*batch, heads, q.shape[1], q.shape[1])
+        full = (*batch, heads, q.shape[1], mask.shape[-1])   # S: the keys' length
         mask = jnp.broadcast_to(mask, full).reshape((-1, *full[-3:]))
       if slice_B is not None:
         slice_B = jnp.reshape(slice_B, (-1,))

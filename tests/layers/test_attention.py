@@ -309,6 +309,12 @@ def test_unbatched_and_extra_batch_dimensions_match_the_batched_call(path):
   assert gate.weights_BxH.shape == (2, 3, H) and gate.idx_BxK.shape == (2, 3, 2)
   np.testing.assert_array_equal(attn.gate(x.reshape(2, 3, L, D)).idx_BxK.reshape(6, 2),
                                 attn.gate(x).idx_BxK)
+  # A cross-attention mask (S keys, not L) with two batch dimensions: gate() reads the
+  # same valid rows as with one.
+  cross = jnp.concatenate([mask6, jnp.zeros((6, 1, L, 3), bool)], axis=-1)
+  np.testing.assert_array_equal(
+      attn.gate(x.reshape(2, 3, L, D), cross.reshape(2, 3, 1, L, L + 3)).weights_BxH,
+      attn.gate(x, cross).weights_BxH.reshape(2, 3, H))
   mha = nnx.MultiHeadAttention(H, D, decode=False, rngs=nnx.Rngs(3))
   dense = GatedMultiHeadAttention.from_dense(mha, gate='dense', rngs=nnx.Rngs(0))
   np.testing.assert_allclose(dense(x[0]), mha(x[0]), atol=1e-6)
