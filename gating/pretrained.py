@@ -16,8 +16,9 @@ Gemma 3 is not supported: its blocks norm both before and after each sublayer, i
 scales by (1 + w), it multiplies the embeddings by sqrt(D), uses GeGLU, and mixes
 sliding-window layers with global ones at two RoPE bases; GatedLM has none of these.
 Anything else (another architecture, a rope scaling other than 'llama3', an activation
-other than silu, a sliding window, a tensor of another shape than the config implies, a
-missing or truncated shard) is a ValueError naming it.
+other than silu, a sliding window, a quantization_config or a tensor stored in another
+dtype than float32, float16, bfloat16 or float64, a tensor of another shape than the
+config implies, a missing or truncated shard) is a ValueError naming it.
 
 Weight layout: Hugging Face's linear weights are [out, in]; ours are [in, out], split into
 heads: q_proj [H Dh, D] -> query/kernel [D, H, Dh], k_proj and v_proj [G Dh, D] -> [D, G,
@@ -37,6 +38,7 @@ from flax import nnx
 ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'Qwen2ForCausalLM': 'qwen2',
                  'Qwen3ForCausalLM': 'qwen3'}
 INDEX = 'model.safetensors.index.json'
+FLOAT_DTYPES = ('F32', 'F16', 'BF16', 'F64')   # safetensors' names of the dtypes read
 
 
 def read_config(folder: str) -> dict[str, Any]:
@@ -81,6 +83,11 @@ def check_config(config: dict[str, Any], path: str = 'config') -> dict[str, Any]
                      'attention is not supported')
   if config.get('pretraining_tp', 1) != 1:
     raise ValueError(f"{path}: field 'pretraining_tp' must be 1")
+  quantization = config.get('quantization_config')
+  if quantization:
+    method = quantization.get('quant_method', '?') if isinstance(quantization, dict) else '?'
+    raise ValueError(f"{path}: field 'quantization_config' (quant_method {method!r}): "
+                     'quantized checkpoints are not supported; load the unquantized one')
   return {**config, 'family': family}
 
 
@@ -108,8 +115,10 @@ def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 def read_weights(folder: str) -> dict[str, np.ndarray]:
   """Every tensor of the checkpoint, by its Hugging Face name: model.safetensors, or the
   shards that model.safetensors.index.json names (a missing or unreadable shard is a
-  ValueError naming it)."""
-  from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
+  ValueError naming it, and so is a tensor stored in a dtype other than FLOAT_DTYPES,
+  such as a quantized checkpoint's float8 or int8, read from the file's header before
+  any tensor is)."""
+  from safetensors import SafetensorError, safe_open  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   index = os.path.join(folder, INDEX)
   if os.path.isfile(index):
@@ -125,9 +134,18 @@ def read_weights(folder: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
       raise ValueError(f'{path}, a shard named by {INDEX}, is missing')
     try:
-      weights.update(load_file(path))
+      with safe_open(path, framework='np') as f:
+        dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+      other = sorted(key for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
+      if not other:
+        weights.update(load_file(path))
     except (SafetensorError, OSError, ValueError) as e:
       raise ValueError(f'{path} cannot be read (truncated or damaged?): {e}') from None
+    if other:
+      raise ValueError(f'{path}: {len(other)} tensor(s) stored as '
+                       f'{sorted({dtypes[key] for key in other})}, e.g. {other[0]}; only '
+                       f'{list(FLOAT_DTYPES)} are read (a quantized checkpoint? load the '
+                       'unquantized one)')
   return weights
 
 

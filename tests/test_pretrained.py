@@ -4,8 +4,10 @@ forward written from the published equations (tests/hf_reference.py)."""
 
 import json
 import os
+import struct
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -127,12 +129,42 @@ def test_bad_checkpoints_are_refused_naming_the_problem(tmp_path):
   with pytest.raises(ValueError, match='holds 1 tensor.s. its config gives no place in the '
                                        'model, e.g. model.layers.0.self_attn.o_proj.bias'):
     gating.load_pretrained(hf_reference.write(tmp_path / 'extra', config, extra))
+  # A quantized checkpoint: int8 and float8 tensors refused from the header, before numpy
+  # reads them (numpy has no float8: safetensors raised an AttributeError naming nothing).
+  int8 = {**weights, 'model.layers.0.mlp.up_proj.weight': np.zeros((48, 32), np.int8)}
+  with pytest.raises(ValueError, match=r"1 tensor.s. stored as \['I8'\], e.g. "
+                                       r'model.layers.0.mlp.up_proj.weight; only'):
+    gating.load_pretrained(hf_reference.write(tmp_path / 'int8', config, int8))
+  fp8 = hf_reference.write(tmp_path / 'fp8', config, weights)
+  write_as_float8(os.path.join(fp8, 'model.safetensors'), weights)
+  with pytest.raises(ValueError, match=r"stored as \['F8_E4M3'\].*a quantized checkpoint"):
+    gating.load_pretrained(fp8)
+  quantized = {**config, 'quantization_config': {'quant_method': 'fp8'}}
+  with pytest.raises(ValueError, match="'quantization_config' .quant_method 'fp8'.: quantized"):
+    gating.load_pretrained(hf_reference.write(tmp_path / 'quantized', quantized, weights))
   tied = hf_reference.tiny_config('llama', tie=True)   # a stored lm_head beside tied ones
   hf_reference.write(tmp_path / 'tied', tied, {**hf_reference.tiny_weights(tied),
                                                'lm_head.weight': np.ones((64, 32), np.float32)})
   gating.load_pretrained(str(tmp_path / 'tied'))
   with pytest.raises(ValueError, match=r"\['num_heads'\] come from"):
     gating.load_pretrained(folder.replace('llama', 'llama'), num_heads=8)
+
+
+def write_as_float8(path, weights):
+  """A safetensors file of `weights` stored as float8 (E4M3), as quantized checkpoints
+  are: written by hand (8-byte header length, JSON header, the bytes), since safetensors'
+  numpy writer has no float8."""
+  header, blobs, offset = {}, [], 0
+  for name in sorted(weights):
+    data = weights[name].astype(ml_dtypes.float8_e4m3fn).tobytes()
+    header[name] = {'dtype': 'F8_E4M3', 'shape': list(weights[name].shape),
+                    'data_offsets': [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  text = json.dumps(header).encode()
+  text += b' ' * (-len(text) % 8)
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(text)) + text + b''.join(blobs))
 
 
 def tokenizer_folder(tmp_path, corpus, vocab=64):
