@@ -114,7 +114,8 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
       | 'prefix' | 'first' | 'input_free' (older spelling 'static') or a registered kind
       (default 'input_free' for gate='static', else 'mean'). 'prefix' needs prefix_len=P.
     router_hidden_features, router_init_logit: the router MLP's hidden width and the
-      initial value of every logit.
+      initial value of every logit. The router's parameters are float32 whatever
+      param_dtype (it computes in float32; a few thousand parameters a layer).
     temperature: the rule's temperature (beta for hard_concrete; default: the literature
       value, selection.RULES[gate].temperature). It is state: `gating.set_temperature`.
     noise, noise_scale: exploration noise on the logits in training ('gumbel', 'jitter').

@@ -140,6 +140,17 @@ def test_bfloat16_compute():
   assert y.dtype == jnp.bfloat16
 
 
+def test_bfloat16_parameters_keep_a_float32_router():
+  """param_dtype is the projections' dtype; the router's parameters stay float32, as
+  documented (it computes in float32), and both paths still agree."""
+  attn = layer('topk', k=2, param_dtype=jnp.bfloat16)
+  dtypes = lambda module: {x.dtype for x in jax.tree.leaves(nnx.state(module, nnx.Param))}
+  assert dtypes(attn.router) == {jnp.dtype('float32')}
+  assert dtypes(attn.query) == {jnp.dtype('bfloat16')}
+  x = inputs()
+  np.testing.assert_allclose(attn(x, path='gathered'), attn(x, path='masked'), atol=1e-5)
+
+
 # -- gradients, padding, static, determinism ------------------------------------------------
 
 @pytest.mark.parametrize('rule,path', [('topk', 'masked'), ('hard_concrete', 'masked'),
