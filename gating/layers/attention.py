@@ -87,6 +87,13 @@ def valid_tokens(mask, batch: int, length: int):
   return jnp.broadcast_to(jnp.any(mask, axis=(-3, -1)), (batch, length))
 
 
+# nnx.MultiHeadAttention's customizations that the gated layer does not support (its
+# einsums read the kernels): a from_dense of a layer that sets one is refused.
+CUSTOM_MATMULS = ('qkv_dot_general', 'out_dot_general', 'qkv_dot_general_cls',
+                  'out_dot_general_cls')
+CUSTOM_PROMOTIONS = ('qkv_promote_dtype', 'out_promote_dtype', 'ln_promote_dtype')
+
+
 class GatedMultiHeadAttention(HeadGating, nnx.Module):
   """Multi-head attention with a learned per-sequence head gate.
 
@@ -293,8 +300,10 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
     """A gated layer carrying the weights of a trained `nnx.MultiHeadAttention`.
 
     Copies its query/key/value/out LinearGeneral modules (weights, and any sharding
-    metadata) and its configuration; `kwargs` are constructor arguments (gate=,
-    active_heads=, path=, ... or overrides). With gate='dense' the output is unchanged.
+    metadata), its configuration (keep_rngs too) and its dropout stream; `kwargs` are
+    constructor arguments (gate=, active_heads=, path=, ... or overrides). With
+    gate='dense' the output is unchanged, dropout included. A layer with a customized
+    dot_general or promote_dtype is refused, as the constructor refuses them.
 
     causal=True states that the model is causal (it may pass a causal mask, which cannot
     be inspected under jit): the router then reads no token after the prefix. Without a
@@ -313,10 +322,20 @@ class GatedMultiHeadAttention(HeadGating, nnx.Module):
         dtype=mha.dtype, param_dtype=mha.param_dtype,
         broadcast_dropout=mha.broadcast_dropout, dropout_rate=mha.dropout_rate,
         deterministic=mha.deterministic, precision=mha.precision, use_bias=mha.use_bias,
-        attention_fn=mha.attention_fn, normalize_qk=mha.normalize_qk, decode=mha.decode)
+        attention_fn=mha.attention_fn, normalize_qk=mha.normalize_qk, decode=mha.decode,
+        # keep_rngs=False leaves no stream (flax keeps one only with dropout)
+        keep_rngs=not (mha.dropout_rate > 0 and mha.rngs is None),
+        # a customized matmul or dtype promotion is passed on, so that it is refused
+        # rather than dropped (the gated layer reads the kernels, not the modules)
+        **{name: getattr(mha, name) for name in CUSTOM_MATMULS
+           if getattr(mha, name) is not None},
+        **{name: getattr(mha, name) for name in CUSTOM_PROMOTIONS
+           if getattr(mha, name) is not dtypes.promote_dtype})
     gated = cls(**(config | kwargs), rngs=rngs)
     for name in ('query', 'key', 'value', 'out'):
       setattr(gated, name, nnx.clone(getattr(mha, name)))
+    if mha.rngs is not None and gated.rngs is not None:
+      gated.rngs = nnx.clone(mha.rngs)   # the original's dropout stream, where it is
     return gated
 
   def set_view(self, deterministic: bool | None = None, decode: bool | None = None):

@@ -333,6 +333,28 @@ def test_unbatched_and_extra_batch_dimensions_match_the_batched_call(path):
                              atol=1e-6)
 
 
+def test_from_dense_keeps_dropout_and_refuses_what_it_cannot_carry():
+  """The original's dropout stream and keep_rngs come along (a dense gate then equals it
+  in training too); a customized matmul or dtype promotion, which the gated einsums would
+  drop, is refused as the constructor refuses it."""
+  x = inputs()
+  mha = nnx.MultiHeadAttention(H, D, dropout_rate=0.5, decode=False, rngs=nnx.Rngs(3))
+  dense = GatedMultiHeadAttention.from_dense(mha, gate='dense', rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(dense(x, deterministic=False), mha(x, deterministic=False),
+                             atol=1e-6)
+  unkept = nnx.MultiHeadAttention(H, D, dropout_rate=0.5, decode=False, keep_rngs=False,
+                                  rngs=nnx.Rngs(3))
+  gated = GatedMultiHeadAttention.from_dense(unkept, gate='dense', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='needs `rngs` at call time'):
+    gated(x, deterministic=False)
+  gated(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+  for name, value in (('qkv_dot_general', jax.lax.dot_general),
+                      ('out_promote_dtype', lambda *a, **k: a)):
+    custom = nnx.MultiHeadAttention(H, D, decode=False, rngs=nnx.Rngs(3), **{name: value})
+    with pytest.raises(ValueError, match=f'does not support: {name}'):
+      GatedMultiHeadAttention.from_dense(custom, gate='dense', rngs=nnx.Rngs(0))
+
+
 def test_prefix_router_without_prefix_len_names_the_router_argument():
   with pytest.raises(ValueError, match=r"router='prefix' needs prefix_len=P >= 1"):
     layer('topk', k=2, router='prefix')
