@@ -120,6 +120,26 @@ def test_cached_decoding_keeps_the_prompt_gate_and_equals_the_full_forward():
   np.testing.assert_array_equal(cache['gate'].sum(-1), [2, 2])
 
 
+def test_a_prompt_shorter_than_the_gate_prefix_is_refused_with_a_cache():
+  """Under a 'prefix' router with P = 3, a first chunk of 1 token would fix a gate read
+  from 1 of the 3 tokens (every later output off the full forward's): refused, eagerly
+  and under jit; a 3-token prompt and the 1-token steps after it run."""
+  model = gated('gqa', window=False, gate='topk', active_heads=2, prefix_len=3)
+  x, pos, _ = inputs()
+  step_mask = lambda t, n=1: (jnp.arange(T)[None, :] <= t + jnp.arange(n)[:, None])[None]
+  cache = model.attn.init_cache(T, B, jnp.float32)
+  with pytest.raises(ValueError, match='prompt of 1 token.s. into an empty cache, shorter '
+                                       'than the gate prefix P=3'):
+    model(x[:, :1], pos[:, :1], cache, step_mask(0).repeat(B, 0))
+  jitted = nnx.jit(lambda m, c, x_t, pos_t, mask_t: m(x_t, pos_t, c, mask_t))
+  step = lambda cache, t: jitted(model, cache, x[:, t:t + 1], pos[:, t:t + 1],
+                                 step_mask(t).repeat(B, 0))
+  with pytest.raises(Exception, match='shorter than the gate prefix P=3'):
+    jax.block_until_ready(step(cache, 0))
+  cache, _ = model(x[:, :3], pos[:, :3], cache, step_mask(0, 3).repeat(B, 0))
+  jax.block_until_ready(step(cache, 3))
+
+
 def test_bad_uses_are_refused_clearly():
   model = gated('gqa', gate='topk', active_heads=2, path='gathered')
   x, pos, mask = inputs()

@@ -29,7 +29,8 @@ and computes the same equations with a per-sequence gate over the heads (HeadGat
                  'masked')` for cached decoding.
 With a cache the gate is decided once, when the cache is empty (end_index = 0: the
 prompt), and kept in the cache under 'gate' [B, N] for the tokens decoded after it; make
-caches with this module's `init_cache`, which adds that entry.
+caches with this module's `init_cache`, which adds that entry. A router that reads the
+first P tokens ('prefix') needs them in that first chunk: a shorter one is refused.
 """
 
 from __future__ import annotations
@@ -219,6 +220,8 @@ class GatedGemmaAttention(HeadGating, nnx.Module):
       raise ValueError("GatedGemmaAttention: the cache has no 'gate' entry (the gate "
                        'decided at the prompt); make caches with the gated module\'s '
                        'init_cache')
+    if cache is not None:
+      self._check_prompt_holds_the_prefix(cache['end_index'], x_BxTxD.shape[1])
     deterministic = self._deterministic(deterministic)
     valid_BxT = jnp.any(jnp.asarray(attn_mask_BxTxS).astype(bool), axis=-1)
     logits_BxU, gate = self.decide(x_BxTxD, valid_BxT, k, deterministic, rngs,
@@ -239,6 +242,30 @@ class GatedGemmaAttention(HeadGating, nnx.Module):
                                               weights_BxK, options, unit=self.unit)
     return self._cached(x_BxTxD, segment_pos_BxT, cache, attn_mask_BxTxS, w,
                         gate.weights_BxH)
+
+  def _check_prompt_holds_the_prefix(self, end_index_B, T: int):
+    """A ValueError when an empty cache (end_index 0) gets a chunk of T < P tokens
+    under a router that reads the first P ('prefix'): the gate kept for the sequence
+    would be decided on T of its P tokens, and every later output would differ from the
+    full forward's. Checked on the values where they are concrete, else by a host
+    callback (under jit; only when T < P, i.e. at decoding steps, not at a prompt of at
+    least P tokens)."""
+    router = self.router
+    P = router.prefix_len if getattr(router, 'pool', None) == 'prefix' else 1
+    if T >= P:
+      return
+    message = (f'GatedGemmaAttention: a prompt of {T} token(s) into an empty cache, shorter '
+               f'than the gate prefix P={P}: the gate reads the first P tokens; prefill at '
+               'least P at once')
+    if not isinstance(end_index_B, jax.core.Tracer):
+      if bool(jnp.any(jnp.asarray(end_index_B) == 0)):
+        raise ValueError(message)
+      return
+
+    def refuse(empty):
+      if empty:
+        raise ValueError(message)
+    jax.debug.callback(refuse, jnp.any(end_index_B == 0))
 
   def _cached(self, x_BxTxD, segment_pos_BxT, cache, attn_mask_BxTxS, w, weights_BxN):
     """The masked path with the example's left-aligned cache (weights_BxN: the gate
