@@ -24,7 +24,8 @@ assigner is the rule's option `assigner` (model.gate_options=assigner=NAME):
 
 Balanced k-means: Lloyd's iterations from E distinct rows drawn with the seed, where the
 assignment step is balanced (each cluster takes at most ceil(b N / E) rows, b the rule's
-option `balance`, 1 by default: equal clusters; b = E is plain k-means): the (row,
+option `balance`, 1 by default: equal clusters, floor(N / E) or ceil(N / E) rows; b = E is
+plain k-means): the (row,
 centroid) pairs are taken in order of cosine similarity, highest first, and a row joins
 the first centroid that still has room; then each centroid is the normalized mean of its
 rows (a centroid that no row chose keeps its place). Deterministic given the data and
@@ -109,11 +110,15 @@ def features(tokens_NxL: np.ndarray, valid_NxL: np.ndarray, idf_J: np.ndarray | 
 
 
 def balanced_assign(sim_NxE: np.ndarray, balance: float = 1.0) -> np.ndarray:
-  """cluster_N: each row to a centroid, at most ceil(balance N / E) rows per centroid, the
-  (row, centroid) pairs taken in order of similarity (highest first; ties by row, then
-  centroid). balance >= 1; balance >= E puts each row at its most similar centroid."""
+  """cluster_N: each row to a centroid, at most C = ceil(balance N / E) rows per centroid,
+  the (row, centroid) pairs taken in order of similarity (highest first; ties by row, then
+  centroid). balance >= 1; balance >= E puts each row at its most similar centroid. When
+  the caps leave less than one row of room per centroid (E C - N < E; always at balance
+  1), only the N - E (C - 1) centroids that fill first take a C-th row, so that no
+  centroid is left short: at balance 1 the sizes are floor(N / E) and ceil(N / E)."""
   N, E = sim_NxE.shape
   capacity = min(N, math.ceil(balance * N / E - 1e-9))
+  full_left = N - E * (capacity - 1) if E * capacity - N < E else E
   order = np.lexsort((np.tile(np.arange(E), N), np.repeat(np.arange(N), E),
                       -sim_NxE.reshape(-1)))
   cluster_N = np.full(N, -1, np.int64)
@@ -121,9 +126,10 @@ def balanced_assign(sim_NxE: np.ndarray, balance: float = 1.0) -> np.ndarray:
   left = N
   for flat in order:
     row, e = divmod(int(flat), E)
-    if cluster_N[row] < 0 and room_E[e] > 0:
+    if cluster_N[row] < 0 and room_E[e] > 0 and (room_E[e] > 1 or full_left > 0):
       cluster_N[row] = e
       room_E[e] -= 1
+      full_left -= room_E[e] == 0
       left -= 1
       if not left:
         break

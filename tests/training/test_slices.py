@@ -68,6 +68,14 @@ def test_the_balance_option_bounds_each_cluster_and_at_e_is_plain_kmeans():
   sim = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
   np.testing.assert_array_equal(slices.balanced_assign(sim), [0, 0, 1])          # ceil(3/2)
   np.testing.assert_array_equal(slices.balanced_assign(sim, balance=2.0), [0, 0, 0])
+  # Balance 1 with E not dividing N: floor or ceil rows each, none left short (four rows
+  # all nearest centroid 0 and next nearest 1 once gave [2, 2, 0], not [2, 1, 1]).
+  sim = np.array([[0.9, 0.5, 0.1]] * 4)
+  assert sorted(np.bincount(slices.balanced_assign(sim), minlength=3)) == [1, 1, 2]
+  rng = np.random.default_rng(0)
+  for n, e in ((100, 6), (7, 3), (19217, 3)):
+    sizes = np.bincount(slices.balanced_assign(rng.normal(size=(n, e))), minlength=e)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == n
 
 
 def test_features_of_the_prefix_read_only_the_prefix():
