@@ -132,6 +132,12 @@ class ModelConfig:
       rule.resolve_options(dict(self.gate_options))
     except ValueError as e:
       raise ValueError(f'model.gate_options: {e}') from None
+    if self.gate == 'slices' and self.kind == 'encoder':
+      assigner = dict(self.gate_options).get('assigner', 'label')
+      _check(assigner == 'cluster', 'model.gate_options',
+             f"assigner={assigner!r} with an encoder: an encoder's label is the class it "
+             "predicts, so 'label' would hand it the answer, and 'prefix_loss' scores a "
+             "language model's loss on the prefix; use assigner=cluster")
     _check(self.path in PATHS, 'model.path', f'must be one of {PATHS}, got {self.path!r}')
     _check(not (rule.per_token and self.path == 'gathered'), 'model.path',
            f"gate={self.gate!r} decides per token: it trains on path 'masked' only")
@@ -420,6 +426,8 @@ class TrainConfig:
       _check(self.model.group_router == 'own', 'loss.elastic_ks',
              'elastic training draws random groups: model.group_router must be own')
       _check(not self.k_schedule, 'loss.elastic_ks', 'elastic training has no k_schedule')
+      _check(self.model.gate != 'slices', 'loss.elastic_ks',
+             "elastic training draws random heads; the 'slices' gate's are assigned")
     else:
       _check(not self.loss.elastic_group_ks, 'loss.elastic_group_ks',
              'needs loss.elastic_ks (one Kf per K)')

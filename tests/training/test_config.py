@@ -38,6 +38,16 @@ def test_defaults_are_valid_and_round_trip_through_dicts():
      "k_schedule: the 'slices' gate assigns each sequence one of"),
     (lambda: TrainConfig(model=ModelConfig(active_heads=3, shared_heads=2), k_schedule=((2, 10),)),
      r'k_schedule: K=2 does not fit this model: model.shared_heads=2 must be < active_heads=2'),
+    # an encoder's label is its target: slices by label would hand it the answer (test
+    # accuracy 1.0 against 0.45 dense), and prefix_loss reads an LM's logits
+    (lambda: ModelConfig(kind='encoder', gate='slices', active_heads=2),
+     "model.gate_options: assigner='label' with an encoder: an encoder's label is the class"),
+    (lambda: ModelConfig(kind='encoder', gate='slices', active_heads=2,
+                         gate_options=(('assigner', 'prefix_loss'),)),
+     "assigner='prefix_loss' with an encoder"),
+    (lambda: TrainConfig(model=ModelConfig(gate='slices', active_heads=2),
+                         loss=LossConfig(elastic_ks=(2, 4))),
+     "loss.elastic_ks: elastic training draws random heads; the 'slices' gate's are"),
 ])
 def test_bad_values_name_the_field(make, message):
   with pytest.raises(ValueError, match=message):
