@@ -82,12 +82,14 @@ def load_data_and_assigner(cfg: TrainConfig, workdir: str | None = None):
   return slices.assign(splits, cfg.model, cfg.seed, prefix_len, workdir)
 
 
-def slice_summary(cfg: TrainConfig, splits) -> dict[str, Any]:
-  """What a gate='slices' run reports of its assignment: rows per slice, and how often a
-  validation or test row's slice (from its prefix) is its whole sequence's."""
+def slice_summary(cfg: TrainConfig, splits, assigner) -> dict[str, Any]:
+  """What a gate='slices' run reports of its assignment: rows per slice, how often a
+  validation or test row's slice (from its prefix) is its whole sequence's, and for
+  prefix_loss the steps after which its rounds ran (the stored ones: a run extended past
+  its schedule ran those of the old schedule before it and of the new one after)."""
   E = slices.slice_count(cfg.model)
   return {'assigner': slices.assigner_of(cfg.model), 'num_slices': E,
-          **({'rounds_at_steps': slices.round_steps(cfg.steps, slices.rounds_of(cfg.model))}
+          **({'rounds_at_steps': [int(s) for s in assigner['round_steps']]}
              if slices.is_prefix_loss(cfg.model) else {}),
           'train_rows_per_slice': slices.counts(splits.train, E),
           'validation_prefix_agreement': slices.agreement(splits.validation),
@@ -964,9 +966,10 @@ def train(cfg: TrainConfig, workdir: str, *, progress: bool = True,
                                                                 batch_sharding), step_fn),
              'validation': run_eval(cfg.steps, 'validation', None, final=True),
              'test': run_eval(cfg.steps, 'test', None, final=True),
-             **({'slices': slice_summary(cfg, splits)} if cfg.model.gate == 'slices' else {})}
-  if prefix_rounds:   # the rounds' scoring passes, beside the train steps' FLOPs
-    summary['assignment_flops'] = len(round_at) * slices.round_flops(
+             **({'slices': slice_summary(cfg, splits, assigner)}
+                if cfg.model.gate == 'slices' else {})}
+  if prefix_rounds:   # the rounds' scoring passes (those run), beside the train steps' FLOPs
+    summary['assignment_flops'] = len(assigner['round_steps']) * slices.round_flops(
         score_slices, state, len(splits.train), prefix_len, cfg.batch_size)
     base = summary.get('train_flops_with_init') or summary['train_flops']
     summary['train_flops_with_assignment'] = base + summary['assignment_flops']

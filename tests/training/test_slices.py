@@ -331,3 +331,12 @@ def test_a_prefix_loss_run_reassigns_resumes_exactly_and_routes_by_the_prefix(tm
       changed, features=run.splits.test.features).with_format('numpy'), P, 16)
   np.testing.assert_array_equal(before, after)
   np.testing.assert_array_equal(np.argmin(before, 1), cols['slice'])
+
+  # Extended past its schedule, it reports and counts the rounds that ran: the old
+  # schedule's (2, 5), then the new one's after step 8 (it reported [4, 8], 2 rounds).
+  extended = train.train(dataclasses.replace(PREFIX_LOSS, steps=12), str(tmp_path / 'whole'),
+                         progress=False, extend_schedule=True)
+  assert extended['slices']['rounds_at_steps'] == [2, 5, 8]
+  np.testing.assert_array_equal(np.load(tmp_path / 'whole' / slices.STORE)['round_steps'],
+                                [2, 5, 8])
+  assert extended['assignment_flops'] == pytest.approx(1.5 * whole['assignment_flops'])
