@@ -256,6 +256,7 @@ def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs, token
   elastic.random_subsets(model, m.num_heads, m.mlp_groups)
   logits_full, ce, correct, weight, *_ = model_outputs(model, batch, deterministic=False,
                                                        rngs=rngs)
+  stats = gate_stats(model)   # the full pass's, as its task loss and accuracy are
   share = 1.0 if token_share is None else token_share
   full = share * losses.weighted_mean(ce, weight)
   metrics, subs = {}, []
@@ -270,7 +271,6 @@ def elastic_total_loss(learner: Learner, batch, cfg: TrainConfig, *, rngs, token
     name = f'K{k}' if kf is None else f'K{k}_Kf{kf}'
     metrics.update({f'elastic/task_{name}': task_k, f'elastic/distill_{name}': distill_k})
   loss = full + (sum(subs) / len(subs) if subs else 0.0)
-  stats = gate_stats(model)
   return loss, {'loss': loss, 'task_loss': full,
                 'accuracy': share * losses.weighted_mean(correct.astype(jnp.float32), weight),
                 'active_heads': losses.active_heads_per_layer(stats), **metrics}

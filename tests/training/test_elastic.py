@@ -87,6 +87,9 @@ def test_a_short_elastic_run_trains_every_width(trained_run):
   lines = [r for r in read_metrics(str(trained_run(cfg) / 'metrics.jsonl'))
            if r['kind'] == 'train']
   assert {'elastic/task_K1', 'elastic/distill_K2'} <= set(lines[-1])
+  # active_heads is the full pass's, as task_loss is (it was the last sub-model's, K = 2)
+  heads = TINY.model.num_heads
+  assert all(r['active_heads'] == [heads] * TINY.model.num_layers for r in lines)
   # Each step's K = 1 sub-model is a random head per sequence: compare means of 4 steps,
   # with a margin, not one noisy pair.
   first, last = (np.mean([r['elastic/task_K1'] for r in part]) for part in (lines[:4], lines[-4:]))
