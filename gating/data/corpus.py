@@ -204,7 +204,8 @@ def _file_domain(source: str, path: str, *, seed, cap, text_field, cache_dir) ->
     documents, contiguous = [(os.path.basename(path), text)], True
   else:
     names = [f'{os.path.basename(path)}:{i}' for i in range(len(texts))]
-    order = _order(names, source, seed)
+    # ordered by the file's name, not its path: a moved file keeps its splits and identity
+    order = _order(names, os.path.basename(path), seed)
     keep = _capped([len(texts[i].encode('utf-8')) for i in order], cap)
     documents, contiguous = [(names[i], texts[i]) for i in order[:keep]], False
   return _Domain(source, documents, contiguous, {'path': os.path.abspath(path),
