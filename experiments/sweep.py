@@ -134,7 +134,7 @@ def points(sweep, out, *, steps, seeds):
     evaluate = [sys.executable, '-m', 'experiments.eval', '--workdir', workdir,
                 '--paths', results.scored_path(cfg.model.gate), '--k', str(k),
                 '--split', sweep.split]
-    result.append(Point(name, workdir, train, evaluate, after))
+    result.append(Point(name, workdir, train, evaluate, after, sweep.split))
   record = {'sweep': sweep.name, 'preset': sweep.preset, 'runs': runs}
   if sweep.split != 'test':       # (a study's record stays as older sweep folders hold it)
     record['split'] = sweep.split
@@ -267,7 +267,7 @@ def main(argv=None):
       for slot, slot_env in enumerate(env):
         print(f'slot {slot}: CUDA_VISIBLE_DEVICES={slot_env["CUDA_VISIBLE_DEVICES"]}')
     return
-  finished = sum(runner.is_finished(p.workdir) for p in todo)
+  finished = sum(runner.is_finished(p.workdir, p.split) for p in todo)
   if args.keep is not None:
     from gating.study import records
     try:
@@ -318,8 +318,11 @@ def main(argv=None):
     if args.backend == 'ray':
       ray_backend.shutdown()
   print(f'sweep {sweep.name}: {time.time() - start:.0f} s this sitting', flush=True)
-  for path in finish(sweep, out, studied):
-    print(f'wrote {path}')
+  try:
+    for path in finish(sweep, out, studied):
+      print(f'wrote {path}')
+  except (ValueError, runner.SweepError) as e:   # a run folder the report cannot read
+    sys.exit(f'error: {e}')
   failed = [o for o in outcomes if o.status in ('failed', 'busy')]
   if failed:
     sys.exit(f'{len(failed)} point(s) did not finish: ' +

@@ -62,8 +62,9 @@ def keep(out: str, dest: str, names: list[str]) -> list[str]:
                          f"{out}'s; refusing to mix them")
   elif os.path.isdir(dest) and os.listdir(dest):
     raise SweepError(f'{dest} is not empty and holds no {SWEEP_FILE}: not a sweep record')
-  kept = [name for name in names if is_finished(os.path.join(out, name))]
-  needed = _warm_starts_needed(definition['runs'], dest, kept)
+  split = definition.get('split', 'test')
+  kept = [name for name in names if is_finished(os.path.join(out, name), split)]
+  needed = _warm_starts_needed(definition['runs'], dest, kept, split)
   last = {name: _last_step(os.path.join(out, name, CHECKPOINTS))
           for name in kept if name in needed}
   for name, step in last.items():
@@ -89,14 +90,14 @@ def keep(out: str, dest: str, names: list[str]) -> list[str]:
   return kept
 
 
-def _warm_starts_needed(runs: dict[str, list[str]], dest: str,
-                        kept: list[str]) -> dict[str, list[str]]:
+def _warm_starts_needed(runs: dict[str, list[str]], dest: str, kept: list[str],
+                        split: str) -> dict[str, list[str]]:
   """{warm-start run: the points that start from it} for the points of `runs` ({folder:
   overrides}, as sweep.json holds them) neither kept now nor finished in the record."""
   needed: dict[str, list[str]] = {}
   for name, overrides in runs.items():
     if (any(WARM in o for o in overrides) and name not in kept
-        and not is_finished(os.path.join(dest, name))):
+        and not is_finished(os.path.join(dest, name), split)):
       needed.setdefault(warm_folder(name), []).append(name)
   return needed
 

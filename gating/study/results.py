@@ -136,6 +136,8 @@ def partial_evaluation(report: dict[str, Any], summary: dict[str, Any],
   every row of `split` (its own K's gathered result counts as many sequences as the split
   holds) at the run's final step. Older eval.json files, without 'split_sequences', are
   checked against the final evaluation of summary.json, which read the whole split."""
+  if report.get('split', 'test') != split:
+    return f"scored the {report.get('split', 'test')} split, not the {split} split"
   final = summary['steps']
   if report.get('step') != final:
     return f"scored at step {report.get('step')} of {final}"

@@ -161,12 +161,25 @@ def check_folder(out: str, record: dict) -> None:
     raise SweepError(f"{out} holds sweep {saved.get('sweep')!r}, not {record['sweep']!r}; "
                      'refusing to mix them: use another --out')
   diffs = []
-  if saved.get('preset') != record['preset']:
-    diffs.append(f"preset {saved.get('preset')!r} vs now {record['preset']!r}")
-  old, new = saved.get('runs', {}), record['runs']
+  for key in ('preset', 'split'):   # (a record without 'split' is a test split's)
+    was, now = saved.get(key, 'test' if key == 'split' else None), record.get(
+        key, 'test' if key == 'split' else None)
+    if was != now:
+      diffs.append(f'{key} {was!r} vs now {now!r}')
+  diffs += _point_diffs(saved.get('runs', {}), record['runs'], 'points')
+  diffs += _point_diffs(saved.get('warm_runs', {}), record.get('warm_runs', {}), 'warm starts')
+  raise SweepError(f"{out} holds a different definition of sweep {record['sweep']!r} "
+                   f"({'; '.join(diffs)}); it is neither run nor reported into: use another "
+                   '--out, or the same definition (e.g. the same --steps and --seeds)')
+
+
+def _point_diffs(old: dict[str, list[str]], new: dict[str, list[str]], what: str
+                 ) -> list[str]:
+  """What differs between two {folder: overrides} of a sweep record, in words."""
+  diffs = []
   if sorted(old) != sorted(new):
     gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
-    diffs.append(f'points only in the folder: {gone}; only in the definition now: {added}')
+    diffs.append(f'{what} only in the folder: {gone}; only in the definition now: {added}')
   changed = [name for name in old if name in new and old[name] != new[name]]
   for name in changed[:3]:
     removed = [o for o in old[name] if o not in new[name]]
@@ -174,10 +187,8 @@ def check_folder(out: str, record: dict) -> None:
     diffs.append(f'{name}: overrides without {removed} and with {added} now'
                  if removed or added else f'{name}: the same overrides in another order')
   if len(changed) > 3:
-    diffs.append(f'and {len(changed) - 3} more changed points')
-  raise SweepError(f"{out} holds a different definition of sweep {record['sweep']!r} "
-                   f"({'; '.join(diffs)}); it is neither run nor reported into: use another "
-                   '--out, or the same definition (e.g. the same --steps and --seeds)')
+    diffs.append(f'and {len(changed) - 3} more changed {what}')
+  return diffs
 
 
 def worker_env(parallel: int, base: Mapping[str, str] | None = None,
@@ -197,12 +208,14 @@ class Point(NamedTuple):
 
   after: the name of the point it starts from (its seed's warm start), or None. It runs
   only once that point has finished, and fails without running if that point failed.
+  split: the split eval_command scores (the sweep's); an eval.json of another is redone.
   """
   name: str
   workdir: str
   train_command: list[str]
   eval_command: list[str]
   after: str | None = None
+  split: str = 'test'
 
 
 class Outcome(NamedTuple):
@@ -238,19 +251,20 @@ def is_trained(workdir: str) -> bool:
   return _stage_record(os.path.join(workdir, 'summary.json')) is not None
 
 
-def is_evaluated(workdir: str) -> bool:
-  """eval.json exists and scored the whole split at the run's final step (an evaluation of
-  part of it, e.g. with --max-batches or --restore-step, is done again)."""
+def is_evaluated(workdir: str, split: str = 'test') -> bool:
+  """eval.json exists and scored the whole of `split` (the sweep's) at the run's final
+  step (an evaluation of part of it, e.g. with --max-batches or --restore-step, or of
+  another split, is done again)."""
   report = _stage_record(os.path.join(workdir, 'eval.json'))
   summary = _stage_record(os.path.join(workdir, 'summary.json'))
   if report is None or summary is None:
     return False
-  return results.partial_evaluation(report, summary, report.get('split', 'test')) is None
+  return results.partial_evaluation(report, summary, split) is None
 
 
-def is_finished(workdir: str) -> bool:
-  """Trained and evaluated on the whole split: a point the sweep skips."""
-  return is_trained(workdir) and is_evaluated(workdir)
+def is_finished(workdir: str, split: str = 'test') -> bool:
+  """Trained and evaluated on the whole of `split`: a point the sweep skips."""
+  return is_trained(workdir) and is_evaluated(workdir, split)
 
 
 def _add_wall_time(workdir: str, stage: str, seconds: float) -> None:
@@ -300,7 +314,7 @@ def run_point(point: Point, env: Mapping[str, str], children: _Children) -> Outc
   Output goes to workdir/sweep.log (appended); wall times add up in wall_time.json.
   """
   start = time.time()
-  if is_finished(point.workdir):
+  if is_finished(point.workdir, point.split):
     return Outcome(point.name, 'skipped', 'finished before', 0.0)
   os.makedirs(point.workdir, exist_ok=True)
   with open(os.path.join(point.workdir, LOCK_FILE), 'w') as lock:
@@ -310,8 +324,9 @@ def run_point(point: Point, env: Mapping[str, str], children: _Children) -> Outc
       return Outcome(point.name, 'busy', f'another process works in {point.workdir}', 0.0)
     log_path = os.path.join(point.workdir, LOG_FILE)
     with open(log_path, 'a') as log:
+      evaluated = lambda workdir: is_evaluated(workdir, point.split)
       for stage, command, done in (('train', point.train_command, is_trained),
-                                   ('eval', point.eval_command, is_evaluated)):
+                                   ('eval', point.eval_command, evaluated)):
         if done(point.workdir):
           continue
         log.write(f'\n$ {" ".join(command)}\n')

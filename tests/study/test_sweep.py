@@ -99,6 +99,20 @@ def test_tiny_sweep_runs_resumes_and_writes_results(tmp_path, capsys, finished_s
   assert (out / 'sweep.json').read_text() == before
 
 
+def test_another_definition_names_what_changed_in_split_and_warm_starts(tmp_path):
+  """A record that differs only in its split or its warm starts is refused naming the
+  change (the message listed nothing: '()')."""
+  record = {'sweep': 'tiny', 'preset': 'synthetic_tiny', 'runs': {'a_s0': ['x=1']},
+            'warm_runs': {'warm_s0': ['steps=4']}}
+  (tmp_path / 'sweep.json').write_text(json.dumps(record))
+  sweep.check_folder(str(tmp_path), record)
+  for other, named in (({**record, 'split': 'validation'}, "split 'test' vs now 'validation'"),
+                       ({**record, 'warm_runs': {'warm_s0': ['steps=8']}},
+                        r"warm_s0: overrides without \['steps=4'\] and with \['steps=8'\]")):
+    with pytest.raises(sweep.SweepError, match=named):
+      sweep.check_folder(str(tmp_path), other)
+
+
 def test_folder_of_another_sweep_is_refused(tmp_path):
   (tmp_path / 'sweep.json').write_text(json.dumps({'sweep': 'synthetic', 'runs': {}}))
   with pytest.raises(SystemExit, match="holds sweep 'synthetic', not 'tiny'"):
@@ -265,6 +279,13 @@ def test_a_point_evaluated_on_part_of_the_split_is_evaluated_again(tmp_path):
                         (whole_report(step=4), False), (whole_report(), True)):
     (tmp_path / 'eval.json').write_text(json.dumps(report))
     assert sweep.is_evaluated(str(tmp_path)) == whole
+  # Scored on another split than the sweep's (an experiments.eval --split validation over
+  # it): evaluated again, not skipped as finished (its report then failed every sitting).
+  (tmp_path / 'summary.json').write_text(json.dumps(
+      {'steps': 6, 'test': {'sequences': 64}, 'validation': {'sequences': 64}}))
+  (tmp_path / 'eval.json').write_text(json.dumps({**whole_report(), 'split': 'validation'}))
+  assert not sweep.is_evaluated(str(tmp_path)) and not sweep.is_finished(str(tmp_path))
+  assert sweep.is_evaluated(str(tmp_path), 'validation')
 
 
 def test_a_stage_whose_file_cannot_be_read_runs_again(tmp_path):
@@ -277,3 +298,14 @@ def test_a_stage_whose_file_cannot_be_read_runs_again(tmp_path):
   assert sweep.is_trained(str(tmp_path)) and not sweep.is_evaluated(str(tmp_path))
   (tmp_path / 'summary.json').write_text(summary[:10])
   assert not sweep.is_trained(str(tmp_path)) and not sweep.is_finished(str(tmp_path))
+
+
+def test_a_report_that_fails_after_the_points_ran_is_one_error_line(tmp_path, monkeypatch):
+  """The report written after a sitting reads every point's files: one it cannot read is
+  one error line (it was a traceback)."""
+  def unreadable(*_, **__):
+    raise ValueError('dense_s0/eval.json scores the validation split')
+  monkeypatch.setattr(sweep, 'run_points', lambda points, **_: [])
+  monkeypatch.setattr(sweep_script, 'finish', unreadable)
+  with pytest.raises(SystemExit, match='^error: dense_s0/eval.json scores the validation'):
+    sweep_script.main(['tiny', '--out', str(tmp_path / 'o')])
