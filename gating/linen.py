@@ -26,7 +26,8 @@ nnx.Dropout forks it at construction) and for an attention layer with dropout or
 stochastic gate (hard_concrete, static, or noise=...). `apply` with deterministic=False
 draws dropout, gate noise and hard-concrete samples from 'dropout': pass
 rngs={'dropout': key}. Without it flax's bridge would fall back to a fixed key, so the
-factories refuse that with a ValueError instead.
+factories refuse that with a ValueError instead, also when deterministic is left unset
+(the block's and models' nnx.Dropout then run in training mode).
 """
 
 from __future__ import annotations
@@ -62,10 +63,13 @@ class GatedToLinen(bridge.ToLinen):
           GatedTransformerBlock, GatedLM, GatedEncoder)):
         raise ValueError(f'{name} forks the dropout stream when it is built: init needs '
                          "rngs={'params': key, 'dropout': key}")
-      if _stochastic(self.kwargs) and (
-          self.kwargs.get('deterministic') if deterministic is None else deterministic) is False:
-        raise ValueError(f'{name} with deterministic=False draws dropout and gate noise from '
-                         "the 'dropout' stream: pass apply(..., rngs={'dropout': key})")
+      resolved = self.kwargs.get('deterministic') if deterministic is None else deterministic
+      # unset (None) is training mode for the nnx.Dropout of blocks and models: refused too
+      if _stochastic(self.kwargs) and resolved is not True:
+        raise ValueError(f'{name} with deterministic={resolved!r} draws dropout and gate '
+                         "noise from the 'dropout' stream (None: training mode, as "
+                         "nnx.Dropout's default): pass apply(..., rngs={'dropout': key}), or "
+                         'deterministic=True')
     return super().__call__(*args, deterministic=deterministic, **kwargs)
 
 

@@ -110,6 +110,19 @@ def test_stochastic_gates_draw_from_the_dropout_stream():
                                 attn.apply(variables, x, deterministic=True))
 
 
+def test_a_block_with_dropout_and_deterministic_unset_needs_the_dropout_stream():
+  """Unset, the block's nnx.Dropout runs in training mode: without a 'dropout' rng it drew
+  the same mask from the bridge's fixed key every call. Refused; deterministic=True runs."""
+  block = gating.linen.gated_block(D, H, gate='topk', active_heads=2, dropout_rate=0.5)
+  x = jax.random.normal(jax.random.key(0), (2, L, D))
+  variables = block.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x,
+                         deterministic=True)
+  with pytest.raises(ValueError, match='with deterministic=None draws dropout'):
+    block.apply(variables, x)
+  block.apply(variables, x, deterministic=True)
+  block.apply(variables, x, rngs={'dropout': jax.random.key(2)})
+
+
 def test_set_temperature_on_linen_variables():
   attn = gating.linen.gated_attention(H, D, gate='sigmoid', scaled_weights=True)
   x = jax.random.normal(jax.random.key(0), (2, L, D))
