@@ -11,13 +11,14 @@ Integrity: `save` records, per array, a 32-bit checksum of its bits computed on 
 array under jit (so it holds with several processes), and `load` recomputes it after
 restoring. orbax-checkpoint has no checksum option of its own, and flipped bytes in an
 array file can decompress without error into wrong (even NaN) values. A mismatch, a
-file whose bytes do not parse or decompress (or end too early), or a non-finite value is
-corruption: `CorruptCheckpoint` says the checkpoint at step N looks corrupt, gives the
+file whose bytes do not parse or decompress (or end too early), a file missing from the
+step folder (an empty or partly deleted one), or a non-finite value is corruption: `CorruptCheckpoint` says the checkpoint at step N looks corrupt, gives the
 cause in one line and lists the intact earlier steps, which `load(..., step=N)`
 (`--restore-step N`) restores instead. Any other failure to read (a permission, a
 sharding mismatch, a bug) is a `CheckpointError` that names it as it is, with no advice
 to skip the step. Nothing is ever deleted; `quarantine` moves damaged later steps aside.
-Checkpoints written before checksums were recorded restore with a one-line notice.
+Checkpoints written before checksums were recorded restore with a one-line notice. A
+step folder holding the checkpoint of another step (its metadata's step) is refused.
 """
 
 from __future__ import annotations
@@ -97,12 +98,17 @@ def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, meta: dict[st
 
 
 # What damaged bytes look like in the exceptions of orbax, TensorStore and json: a file
-# that does not parse or decompress, ends too early, or fails a checksum. Anything else
-# (a permission, a sharding mismatch, a bug) is reported as itself, not as corruption.
-_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, zlib.error)
+# that does not parse or decompress, ends too early, fails a checksum, or is missing from
+# the step folder (an empty or partly deleted one). Anything else (a permission, a
+# sharding mismatch, a bug) is reported as itself, not as corruption; a permission is
+# looked for first, since TensorStore words every failed read 'Error reading'.
+_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, zlib.error,
+                 FileNotFoundError)
 _DAMAGE = re.compile(r'corrupt|DATA_LOSS|decompress|checksum|truncat|unexpected end|'
                      r'end of (the )?(file|stream|input)|not a valid|Expecting|'
-                     r'Unterminated|JSONDecodeError|Error reading', re.I)
+                     r'Unterminated|JSONDecodeError|Error reading|NOT_FOUND|No such file|'
+                     r'was not found in the checkpoint|Dict key mismatch', re.I)
+_ACCESS = re.compile(r'PERMISSION_DENIED|Permission denied', re.I)
 
 
 def _chain(error: BaseException) -> list[BaseException]:
@@ -115,20 +121,29 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 
 def _is_damage(error: BaseException) -> bool:
-  """True when an exception (or one in its chain) says the bytes are damaged."""
+  """True when an exception (or one in its chain) says the bytes are damaged or missing,
+  and none says that access was denied."""
+  chain = _chain(error)
+  if any(isinstance(e, PermissionError) or _ACCESS.search(str(e)) for e in chain):
+    return False
   return any(isinstance(e, _DAMAGE_TYPES) or _DAMAGE.search(f'{type(e).__name__}: {e}')
-             for e in _chain(error))
+             for e in chain)
 
 
 def _cause(error: BaseException) -> str:
   """The one line that says what went wrong, from an exception and its chain (orbax and
-  TensorStore bury it under spec dumps): the first line that names damage, else the
-  innermost exception's first line."""
+  TensorStore bury it under spec dumps): the first line that names a denied access, else
+  the first that names damage, else the innermost exception's first line; at most 300
+  characters, taken around what it names."""
   texts = [f'{type(e).__name__}: {e}' for e in _chain(error)]
-  for text in texts:
-    for line in text.splitlines():
-      if _DAMAGE.search(line):
-        return line.strip()[:300]
+  for pattern in (_ACCESS, _DAMAGE):
+    for text in texts:
+      for line in text.splitlines():
+        found = pattern.search(line)
+        if found:
+          line = line.strip()
+          start = max(0, min(found.start() - 100, len(line) - 300))
+          return ('...' if start else '') + line[start:start + 300]
   return texts[-1].splitlines()[0][:300] if texts else 'unknown error'
 
 
@@ -238,6 +253,11 @@ def load(mngr: ocp.CheckpointManager, abstract_state: nnx.State, *, step: int | 
                           f'{where or mngr.directory}; its steps are {steps}')
   try:
     meta = read_meta(mngr, step)
+    if meta.get('step', step) != step:
+      raise CheckpointError(f'the checkpoint folder of step {step} in '
+                            f'{where or mngr.directory} holds the checkpoint saved at step '
+                            f"{meta['step']} (a copied or renamed folder?): refusing to "
+                            f'resume from it as step {step}')
     if check is not None:
       check(meta)
     return step, restore(mngr, step, abstract_state, meta), meta

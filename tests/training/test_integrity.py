@@ -100,6 +100,9 @@ def test_unreadable_files_are_named_corrupt_and_train_resumes_from_an_intact_ste
 
 @pytest.mark.parametrize('what,error', [
     ('arrays', PermissionError(13, 'Permission denied', 'checkpoints/6/state')),
+    # TensorStore words every failed read 'Error reading', a denied one too
+    ('arrays', ValueError('PERMISSION_DENIED: Error reading local file '
+                          '"checkpoints/6/state/d/0a1b": Permission denied')),
     ('arrays', ValueError('sharding of the target does not match the saved array')),
     ('metadata', PermissionError(13, 'Permission denied', 'checkpoints/6/meta'))])
 def test_a_read_that_fails_for_another_reason_is_not_called_corrupt(finished, tmp_path,
@@ -121,6 +124,39 @@ def test_a_read_that_fails_for_another_reason_is_not_called_corrupt(finished, tm
   assert 'not because its bytes are damaged' in said and str(error) in said
   assert 'corrupt' not in said and '--restore-step' not in said
   assert not isinstance(caught.value, checkpoint.CorruptCheckpoint)
+
+
+@pytest.mark.parametrize('damage', ['metadata_file_gone', 'array_index_gone',
+                                    'empty_newer_step'])
+def test_files_missing_from_a_step_folder_are_damage_with_the_intact_steps(finished,
+                                                                           tmp_path, damage):
+  """A step folder missing a file it needs (or empty, as a kill or a partial copy leaves
+  it) is damaged: named corrupt with the intact earlier steps, not 'not because its bytes
+  are damaged' with no way forward."""
+  run = copy(finished, tmp_path)
+  step = 8 if damage == 'empty_newer_step' else 6
+  if damage == 'metadata_file_gone':
+    os.remove(run / 'checkpoints' / '6' / 'meta' / 'metadata')
+  elif damage == 'array_index_gone':
+    os.remove(run / 'checkpoints' / '6' / 'state' / '_METADATA')
+  else:
+    os.makedirs(run / 'checkpoints' / '8')
+  intact = '2, 4, 6' if step == 8 else '2, 4'
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf'step {step} \(.*\) looks corrupt: .*Intact earlier checkpoints: '
+                           rf'steps \[{intact}\]'):
+    evaluation.load_run(str(run))
+
+
+def test_a_step_folder_holding_another_steps_checkpoint_is_refused(finished, tmp_path):
+  """checkpoints/6 replaced by a copy of step 4: it loaded as step 6 with step 4's
+  values, and training went on from them."""
+  run = copy(finished, tmp_path)
+  shutil.rmtree(run / 'checkpoints' / '6')
+  shutil.copytree(run / 'checkpoints' / '4', run / 'checkpoints' / '6')
+  with pytest.raises(checkpoint.CheckpointError,
+                     match='folder of step 6 .* holds the checkpoint saved at step 4'):
+    evaluation.load_run(str(run))
 
 
 def test_a_truncated_orbax_step_metadata_file_still_restores_verified(finished, tmp_path):
