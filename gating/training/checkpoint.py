@@ -24,6 +24,7 @@ step folder holding the checkpoint of another step (its metadata's step) is refu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -193,12 +194,45 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: nnx.State,
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   except Exception as e:
+    _quiet_reads_left_in_flight()
     raise _read_error(step, 'arrays', path, e) from e
   _check_shapes(target, restored['state'], path)
   _verify(step, restored['state'], meta)
   state = jax.tree.map(lambda x: x, abstract_state)  # a copy of the containers
   nnx.replace_by_pure_dict(state, restored['state'])
   return state
+
+
+def _quiet_reads_left_in_flight() -> None:
+  """After a failed restore, orbax's reads left in flight end noisily, each through
+  sys.unraisablehook: TensorStore delivers their results to orbax's event loop, closed by
+  then ('RuntimeError: Event loop is closed'), and the coroutines and tasks left
+  unfinished raise or log their own read errors, with TensorStore's spec dumps, when
+  they are collected (a hundred to thousands of lines around a damaged checkpoint's one
+  error line). Chains a hook that drops exactly those, and passes every other to the
+  hook before it, and filters the tasks' lines out of the asyncio logger; installed
+  once."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_abandoned_orbax_reads', False):
+    return
+
+  def hook(unraisable):
+    error, where = unraisable.exc_value, unraisable.object
+    closed_loop = isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+    code = getattr(where, 'cr_code', None)
+    orbax_read = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+    if not (closed_loop or orbax_read):
+      previous(unraisable)
+  hook.drops_abandoned_orbax_reads = True
+  sys.unraisablehook = hook
+  # the tasks among them log 'Task exception was never retrieved' when collected
+  logging.getLogger('asyncio').addFilter(_drop_abandoned_orbax_tasks)
+
+
+def _drop_abandoned_orbax_tasks(record: logging.LogRecord) -> bool:
+  message = record.getMessage()
+  return not (message.startswith('Task exception was never retrieved')
+              and f'{os.sep}orbax{os.sep}' in message)
 
 
 def _verify(step: int, pure: dict, meta: dict[str, Any]) -> None:

@@ -4,9 +4,11 @@ checksums, data errors leave no folder, a finished run is left as it is, and pro
 keeps every session."""
 
 import dataclasses
+import gc
 import json
 import os
 import shutil
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +148,22 @@ def test_files_missing_from_a_step_folder_are_damage_with_the_intact_steps(finis
                      match=rf'step {step} \(.*\) looks corrupt: .*Intact earlier checkpoints: '
                            rf'steps \[{intact}\]'):
     evaluation.load_run(str(run))
+
+
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
+def test_unreadable_arrays_give_one_error_line_without_the_reads_left_in_flight(
+    finished, tmp_path):
+  """The reads still in flight when a restore fails printed 'Event loop is closed' through
+  sys.unraisablehook, about a hundred tracebacks around the CLI's one error line (pytest's
+  own hook turns each into a warning, made an error here)."""
+  run = copy(finished, tmp_path)
+  data_dir = run / 'checkpoints' / '6' / 'state' / 'ocdbt.process_0' / 'd'
+  for name in os.listdir(data_dir):
+    (data_dir / name).write_bytes(b'not a checkpoint' * 64)
+  with pytest.raises(SystemExit, match='^error: the checkpoint at step 6 .* looks corrupt'):
+    eval_script.main(['--workdir', str(run), '--k', '2'])
+  time.sleep(0.5)      # the reads left in flight end in TensorStore's threads
+  gc.collect()
 
 
 def test_a_step_folder_holding_another_steps_checkpoint_is_refused(finished, tmp_path):
