@@ -161,9 +161,8 @@ def check_folder(out: str, record: dict) -> None:
     raise SweepError(f"{out} holds sweep {saved.get('sweep')!r}, not {record['sweep']!r}; "
                      'refusing to mix them: use another --out')
   diffs = []
-  for key in ('preset', 'split'):   # (a record without 'split' is a test split's)
-    was, now = saved.get(key, 'test' if key == 'split' else None), record.get(
-        key, 'test' if key == 'split' else None)
+  for key, default in (('preset', None), ('split', 'test')):  # no 'split': the test split
+    was, now = saved.get(key, default), record.get(key, default)
     if was != now:
       diffs.append(f'{key} {was!r} vs now {now!r}')
   diffs += _point_diffs(saved.get('runs', {}), record['runs'], 'points')
