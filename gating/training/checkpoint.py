@@ -12,9 +12,10 @@ array under jit (so it holds with several processes), and `load` recomputes it a
 restoring. orbax-checkpoint has no checksum option of its own, and flipped bytes in an
 array file can decompress without error into wrong (even NaN) values. A mismatch, a
 file whose bytes do not parse or decompress (or end too early), a file missing from the
-step folder (an empty or partly deleted one), or a non-finite value is corruption: `CorruptCheckpoint` says the checkpoint at step N looks corrupt, gives the
-cause in one line and lists the intact earlier steps, which `load(..., step=N)`
-(`--restore-step N`) restores instead. Any other failure to read (a permission, a
+step folder (an empty or partly deleted one), or a non-finite value is corruption:
+`CorruptCheckpoint` says the checkpoint at step N looks corrupt, gives the cause in one
+line and lists the intact earlier steps, which `load(..., step=N)` (`--restore-step N`)
+restores instead. Any other failure to read (a permission, a
 sharding mismatch, a bug) is a `CheckpointError` that names it as it is, with no advice
 to skip the step. Nothing is ever deleted; `quarantine` moves damaged later steps aside.
 Checkpoints written before checksums were recorded restore with a one-line notice. A

@@ -24,10 +24,9 @@ assigner is the rule's option `assigner` (model.gate_options=assigner=NAME):
 
 Balanced k-means: Lloyd's iterations from E distinct rows drawn with the seed, where the
 assignment step is balanced (each cluster takes at most ceil(b N / E) rows, b the rule's
-option `balance`, 1 by default: equal clusters, floor(N / E) or ceil(N / E) rows; b = E is
-plain k-means): the (row,
-centroid) pairs are taken in order of cosine similarity, highest first, and a row joins
-the first centroid that still has room; then each centroid is the normalized mean of its
+option `balance`, 1 by default: equal clusters, floor(N / E) or ceil(N / E) rows; b = E
+is plain k-means): the (row, centroid) pairs are taken in order of cosine similarity,
+highest first, and a row joins the first centroid that still has room; then each centroid is the normalized mean of its
 rows (a centroid that no row chose keeps its place). Deterministic given the data and
 the seed. The fitted idf and centroids are written
 to the run folder (`slices.npz`, with the data's fingerprint), and resume and evaluation
@@ -129,7 +128,8 @@ def balanced_assign(sim_NxE: np.ndarray, balance: float = 1.0) -> np.ndarray:
     if cluster_N[row] < 0 and room_E[e] > 0 and (room_E[e] > 1 or full_left > 0):
       cluster_N[row] = e
       room_E[e] -= 1
-      full_left -= room_E[e] == 0
+      if room_E[e] == 0:
+        full_left -= 1
       left -= 1
       if not left:
         break
