@@ -26,10 +26,10 @@ Balanced k-means: Lloyd's iterations from E distinct rows drawn with the seed, w
 assignment step is balanced (each cluster takes at most ceil(b N / E) rows, b the rule's
 option `balance`, 1 by default: equal clusters, floor(N / E) or ceil(N / E) rows; b = E
 is plain k-means): the (row, centroid) pairs are taken in order of cosine similarity,
-highest first, and a row joins the first centroid that still has room; then each centroid is the normalized mean of its
-rows (a centroid that no row chose keeps its place). Deterministic given the data and
-the seed. The fitted idf and centroids are written
-to the run folder (`slices.npz`, with the data's fingerprint), and resume and evaluation
+highest first, and a row joins the first centroid that still has room; then each
+centroid is the normalized mean of its rows (a centroid that no row chose keeps its
+place). Deterministic given the data and the seed. The fitted idf and centroids are
+written to the run folder (`slices.npz`, with the data's fingerprint), and resume and evaluation
 read them from there instead of fitting again; stored centroids of other data are refused.
 """
 
