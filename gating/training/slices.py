@@ -29,8 +29,9 @@ is plain k-means): the (row, centroid) pairs are taken in order of cosine simila
 highest first, and a row joins the first centroid that still has room; then each
 centroid is the normalized mean of its rows (a centroid that no row chose keeps its
 place). Deterministic given the data and the seed. The fitted idf and centroids are
-written to the run folder (`slices.npz`, with the data's fingerprint), and resume and evaluation
-read them from there instead of fitting again; stored centroids of other data are refused.
+written to the run folder (`slices.npz`, with the data's fingerprint), and resume and
+evaluation read them from there instead of fitting again; stored centroids of other data
+are refused.
 """
 
 from __future__ import annotations
