@@ -48,6 +48,7 @@ that `experiments.sweep --report` writes, such as a copy kept in docs/results/):
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import textwrap
 import os
@@ -313,21 +314,38 @@ def _quality(text: bool, prefix: str = 'test_'):
   return prefix + 'accuracy', 'accuracy on target tokens (higher is better)'
 
 
-def _pareto(ax, groups, x_key, y_key):
-  """One line per (rule, regularizer) over K, error bars over seeds; dense as a reference."""
-  from gating.layers.selection import RULES
-  from gating.study.results import rule_label
+def _pareto_lines(groups, x_key, y_key) -> dict[tuple, list[dict]]:
+  """The lines of a quality plot: one per (rule, regularizer) over its budgets (K, Kf);
+  where two of a line's points share a budget (they differ in another setting, e.g. the
+  slices' assigners), each of its points is a line of its own, keyed by its name too."""
   lines = {}
   for g in groups:
     if g.get(x_key) is not None and g.get(y_key) is not None:
       lines.setdefault((g['rule'], g['regularizer']), []).append(g)
-  for (rule, regularizer), members in lines.items():
+  out = {}
+  for key, members in lines.items():
+    budgets = [(g['K'], g.get('Kf')) for g in members]
+    if len(set(budgets)) == len(budgets):
+      out[key] = members
+    else:
+      out.update({key + (g['point'],): [g] for g in members})
+  return out
+
+
+def _pareto(ax, groups, x_key, y_key):
+  """One line per (rule, regularizer) over K (`_pareto_lines`), error bars over seeds;
+  dense as a reference."""
+  from gating.layers.selection import RULES
+  from gating.study.results import rule_label
+  for (rule, regularizer, *point), members in _pareto_lines(groups, x_key, y_key).items():
     members.sort(key=lambda g: g[x_key][0])
     xs = [g[x_key][0] for g in members]
     ys = [g[y_key][0] for g in members]
     label = rule_label(rule) + ('' if regularizer == 'none' else f' ({regularizer})')
-    seeds = max(g['seeds'] for g in members)
-    label += f', {seeds} seed{"s" if seeds > 1 else ""}'
+    label += f' [{point[0]}]' if point else ''
+    fewest, most = min(g['seeds'] for g in members), max(g['seeds'] for g in members)
+    label += (f', {most} seed{"s" if most > 1 else ""}' if fewest == most else
+              f', {fewest}-{most} seeds')
     reference = rule in RULES and RULES[rule].budget == 'none'   # dense: every head open
     if reference:
       line = ax.errorbar(xs, ys, xerr=[g[x_key][1] for g in members],
@@ -394,7 +412,17 @@ def plot_sweeps(sweep_dirs: list[str], out: str) -> list[str]:
   if len(sweep_dirs) > 1 and len(kinds) > 1:   # (one sweep's rows are drawn as they are)
     raise ValueError(f'the sweeps hold different data ({", ".join(sorted(kinds))}): '
                      'plot each on its own')
+  runs = collections.Counter(tuple(r.get(k) for k in results.GROUP + ('seed',)) for r in rows
+                             if r.get('status') == 'done')
+  twice = [key for key, count in runs.items() if count > 1]
+  if twice:
+    raise ValueError(f'run {twice[0][0]!r} ({len(twice)} run(s) in all) is in two of the '
+                     'sweeps: each would count twice')
   groups = results.aggregate(rows)
+  mixed = [g['point'] for g in groups if g.get('steps') and g['steps'][1] > 0]
+  if mixed:
+    raise ValueError(f'point {mixed[0]!r} has runs of different step counts across the '
+                     'sweeps: --together draws one budget (--budgets draws several)')
   split = splits.pop()
   if not groups:
     return []
@@ -698,6 +726,8 @@ def main(argv=None):
   for directory in args.dirs:
     try:
       written = plot(directory)
+      if not written and is_sweep(directory):
+        raise ValueError(f'{directory}: the sweep holds no finished point: nothing to draw')
     except (FileNotFoundError, ValueError) as e:
       raise SystemExit(f'error: {e}')
     for path in written:

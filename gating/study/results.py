@@ -263,7 +263,12 @@ def read_csv(path: str) -> list[dict[str, Any]]:
       return text
     return int(number) if number.is_integer() and '.' not in text else number
   with open(path, newline='') as f:
-    return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    rows = list(csv.DictReader(f))
+  for n, row in enumerate(rows, start=2):   # line 1 is the header
+    if None in row or None in row.values():
+      raise ValueError(f'{path}: line {n} has {"more" if None in row else "fewer"} fields '
+                       'than the header (a cut or damaged table?)')
+  return [{k: value(v) for k, v in row.items()} for row in rows]
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

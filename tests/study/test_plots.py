@@ -177,6 +177,48 @@ def test_sweeps_of_different_splits_or_data_are_not_drawn_together(tmp_path):
     plots.main(['--together', str(file), str(tmp_path / 'a'), str(tmp_path / 'b')])
 
 
+def test_sweeps_drawn_together_count_each_run_once_and_one_budget(tmp_path):
+  """The same run in two sweeps counted twice (its spread shrank), and one point at two
+  step counts was averaged into a budget no run had: both refused."""
+  rows = [r for r in _sweep_rows() if r['status'] == 'done']
+  _write_sweep(tmp_path / 'a', 'a', rows)
+  _write_sweep(tmp_path / 'b', 'b', [r for r in rows if r['rule'] == 'dense'])
+  with pytest.raises(SystemExit, match="^error: run 'dense_k4_s0' .2 run.s. in all. is in "
+                                       'two of the sweeps'):
+    plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path / 'b')])
+  _write_sweep(tmp_path / 'c', 'c', [dict(r, point=r['point'].replace('_s', '_s2'), seed=2,
+                                          steps=1000) for r in rows if r['rule'] == 'dense'])
+  with pytest.raises(SystemExit, match="^error: point 'dense_k4' has runs of different step "
+                                       'counts across the sweeps'):
+    plots.main(['--together', str(tmp_path / 'both'), str(tmp_path / 'a'), str(tmp_path / 'c')])
+  assert not (tmp_path / 'both').exists()
+
+
+def test_points_of_one_rule_at_the_same_budget_are_lines_of_their_own():
+  """Three slices assigners at K = 4 were one zig-zag line with one label; one rule's
+  points at different K stay one line."""
+  group = lambda point, k: {'point': point, 'rule': 'slices', 'regularizer': 'none', 'K': k,
+                            'Kf': None, 'seeds': 2, 'x': (k / 8, 0.0), 'y': (1.0, 0.1)}
+  same = plots._pareto_lines([group('label', 4), group('cluster', 4)], 'x', 'y')  # pylint: disable=protected-access
+  assert sorted(same) == [('slices', 'none', 'cluster'), ('slices', 'none', 'label')]
+  over_k = plots._pareto_lines([group('k2', 2), group('k4', 4)], 'x', 'y')  # pylint: disable=protected-access
+  assert list(over_k) == [('slices', 'none')] and len(over_k['slices', 'none']) == 2
+
+
+def test_a_cut_report_table_or_a_sweep_with_nothing_finished_is_one_error_line(tmp_path):
+  rows = [r for r in _sweep_rows() if r['status'] == 'done']
+  _write_sweep(tmp_path / 'cut', 'cut', rows)
+  table = tmp_path / 'cut' / 'results.csv'
+  table.write_text(table.read_text()[:-40])     # the last row cut short
+  with pytest.raises(ValueError, match=f'{len(rows) + 1} has fewer fields than the header'):
+    results.read_csv(str(table))
+  with pytest.raises(SystemExit, match='^error: .*fewer fields than the header'):
+    plots.main([str(tmp_path / 'cut')])
+  _write_sweep(tmp_path / 'none', 'none', [])
+  with pytest.raises(SystemExit, match='^error: .*none: the sweep holds no finished point'):
+    plots.main([str(tmp_path / 'none')])
+
+
 def _budget_rows(steps, losses):
   """results.csv rows of one budget: {point: (seed 0's loss, seed 1's)}."""
   return [{'point': f'{point}_s{seed}', 'status': 'done', 'split': 'test', 'data': 'text',
