@@ -199,8 +199,9 @@ def dropped_mean(weights_BxU, mean_UxD):
   """Dropped-unit compensation (FLAP, An et al. 2024): each unit's missing share of its
   mean contribution, sum_u (1 - w_bu) m_u -> [B, 1, D], added to a gated layer's output
   so that a closed unit (w = 0) contributes its mean m_u instead of 0 and an open one
-  (w = 1) nothing extra."""
-  return jnp.einsum('BU,UD->BD', 1.0 - weights_BxU.astype(mean_UxD.dtype), mean_UxD)[:, None]
+  (w = 1) nothing extra. A per-token gate's weights_BxLxU give it per token: [B, L, D]."""
+  missing = jnp.einsum('...U,UD->...D', 1.0 - weights_BxU.astype(mean_UxD.dtype), mean_UxD)
+  return missing[:, None] if weights_BxU.ndim == 2 else missing
 
 
 def check_indices(idx_BxK, num_units: int, name: str = 'idx_BxK',

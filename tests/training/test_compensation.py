@@ -39,6 +39,20 @@ def test_a_closed_unit_adds_its_mean_on_both_paths(unit):
     layer.compensate(mean_UxD[:3])
 
 
+def test_a_per_token_gate_adds_each_tokens_closed_heads_means():
+  """token_topk's weights are per token: a compensated layer crashed on them (an einsum
+  for [B, U]). With m_h = c e_h, each token's addition shows which heads it closed: H - K
+  of them, and their mean over the tokens is the gate the layer reports."""
+  layer = GatedMultiHeadAttention(H, D, gate='token_topk', active_heads=2, router='token',
+                                  rngs=nnx.Rngs(0))
+  x = inputs()
+  plain, gate = layer(x, return_gate=True)
+  layer.compensate(3.0 * jnp.eye(H, D))
+  closed_BxLxH = np.asarray(layer(x) - plain)[..., :H] / 3.0
+  np.testing.assert_allclose(closed_BxLxH.sum(-1), H - 2, atol=1e-4)
+  np.testing.assert_allclose(1.0 - closed_BxLxH.mean(axis=1), gate.weights_BxH, atol=1e-4)
+
+
 def lm(num_layers=2, **kw):
   return gating.GatedLM(vocab_size=V, num_layers=num_layers, features=D, num_heads=H,
                         max_length=L, prefix_len=3, gate='topk', active_heads=2,
