@@ -103,8 +103,13 @@ def _rows(tokens_NxL, valid_NxL, target_NxL, label_N) -> datasets.Dataset:
 
 
 def _check_seed(name: str, value) -> None:
+  """A data seed is an int in [0, 2**32): numpy splits a larger one into 32-bit words, so
+  [key, 2**32, stream] seeds as [key, 0, 1, stream], another seed's draws."""
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
     raise ValueError(f'{name} must be an int >= 0, got {value!r}')
+  if value >= 2**32:
+    raise ValueError(f'{name} must be < 2**32, got {value!r} (numpy would draw another '
+                     "seed's rows)")
 
 
 def _sha256_rows(*arrays) -> str:

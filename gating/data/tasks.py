@@ -130,20 +130,30 @@ def _make_tasks(*, num_tasks, input_len, num_digits, num_recall_tasks, num_induc
   return dataclasses.replace(tasks, seq_len=seq_len)
 
 
+MAX_TERM_DRAWS = 1_000_000   # about 10 s of draws on a 2-core CPU
+
+
 def _more_terms(perms_TxI: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
   """count more permutations per task, each placing every answer's terms at positions
   distinct from the terms before it (perm[i] differs from every earlier term's perm[i]):
-  drawn by rejection, after the first terms, so num_terms = 1 draws what it always drew."""
+  drawn by rejection, after the first terms, so num_terms = 1 draws what it always drew.
+  A ValueError when MAX_TERM_DRAWS draws find none: the share of permutations that fit
+  falls about e-fold with each term, so num_terms near input_len would draw for hours
+  (input_len = num_terms = 9 took 16 s, 12 did not end)."""
   T, n = perms_TxI.shape
   terms = [perms_TxI]
-  for _ in range(count):
+  for c in range(count):
     term_TxI = np.empty_like(perms_TxI)
     for t in range(T):
-      while True:
+      for _ in range(MAX_TERM_DRAWS):
         p = rng.permutation(n)
         if all((p != earlier[t]).all() for earlier in terms):
           term_TxI[t] = p
           break
+      else:
+        raise ValueError(f'num_terms={count + 1} with input_len={n}: no placement of term '
+                         f'{c + 2} apart from the earlier terms in {MAX_TERM_DRAWS:,} random '
+                         f'draws (task {t}); use fewer terms')
     terms.append(term_TxI)
   return np.array(terms[1:], np.int64).reshape(count, T, n)
 

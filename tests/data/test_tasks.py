@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from gating import data
+from gating.data import tasks
 from tests.data.helpers import SMALL, columns, rows_of
 
 
@@ -122,6 +123,23 @@ def test_sum_tasks_add_their_terms_at_distinct_positions():
 def test_bad_num_terms_is_refused(num_terms):
   with pytest.raises(ValueError, match=r'num_terms must be an int in \[1, input_len=8\]'):
     data.synthetic(**SMALL, num_terms=num_terms)
+
+
+def test_terms_that_cannot_be_placed_are_refused_not_drawn_for_hours(monkeypatch):
+  """num_terms near input_len drew each last term by rejection without end (12 of 12
+  did not finish); the draws are capped, with an error naming num_terms."""
+  monkeypatch.setattr(tasks, 'MAX_TERM_DRAWS', 50)
+  with pytest.raises(ValueError, match=r'num_terms=8 with input_len=8: no placement of term '
+                                       r'\d+ apart from the earlier terms in 50 random draws'):
+    data.synthetic(**dict(SMALL, num_tasks=1, num_recall_tasks=0, num_induction_tasks=0),
+                   num_terms=8)
+
+
+def test_a_seed_numpy_would_fold_into_another_is_refused():
+  """numpy seeds [key, 2**32, 0] as [key, 0, 1, 0]: seed 2**32's training rows were seed
+  0's validation rows."""
+  with pytest.raises(ValueError, match=r'seed must be < 2\*\*32, got 4294967296'):
+    data.synthetic(**SMALL, seed=2**32)
 
 
 def test_synthetic_splits_disjoint(small):
