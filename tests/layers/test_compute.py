@@ -173,3 +173,29 @@ def test_bad_grouped_query_weights_and_indices_are_refused():
   with pytest.raises(ValueError, match="unit must be one of"):
     compute.gathered_attention(x, x, x, w, jnp.array([[0, 1]] * B), jnp.ones((B, 2)),
                                unit='group')
+
+
+def test_gathered_equals_masked_with_qk_norm_rope_and_three_kv_groups():
+  """The options that only some models set (QK norm, RoPE at shifted positions) and three
+  KV groups (with two, a wrong group index clips back to a right one): the gathered path
+  equals the masked one on both units. A planted gathered-only bug in each (no QK norm, no
+  RoPE, the query head's index as the KV group's) passed every test file here before."""
+  h, g, dh = 6, 3, 4
+  ks = jax.random.split(jax.random.key(5), 10)
+  n = lambda k, s: jax.random.normal(k, s) / np.sqrt(s[0])
+  w = compute.HeadWeights(
+      n(ks[0], (D, h, dh)), n(ks[1], (D, g, dh)), n(ks[2], (D, g, dh)), n(ks[3], (h, dh, D)),
+      n(ks[4], (h, dh)), n(ks[5], (g, dh)), n(ks[6], (g, dh)), n(ks[7], (D,)),
+      1.0 + 0.5 * jax.random.normal(ks[8], (dh,)), 1.0 + 0.5 * jax.random.normal(ks[9], (dh,)))
+  x = jax.random.normal(jax.random.key(1), (B, L, D))
+  positions_BxL = jnp.arange(L)[None, :] + jnp.array([[0], [5], [11]])
+  options = compute.AttendOptions(rotary_base=10_000.0, positions_q_BxL=positions_BxL,
+                                  positions_k_BxS=positions_BxL, is_causal=True)
+  for unit, idx_BxK in (('query_head', jnp.array([[0, 5, 3, 1], [2, 4, 1, 0], [5, 4, 3, 2]])),
+                        ('kv_group', jnp.array([[4, 5, 0, 1], [2, 3, 4, 5], [0, 1, 2, 3]]))):
+    weights_BxK = jnp.array([[1.0, 0.5, 2.0, 1.0], [1.0, 1.0, 0.0, 1.0], [0.5, 1.0, 1.0, 1.0]])
+    weights_BxH = jnp.zeros((B, h)).at[jnp.arange(B)[:, None], idx_BxK].set(weights_BxK)
+    masked = compute.masked_attention(x, x, x, w, weights_BxH, options)
+    gathered = compute.gathered_attention(x, x, x, w, idx_BxK, weights_BxK, options,
+                                          unit=unit)
+    np.testing.assert_allclose(gathered, masked, atol=1e-5)
