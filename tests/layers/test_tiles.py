@@ -58,9 +58,13 @@ def test_tiled_projections_and_mlp_equal_the_grouped_and_gathered_ones():
   for rows in (1, 2, 5):
     t = tiles.tile_pairs(groups, U, rows)
     tw = tiles.tile_heads(w, t)
-    q = tiles.project_tiled(x_BxLxD, tw.wq_NxDxDh, tw.bq_NxDh, t)
-    np.testing.assert_allclose(q, compute.project_grouped(x_BxLxD, w.wq_DxHxDh, w.bq_HxDh,
-                                                          groups), atol=1e-5, rtol=1e-5)
+    for tiled_w, tiled_b, whole_w, whole_b in (   # Q, K and V, each with its own bias
+        (tw.wq_NxDxDh, tw.bq_NxDh, w.wq_DxHxDh, w.bq_HxDh),
+        (tw.wk_NxDxDh, tw.bk_NxDh, w.wk_DxHxDh, w.bk_HxDh),
+        (tw.wv_NxDxDh, tw.bv_NxDh, w.wv_DxHxDh, w.bv_HxDh)):
+      np.testing.assert_allclose(tiles.project_tiled(x_BxLxD, tiled_w, tiled_b, t),
+                                 compute.project_grouped(x_BxLxD, whole_w, whole_b, groups),
+                                 atol=1e-5, rtol=1e-5)
     o_BxLxKxE = jax.random.normal(keys[11], (B, L, K, E))
     np.testing.assert_allclose(
         tiles.output_tiled(o_BxLxKxE, weights_BxK, tw.wo_NxDhxDo, w.bo_Do, t),
