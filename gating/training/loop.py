@@ -406,8 +406,8 @@ def evaluate(eval_fn, state, dataset, info: data.DataInfo, batch_size: int,
   evaluation, and the labels in proportion, where the first rows of a split may hold one
   label only; a small sample may miss a rare label, which per_label then leaves out, and
   the final evaluation reads every row). The last batch is filled up with repeats of its
-  first rows (one compiled shape), whose results are dropped. shard puts a batch on the devices, fetch brings the outputs back
-  (`distributed.fetch` across processes).
+  first rows (one compiled shape), whose results are dropped. shard puts a batch on the
+  devices, fetch brings the outputs back (`distributed.fetch` across processes).
   """
   sums = None
   max_rows = None if max_batches is None else max_batches * batch_size
